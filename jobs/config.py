@@ -1,0 +1,224 @@
+"""One YAML file describes a run; every job takes the same file.
+
+Defaults live here and only here. `load_config` merges defaults + file + `--set key=value` overrides,
+validates the result before any work starts, and turns every problem into a one-line T2SError.
+Secrets never live in the config: `secret()` reads them from the environment or `.env`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jobs.errors import T2SError
+
+SECRET_NAMES = ("HF_TOKEN", "RUNPOD_API_KEY")
+
+
+class Section(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default); types are not coerced.
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    # A Hub id, a local folder, or "tiny": a few-MB Llama built at run time (the no-network default).
+    name_or_path: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    tokenizer: str | None = None  # defaults to name_or_path
+    gguf_file: str | None = None  # for models shipped as GGUF (the SmolLM2 stand-in)
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+class DataConfig(Section):
+    # A Hub dataset id, a local json/jsonl/parquet file or folder, or "synthetic" (built in, no network).
+    source: str = "b-mc2/sql-create-context"
+    synthetic_rows: int = Field(default=3000, gt=0)
+    max_rows: int | None = Field(default=None, gt=0)  # cap on rows read (smoke runs)
+    validation_fraction: float = Field(default=0.05, ge=0, lt=1)
+    test_fraction: float = Field(default=0.05, ge=0, lt=1)
+    # Rows already split by the source ("validation.jsonl" beside "train.jsonl") are used as given.
+    use_source_splits: bool = True
+    seed: int = 42
+    max_length: int = Field(default=512, gt=8)  # tokens; longer rows are dropped and counted
+    max_reject_fraction: float = Field(default=0.05, ge=0, le=1)
+
+
+class LoraSettings(Section):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainConfig(Section):
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraSettings = LoraSettings()
+    # accelerate config: a file, or one shipped in configs/accelerate/ by name (single, ddp, zero3, multinode).
+    accelerate_config: str = "single"
+    epochs: float = Field(default=2.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float = Field(default=2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    per_device_batch_size: int = Field(default=16, gt=0)
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    gradient_checkpointing: bool = False
+    # none: one example per row, padded. padding_free: examples concatenated with position_ids so that
+    # none attends to another. wrapped: the seed's packing (examples cut into fixed blocks, cross-attending).
+    packing: Literal["none", "padding_free", "wrapped"] = "padding_free"
+    max_seq_length: int = Field(default=2048, gt=8)  # packed block length / truncation
+    completion_only_loss: bool = True
+    eval_every_steps: int | None = Field(default=None, gt=0)  # None: once per epoch
+    save_every_steps: int | None = Field(default=None, gt=0)  # None: once per epoch
+    save_total_limit: int = Field(default=2, gt=0)
+    early_stopping_patience: int | None = Field(default=3, gt=0)  # evals without improvement
+    logging_steps: int = Field(default=10, gt=0)
+    seed: int = 42
+    torch_compile: bool = False
+    liger_kernel: bool = False
+    dataloader_workers: int = Field(default=0, ge=0)
+
+
+class MergeConfig(Section):
+    verify: bool = True
+    verify_prompts: int = Field(default=4, gt=0)
+
+
+class EvalConfig(Section):
+    split: Literal["train", "validation", "test"] = "test"
+    models: list[Literal["base", "adapter", "merged"]] = ["base", "merged"]
+    max_examples: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    max_new_tokens: int = Field(default=128, gt=0)
+    # Base-model prompt variants from the seed's prompt-engineering experiment.
+    prompt_variants: list[Literal["plain", "instructed", "one_shot"]] = ["plain"]
+    databases_per_example: int = Field(default=3, gt=0)
+    rows_per_table: int = Field(default=8, gt=0)
+    query_timeout_s: float = Field(default=1.0, gt=0)
+    row_limit: int = Field(default=10_000, gt=0)
+
+
+class PushConfig(Section):
+    repo_id: str | None = None  # "user/name"; required unless dry_run
+    artifact: Literal["merged", "adapter"] = "merged"
+    private: bool = True
+    dry_run: bool = False
+    license: str = "apache-2.0"
+    retries: int = Field(default=4, ge=0)
+    # Hardware, time and cost for the model card; filled in by infra when it launched the run.
+    hardware: str | None = None
+    cost_per_hour_usd: float | None = Field(default=None, ge=0)
+
+
+class Config(Section):
+    run_id: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    runs_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+    eval: EvalConfig = EvalConfig()
+    push: PushConfig = PushConfig()
+    # infra/ validates its own section (RunPod settings); the jobs ignore it.
+    infra: dict[str, Any] = {}
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_id
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `key.sub=value` overrides; validated, or one clear T2SError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise T2SError(f"config file {path} not found: pass an existing YAML file, e.g. --config configs/demo.yaml")
+        try:
+            data = yaml.load(path.read_text(), Loader=_YamlLoader) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise T2SError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+        if not isinstance(data, dict):
+            raise T2SError(f"config file {path} must be a mapping of keys to values, not {type(data).__name__}")
+    for item in overrides:
+        _apply_override(data, item)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise T2SError(_describe(exc.errors()[0], path)) from None
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise T2SError(f"--set {item!r} is not key=value: write e.g. --set train.learning_rate=1e-4")
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise T2SError(f"--set {key}: {part} is not a section")
+    # YAML typing for the value, so that 1e-4 is a float and true a bool, as in the file.
+    try:
+        node[leaf] = yaml.load(raw, Loader=_YamlLoader)
+    except yaml.YAMLError:
+        node[leaf] = raw
+
+
+def _describe(error: dict[str, Any], path: Path | None) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    where = f"in {path}" if path else "in the config"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section = _section_for(error["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else ""
+        return f"unknown config key '{key}' {where}: remove it or fix the spelling (allowed here: {allowed})"
+    if kind == "missing":
+        return f"config key '{key}' is required {where}"
+    return f"config key '{key}' {where}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where 1e-4 (no dot) is a string; read it as a float, as YAML 1.2 does."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def secret(name: str, env_file: str | Path = ".env") -> str | None:
+    """A secret from the environment, else from .env; never from the config file, never logged."""
+    if name in os.environ and os.environ[name]:
+        return os.environ[name]
+    env_path = Path(env_file)
+    if env_path.is_file():
+        return dotenv_values(env_path).get(name) or None
+    return None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

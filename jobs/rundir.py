@@ -1,0 +1,116 @@
+"""The run directory: where every job reads its inputs and writes its outputs.
+
+    runs/<run-id>/
+      config.resolved.yaml   data/ (train|validation|test.jsonl, tokenized/, manifest.json, rejects.jsonl)
+      base/ (the built-in tiny model)   checkpoints/   adapter/   merged/   eval/   logs/
+      <job>.done             written last, so an unfinished job is never mistaken for a finished one
+
+Jobs may run in separate containers sharing a volume: all they share is this folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.config import Config, dump_config
+from jobs.errors import T2SError
+
+JOBS = ("prep", "train", "merge", "eval", "push")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def tokenized(self) -> Path:
+        return self.data / "tokenized"
+
+    @property
+    def manifest(self) -> Path:
+        return self.data / "manifest.json"
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def marker(self, job: str) -> Path:
+        return self.root / f"{job}.done"
+
+    def is_done(self, job: str) -> bool:
+        return self.marker(job).is_file()
+
+    def mark_done(self, job: str, **summary) -> None:
+        """Written last, atomically: its presence means every output of `job` is complete."""
+        payload = {"job": job, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **summary}
+        write_atomic(self.marker(job), json.dumps(payload, indent=2, default=str) + "\n")
+
+    def clear_done(self, job: str) -> None:
+        """A job that starts again is unfinished until it writes its marker anew (so are later jobs)."""
+        for later in JOBS[JOBS.index(job):]:
+            self.marker(later).unlink(missing_ok=True)
+
+    def require(self, job: str, needed_by: str) -> None:
+        if not self.is_done(job):
+            raise T2SError(
+                f"{needed_by} needs a finished {job} in {self.root} (no {self.marker(job).name}): run `t2s {job}` first"
+            )
+
+
+def open_run(cfg: Config, job: str) -> RunDir:
+    """The run's folder, with the resolved config written in (prep writes it; later jobs check it matches)."""
+    run = RunDir(Path(cfg.run_dir))
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.logs.mkdir(exist_ok=True)
+    write_atomic(run.root / "config.resolved.yaml", dump_config(cfg))
+    return run
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    """Move a fully written folder into place, so readers never see a half-written one."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
+def fresh_staging(final: Path) -> Path:
+    staging = final.with_name(final.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
