@@ -1,0 +1,95 @@
+"""Loading tokenizers and models from a Hub id, a local folder, a GGUF file, or the built-in tiny model.
+
+Every loader takes a local path as well as a Hub id (the Hub may be unreachable), and every failure to load
+becomes one line naming what was asked for and how to fix it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from jobs.config import Config
+from jobs.errors import T2SError
+from jobs.rundir import RunDir
+
+TINY = "tiny"
+
+
+def base_model_path(cfg: Config, run: RunDir) -> str:
+    """Where the base model is: the config's path or id, or the run's own copy of the built-in tiny model."""
+    return str(run.base) if cfg.model.name_or_path == TINY else cfg.model.name_or_path
+
+
+def tokenizer_path(cfg: Config, run: RunDir) -> str:
+    return cfg.model.tokenizer or base_model_path(cfg, run)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def _check_source(name: str, what: str) -> None:
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise T2SError(f"{what} path {name} does not exist: pass an existing folder or a Hub id like org/name")
+
+
+def _load_error(what: str, name: str, exc: Exception) -> T2SError:
+    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return T2SError(
+        f"could not load {what} '{name}' ({reason}): pass a local folder, or a Hub id while the Hub is reachable"
+    )
+
+
+def load_tokenizer(name: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    _check_source(name, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file) if gguf_file else \
+            AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # transformers raises OSError, ValueError, HF errors...: all mean "cannot load"
+        raise _load_error("tokenizer", name, exc) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pick_dtype(requested: str) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, requested)
+
+
+def pick_attention(requested: str) -> str:
+    """flash-attn 2 when installed and on a GPU, SDPA otherwise; a forced choice that cannot work is an error."""
+    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not has_flash:
+        raise T2SError("model.attn_implementation is flash_attention_2 but flash-attn is not installed "
+                       "(or no GPU): install flash-attn or set model.attn_implementation: auto")
+    if requested == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    return requested
+
+
+def load_model(name: str, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "sdpa", **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    _check_source(name, "model")
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation=attn_implementation, **extra, **kwargs
+        )
+    except T2SError:
+        raise
+    except Exception as exc:
+        raise _load_error("model", name, exc) from None
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())

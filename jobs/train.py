@@ -1,0 +1,341 @@
+"""train: LoRA / QLoRA / full fine-tuning with trl's SFTTrainer, launched through accelerate.
+
+`t2s train` checks the setup (before any model loads), then starts `accelerate launch` with the run's
+accelerate config (single GPU, DDP, DeepSpeed ZeRO-3, multi-node) on this same module as the worker. The
+worker resumes from the latest checkpoint, checkpoints and stops cleanly on SIGTERM (spot preemption), logs
+loss / lr / grad norm / tokens/s / GPU memory to stdout, TensorBoard and metrics.jsonl, and saves the adapter
+gathered from every rank (a ZeRO-3 adapter saved without gathering comes out empty).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from jobs.config import Config, TrainConfig, load_config
+from jobs.errors import T2SError
+from jobs.rundir import RunDir, fresh_staging, replace_dir
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: checkpointed and stopped, rerun to resume
+
+
+# ---------- pure core ----------
+
+def accelerate_config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in {".yaml", ".yml"} and path.is_file():
+        return path
+    shipped = ACCELERATE_CONFIGS / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
+    raise T2SError(f"train.accelerate_config '{name}' is neither a YAML file nor a shipped config ({known})")
+
+
+def check_setup(train: TrainConfig, accelerate: dict, gpus_present: int, have_bitsandbytes: bool) -> None:
+    """Everything that can be known wrong before a model is loaded, as one line each."""
+    processes = int(accelerate.get("num_processes", 1))
+    machines = int(accelerate.get("num_machines", 1))
+    zero3 = accelerate.get("distributed_type") == "DEEPSPEED" and \
+        int(accelerate.get("deepspeed_config", {}).get("zero_stage", 0)) == 3
+    if zero3 and processes * machines < 2:
+        raise T2SError("ZeRO-3 shards the model across processes, but the accelerate config has num_processes: 1: "
+                       "use train.accelerate_config: single, or num_processes >= 2")
+    if train.method == "qlora" and not have_bitsandbytes:
+        raise T2SError("train.method qlora needs bitsandbytes (pip install 'bitsandbytes>=0.46'), "
+                       "or use train.method: lora")
+    local_processes = processes // machines
+    if not accelerate.get("use_cpu") and gpus_present and local_processes > gpus_present:
+        raise T2SError(f"the accelerate config asks for {local_processes} processes per machine but "
+                       f"{gpus_present} GPU(s) are present: lower num_processes or use a bigger machine")
+    if gpus_present == 0 and processes > 1 and not accelerate.get("use_cpu"):
+        raise T2SError(f"the accelerate config asks for {processes} GPU processes but no GPU is present: "
+                       "use train.accelerate_config: single (CPU), or run on a GPU machine")
+    if zero3 and train.method == "qlora" and not accelerate.get("deepspeed_config", {}).get("zero3_init_flag"):
+        raise T2SError("QLoRA under ZeRO-3 needs zero3_init_flag: true in the accelerate config")
+
+
+def adapter_problems(folder: Path) -> list[str]:
+    """Why a saved LoRA adapter is unusable: missing, empty, partial (a layer without its A or B), or untrained."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file() or not (folder / "adapter_config.json").is_file():
+        return [f"{folder} lacks adapter_model.safetensors or adapter_config.json"]
+    with safe_open(str(weights), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    problems = [f"{k} is empty" for k, t in tensors.items() if t.numel() == 0]
+    a_layers = {k.replace("lora_A", "") for k in tensors if "lora_A" in k}
+    b_layers = {k.replace("lora_B", "") for k in tensors if "lora_B" in k}
+    if not a_layers:
+        problems.append("no LoRA weights in the adapter")
+    if a_layers != b_layers:
+        problems.append(f"{len(a_layers ^ b_layers)} LoRA layers lack their A or B half")
+    if b_layers and all(float(t.abs().sum()) == 0 for k, t in tensors.items() if "lora_B" in k):
+        problems.append("every lora_B is zero: the adapter does not change the model")
+    return problems
+
+
+# ---------- launcher (the `t2s train` process) ----------
+
+def run(cfg: Config, run: RunDir) -> str:
+    import torch
+
+    run.require("prep", "train")
+    accel_path = accelerate_config_path(cfg.train.accelerate_config)
+    accelerate = yaml.safe_load(accel_path.read_text()) or {}
+    check_setup(cfg.train, accelerate, torch.cuda.device_count(),
+                importlib.util.find_spec("bitsandbytes") is not None)
+    from jobs.models import pick_attention
+    pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel_path)]
+    if not torch.cuda.is_available():
+        command += ["--cpu"]
+    command += ["-m", "jobs.train", "--worker", str(run.root / "config.resolved.yaml")]
+    print(f"launching: accelerate launch --config_file {accel_path} ({cfg.train.method}, "
+          f"{accelerate.get('num_processes', 1)} process(es))", flush=True)
+    code = _stream(command)
+    if code == PREEMPTED_EXIT:
+        raise T2SError("training was stopped (SIGTERM) after saving a checkpoint: rerun the same command to resume")
+    if code != 0:
+        raise T2SError(f"training failed (exit code {code}); the log above and {run.logs / 'train.log'} say why; "
+                       "rerun the same command to resume from the last checkpoint")
+    summary = json.loads(run.marker("train").read_text())
+    return (f"{summary['global_step']} steps, {summary['examples_seen']} examples in "
+            f"{summary['train_runtime_s']:.0f}s; adapter in {run.adapter}")
+
+
+def _stream(command: list[str]) -> int:
+    """Runs the workers, copying their output through (so it reaches the log) and passing SIGTERM on."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+    forward = lambda signum, _frame: os.killpg(child.pid, signum)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while chunk := os.read(child.stdout.fileno(), 65536):
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        return child.wait()
+    except KeyboardInterrupt:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------- worker (one per process, under accelerate) ----------
+
+def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
+    from trl import SFTConfig
+
+    t = cfg.train
+    every_epoch = t.eval_every_steps is None
+    strategy = "epoch" if every_epoch else "steps"
+    early_stop = has_eval and t.early_stopping_patience is not None
+    return SFTConfig(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": True} if t.gradient_checkpointing else None,
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        logging_steps=t.logging_steps,
+        eval_strategy=strategy if has_eval else "no",
+        eval_steps=t.eval_every_steps,
+        save_strategy=strategy,
+        save_steps=t.save_every_steps or t.eval_every_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=early_stop,
+        metric_for_best_model="eval_loss" if early_stop else None,
+        greater_is_better=False if early_stop else None,
+        report_to=["tensorboard"],
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=t.dataloader_workers,
+        torch_compile=t.torch_compile,
+        use_liger_kernel=t.liger_kernel,
+        include_num_input_tokens_seen="non_padding",
+        packing=t.packing != "none",
+        packing_strategy="wrapped" if t.packing == "wrapped" else "bfd",
+        max_length=t.max_seq_length,
+        completion_only_loss=t.completion_only_loss,
+        dataset_num_proc=None,
+        disable_tqdm=False,
+        save_only_model=False,
+    )
+
+
+def load_base_for_training(cfg: Config, run: RunDir, on_gpu: bool):
+    import torch
+    from peft import LoraConfig
+
+    from jobs.models import base_model_path, load_model, pick_attention, pick_dtype
+
+    t = cfg.train
+    dtype = pick_dtype(cfg.model.dtype)
+    attention = pick_attention(cfg.model.attn_implementation)
+    extra = {}
+    if t.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if on_gpu else torch.float32
+        # quant_storage = compute dtype, so ZeRO-3 can shard the 4-bit weights like any other bf16 tensor.
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
+        )
+        dtype = compute
+    print(f"attention: {attention} · dtype: {dtype} · method: {t.method}", flush=True)
+    model = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=dtype,
+                       attn_implementation=attention, **extra)
+    model.config.use_cache = False
+    peft_config = None
+    if t.method in ("lora", "qlora"):
+        peft_config = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+                                 target_modules=t.lora.target_modules, task_type="CAUSAL_LM")
+    return model, peft_config
+
+
+def make_callbacks(cfg: Config, run: RunDir):
+    import torch
+    from transformers import TrainerCallback
+
+    class ProgressAndPreemption(TrainerCallback):
+        """One line per logging step (what infra streams), metrics.jsonl, and SIGTERM → checkpoint → stop."""
+
+        def __init__(self):
+            self.preempted = False
+            self.started = time.monotonic()
+            self.last = (self.started, 0)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+        def _on_sigterm(self, _signum, _frame):
+            self.preempted = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.preempted:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.monotonic()
+            tokens = logs.get("num_input_tokens_seen", state.num_input_tokens_seen) or 0
+            record = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+                      **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            if tokens > self.last[1] and now > self.last[0]:
+                record["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
+                self.last = (now, tokens)
+            if torch.cuda.is_available():
+                record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            done = state.global_step / max(state.max_steps, 1)
+            record["eta_s"] = (now - self.started) * (1 - done) / done if done else None
+            with open(run.logs / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            shown = " · ".join(f"{k} {record[k]:.4g}" for k in
+                               ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "gpu_mem_gb")
+                               if isinstance(record.get(k), (int, float)))
+            eta = f" · eta {record['eta_s']:.0f}s" if record["eta_s"] is not None else ""
+            print(f"step {state.global_step}/{state.max_steps} · {shown}{eta}", flush=True)
+
+    return [ProgressAndPreemption()]
+
+
+def worker(config_path: str) -> int:
+    import torch
+    from datasets import load_from_disk
+    from transformers import EarlyStoppingCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    from jobs.models import load_tokenizer, tokenizer_path
+
+    cfg = load_config(config_path)
+    run = RunDir(Path(cfg.run_dir))
+    on_gpu = torch.cuda.is_available()
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs / "tensorboard"))
+    train_data = load_from_disk(str(run.tokenized / "train"))
+    eval_data = load_from_disk(str(run.tokenized / "validation"))
+    if not cfg.train.completion_only_loss:  # the seed's way: loss on the prompt too
+        train_data = train_data.map(lambda row: {"labels": row["input_ids"]})
+        eval_data = eval_data.map(lambda row: {"labels": row["input_ids"]})
+    has_eval = len(eval_data) > 0
+    args = build_sft_config(cfg, run, has_eval, on_gpu)  # before the model: ZeRO-3 init hooks into loading
+    model, peft_config = load_base_for_training(cfg, run, on_gpu)
+    tokenizer = load_tokenizer(tokenizer_path(cfg, run), cfg.model.gguf_file if not cfg.model.tokenizer else None)
+    callbacks = make_callbacks(cfg, run)
+    if has_eval and cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    resume = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
+    if resume:
+        print(f"resuming from {resume}", flush=True)
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=resume)
+    if callbacks[0].preempted:
+        print("SIGTERM: checkpoint saved, stopping; rerun to resume", flush=True)
+        return PREEMPTED_EXIT
+
+    staging = fresh_staging(run.adapter) if trainer.is_world_process_zero() else run.adapter.with_name("adapter.partial")
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # gathers ZeRO-3 shards on every rank, writes on rank 0
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(staging))
+        if peft_config is not None:
+            problems = adapter_problems(staging)
+            if problems:
+                print(f"error: the saved adapter is unusable: {'; '.join(problems)}", file=sys.stderr)
+                return 1
+        replace_dir(staging, run.adapter)
+        state = trainer.state
+        run.mark_done(
+            "train",
+            method=cfg.train.method,
+            global_step=state.global_step,
+            examples_seen=int(len(train_data) * min(state.epoch or 0, cfg.train.epochs)),
+            tokens_seen=int(state.num_input_tokens_seen or 0),
+            train_runtime_s=result.metrics.get("train_runtime", time.monotonic() - started),
+            train_loss=result.metrics.get("train_loss"),
+            best_eval_loss=state.best_metric,
+            num_gpus=torch.cuda.device_count() if on_gpu else 0,
+            num_processes=trainer.accelerator.num_processes,
+            gpu_name=torch.cuda.get_device_name(0) if on_gpu else None,
+            peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+        )
+    trainer.accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        try:
+            sys.exit(worker(sys.argv[2]))
+        except T2SError as exc:
+            print(f"t2s train: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+    from jobs.cli import job_main
+
+    job_main("train")
