@@ -54,6 +54,8 @@ class LoraSettings(Section):
     alpha: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # Modules trained in full beside the adapter (e.g. embed_tokens, lm_head for a model built from scratch).
+    modules_to_save: list[str] | None = None
 
 
 class TrainConfig(Section):

@@ -7,13 +7,12 @@ becomes one line naming what was asked for and how to fix it.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
 
 from jobs.config import Config
-from jobs.errors import T2SError
+from jobs.errors import T2SError, first_line
 from jobs.rundir import RunDir
 
 TINY = "tiny"
@@ -38,9 +37,9 @@ def _check_source(name: str, what: str) -> None:
 
 
 def _load_error(what: str, name: str, exc: Exception) -> T2SError:
-    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return T2SError(
-        f"could not load {what} '{name}' ({reason}): pass a local folder, or a Hub id while the Hub is reachable"
+        f"could not load {what} '{name}' ({first_line(exc)}): pass a local folder, or a Hub id while the Hub is "
+        "reachable"
     )
 
 
@@ -89,7 +88,3 @@ def load_model(name: str, *, gguf_file: str | None = None, dtype: torch.dtype = 
         raise
     except Exception as exc:
         raise _load_error("model", name, exc) from None
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 from jobs import sqlcheck
 from jobs.chat import check_chat_template, tokenize_examples
 from jobs.config import Config
-from jobs.errors import T2SError
+from jobs.errors import T2SError, first_line
 from jobs.models import TINY, load_tokenizer, tokenizer_path
 from jobs.rundir import RunDir, fresh_staging, replace_dir, write_atomic
 from jobs.synthetic import synthetic_rows
@@ -129,10 +129,12 @@ def _read_file(path: Path, limit: int | None) -> list[dict]:
     kind = LOCAL_SUFFIXES.get(path.suffix)
     if kind is None:
         raise T2SError(f"dataset file {path} is not .json, .jsonl or .parquet")
+    if path.stat().st_size == 0:
+        raise T2SError(f"dataset file {path} is empty: it needs rows with question, context and answer")
     try:
         data = load_dataset(kind, data_files=str(path), split="train")
     except Exception as exc:
-        raise T2SError(f"could not read dataset file {path}: {str(exc).splitlines()[0][:200]}") from None
+        raise T2SError(f"could not read dataset file {path}: {first_line(exc)}") from None
     _check_columns(data.column_names, str(path))
     if limit:
         data = data.select(range(min(limit, len(data))))
@@ -160,7 +162,7 @@ def _load_hub(name: str, cfg: Config) -> list[dict]:
     try:
         data = load_dataset(name, split="train")
     except Exception as exc:
-        raise T2SError(f"could not load dataset '{name}' from the Hub ({str(exc).splitlines()[0][:160]}): "
+        raise T2SError(f"could not load dataset '{name}' from the Hub ({first_line(exc, 160)}): "
                        "check the id and network, or set data.source to a local file or folder") from None
     _check_columns(data.column_names, name)
     if cfg.data.max_rows:

@@ -213,7 +213,8 @@ def load_base_for_training(cfg: Config, run: RunDir, on_gpu: bool):
     peft_config = None
     if t.method in ("lora", "qlora"):
         peft_config = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                                 target_modules=t.lora.target_modules, task_type="CAUSAL_LM")
+                                 target_modules=t.lora.target_modules,
+                                 modules_to_save=t.lora.modules_to_save, task_type="CAUSAL_LM")
     return model, peft_config
 
 
@@ -293,6 +294,8 @@ def worker(config_path: str) -> int:
     resume = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
     if resume:
         print(f"resuming from {resume}", flush=True)
+    elif trainer.is_world_process_zero():
+        (run.logs / "metrics.jsonl").unlink(missing_ok=True)  # a fresh start: no lines from an earlier attempt
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=resume)
     if callbacks[0].preempted:

@@ -1,0 +1,257 @@
+"""eval: do the models answer with SQL only, and correctly?
+
+For each model (the base, with the seed's prompt variants; base + adapter; the merged model) it generates
+greedy answers for a split in length-sorted batches and scores every answer on
+  sql_only             one SQL query and nothing else (jobs.sqlcheck, a parser)
+  exact_match          after normalisation (jobs.sqlcheck.normalize_sql)
+  execution_accuracy   same rows as the gold query on several generated SQLite databases (jobs.sandbox);
+                       examples whose gold query fails to run are counted apart (gold_error), not as misses
+plus latency and throughput. Writes eval/report.json, report.md, predictions.jsonl and metrics.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from jobs import sandbox, sqlcheck
+from jobs.chat import render_prompt
+from jobs.config import Config
+from jobs.errors import T2SError
+from jobs.generate import device_for, generate_batched
+from jobs.models import base_model_path, load_model, load_tokenizer, pick_dtype, tokenizer_path
+from jobs.rundir import RunDir, fresh_staging, replace_dir, write_atomic
+
+METRICS = ("sql_only", "exact_match", "execution_accuracy")
+
+
+# ---------- pure core ----------
+
+def score(row: dict, response: str, eval_cfg, seed: int) -> dict:
+    execution = sandbox.execution_match(
+        row["context"], row["answer"], response, databases=eval_cfg.databases_per_example,
+        rows_per_table=eval_cfg.rows_per_table, seed=seed, timeout_s=eval_cfg.query_timeout_s,
+        row_limit=eval_cfg.row_limit,
+    )
+    return {
+        "sql_only": sqlcheck.is_sql_only(response),
+        "exact_match": sqlcheck.exact_match(response, row["answer"]),
+        "execution": execution.outcome,
+        "execution_detail": execution.detail,
+    }
+
+
+def summarize(scored: list[dict]) -> dict:
+    """Rates over examples; execution accuracy over the examples whose gold query runs."""
+    n = len(scored)
+    runnable = [s for s in scored if s["execution"] != "gold_error"]
+    outcomes = defaultdict(int)
+    for s in scored:
+        outcomes[s["execution"]] += 1
+    return {
+        "n": n,
+        "sql_only": sum(s["sql_only"] for s in scored) / n if n else 0.0,
+        "exact_match": sum(s["exact_match"] for s in scored) / n if n else 0.0,
+        "execution_accuracy": sum(s["execution"] == "match" for s in runnable) / len(runnable) if runnable else 0.0,
+        "gold_error": outcomes["gold_error"],
+        "execution_outcomes": dict(outcomes),
+    }
+
+
+def bucket_names(row: dict) -> list[str]:
+    features = sandbox.query_features(row["answer"])
+    names = [f"source={row.get('source', 'unknown')}", f"tables={min(features.get('tables', 0), 3)}"
+             + ("+" if features.get("tables", 0) >= 3 else "")]
+    names += [kind for kind in ("aggregate", "join", "order") if features.get(kind)]
+    return names
+
+
+def buckets(rows: list[dict], scored: list[dict]) -> dict[str, dict]:
+    grouped = defaultdict(list)
+    for row, s in zip(rows, scored):
+        for name in bucket_names(row):
+            grouped[name].append(s)
+    return {name: summarize(items) for name, items in sorted(grouped.items())}
+
+
+def render_markdown(report: dict) -> str:
+    labels = list(report["results"])
+    lines = [f"# t2s eval · run {report['run_id']} · {report['split']} split, {report['n_examples']} examples", "",
+             f"Base model: `{report['models']['base']}` · fine-tuned: `{report['models'].get('finetuned')}` · "
+             f"dataset `{report['dataset']['source']}` (hash {report['dataset']['hash'][:12]})", "",
+             "| model | SQL-only | exact match | execution accuracy | gold fails to run | queries/s | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label in labels:
+        r = report["results"][label]
+        lines.append(f"| {label} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | {r['execution_accuracy']:.1%} | "
+                     f"{r['gold_error']} | {r['queries_per_s']:.1f} | {r['tokens_per_s']:.0f} |")
+    lines += ["", "## By bucket (execution accuracy · SQL-only)", "",
+              "| bucket | n | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
+    for name in report["buckets"][labels[0]]:
+        cells = [f"{report['buckets'][label][name]['execution_accuracy']:.0%} · "
+                 f"{report['buckets'][label][name]['sql_only']:.0%}" for label in labels]
+        lines.append(f"| {name} | {report['buckets'][labels[0]][name]['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "Exact match compares sqlglot's re-printing of both queries (whitespace, keyword case, quote style "
+              "and a trailing semicolon do not count). Execution accuracy runs gold and prediction on "
+              f"{report['config']['databases_per_example']} generated SQLite databases per example, read-only, "
+              f"with a {report['config']['query_timeout_s']} s limit per query.", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, label in enumerate(labels):
+        values = [results[label][m] * 100 for m in METRICS]
+        bars = ax.bar([x + i * width for x in range(len(METRICS))], values, width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(METRICS))],
+                  ["SQL-only", "exact match", "execution accuracy"])
+    ax.set_ylabel("% of examples")
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------- I/O shell ----------
+
+def read_split(run: RunDir, split: str, limit: int | None) -> list[dict]:
+    path = run.data / f"{split}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise T2SError(f"the {split} split in {path} is empty: choose eval.split or give prep more data")
+    return rows[:limit] if limit else rows
+
+
+def models_to_evaluate(cfg: Config, run: RunDir) -> list[tuple[str, str, str]]:
+    """(label, what to load, prompt variant) for each configured model."""
+    plan = []
+    for which in cfg.eval.models:
+        if which == "base":
+            plan += [("base" if v == "plain" else f"base:{v}", "base", v) for v in cfg.eval.prompt_variants]
+        elif which == "adapter":
+            run.require("train", "eval of the adapter")
+            plan.append(("adapter", "adapter", "plain"))
+        else:
+            run.require("merge", "eval of the merged model")
+            plan.append(("merged", "merged", "plain"))
+    return plan
+
+
+def load_for_eval(cfg: Config, run: RunDir, which: str):
+    dtype = pick_dtype(cfg.model.dtype)
+    if which == "merged":
+        return load_model(str(run.merged), dtype=dtype), load_tokenizer(str(run.merged))
+    model = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=dtype)
+    tokenizer = load_tokenizer(tokenizer_path(cfg, run), cfg.model.gguf_file if not cfg.model.tokenizer else None)
+    if which == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(run.adapter))
+    return model, tokenizer
+
+
+def evaluate_model(model, tokenizer, rows: list[dict], variant: str, cfg: Config) -> tuple[list[dict], dict]:
+    prompts = [render_prompt(tokenizer, r["context"], r["question"], variant) for r in rows]
+    started = time.perf_counter()
+    generations = generate_batched(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                                   progress=True)
+    elapsed = time.perf_counter() - started
+    scored = [score(row, g.text, cfg.eval, seed=i) for i, (row, g) in enumerate(zip(rows, generations))]
+    for s, g in zip(scored, generations):
+        s.update(response=g.text, new_tokens=g.new_tokens, latency_ms=g.latency_s * 1000)
+    speed = {
+        "queries_per_s": len(rows) / elapsed,
+        "tokens_per_s": sum(g.new_tokens for g in generations) / elapsed,
+        "latency_ms_mean": sum(g.latency_s for g in generations) / len(generations) * 1000,
+        "generation_s": elapsed,
+    }
+    return scored, speed
+
+
+def run(cfg: Config, run: RunDir) -> str:
+    import torch
+
+    run.require("prep", "eval")
+    rows = read_split(run, cfg.eval.split, cfg.eval.max_examples)
+    plan = models_to_evaluate(cfg, run)
+    manifest = json.loads(run.manifest.read_text())
+    staging = fresh_staging(run.eval)
+    results, by_bucket, predictions = {}, {}, defaultdict(dict)
+    for label, which, variant in plan:
+        print(f"evaluating {label} on {len(rows)} {cfg.eval.split} examples", flush=True)
+        model, tokenizer = load_for_eval(cfg, run, which)
+        model = model.to(device_for()).eval()
+        scored, speed = evaluate_model(model, tokenizer, rows, variant, cfg)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        results[label] = {**summarize(scored), **speed}
+        by_bucket[label] = buckets(rows, scored)
+        for i, s in enumerate(scored):
+            predictions[i][label] = s
+        r = results[label]
+        print(f"  {label}: SQL-only {r['sql_only']:.1%} · exact {r['exact_match']:.1%} · "
+              f"execution {r['execution_accuracy']:.1%} · {r['queries_per_s']:.1f} queries/s", flush=True)
+
+    report = {
+        "run_id": cfg.run_id,
+        "split": cfg.eval.split,
+        "n_examples": len(rows),
+        "dataset": {"source": manifest["source"], "hash": manifest["content_hash"], "splits": manifest["rows"]},
+        "models": {"base": cfg.model.name_or_path,
+                   "finetuned": str(run.merged if "merged" in results else run.adapter)},
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "results": results,
+        "buckets": by_bucket,
+        "config": cfg.eval.model_dump(mode="json"),
+    }
+    with open(staging / "predictions.jsonl", "w") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({**row, "predictions": predictions[i]}, ensure_ascii=False) + "\n")
+    write_atomic(staging / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(staging / "report.md", render_markdown(report))
+    plot(results, staging / "metrics.png", f"run {cfg.run_id}: {cfg.eval.split} split, {len(rows)} examples")
+    replace_dir(staging, run.eval)
+    run.mark_done("eval", results={k: {m: v[m] for m in METRICS} for k, v in results.items()})
+    best = max(results, key=lambda k: results[k]["execution_accuracy"])
+    return f"{len(results)} model(s) scored; best execution accuracy {results[best]['execution_accuracy']:.1%} " \
+           f"({best}); report {run.eval / 'report.md'}"
+
+
+def compare(run_a: Path, run_b: Path, out: Path) -> str:
+    """Side by side: every result of two runs' reports in one table and one chart."""
+    results, lines = {}, []
+    for path in (run_a, run_b):
+        report_path = Path(path) / "eval" / "report.json"
+        if not report_path.is_file():
+            raise T2SError(f"{report_path} not found: run `t2s eval` for that run first")
+        report = json.loads(report_path.read_text())
+        for label, r in report["results"].items():
+            results[f"{report['run_id']}:{label}"] = r
+        lines.append(f"- `{report['run_id']}`: {report['split']} split, {report['n_examples']} examples, "
+                     f"dataset hash {report['dataset']['hash'][:12]}")
+    out.mkdir(parents=True, exist_ok=True)
+    table = ["| model | SQL-only | exact match | execution accuracy | queries/s |", "|---|---:|---:|---:|---:|"]
+    table += [f"| {k} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | {r['execution_accuracy']:.1%} | "
+              f"{r['queries_per_s']:.1f} |" for k, r in results.items()]
+    write_atomic(out / "compare.md", "\n".join(["# t2s eval comparison", "", *lines, "", *table, ""]))
+    plot(results, out / "compare.png", "comparison")
+    return "\n".join(table) + f"\n\nwritten: {out / 'compare.md'}, {out / 'compare.png'}"
+
+
+if __name__ == "__main__":
+    from jobs.cli import job_main
+
+    job_main("eval")

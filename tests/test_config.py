@@ -1,0 +1,60 @@
+"""Config: defaults + file + overrides, validated up front, one clear line per problem."""
+
+import pytest
+
+from jobs.config import Config, load_config, secret
+from jobs.errors import T2SError
+from tests.conftest import t2s
+
+
+def test_defaults_file_and_overrides_merge(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_id: r1\ntrain:\n  learning_rate: 1e-4\n  lora: {r: 4}\n")
+    cfg = load_config(path, ["train.epochs=3", "eval.models=[merged]", "push.private=false"])
+    assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.lora.r == 4 and cfg.train.lora.alpha == Config().train.lora.alpha
+    assert cfg.train.epochs == 3.0 and cfg.eval.models == ["merged"] and cfg.push.private is False
+    assert str(cfg.run_dir) == "runs/r1"
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("train:\n  learning_rat: 0.1\n", [], "unknown config key 'train.learning_rat'"),
+    ("train:\n  epochs: many\n", [], "config key 'train.epochs'"),
+    ("train: [1, 2\n", [], "not valid YAML at line"),
+    ("- a\n- b\n", [], "must be a mapping"),
+    ("", ["train.method=sgd"], "config key 'train.method'"),
+    ("", ["nonsense"], "is not key=value"),
+    ("run_id: 'a b'\n", [], "config key 'run_id'"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, text, overrides, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(T2SError, match=expected.replace("[", r"\[").replace("(", r"\(")):
+        load_config(path, overrides)
+
+
+def test_missing_config_file():
+    with pytest.raises(T2SError, match="not found"):
+        load_config("nowhere.yaml")
+
+
+def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sauce: x\n")
+    result = t2s("prep", "--config", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown config key 'data.sauce'" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_secret_from_environment_then_dotenv(tmp_path, monkeypatch):
+    env_file = tmp_path / ".env"
+    env_file.write_text("HF_TOKEN=from-dotenv\n")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert secret("HF_TOKEN", env_file) == "from-dotenv"
+    monkeypatch.setenv("HF_TOKEN", "from-env")
+    assert secret("HF_TOKEN", env_file) == "from-env"
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    assert secret("RUNPOD_API_KEY", tmp_path / "absent.env") is None
