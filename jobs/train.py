@@ -9,6 +9,7 @@ gathered from every rank (a ZeRO-3 adapter saved without gathering comes out emp
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -60,6 +61,10 @@ def check_setup(train: TrainConfig, accelerate: dict, gpus_present: int, have_bi
     if gpus_present == 0 and processes > 1 and not accelerate.get("use_cpu"):
         raise T2SError(f"the accelerate config asks for {processes} GPU processes but no GPU is present: "
                        "use train.accelerate_config: single (CPU), or run on a GPU machine")
+    if train.early_stopping_patience and train.save_every_steps and (
+            not train.eval_every_steps or train.save_every_steps % train.eval_every_steps):
+        raise T2SError("early stopping keeps the best checkpoint, so train.save_every_steps must be a multiple of "
+                       "train.eval_every_steps (or unset both to save and evaluate every epoch)")
     if zero3 and train.method == "qlora" and not accelerate.get("deepspeed_config", {}).get("zero3_init_flag"):
         raise T2SError("QLoRA under ZeRO-3 needs zero3_init_flag: true in the accelerate config")
 
@@ -116,23 +121,30 @@ def run(cfg: Config, run: RunDir) -> str:
 
 
 def _stream(command: list[str]) -> int:
-    """Runs the workers, copying their output through (so it reaches the log) and passing SIGTERM on."""
+    """Runs the workers, copying their output through (so it reaches the log). SIGTERM or Ctrl-C is passed to
+    every worker (they checkpoint and stop); the output is drained until the last of them has exited."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                              start_new_session=True)
-    forward = lambda signum, _frame: os.killpg(child.pid, signum)  # noqa: E731
-    previous = signal.signal(signal.SIGTERM, forward)
+    stopped = []
+
+    def stop(signum, _frame):
+        stopped.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while chunk := os.read(child.stdout.fileno(), 65536):
+        while chunk := os.read(child.stdout.fileno(), 65536):  # retried across signals (PEP 475)
             sys.stdout.write(chunk.decode(errors="replace"))
             sys.stdout.flush()
-        return child.wait()
-    except KeyboardInterrupt:
-        os.killpg(child.pid, signal.SIGTERM)
-        child.wait()
-        raise
+        code = child.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signal.SIGINT in stopped:
+        raise KeyboardInterrupt
+    return PREEMPTED_EXIT if stopped else code
 
 
 # ---------- worker (one per process, under accelerate) ----------
@@ -141,8 +153,7 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
     from trl import SFTConfig
 
     t = cfg.train
-    every_epoch = t.eval_every_steps is None
-    strategy = "epoch" if every_epoch else "steps"
+    strategy = "steps" if t.eval_every_steps else "epoch"
     early_stop = has_eval and t.early_stopping_patience is not None
     return SFTConfig(
         output_dir=str(run.checkpoints),
@@ -163,7 +174,7 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
         logging_steps=t.logging_steps,
         eval_strategy=strategy if has_eval else "no",
         eval_steps=t.eval_every_steps,
-        save_strategy=strategy,
+        save_strategy="steps" if t.save_every_steps else strategy,
         save_steps=t.save_every_steps or t.eval_every_steps,
         save_total_limit=t.save_total_limit,
         load_best_model_at_end=early_stop,

@@ -68,10 +68,10 @@ def prepared_run(tmp_path_factory) -> Path:
 def copy_run(prepared_run, tmp_path):
     """A private copy of the prepared run, and a config file pointing at it (extra sections merged in)."""
 
-    def make(**sections) -> tuple[Path, Path]:
-        runs = tmp_path / "runs"
+    def make(name: str = "copy", **sections) -> tuple[Path, Path]:
+        runs = tmp_path / name / "runs"
         shutil.copytree(prepared_run, runs / "t")
-        config = write_config(tmp_path / "config.yaml", tiny_config(runs, **sections))
+        config = write_config(tmp_path / name / "config.yaml", tiny_config(runs, **sections))
         return runs / "t", config
 
     return make

@@ -1,0 +1,398 @@
+"""A fake of the Hugging Face Hub's HTTP API: the endpoints huggingface_hub (2.x) uses to create a repo, look
+at it and commit files to it over the legacy LFS protocol (run the client with HF_HUB_DISABLE_XET=1).
+
+    POST /api/repos/create                         create_repo
+    GET  /api/{models,datasets,spaces}/<id>[/revision/<rev>]      repo_info, repo_exists
+    GET  /api/<type>s/<id>/tree/<rev>[/<path>]     list_repo_tree (recursive or not, one page)
+    POST /api/validate-yaml                        README.md metadata check made by create_commit
+    POST /api/<type>s/<id>/preupload/<rev>         upload mode (regular or lfs) and the remote oid of each file
+    POST /[<type>s/]<id>.git/info/lfs/objects/batch   LFS batch: where to PUT each object not stored yet
+    PUT  /_lfs/<sha256>                            the LFS object itself (checked against its sha256)
+    POST /api/<type>s/<id>/commit/<rev>            the ndjson commit (header, file, lfsFile, deletedFile)
+
+Tokens map to the namespaces they may write to; a missing or unknown token gets 401, writing elsewhere 403,
+a private repo of another namespace reads as 404 (as on the Hub). `fail(...)` makes chosen requests answer an
+error status, drop the connection (before or after doing the work), or stall. Started on 127.0.0.1 with an ephemeral port, one thread a request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
+
+TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
+PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".png", ".jpg", ".gguf", ".parquet")
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+
+
+def git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class StoredFile:
+    content: bytes
+    lfs: bool
+
+    def tree_entry(self, path: str) -> dict:
+        entry = {"type": "file", "path": path, "size": len(self.content)}
+        if self.lfs:
+            sha = hashlib.sha256(self.content).hexdigest()
+            pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(self.content)}\n".encode()
+            entry.update(oid=git_sha1(pointer), lfs={"oid": sha, "size": len(self.content), "pointerSize": len(pointer)})
+        else:
+            entry["oid"] = git_sha1(self.content)
+        return entry
+
+    @property
+    def preupload_oid(self) -> str:
+        # What huggingface_hub compares with its local oid: sha256 for LFS files, git blob sha1 otherwise.
+        return hashlib.sha256(self.content).hexdigest() if self.lfs else git_sha1(self.content)
+
+
+@dataclass
+class Commit:
+    oid: str
+    message: str
+    paths: list[str]
+
+
+@dataclass
+class Repo:
+    repo_type: str
+    repo_id: str
+    private: bool
+    files: dict[str, StoredFile] = field(default_factory=dict)
+    commits: list[Commit] = field(default_factory=list)
+
+    @property
+    def sha(self) -> str:
+        return self.commits[-1].oid
+
+    def commit(self, message: str, changes: dict[str, StoredFile | None]) -> Commit:
+        for path, stored in changes.items():
+            if stored is None:
+                self.files.pop(path, None)
+            else:
+                self.files[path] = stored
+        parent = self.commits[-1].oid if self.commits else ""
+        oid = hashlib.sha1(f"{parent}\n{message}\n{sorted(changes)}\n{len(self.commits)}".encode()).hexdigest()
+        self.commits.append(Commit(oid, message, sorted(changes)))
+        return self.commits[-1]
+
+
+@dataclass
+class FailureRule:
+    method: str
+    path_pattern: re.Pattern
+    # an HTTP status; "drop": close without answering; "lose_answer": do the work, then close without answering;
+    # "stall": sleep stall_s, then answer
+    action: int | str
+    times: int
+    stall_s: float = 0.0
+
+
+class HubError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, **body):
+        super().__init__(message)
+        self.status, self.message, self.code, self.body = status, message, code, body
+
+
+class FakeHub:
+    def __init__(self, tokens: dict[str, list[str]], names_unique_across_types: bool = True):
+        self.tokens = tokens  # token → namespaces it may write to (the first is its user)
+        # The Hub refuses a model repo whose name a dataset or Space of the same owner already has (409).
+        self.names_unique_across_types = names_unique_across_types
+        self.repos: dict[tuple[str, str], Repo] = {}
+        self.lfs_objects: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str]] = []  # (method, path): what the client asked, in order
+        self.validated_readmes: list[str] = []
+        self.rules: list[FailureRule] = []
+        self.lock = threading.RLock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> "FakeHub":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ---- test helpers
+
+    def add_repo(self, repo_id: str, repo_type: str = "model", private: bool = True,
+                 files: dict[str, bytes] | None = None) -> Repo:
+        with self.lock:
+            repo = Repo(repo_type, repo_id, private)
+            repo.commit("initial commit", {".gitattributes": StoredFile(GITATTRIBUTES, False)})
+            if files:
+                repo.commit("add files", {p: StoredFile(c, self._is_lfs(p, c)) for p, c in files.items()})
+            self.repos[(repo_type, repo_id)] = repo
+            return repo
+
+    def repo(self, repo_id: str, repo_type: str = "model") -> Repo | None:
+        return self.repos.get((repo_type, repo_id))
+
+    def fail(self, method: str, path_regex: str, action: int | str, times: int = 1, stall_s: float = 0.0) -> None:
+        self.rules.append(FailureRule(method, re.compile(path_regex), action, times, stall_s))
+
+    def count(self, method: str, path_regex: str) -> int:
+        return sum(1 for m, p in self.requests if m == method and re.search(path_regex, p))
+
+    # ---- the API
+
+    def _is_lfs(self, path: str, content_or_sample: bytes, size: int | None = None) -> bool:
+        size = len(content_or_sample) if size is None else size
+        return path.endswith(LFS_SUFFIXES) or size >= 10_000_000 or b"\0" in content_or_sample[:512]
+
+    def _user(self, headers) -> tuple[str, list[str]]:
+        auth = headers.get("authorization") or ""
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        if token not in self.tokens:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        return token, self.tokens[token]
+
+    def _readable(self, repo_type: str, repo_id: str, headers) -> Repo:
+        repo = self.repos.get((repo_type, repo_id))
+        namespaces: list[str] = []
+        try:
+            namespaces = self._user(headers)[1]
+        except HubError:
+            pass
+        if repo is None or (repo.private and repo_id.split("/")[0] not in namespaces):
+            raise HubError(404, "Repository not found", code="RepoNotFound")
+        return repo
+
+    def _writable(self, repo_type: str, repo_id: str, headers) -> Repo:
+        _, namespaces = self._user(headers)
+        repo = self._readable(repo_type, repo_id, headers)
+        if repo_id.split("/")[0] not in namespaces:
+            raise HubError(403, f"You don't have the rights to write to {repo_id}")
+        return repo
+
+    def handle(self, method: str, path: str, query: dict, headers, body: bytes):
+        """(status, json or bytes, extra headers)."""
+        if method == "POST" and path == "/api/repos/create":
+            return self.create_repo(headers, json.loads(body))
+        if method == "POST" and path == "/api/validate-yaml":
+            return self.validate_yaml(json.loads(body))
+        if method == "PUT" and (m := re.fullmatch(r"/_lfs/([0-9a-f]{64})", path)):
+            return self.store_lfs_object(m.group(1), body)
+        if method == "POST" and (m := re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)):
+            repo_type = TYPES[m.group(1)] if m.group(1) else "model"
+            return self.lfs_batch(self._writable(repo_type, m.group(2), headers), json.loads(body))
+        m = re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+?)(?:/(revision|tree|preupload|commit)/([^/]+)(/.*)?)?", path)
+        if not m:
+            raise HubError(404, f"no such endpoint: {method} {path}")
+        repo_type, repo_id, kind, sub = TYPES[m.group(1)], m.group(2), m.group(3), m.group(5)  # one branch: main
+        if method == "GET" and kind in (None, "revision"):
+            return self.repo_info(self._readable(repo_type, repo_id, headers))
+        if method == "GET" and kind == "tree":
+            return self.tree(self._readable(repo_type, repo_id, headers), (sub or "").strip("/"),
+                             query.get("recursive", ["False"])[0].lower() == "true")
+        if method == "POST" and kind == "preupload":
+            return self.preupload(self._writable(repo_type, repo_id, headers), json.loads(body))
+        if method == "POST" and kind == "commit":
+            return self.commit(self._writable(repo_type, repo_id, headers), body)
+        raise HubError(404, f"no such endpoint: {method} {path}")
+
+    def create_repo(self, headers, payload: dict):
+        _, namespaces = self._user(headers)
+        namespace = payload.get("organization") or namespaces[0]
+        repo_id = f"{namespace}/{payload['name']}"
+        repo_type = payload.get("type") or "model"
+        if namespace not in namespaces:
+            raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace \"{namespace}\"")
+        if (repo_type, repo_id) in self.repos:
+            raise HubError(409, f"You already created this {repo_type} repo",
+                           url=f"{self.url}/{PREFIX[repo_type]}{repo_id}")
+        if self.names_unique_across_types and any(rid == repo_id for _, rid in self.repos):
+            raise HubError(409, f"A repo named {repo_id} already exists")
+        private = payload.get("private") is True or payload.get("visibility") == "private"
+        self.add_repo(repo_id, repo_type, private=private)
+        return 200, {"url": f"{self.url}/{PREFIX[repo_type]}{repo_id}", "name": repo_id}, {}
+
+    def repo_info(self, repo: Repo):
+        return 200, {"id": repo.repo_id, "sha": repo.sha, "private": repo.private,
+                     "siblings": [{"rfilename": p} for p in sorted(repo.files)]}, {}
+
+    def tree(self, repo: Repo, under: str, recursive: bool):
+        entries, folders = [], set()
+        for path in sorted(repo.files):
+            if under and not path.startswith(under + "/"):
+                continue
+            rest = path[len(under) + 1:] if under else path
+            parts = rest.split("/")
+            prefix = (under + "/") if under else ""
+            if recursive:
+                for i in range(1, len(parts)):
+                    folders.add(prefix + "/".join(parts[:i]))
+                entries.append(repo.files[path].tree_entry(path))
+            elif len(parts) > 1:
+                folders.add(prefix + parts[0])
+            else:
+                entries.append(repo.files[path].tree_entry(path))
+        entries += [{"type": "directory", "path": f, "oid": git_sha1(f.encode())} for f in sorted(folders)]
+        return 200, entries, {}
+
+    def validate_yaml(self, payload: dict):
+        content = payload.get("content", "")
+        self.validated_readmes.append(content)
+        match = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+        try:
+            metadata = yaml.safe_load(match.group(1)) if match else {}
+        except yaml.YAMLError as exc:
+            return 400, {"errors": [{"message": f"invalid YAML: {exc}"}]}, {}
+        if not isinstance(metadata, dict):
+            return 400, {"errors": [{"message": "metadata must be a mapping"}]}, {}
+        return 200, {"errors": [], "warnings": []}, {}
+
+    def preupload(self, repo: Repo, payload: dict):
+        files = []
+        for f in payload["files"]:
+            sample = base64.b64decode(f["sample"])
+            stored = repo.files.get(f["path"])
+            files.append({"path": f["path"], "uploadMode": "lfs" if self._is_lfs(f["path"], sample, f["size"]) else "regular",
+                          "shouldIgnore": False, "oid": stored.preupload_oid if stored else None})
+        return 200, {"files": files}, {}
+
+    def lfs_batch(self, repo: Repo, payload: dict):
+        objects = []
+        for obj in payload["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.lfs_objects:
+                entry["actions"] = {"upload": {"href": f"{self.url}/_lfs/{obj['oid']}", "header": {}}}
+            objects.append(entry)
+        return 200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"}
+
+    def store_lfs_object(self, oid: str, body: bytes):
+        if hashlib.sha256(body).hexdigest() != oid:
+            raise HubError(400, "content does not match its oid")
+        self.lfs_objects[oid] = body
+        return 200, {}, {}
+
+    def commit(self, repo: Repo, body: bytes):
+        summary, changes = "", {}
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            key, value = item["key"], item["value"]
+            if key == "header":
+                summary = value["summary"]
+            elif key == "file":
+                content = base64.b64decode(value["content"])
+                changes[value["path"]] = StoredFile(content, False)
+            elif key == "lfsFile":
+                if value["oid"] not in self.lfs_objects:
+                    raise HubError(422, f"LFS object {value['oid']} was never uploaded")
+                changes[value["path"]] = StoredFile(self.lfs_objects[value["oid"]], True)
+            elif key in ("deletedFile", "deletedFolder"):
+                changes[value["path"]] = None
+            else:
+                raise HubError(400, f"unknown commit operation {key}")
+        if not summary:
+            raise HubError(400, "commit summary is required")
+        commit = repo.commit(summary, changes)
+        return 200, {"commitUrl": f"{self.url}/{PREFIX[repo.repo_type]}{repo.repo_id}/commit/{commit.oid}",
+                     "commitOid": commit.oid, "pullRequestUrl": None}, {}
+
+
+def _handler_for(hub: FakeHub):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet: and a request log must never hold a header
+            pass
+
+        def _body(self) -> bytes:
+            if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+                data = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return data
+                    data += self.rfile.read(size)
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("content-length") or 0))
+
+        def _send(self, status: int, payload, extra: dict) -> None:
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", extra.pop("Content-Type", "application/json"))
+            for key, value in extra.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            try:
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (a stalled request timed out)
+                self.close_connection = True
+
+        def _serve(self, method: str) -> None:
+            parts = urlsplit(self.path)
+            path, query = unquote(parts.path), parse_qs(parts.query)
+            body = self._body()
+            with hub.lock:
+                hub.requests.append((method, path))
+                rule = next((r for r in hub.rules if r.times > 0 and r.method == method and r.path_pattern.search(path)), None)
+                if rule:
+                    rule.times -= 1
+            if rule and rule.action == "drop":
+                self._hang_up()
+                return
+            if rule and rule.action == "stall":
+                time.sleep(rule.stall_s)
+            elif rule and rule.action != "lose_answer":
+                self._send(int(rule.action), {"error": "injected failure"}, {"X-Error-Message": "injected failure"})
+                return
+            try:
+                with hub.lock:
+                    status, payload, extra = hub.handle(method, path, query, self.headers, body)
+            except HubError as err:
+                extra = {"X-Error-Message": err.message}
+                if err.code:
+                    extra["X-Error-Code"] = err.code
+                status, payload = err.status, {"error": err.message, **err.body}
+            if rule and rule.action == "lose_answer":
+                self._hang_up()
+                return
+            self._send(status, payload, extra)
+
+        def _hang_up(self) -> None:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+        def do_GET(self):
+            self._serve("GET")
+
+        def do_POST(self):
+            self._serve("POST")
+
+        def do_PUT(self):
+            self._serve("PUT")
+
+    return Handler

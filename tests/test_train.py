@@ -1,0 +1,143 @@
+"""train and merge: setup checks, packing isolation, adapter integrity, resume after SIGTERM, merge equivalence."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.config import TrainConfig
+from jobs.errors import T2SError
+from jobs.train import adapter_problems, check_setup
+from tests.conftest import ROOT, t2s
+
+ZERO3 = {"distributed_type": "DEEPSPEED", "num_processes": 2,
+         "deepspeed_config": {"zero_stage": 3, "zero3_init_flag": True}}
+
+
+@pytest.mark.parametrize("method, accelerate, gpus, bnb, expected", [
+    ("lora", {**ZERO3, "num_processes": 1}, 2, True, "ZeRO-3 shards the model across processes"),
+    ("qlora", {"num_processes": 1}, 1, False, "needs bitsandbytes"),
+    ("lora", {"num_processes": 4}, 2, True, "asks for 4 processes per machine but 2 GPU"),
+    ("lora", {"num_processes": 2}, 0, True, "no GPU is present"),
+    ("qlora", {**ZERO3, "deepspeed_config": {"zero_stage": 3}}, 2, True, "zero3_init_flag"),
+    ("lora", {"num_processes": 1, "save_every_steps": 5}, 1, True, "multiple of train.eval_every_steps"),
+])
+def test_bad_setups_fail_before_loading(method, accelerate, gpus, bnb, expected):
+    steps = {"save_every_steps": accelerate.pop("save_every_steps")} if "save_every_steps" in accelerate else {}
+    with pytest.raises(T2SError, match=expected):
+        check_setup(TrainConfig(method=method, **steps), accelerate, gpus, bnb)
+
+
+def test_good_setups_pass():
+    check_setup(TrainConfig(method="qlora"), ZERO3, 2, True)
+    check_setup(TrainConfig(), {"num_processes": 1}, 0, False)
+
+
+def test_packed_examples_do_not_attend_to_each_other():
+    """trl's padding-free collator + SDPA: each packed example's logits equal its logits alone."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from jobs.tiny import build_model
+
+    model = build_model(vocab_size=64, seed=1).eval()
+    model.config.use_cache = False  # as in training: transformers builds the per-example mask only without a cache
+    examples = [list(range(3, 13)), list(range(20, 27)), list(range(30, 45))]
+    collator = DataCollatorForLanguageModeling(pad_token_id=2, padding_free=True)
+    batch = collator([{"input_ids": ids, "labels": ids} for ids in examples])
+    assert batch["input_ids"].shape == (1, sum(map(len, examples)))
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([ids])).logits[0] for ids in examples])
+    assert torch.allclose(packed, alone, atol=1e-5)
+    # and the check can fail: the same tokens without position_ids do attend across examples
+    with torch.no_grad():
+        mixed = model(input_ids=batch["input_ids"]).logits[0]
+    assert not torch.allclose(mixed, alone, atol=1e-3)
+
+
+def _lora_folder(tmp_path: Path, zero_b: bool = False, drop: str | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    tensors = {"q.lora_A.weight": torch.randn(4, 8), "q.lora_B.weight": torch.zeros(8, 4) if zero_b else torch.randn(8, 4)}
+    if drop:
+        tensors.pop(drop)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_adapter_integrity_checks(tmp_path):
+    for name in ("ok", "zero", "partial"):
+        (tmp_path / name).mkdir()
+    assert adapter_problems(_lora_folder(tmp_path / "ok")) == []
+    assert "does not change the model" in adapter_problems(_lora_folder(tmp_path / "zero", zero_b=True))[0]
+    assert "lack their A or B" in adapter_problems(_lora_folder(tmp_path / "partial", drop="q.lora_B.weight"))[-1]
+    assert "lacks adapter_model.safetensors" in adapter_problems(tmp_path / "missing")[0]
+
+
+def _done(run: Path, job: str) -> dict:
+    return json.loads((run / f"{job}.done").read_text())
+
+
+def test_train_then_merge_gives_a_working_adapter_and_equal_logits(copy_run):
+    run, config = copy_run()
+    result = t2s("train", "--config", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert adapter_problems(run / "adapter") == []
+    assert _done(run, "train")["global_step"] == 6
+    metrics = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m and "grad_norm" in m and "learning_rate" in m for m in metrics)
+    assert any(m.get("tokens_per_s", 0) > 0 for m in metrics)
+    assert list((run / "logs" / "tensorboard").rglob("events.out.tfevents*"))
+
+    result = t2s("merge", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "logits match base + adapter" in result.stdout
+    assert _done(run, "merge")["verified"] is True
+    generation = json.loads((run / "merged" / "generation_config.json").read_text())
+    assert generation.get("do_sample") in (False, None)
+    assert (run / "merged" / "model.safetensors").is_file() and (run / "merged" / "chat_template.jinja").is_file()
+
+    # the adapter changes the model's output
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(run / "base")
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        before = base(ids).logits
+        after = PeftModel.from_pretrained(base, run / "adapter")(ids).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_sigterm_checkpoints_and_a_rerun_resumes_to_the_same_step_count(copy_run):
+    train = {"max_steps": -1, "epochs": 1, "save_every_steps": 3, "per_device_batch_size": 4}
+    run, config = copy_run("interrupted", train=train)
+    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--config", str(config)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((run / "checkpoints").glob("checkpoint-*")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 2, out[-2000:] + err[-2000:]
+    assert "stopped (SIGTERM) after saving a checkpoint" in err
+    assert not (run / "train.done").exists()
+    interrupted_at = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
+
+    result = t2s("train", "--config", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints'}/checkpoint-{interrupted_at}" in result.stdout
+    resumed = _done(run, "train")["global_step"]
+    assert resumed > interrupted_at
+
+    fresh, fresh_config = copy_run("uninterrupted", train=train)
+    assert t2s("train", "--config", str(fresh_config)).returncode == 0
+    assert resumed == _done(fresh, "train")["global_step"]
