@@ -12,6 +12,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
 DIALECT = "sqlite"  # the dataset's SQL is SQLite-flavoured, and execution runs in SQLite
+COMPARISON_OPERATORS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like, exp.ILike, exp.Glob)
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,45 @@ def is_sql_only(response: str) -> bool:
     return single_query(response.strip()) is not None
 
 
+def comparisons(query: exp.Expression) -> list[tuple[exp.Expression, exp.Expression, exp.Expression]]:
+    """(operator, left, right) for every comparison in a query. `x IN (a, b)` gives one triple per listed value
+    and `x BETWEEN a AND b` one per bound; `x IN (SELECT ...)` gives none."""
+    found = []
+    for node in query.find_all(*COMPARISON_OPERATORS, exp.In, exp.Between):
+        if isinstance(node, exp.In):
+            rights = node.expressions
+        elif isinstance(node, exp.Between):
+            rights = [node.args["low"], node.args["high"]]
+        else:
+            rights = [node.expression]
+        found.extend((node, node.this, right) for right in rights)
+    return found
+
+
+def is_quoted_name(node: exp.Expression) -> bool:
+    """A bare double-quoted name such as "Bob": SQLite reads it as a string when no column has that name."""
+    return (isinstance(node, exp.Column) and not node.table
+            and isinstance(node.this, exp.Identifier) and node.this.quoted)
+
+
 def normalize_sql(sql: str) -> str:
-    """Canonical text for exact match: sqlglot re-prints the query, which fixes whitespace, keyword case,
-    identifier/string quote style, and drops a trailing semicolon. Unparseable SQL keeps its stripped text."""
+    """Canonical text for exact match: the query re-printed by sqlglot. Two queries get the same text when they
+    differ only in
+    - whitespace, line breaks and comments;
+    - keyword case (select / SELECT);
+    - identifier quotes: name, "name", `name` and [name] all print as "name" (identifier case still counts);
+    - string quotes: a double-quoted value on the right of a comparison, in an IN list or a BETWEEN bound (the
+      dataset's `x = "Bob"`, which SQLite reads as the string 'Bob') prints as the string 'Bob';
+    - a trailing semicolon.
+    Everything else counts: literal values and their case, aliases, clause and operand order.
+    Text that is not one query keeps its stripped text, whitespace collapsed and trailing semicolons dropped."""
     query = single_query(sql.strip())
     if query is None:
         return " ".join(sql.strip().rstrip(";").split())
-    return query.sql(dialect=DIALECT, normalize=False, pretty=False)
+    for _, _, right in comparisons(query):
+        if is_quoted_name(right):
+            right.replace(exp.Literal.string(right.name))
+    return query.sql(dialect=DIALECT, identify=True, comments=False)
 
 
 def exact_match(predicted: str, gold: str) -> bool:

@@ -90,6 +90,10 @@ def adapter_problems(folder: Path) -> list[str]:
     return problems
 
 
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 # ---------- launcher (the `t2s train` process) ----------
 
 def run(cfg: Config, run: RunDir) -> str:
@@ -99,7 +103,7 @@ def run(cfg: Config, run: RunDir) -> str:
     accel_path = accelerate_config_path(cfg.train.accelerate_config)
     accelerate = yaml.safe_load(accel_path.read_text()) or {}
     check_setup(cfg.train, accelerate, torch.cuda.device_count(),
-                importlib.util.find_spec("bitsandbytes") is not None)
+                _has("bitsandbytes"))
     from jobs.models import pick_attention
     pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
 
@@ -180,7 +184,7 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
         load_best_model_at_end=early_stop,
         metric_for_best_model="eval_loss" if early_stop else None,
         greater_is_better=False if early_stop else None,
-        report_to=["tensorboard"],
+        report_to=["tensorboard"] if _has("tensorboard") or _has("tensorboardX") else [],
         seed=t.seed,
         data_seed=t.seed,
         dataloader_num_workers=t.dataloader_workers,
