@@ -1,0 +1,304 @@
+"""`t2s-infra launch|logs|ls|down|watch|upload-logs|self-terminate`: runs t2s jobs on RunPod pods.
+
+The shell around infra's modules: it loads the config and secrets, prints (job output on stdout, t2s-infra's
+own lines on stderr, every line through `redact`), and turns T2SError into one line and exit code 2.
+Ctrl-C while following detaches: the job keeps running and the message says how to come back or stop it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from jobs.config import load_config
+from jobs.errors import T2SError
+from jobs.rundir import JOBS
+from infra import records, watchdog
+from infra import runpod_api as api
+from infra.launch import launch_pod
+from infra.logs import Outcome, exit_line, fetch_run_logs, follow, upload_run_logs
+from infra.records import Launch
+from infra.settings import load_infra_settings, redact, require_secret
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods.")
+
+LAUNCHABLE = (*JOBS, "pipeline")
+
+
+def say(message: str) -> None:
+    print(f"t2s-infra: {redact(message)}", file=sys.stderr, flush=True)
+
+
+def fail(command: str, message: str, code: int = 2) -> None:
+    print(f"t2s-infra {command}: error: {redact(message)}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def _runpod_key() -> str:
+    key = require_secret("RUNPOD_API_KEY", "an API key from runpod.io > Settings > API Keys")
+    api.connect(key)
+    return key
+
+
+class _PodLog:
+    """Shows the job's lines and keeps a copy in runs/<id>/logs/pod-<pod>.log: a run stopped by the
+    watchdog never uploads its own logs, so this copy may be the only one."""
+
+    def __init__(self, runs_dir: Path, launch: Launch):
+        self.path = runs_dir / launch.run_id / "logs" / f"pod-{launch.pod_id}.log"
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(line + "\n")
+
+
+def _follow_and_report(command: str, launch: Launch, runpod_key: str, runs_dir: Path) -> None:
+    pod_log = _PodLog(runs_dir, launch)
+    try:
+        outcome = follow(launch, runpod_key, pod_log, say)
+    except KeyboardInterrupt:
+        say(f"detached from run {launch.run_id}; its job keeps running on pod {launch.pod_id}. "
+            f"Reattach: t2s-infra logs --follow {launch.run_id} · stop it: t2s-infra down {launch.run_id}")
+        raise typer.Exit(130)
+    _report(command, outcome, pod_log.path)
+
+
+def _report(command: str, outcome: Outcome, pod_log: Path) -> None:
+    """One line on how the run ended; exit code 0 only when the job succeeded."""
+    launch, code = outcome.launch, outcome.exit_code
+    run, pod = launch.run_id, launch.pod_id
+    now = records.now_iso()
+    minutes = records.minutes_between(launch.started_at, launch.ended_at or now)
+    cost = records.cost_so_far(launch, now)
+    spent = f"{minutes:.1f} min" + ("" if cost is None else f", ≈ ${cost:.2f}")
+    if launch.is_live:  # a kept pod (infra.keep_pod)
+        say(f"run {run}: job {launch.job} exited with code {code} ({spent} so far); pod {pod} is kept and still "
+            f"billing: t2s-infra down {run} stops it")
+        raise typer.Exit(0 if code == 0 else 1)
+    if code == 0:
+        say(f"run {run}: job {launch.job} succeeded ({spent}); pod {pod} is gone. "
+            f"Logs, metrics, report: t2s-infra logs {run}")
+        return
+    if code is not None:
+        fail(command, f"run {run}: job {launch.job} failed with exit code {code} ({spent}); pod {pod} is gone. "
+                      f"Logs: t2s-infra logs {run}", code=1)
+    if launch.status == "stopped":
+        fail(command, f"run {run}: stopped pod {pod}: {launch.note} ({spent}). Its log as streamed: {pod_log}",
+             code=1)
+    fail(command, f"run {run}: pod {pod} ended without the job reporting its exit (terminated elsewhere, or the "
+                  f"container crashed) ({spent}). Uploaded logs, if any: t2s-infra logs {run}", code=1)
+
+
+@app.command()
+def launch(
+    job: str = typer.Option(..., "--job", help=f"One of: {', '.join(LAUNCHABLE)}."),
+    config: Path = typer.Option(..., "--config", "-c", help="Run config (YAML) with an infra: section."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU type, instead of infra.gpu_types."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPU count, instead of infra.gpu_count."),
+    follow_logs: bool = typer.Option(True, "--follow/--no-follow", help="Stream the job's log until it ends."),
+):
+    """Create a pod that runs one job of the config's run, and (by default) follow its log."""
+    try:
+        if job not in LAUNCHABLE:
+            raise T2SError(f"--job {job!r} is not a job: use one of {', '.join(LAUNCHABLE)}")
+        cfg = load_config(config)
+        settings = load_infra_settings(cfg, config)
+        overrides = {"gpu_types": [gpu]} if gpu else {}
+        if gpus:
+            overrides["gpu_count"] = gpus
+        settings = settings.model_copy(update=overrides)
+        if not settings.logs_repo:
+            raise T2SError(f"infra.logs_repo is not set in {config}: name a Hub dataset for run logs, e.g. "
+                           "`logs_repo: you/t2s-runs` (created private), so logs outlive the pod")
+        runpod_key = _runpod_key()
+        hf_token = require_secret("HF_TOKEN", "the job uploads its logs to infra.logs_repo with it")
+        started = launch_pod(settings, run_id=cfg.run_id, job=job, config_text=config.read_text(),
+                             hf_token=hf_token, runpod_api_key=runpod_key, say=say)
+        price = "" if started.cost_per_hr is None else f" at ${started.cost_per_hr:.2f}/h"
+        say(f"run {cfg.run_id}: job {job} is running on pod {started.pod_id} ({started.gpu_count}x {started.gpu}"
+            f"{price}; stops at {settings.max_runtime_min:g} min or ${settings.max_cost_usd:g})")
+        if not follow_logs:
+            say(f"follow: t2s-infra logs --follow {cfg.run_id} · stop: t2s-infra down {cfg.run_id} · "
+                "enforce the limits while nobody follows: t2s-infra watch")
+            return
+        _follow_and_report("launch", started, runpod_key, Path(cfg.runs_dir))
+    except T2SError as exc:
+        fail("launch", str(exc))
+    except KeyboardInterrupt:
+        # Once a pod exists, launch_pod turns Ctrl-C into a T2SError after terminating it: none exists here.
+        fail("launch", "interrupted before any pod was created", code=130)
+
+
+@app.command()
+def logs(
+    run: str = typer.Argument(..., help="Run id (the config's run_id)."),
+    follow_logs: bool = typer.Option(False, "--follow", "-f", help="Stream the live log of the run's pod."),
+    repo: Optional[str] = typer.Option(None, "--repo", help="Hub dataset with the logs (default: the launch's)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs/<id>/ lives locally."),
+):
+    """Fetch a finished run's logs, metrics and eval report from the Hub into runs/<id>/, or --follow a live one."""
+    try:
+        latest = records.latest_of(run)
+        if follow_logs:
+            if latest is None:
+                raise T2SError(f"no launch of run {run} in {records.records_path()}: `t2s-infra ls` lists them")
+            if latest.is_live:
+                runpod_key = _runpod_key()
+                latest = watchdog.check(latest, say)
+            if latest.is_live:
+                say(f"following run {run} (job {latest.job}) on pod {latest.pod_id}; Ctrl-C detaches")
+                _follow_and_report("logs", latest, runpod_key, runs_dir)
+                return
+            say(f"the pod of run {run} has ended ({latest.status}); fetching its uploaded logs")
+        repo = repo or (latest.logs_repo if latest else None) or os.environ.get("T2S_LOGS_REPO")
+        if not repo:
+            raise T2SError(f"no logs repo known for run {run}: pass --repo you/t2s-runs (the config's infra.logs_repo)")
+        fetched = fetch_run_logs(run, repo, runs_dir, require_secret("HF_TOKEN", "to read the private logs dataset"))
+        print(f"fetched {len(fetched)} files of run {run} from Hub dataset {repo} into {runs_dir / run}:")
+        for name in fetched:
+            print(f"  {name}")
+        report = runs_dir / run / "eval" / "report.md"
+        if report.is_file():
+            print(f"eval report: {report}")
+    except T2SError as exc:
+        fail("logs", str(exc))
+
+
+@app.command("ls")
+def list_launches(
+    offline: bool = typer.Option(False, "--offline", help="Do not ask RunPod whether live pods still exist."),
+):
+    """List every launch recorded on this machine, with its cost (live pods: so far)."""
+    try:
+        launches = records.load_all()
+        if not launches:
+            print(f"no launches recorded in {records.records_path()}")
+            return
+        if not offline and any(launch.is_live for launch in launches):
+            _runpod_key()
+            try:
+                for launch in launches:
+                    if launch.is_live and api.get_pod(launch.pod_id) is None:
+                        records.end(launch, "gone", "pod no longer exists")
+            except api.ApiUnavailable as exc:
+                say(f"{exc}: showing the local record as it is")
+            launches = records.load_all()
+        print(records.format_table(launches, records.now_iso()))
+    except T2SError as exc:
+        fail("ls", str(exc))
+
+
+@app.command()
+def down(
+    run: Optional[str] = typer.Argument(None, help="Run id whose pods to terminate."),
+    all_runs: bool = typer.Option(False, "--all", help="Terminate every pod launched from this machine."),
+):
+    """Terminate the pods of a run (or --all pods t2s-infra launched from here): billing stops."""
+    try:
+        if bool(run) == all_runs:
+            raise T2SError("name one run (t2s-infra down RUN) or pass --all")
+        mine = [launch for launch in records.load_all() if all_runs or launch.run_id == run]
+        if run and not mine:
+            raise T2SError(f"no launch of run {run} in {records.records_path()}: `t2s-infra ls` lists them")
+        _runpod_key()
+        ours = {launch.pod_id: launch for launch in mine}
+        existing = {pod.id: pod for pod in api.list_pods()}
+        stopped = 0
+        for pod_id, launch in ours.items():
+            if pod_id in existing:
+                api.terminate_pod(pod_id)
+                stopped += 1
+                # A pod that outlived its job (kept, or a failed self-terminate) keeps its job's status.
+                records.end(launch, "stopped" if launch.is_live else launch.status, "t2s-infra down")
+                say(f"terminated pod {pod_id} ({existing[pod_id].name}) of run {launch.run_id}")
+            elif launch.is_live:
+                records.end(launch, "gone", "pod no longer exists")
+        if all_runs:
+            for pod in existing.values():
+                if pod.id not in ours and pod.name.startswith(api.POD_NAME_PREFIX):
+                    say(f"left pod {pod.id} ({pod.name}) alone: it is not in {records.records_path()}")
+        if not stopped:
+            say("nothing to stop: no pod " + (f"of run {run} " if run else "launched from here ") + "is left")
+    except T2SError as exc:
+        fail("down", str(exc))
+
+
+@app.command()
+def watch(
+    once: bool = typer.Option(False, "--once", help="Check once (for cron) instead of until no pod is live."),
+):
+    """Terminate pods past their run's infra.max_runtime_min or infra.max_cost_usd."""
+    try:
+        _runpod_key()
+        live = [launch for launch in records.load_all() if launch.is_live]
+        if not once:
+            say(f"watching {len(live)} live run(s); Ctrl-C stops watching, not the pods")
+        stopped = watchdog.watch(say, once)
+        say(f"done: stopped {stopped} pod(s)")
+    except KeyboardInterrupt:
+        fail("watch", "stopped watching; the pods keep running (t2s-infra ls shows them)", code=130)
+    except T2SError as exc:
+        fail("watch", str(exc))
+
+
+@app.command("upload-logs")
+def upload_logs(
+    run_dir: Path = typer.Argument(..., help="The run directory, runs/<run_id>."),
+    repo: Optional[str] = typer.Option(None, "--repo", envvar="T2S_LOGS_REPO",
+                                       help="Hub dataset (default: $T2S_LOGS_REPO, else the run's infra.logs_repo)."),
+):
+    """Upload a run's logs, metrics, eval report and markers to the Hub (the entrypoint runs this at job end)."""
+    try:
+        if not run_dir.is_dir():
+            raise T2SError(f"run directory {run_dir} not found: pass runs/<run_id> as the job wrote it")
+        repo = repo or _logs_repo_of(run_dir)
+        count = upload_run_logs(run_dir, repo, require_secret("HF_TOKEN", "to write to the logs dataset"))
+        say(f"uploaded {count} files of {run_dir} to Hub dataset {repo}")
+    except T2SError as exc:
+        fail("upload-logs", str(exc))
+
+
+def _logs_repo_of(run_dir: Path) -> str:
+    resolved = run_dir / "config.resolved.yaml"
+    if resolved.is_file():
+        settings = load_infra_settings(load_config(resolved), resolved)
+        if settings.logs_repo:
+            return settings.logs_repo
+    raise T2SError(f"no logs repo for {run_dir}: set infra.logs_repo in the config, or pass --repo")
+
+
+@app.command("self-terminate")
+def self_terminate(
+    exit_code: Optional[int] = typer.Option(None, "--exit-code", help="The job's exit code, announced in the log."),
+):
+    """Terminate the pod this runs on (the entrypoint's last step); no-op off RunPod or with T2S_KEEP_POD=1."""
+    try:
+        pod_id = os.environ.get("RUNPOD_POD_ID")
+        if not pod_id:
+            say("not on a RunPod pod (RUNPOD_POD_ID is unset): nothing to terminate")
+            return
+        if exit_code is not None:
+            print(f"{exit_line(exit_code)}; pod {pod_id}", flush=True)  # the follower's signal that the job ended
+        if os.environ.get("T2S_KEEP_POD") == "1":
+            say(f"T2S_KEEP_POD=1: leaving pod {pod_id} running")
+            return
+        _runpod_key()
+        say(f"terminating pod {pod_id}")
+        api.terminate_pod(pod_id)
+    except T2SError as exc:
+        fail("self-terminate", str(exc))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The run config's `infra:` section (RunPod settings) and the two secrets infra needs.
+
+The jobs ignore `infra:`; this module validates it with the same rules as the rest of the config
+(unknown keys are errors, no silent coercion) and turns every problem into a one-line T2SError.
+Secrets come only from the environment or .env (jobs.config.secret) and never appear in any output:
+`redact` is the last line of defence for anything printed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jobs.config import SECRET_NAMES, Config, secret
+from jobs.errors import T2SError
+
+# Environment names infra sets on the pod itself; the config's infra.env must not shadow them.
+RESERVED_ENV_PREFIXES = ("T2S_", "RUNPOD_")
+
+
+class InfraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # A public image built from images/Dockerfile (its ENTRYPOINT, entrypoints/run-job, runs $T2S_JOB);
+    # every job tag holds the same code, so any of them runs any job. cu118 suits the default L4.
+    image: str = Field(default="ghcr.io/t2s/t2s:pipeline-cu118", pattern=r"^[^\s\"\\]+$")
+    gpu_types: list[str] = Field(default=["NVIDIA L4"], min_length=1)  # tried in order when one has no capacity
+    gpu_count: int = Field(default=2, gt=0)
+    # SECURE by default: steadier hosts, and network volumes only exist there.
+    cloud_type: Literal["SECURE", "COMMUNITY", "ALL"] = "SECURE"
+    capacity_rounds: int = Field(default=3, gt=0)  # passes over gpu_types before giving up
+    container_disk_gb: int = Field(default=50, gt=0)
+    volume_gb: int = Field(default=50, ge=0)  # pod volume; ignored when network_volume_id is set
+    network_volume_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+    volume_mount_path: str = Field(default="/workspace", pattern=r"^/[^\s\"\\]*$")
+    # A CUDA image of several GB can take minutes to pull; RunPod reports RUNNING meanwhile.
+    provision_timeout_s: float = Field(default=900, gt=0)
+    max_runtime_min: float = Field(default=240, gt=0)
+    max_cost_usd: float = Field(default=10.0, gt=0)
+    keep_pod: bool = False  # leave the pod up after the job (debugging); you stop it with `t2s-infra down`
+    logs_repo: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+    env: dict[str, str] = {}  # extra non-secret environment for the job
+
+    @field_validator("env")
+    @classmethod
+    def _env_is_not_secret_or_reserved(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"{key!r} is not an environment variable name (letters, digits, _)")
+            if key in SECRET_NAMES:
+                raise ValueError(f"{key} is a secret: set it in the environment or .env, never in the config")
+            if key.startswith(RESERVED_ENV_PREFIXES):
+                raise ValueError(f"{key} is set by t2s-infra itself; pick another name")
+        return env
+
+
+def load_infra_settings(cfg: Config, path: str | Path | None = None) -> InfraSettings:
+    """The validated `infra:` section of a loaded config, or one clear T2SError naming the key."""
+    try:
+        return InfraSettings.model_validate(cfg.infra)
+    except ValidationError as exc:
+        raise T2SError(describe_error(exc.errors()[0], path)) from None
+
+
+def describe_error(error: dict, path: str | Path | None) -> str:
+    key = ".".join(["infra", *(str(p) for p in error["loc"])])
+    where = f"in {path}" if path else "in the config"
+    if error["type"] == "extra_forbidden":
+        allowed = ", ".join(InfraSettings.model_fields)
+        return f"unknown config key '{key}' {where}: remove it or fix the spelling (allowed here: {allowed})"
+    message = error["msg"].removeprefix("Value error, ")
+    shown = "" if "secret" in message else f" (got {error.get('input')!r})"
+    return f"config key '{key}' {where}: {message}{shown}"
+
+
+def require_secret(name: str, why: str) -> str:
+    value = secret(name)
+    if not value:
+        raise T2SError(f"{name} is not set: put it in the environment or in .env ({why})")
+    return value
+
+
+def redact(text: str) -> str:
+    """Replaces every known secret value in text; applied to everything t2s-infra prints."""
+    return redactor()(text)
+
+
+def redactor() -> Callable[[str], str]:
+    """`redact` with the secrets read once (reading .env for every log line would be wasteful)."""
+    known = [(value, f"<{name}>") for name in SECRET_NAMES if (value := secret(name)) and len(value) >= 4]
+
+    def hide(text: str) -> str:
+        for value, placeholder in known:
+            text = text.replace(value, placeholder)
+        return text
+
+    return hide

@@ -1,0 +1,68 @@
+"""The watchdog: a pod past its run's max runtime or max cost is terminated.
+
+`limit_exceeded` is the rule (pure); `check` applies it to one recorded launch and RunPod's view of its
+pod; `watch` repeats that for every live launch in the local record. Followers call `check` too, so a
+followed run is guarded without a separate `t2s-infra watch`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from jobs.errors import T2SError
+from infra import records
+from infra import runpod_api as api
+from infra.launch import Say, Timing, current_timing
+from infra.records import Launch
+
+
+def limit_exceeded(launch: Launch, at_iso: str) -> str | None:
+    """Why this launch must stop now, or None."""
+    minutes = records.minutes_between(launch.started_at, at_iso)
+    if launch.max_runtime_min is not None and minutes >= launch.max_runtime_min:
+        return f"ran {minutes:.1f} min, past infra.max_runtime_min={launch.max_runtime_min:g}"
+    cost = records.cost_so_far(launch, at_iso)
+    if launch.max_cost_usd is not None and cost is not None and cost >= launch.max_cost_usd:
+        return f"cost ${cost:.2f}, past infra.max_cost_usd={launch.max_cost_usd:g}"
+    return None
+
+
+def check(launch: Launch, say: Say) -> Launch:
+    """Reads the pod once and returns the launch's new state: gone, stopped by a limit, or still live.
+    A pod RunPod cannot report right now is left alone until the next check."""
+    try:
+        pod = api.get_pod(launch.pod_id)
+    except api.ApiUnavailable:
+        return launch
+    if pod is None:
+        return records.end(launch, "gone", "pod no longer exists")
+    if pod.cost_per_hr is not None and pod.cost_per_hr != launch.cost_per_hr:
+        launch = records.update(launch, cost_per_hr=pod.cost_per_hr)
+    reason = limit_exceeded(launch, records.now_iso())
+    if reason is None:
+        return launch
+    try:
+        api.terminate_pod(launch.pod_id)
+    except T2SError as exc:
+        say(f"run {launch.run_id}: {reason}, but terminating pod {launch.pod_id} failed ({exc}): "
+            "terminate it in the RunPod console")
+        return launch
+    return records.end(launch, "stopped", reason)
+
+
+def watch(say: Say, once: bool, timing: Timing | None = None) -> int:
+    """Checks every live launch until none is left (or once); returns how many pods it stopped."""
+    timing = timing or current_timing()
+    stopped = 0
+    while True:
+        live = [launch for launch in records.load_all() if launch.is_live]
+        for launch in live:
+            after = check(launch, say)
+            if after.status == "stopped":
+                stopped += 1
+                say(f"stopped run {after.run_id} (pod {after.pod_id}): {after.note}")
+            elif after.status == "gone":
+                say(f"run {after.run_id}: pod {after.pod_id} has ended")
+        if once or not any(launch.is_live for launch in records.load_all()):
+            return stopped
+        time.sleep(timing.watch_every_s)

@@ -1,0 +1,156 @@
+"""infra's pure core: settings, fallback plan, pod request, SSE parsing, the log cursor, limits, records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.config import Config
+from jobs.errors import T2SError
+from infra import records
+from infra.launch import Timing, capacity_plan, graphql_string_content, pod_env, pod_request
+from infra.logs import LogCursor, exit_code_of, exit_line
+from infra.records import Launch
+from infra.runpod_api import sse_events
+from infra.settings import InfraSettings, load_infra_settings, redact
+from infra.watchdog import limit_exceeded
+from tests.fake_runpod import parse_root_fields
+
+
+def settings(**infra) -> InfraSettings:
+    return load_infra_settings(Config(infra=infra), "run.yaml")
+
+
+def test_settings_defaults_and_one_line_errors_naming_the_key():
+    default = settings()
+    assert (default.gpu_types, default.gpu_count, default.cloud_type) == (["NVIDIA L4"], 2, "SECURE")
+    with pytest.raises(T2SError, match=r"^unknown config key 'infra.gpu' in run.yaml: .*allowed here: image, "):
+        settings(gpu="NVIDIA L4")
+    with pytest.raises(T2SError, match=r"^config key 'infra.cloud_type' in run.yaml: .*'SECURE'.*\(got 'cheap'\)$"):
+        settings(cloud_type="cheap")
+    with pytest.raises(T2SError, match=r"'infra.gpu_count' .*greater than 0"):
+        settings(gpu_count=0)
+    with pytest.raises(T2SError, match=r"'infra.gpu_types' .*at least 1"):
+        settings(gpu_types=[])
+    with pytest.raises(T2SError, match=r"'infra.env' .*RUNPOD_API_KEY is a secret"):
+        settings(env={"RUNPOD_API_KEY": "rpa_x"})
+    with pytest.raises(T2SError, match=r"'infra.env' .*T2S_JOB is set by t2s-infra"):
+        settings(env={"T2S_JOB": "x"})
+    with pytest.raises(T2SError, match=r"'infra.logs_repo'"):
+        settings(logs_repo="no-namespace")
+
+
+def test_a_secret_in_the_config_is_not_echoed_in_the_error():
+    with pytest.raises(T2SError) as error:
+        settings(env={"HF_TOKEN": "hf_LEAKME"})
+    assert "hf_LEAKME" not in str(error.value)
+
+
+def test_capacity_plan_walks_the_fallback_list_with_exponential_backoff_between_passes():
+    timing = Timing(backoff_s=10, backoff_max_s=25)
+    assert capacity_plan(["L4", "A5000"], 4, timing) == [
+        ("L4", 0), ("A5000", 0), ("L4", 10), ("A5000", 0), ("L4", 20), ("A5000", 0), ("L4", 25), ("A5000", 0)]
+
+
+def test_pod_request_carries_the_env_contract_escaped_for_the_sdk_graphql():
+    config_text = 'run_id: demo\n# "quoted" \\ backslash, tab\there, ünïcode\n'
+    infra = settings(logs_repo="me/runs", env={"EXTRA": "1"}, network_volume_id="vol1")
+    env = pod_env(infra, run_id="demo", job="train", config_text=config_text, gpu="NVIDIA L4", price_per_hr=0.86,
+                  hf_token="hf_t", runpod_api_key="rpa_k")
+    assert env["T2S_CONFIG_YAML"] == config_text and env["EXTRA"] == "1"
+    assert env["T2S_HARDWARE"] == "2x NVIDIA L4 (RunPod secure cloud)" and env["T2S_COST_PER_HOUR_USD"] == "0.86"
+    request = pod_request(infra, name="t2s-demo-train-abcd", gpu="NVIDIA L4", env=env)
+    assert request["volume_in_gb"] == 0 and request["network_volume_id"] == "vol1"
+    # What the SDK builds from it must parse as GraphQL and give back the exact text.
+    from runpod.api.mutations.pods import generate_pod_deployment_mutation
+
+    mutation = generate_pod_deployment_mutation(
+        request["name"], request["image_name"], request["gpu_type_id"], request["cloud_type"],
+        gpu_count=request["gpu_count"], env=request["env"], network_volume_id="vol1")
+    [(name, args)] = parse_root_fields(mutation)
+    sent = {item["key"]: item["value"] for item in args["input"]["env"]}
+    assert name == "podFindAndDeployOnDemand" and sent == env
+    assert graphql_string_content('a"b\nc') == 'a\\"b\\nc'
+
+
+def chunks_of(text: str, size: int):
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_sse_events_survive_any_chunking_and_every_line_ending(size):
+    stream = ": hello\r\nid: 1\r\ndata: {\"line\": \"a\"}\r\n\r\nid: 2\rdata: first\rdata: second\r\rdata: no id\n\n"
+    events = [(e.id, e.data) for e in sse_events(iter(chunks_of(stream, size))) if e.data is not None]
+    assert events == [("1", '{"line": "a"}'), ("2", "first\nsecond"), ("2", "no id")]
+
+
+def test_sse_drops_an_event_cut_off_before_its_blank_line():
+    assert [e.data for e in sse_events(iter(["data: whole\n\n", "data: cut"])) if e.data] == ["whole"]
+
+
+def test_log_cursor_shows_each_line_once_across_an_inclusive_resume():
+    cursor = LogCursor()
+    first = [("2025-01-01T00:00:00.001Z", "a"), ("2025-01-01T00:00:00.001Z", "b"), ("2025-01-01T00:00:00.002Z", "c")]
+    shown = [line for ts, line in first if cursor.is_new(ts)]
+    assert shown == ["a", "b", "c"] and cursor.last_id == "2025-01-01T00:00:00.002Z"
+    cursor.reconnected()
+    # The server resumes from the last id inclusive, and one more line at that same timestamp is new.
+    replay = [("2025-01-01T00:00:00.002Z", "c"), ("2025-01-01T00:00:00.002Z", "d"), ("2025-01-01T00:00:01Z", "e")]
+    assert [line for ts, line in replay if cursor.is_new(ts)] == ["d", "e"]
+    cursor.reconnected()
+    # A server that ignores the cursor and replays its backfill shows nothing twice either.
+    assert [line for ts, line in first + replay if cursor.is_new(ts)] == []
+
+
+def test_log_cursor_orders_timestamps_by_time_not_by_text():
+    cursor = LogCursor()
+    assert cursor.is_new("2025-01-01T00:00:01Z")
+    assert cursor.is_new("2025-01-01T00:00:01.5Z")  # later, though "." sorts before "Z"
+    assert cursor.is_new("2025-01-01T01:00:01.6+01:00") is True  # same instant zone-shifted, 0.1 s later
+    assert not cursor.is_new("2025-01-01T00:00:01.000000001Z")
+
+
+def test_exit_lines_of_t2s_infra_and_of_the_entrypoint_are_recognised():
+    assert exit_code_of(exit_line(3) + "; pod abc") == 3
+    assert exit_code_of("== entrypoint train: t2s train exited with code 0 after 12s") == 0
+    assert exit_code_of("step 3 exited with code 1") is None
+
+
+def launch(**changes) -> Launch:
+    base = dict(run_id="r", pod_id="p1", job="train", gpu="NVIDIA L4", gpu_count=2, cost_per_hr=0.86,
+                started_at="2025-01-01T10:00:00+00:00", status="running", max_runtime_min=120, max_cost_usd=1.0)
+    return Launch(**{**base, **changes})
+
+
+def test_limits_stop_runtime_first_then_cost():
+    assert limit_exceeded(launch(), "2025-01-01T11:00:00+00:00") is None
+    assert limit_exceeded(launch(), "2025-01-01T12:00:00+00:00") == "ran 120.0 min, past infra.max_runtime_min=120"
+    assert limit_exceeded(launch(cost_per_hr=3.0), "2025-01-01T10:20:00+00:00") == (
+        "cost $1.00, past infra.max_cost_usd=1")
+    assert limit_exceeded(launch(cost_per_hr=None), "2025-01-01T11:59:00+00:00") is None
+
+
+def test_records_keep_the_latest_state_of_each_pod_and_print_a_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("T2S_STATE_DIR", str(tmp_path))
+    first = records.save(launch())
+    records.save(launch(pod_id="p2", run_id="s", started_at="2025-01-01T11:00:00+00:00", status="provisioning"))
+    records.end(first, "succeeded", "exit 0")
+    (tmp_path / "launches.jsonl").open("a").write("not json\n")
+    runs = records.load_all()
+    assert [(r.pod_id, r.status) for r in runs] == [("p1", "succeeded"), ("p2", "provisioning")]
+    assert runs[0].cost_usd is not None and records.latest_of("s").pod_id == "p2"
+    table = records.format_table(runs, "2025-01-01T12:00:00+00:00").splitlines()
+    assert table[0].split() == ["RUN", "JOB", "POD", "GPU", "$/H", "STARTED", "(UTC)", "ENDED", "(UTC)", "STATUS",
+                                "COST", "$"]
+    assert "provisioning" in table[2] and table[2].endswith("0.86")  # an hour at $0.86, so far
+    assert [json.loads(line)["pod_id"] for line in (tmp_path / "launches.jsonl").read_text().splitlines()[:3]] == [
+        "p1", "p2", "p1"]
+
+
+def test_redact_replaces_known_secret_values(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh")
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    (tmp_path / ".env").write_text("RUNPOD_API_KEY=rpa_fromdotenv\n")
+    assert redact("a hf_abcdefgh b rpa_fromdotenv") == "a <HF_TOKEN> b <RUNPOD_API_KEY>"
