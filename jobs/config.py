@@ -31,7 +31,7 @@ class ModelConfig(Section):
     name_or_path: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
     tokenizer: str | None = None  # defaults to name_or_path
     gguf_file: str | None = None  # for models shipped as GGUF (the SmolLM2 stand-in)
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
@@ -77,6 +77,7 @@ class TrainConfig(Section):
     # none attends to another. wrapped: the seed's packing (examples cut into fixed blocks, cross-attending).
     packing: Literal["none", "padding_free", "wrapped"] = "padding_free"
     max_seq_length: int = Field(default=2048, gt=8)  # packed block length / truncation
+    group_by_length: bool = False  # with packing none: batches of similar lengths, so little padding
     completion_only_loss: bool = True
     eval_every_steps: int | None = Field(default=None, gt=0)  # None: once per epoch
     save_every_steps: int | None = Field(default=None, gt=0)  # None: once per epoch

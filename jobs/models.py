@@ -58,6 +58,9 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
 
 
 def pick_dtype(requested: str) -> torch.dtype:
+    if requested == "flex_attention" and not torch.cuda.is_available():
+        raise T2SError("model.attn_implementation flex_attention needs a GPU (it has no CPU backward): "
+                       "set model.attn_implementation: auto")
     if requested == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return getattr(torch, requested)
@@ -69,6 +72,9 @@ def pick_attention(requested: str) -> str:
     if requested == "flash_attention_2" and not has_flash:
         raise T2SError("model.attn_implementation is flash_attention_2 but flash-attn is not installed "
                        "(or no GPU): install flash-attn or set model.attn_implementation: auto")
+    if requested == "flex_attention" and not torch.cuda.is_available():
+        raise T2SError("model.attn_implementation flex_attention needs a GPU (it has no CPU backward): "
+                       "set model.attn_implementation: auto")
     if requested == "auto":
         return "flash_attention_2" if has_flash else "sdpa"
     return requested

@@ -158,6 +158,9 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
 
     t = cfg.train
     strategy = "steps" if t.eval_every_steps else "epoch"
+    # transformers 5.2x renamed group_by_length to train_sampling_strategy
+    grouping = ({"train_sampling_strategy": "group_by_length" if t.group_by_length else "random"}
+                if "train_sampling_strategy" in SFTConfig.__dataclass_fields__ else {"group_by_length": t.group_by_length})
     early_stop = has_eval and t.early_stopping_patience is not None
     return SFTConfig(
         output_dir=str(run.checkpoints),
@@ -198,6 +201,7 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
         dataset_num_proc=None,
         disable_tqdm=False,
         save_only_model=False,
+        **grouping,
     )
 
 
