@@ -87,10 +87,16 @@ def load_model(name: str, *, gguf_file: str | None = None, dtype: torch.dtype = 
     _check_source(name, "model")
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, attn_implementation=attn_implementation, **extra, **kwargs
         )
-    except T2SError:
-        raise
     except Exception as exc:
         raise _load_error("model", name, exc) from None
+    if gguf_file:
+        # transformers dequantizes GGUF weights to dense floats on load but still marks the model quantized,
+        # which would forbid training it in full.
+        model.is_quantized, model.hf_quantizer = False, None
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
