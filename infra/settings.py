@@ -27,7 +27,7 @@ class InfraSettings(BaseModel):
 
     # A public image built from images/Dockerfile (its ENTRYPOINT, entrypoints/run-job, runs $T2S_JOB);
     # every job tag holds the same code, so any of them runs any job. cu118 suits the default L4.
-    image: str = Field(default="ghcr.io/t2s/t2s:pipeline-cu118", pattern=r"^[^\s\"\\]+$")
+    image: str = Field(default="ghcr.io/t2s/t2s:pipeline-cu12", pattern=r"^[^\s\"\\]+$")
     gpu_types: list[str] = Field(default=["NVIDIA L4"], min_length=1)  # tried in order when one has no capacity
     gpu_count: int = Field(default=2, gt=0)
     # SECURE by default: steadier hosts, and network volumes only exist there.

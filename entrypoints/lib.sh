@@ -1,0 +1,182 @@
+# Shared by the job entrypoints (sourced, not run): the glue between a container and one `t2s` job.
+#
+# Environment contract (.env.example lists every variable):
+#   T2S_CONFIG       path of a mounted run config (YAML), or
+#   T2S_CONFIG_YAML  the YAML text itself; written to <run dir>/config.env.yaml
+#   T2S_SET          extra overrides, space-separated key=value (each becomes `--set key=value`)
+#   T2S_WORKDIR      working directory, the run volume (default /workspace); runs_dir is relative to it
+#   T2S_KEEP_POD=1   keep the RunPod pod alive after the job (debugging)
+#   RUNPOD_POD_ID    set by RunPod inside a pod: the job then ends by terminating its own pod
+#
+# Everything the job prints is also appended to <run dir>/logs/entrypoint-<job>.log. SIGTERM or
+# SIGINT (spot preemption, docker stop) is forwarded to the job as SIGTERM and the job's own exit
+# code is returned. Whatever happens, the run's logs are uploaded and, on RunPod, the pod is
+# terminated. Never `set -x` here and never print the environment: it holds HF_TOKEN.
+
+set -euo pipefail
+
+_t2s_job=""
+_t2s_run_dir=""
+_t2s_log=""
+_t2s_child_pid=""
+_t2s_tee_pids=()
+
+t2s_say() { printf '== entrypoint %s: %s\n' "$_t2s_job" "$*"; }
+
+t2s_error() {
+  printf 'entrypoint %s: error: %s\n' "$_t2s_job" "$*" >&2
+  exit 2
+}
+
+# Prints <runs_dir>/<run_id> of the resolved config (defaults + file + overrides). When the config
+# does not validate, falls back to the raw YAML or the defaults so that the job's own one-line
+# error still lands in a log.
+t2s_run_dir() {
+  python3 - "$@" <<'PY'
+import re, sys
+try:
+    from jobs.config import load_config
+    print(load_config(sys.argv[1], sys.argv[2:]).run_dir)
+except Exception:
+    import yaml
+    try:
+        raw = yaml.safe_load(open(sys.argv[1]))
+    except Exception:
+        raw = None
+    raw = raw if isinstance(raw, dict) else {}
+    run_id = str(raw.get("run_id") or "default")
+    run_id = run_id if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id) else "default"
+    print(f"{raw.get('runs_dir') or 'runs'}/{run_id}")
+PY
+}
+
+# From here on, stdout and stderr each still go to the terminal and both are appended to the log.
+# The tees ignore SIGINT/SIGTERM so that a Ctrl-C or `docker stop` cannot cut the log off while the
+# job is still writing its last lines.
+t2s_start_log() {
+  local fifo_dir
+  fifo_dir="$(mktemp -d "${TMPDIR:-/tmp}/t2s-entrypoint.XXXXXX")"
+  mkfifo -m 600 "$fifo_dir/out" "$fifo_dir/err"
+  (trap '' INT TERM; exec tee -a "$_t2s_log") <"$fifo_dir/out" &
+  _t2s_tee_pids=("$!")
+  (trap '' INT TERM; exec tee -a "$_t2s_log" >&2) <"$fifo_dir/err" &
+  _t2s_tee_pids+=("$!")
+  exec 3>&1 4>&2 >"$fifo_dir/out" 2>"$fifo_dir/err"
+  rm -rf "$fifo_dir"  # every end is open now; the names are no longer needed
+}
+
+# Back to the plain terminal, once the tees have written everything to the log. A process the job
+# left behind may still hold the pipes open: after 5 s the tees are stopped anyway, so that the pod
+# still terminates.
+t2s_stop_log() {
+  [ "${#_t2s_tee_pids[@]}" -gt 0 ] || return 0
+  exec 1>&3 2>&4 3>&- 4>&-
+  local pid tries alive
+  for ((tries = 0; tries < 50; tries++)); do
+    alive=""
+    for pid in "${_t2s_tee_pids[@]}"; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    [ -n "$alive" ] || break
+    sleep 0.1
+  done
+  for pid in "${_t2s_tee_pids[@]}"; do
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  _t2s_tee_pids=()
+}
+
+t2s_forward_signal() {
+  if [ -n "$_t2s_child_pid" ] && kill -0 "$_t2s_child_pid" 2>/dev/null; then
+    t2s_say "stop requested: sending SIGTERM to the job (pid $_t2s_child_pid) and waiting for it"
+    kill -TERM "$_t2s_child_pid" 2>/dev/null || true
+  else
+    exit 143  # nothing running yet: stop here (the EXIT trap still uploads and terminates)
+  fi
+}
+
+# Runs a t2s-infra step with its output shown and appended to the log; never fails the entrypoint.
+t2s_infra() {
+  if ! command -v t2s-infra >/dev/null 2>&1; then
+    printf '== entrypoint %s: t2s-infra not found; skipped %s\n' "$_t2s_job" "$1" >&2
+    return 0
+  fi
+  if [ -n "$_t2s_log" ] && [ -d "$(dirname "$_t2s_log")" ]; then
+    t2s-infra "$@" 2>&1 | tee -a "$_t2s_log" || t2s_say "warning: t2s-infra $1 failed" | tee -a "$_t2s_log"
+  else
+    t2s-infra "$@" 2>&1 || t2s_say "warning: t2s-infra $1 failed"
+  fi
+}
+
+t2s_on_exit() {
+  local rc=$?
+  trap - EXIT
+  trap '' INT TERM  # the clean-up below must run to the end
+  t2s_stop_log
+  if [ -n "$_t2s_run_dir" ]; then
+    t2s_infra upload-logs "$_t2s_run_dir"
+  fi
+  if [ -n "${RUNPOD_POD_ID:-}" ] && [ "${T2S_KEEP_POD:-}" != "1" ]; then
+    t2s_infra self-terminate --exit-code "$rc"
+  fi
+  exit "$rc"
+}
+
+# t2s_entrypoint JOB [extra t2s args...]: runs `t2s JOB --config ... --set ...` under the contract above.
+t2s_entrypoint() {
+  _t2s_job="$1"
+  shift
+  trap t2s_on_exit EXIT
+  trap t2s_forward_signal TERM INT
+
+  local workdir="${T2S_WORKDIR:-/workspace}"
+  if ! mkdir -p "$workdir" || ! cd "$workdir"; then
+    t2s_error "cannot enter T2S_WORKDIR=$workdir: mount the run volume there or set T2S_WORKDIR"
+  fi
+
+  local config from_env=""
+  if [ -n "${T2S_CONFIG:-}" ]; then
+    config="$T2S_CONFIG"
+    [ -f "$config" ] || t2s_error "T2S_CONFIG=$config is not a file in the container: mount it (-v \$PWD/configs:/workspace/configs) or pass the YAML in T2S_CONFIG_YAML"
+  elif [ -n "${T2S_CONFIG_YAML:-}" ]; then
+    config="$(mktemp "${TMPDIR:-/tmp}/t2s-config.XXXXXX")"
+    printf '%s' "$T2S_CONFIG_YAML" >"$config"
+    from_env=1
+  else
+    t2s_error "no run config: set T2S_CONFIG=/path/to/config.yaml (a mounted file) or T2S_CONFIG_YAML (the YAML text)"
+  fi
+
+  local sets=() overrides=() item
+  read -r -a sets <<<"${T2S_SET:-}"
+  for item in "${sets[@]}"; do
+    overrides+=(--set "$item")
+  done
+
+  _t2s_run_dir="$(t2s_run_dir "$config" "${sets[@]}")" || t2s_error "cannot read the run id from $config (is the t2s package installed?)"
+  mkdir -p "$_t2s_run_dir/logs"
+  if [ -n "$from_env" ]; then
+    mv -f "$config" "$_t2s_run_dir/config.env.yaml"
+    config="$_t2s_run_dir/config.env.yaml"
+  fi
+  _t2s_log="$_t2s_run_dir/logs/entrypoint-$_t2s_job.log"
+  t2s_start_log
+
+  local started=$SECONDS rc=0
+  t2s_say "$(date -u +%Y-%m-%dT%H:%M:%SZ) run dir $_t2s_run_dir, config $config${sets[*]:+, overrides: ${sets[*]}}"
+  t2s "$_t2s_job" --config "$config" "${overrides[@]}" "$@" 3>&- 4>&- &
+  _t2s_child_pid=$!
+  # `wait` returns 128+signal as soon as a trapped signal arrives: wait again until the job has ended,
+  # then once more for its own exit code (bash keeps it), in case the job ended during the trap.
+  while :; do
+    rc=0
+    wait "$_t2s_child_pid" || rc=$?
+    kill -0 "$_t2s_child_pid" 2>/dev/null || break
+  done
+  local again=0
+  wait "$_t2s_child_pid" 2>/dev/null || again=$?
+  [ "$again" -eq 127 ] || rc=$again
+  _t2s_child_pid=""
+  t2s_say "t2s $_t2s_job exited with code $rc after $((SECONDS - started))s"
+  exit "$rc"
+}
