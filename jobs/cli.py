@@ -96,14 +96,33 @@ def _job_command(job: str):
         "prep": "Validate, split, render and tokenize the dataset into the run directory.",
         "train": "Fine-tune (LoRA / QLoRA / full) through accelerate; resumes from the latest checkpoint.",
         "merge": "Merge the adapter into the bf16 base and verify the logits match.",
-        "eval": "Generate SQL for a split and score SQL-only rate, exact match and execution accuracy.",
+        "eval": "",
         "push": "Upload the model, card, report and logs to the Hugging Face Hub (or --set push.dry_run=true).",
     }[job]
     return command
 
 
 for _job in JOBS:
-    app.command(name=_job)(_job_command(_job))
+    if _job != "eval":
+        app.command(name=_job)(_job_command(_job))
+
+
+@app.command(name="eval")
+def eval_command(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, force: bool = ForceOption,
+                 compare: list[Path] = typer.Option([], "--compare", help="Two run folders to put side by side "
+                                                    "(e.g. --compare runs/a --compare runs/b); writes compare.md/png."),
+                 out: Path = typer.Option(Path("runs/compare"), "--out", help="Where --compare writes.")):
+    """Generate SQL for a split and score SQL-only rate, exact match and execution accuracy."""
+    if not compare:
+        return _job_command("eval")(config, set_, force)
+    if len(compare) != 2:
+        fail("t2s eval", "--compare takes two run folders: --compare runs/a --compare runs/b")
+    from jobs.eval import compare as compare_runs
+
+    try:
+        print(compare_runs(compare[0], compare[1], out))
+    except T2SError as exc:
+        fail("t2s eval", str(exc))
 
 
 @app.command()

@@ -65,6 +65,8 @@ def check_setup(train: TrainConfig, accelerate: dict, gpus_present: int, have_bi
             not train.eval_every_steps or train.save_every_steps % train.eval_every_steps):
         raise T2SError("early stopping keeps the best checkpoint, so train.save_every_steps must be a multiple of "
                        "train.eval_every_steps (or unset both to save and evaluate every epoch)")
+    if train.liger_kernel and gpus_present == 0:
+        raise T2SError("train.liger_kernel needs a GPU (its kernels are Triton): set train.liger_kernel: false")
     if zero3 and train.method == "qlora" and not accelerate.get("deepspeed_config", {}).get("zero3_init_flag"):
         raise T2SError("QLoRA under ZeRO-3 needs zero3_init_flag: true in the accelerate config")
 
