@@ -96,7 +96,7 @@ def _job_command(job: str):
         "prep": "Validate, split, render and tokenize the dataset into the run directory.",
         "train": "Fine-tune (LoRA / QLoRA / full) through accelerate; resumes from the latest checkpoint.",
         "merge": "Merge the adapter into the bf16 base and verify the logits match.",
-        "eval": "",
+        "eval": "Generate SQL for a split and score SQL-only rate, exact match and execution accuracy.",
         "push": "Upload the model, card, report and logs to the Hugging Face Hub (or --set push.dry_run=true).",
     }[job]
     return command
