@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 
+from jobs.ask import ask_command
 from jobs.config import Config, load_config
 from jobs.errors import T2SError
 from jobs.rundir import JOBS, RunDir, open_run
@@ -137,6 +138,9 @@ def pipeline(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption,
         fail("t2s pipeline", str(exc))
     except KeyboardInterrupt:
         fail("t2s pipeline", "interrupted; rerun the same command to resume", code=130)
+
+
+app.command(name="ask")(ask_command)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
-def _check_source(name: str, what: str) -> None:
+def check_source(name: str, what: str) -> None:
     if _looks_local(name) and not Path(name).expanduser().exists():
         raise T2SError(f"{what} path {name} does not exist: pass an existing folder or a Hub id like org/name")
 
@@ -46,7 +46,7 @@ def _load_error(what: str, name: str, exc: Exception) -> T2SError:
 def load_tokenizer(name: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
-    _check_source(name, "tokenizer")
+    check_source(name, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file) if gguf_file else \
             AutoTokenizer.from_pretrained(name)
@@ -84,7 +84,7 @@ def load_model(name: str, *, gguf_file: str | None = None, dtype: torch.dtype = 
                attn_implementation: str = "sdpa", **kwargs):
     from transformers import AutoModelForCausalLM
 
-    _check_source(name, "model")
+    check_source(name, "model")
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(

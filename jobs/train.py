@@ -106,12 +106,13 @@ def run(cfg: Config, run: RunDir) -> str:
     accelerate = yaml.safe_load(accel_path.read_text()) or {}
     check_setup(cfg.train, accelerate, torch.cuda.device_count(),
                 _has("bitsandbytes"))
-    from jobs.models import pick_attention
+    from jobs.models import base_model_path, check_source, pick_attention
     pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
+    check_source(base_model_path(cfg, run), "model")
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel_path)]
-    if not torch.cuda.is_available():
-        command += ["--cpu"]
+    if not torch.cuda.is_available() and not accelerate.get("use_cpu"):
+        command += ["--cpu"]  # (a use_cpu config launches as it says: --cpu would drop its DeepSpeed and processes)
     command += ["-m", "jobs.train", "--worker", str(run.root / "config.resolved.yaml")]
     print(f"launching: accelerate launch --config_file {accel_path} ({cfg.train.method}, "
           f"{accelerate.get('num_processes', 1)} process(es))", flush=True)

@@ -1,0 +1,365 @@
+"""ask: one SQL query for a question about some tables, from a fine-tuned model.
+
+    t2s ask --model runs/<id> --schema "CREATE TABLE t (a INTEGER)" "How many rows have a above 3?"
+    t2s ask --model runs/<id> --db shop.sqlite --run "Which product sold most?"
+    t2s ask --model org/name --schema-file schema.sql --json - < questions.txt
+
+The model sees exactly the prompt it was trained on (jobs.chat.render_prompt) and answers greedily. An answer
+that is not one SQL query is refused (NotSQLError, carrying the raw text); with --run the query is executed on
+the SQLite file read-only, under jobs.sandbox's authorizer, time limit and row limit.
+
+Python:
+    from jobs import ask
+    generator = ask.load("runs/<id>")
+    generator.sql("CREATE TABLE t (a INTEGER)", "How many rows are there?")
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from jobs import sandbox, sqlcheck
+from jobs.errors import T2SError
+from jobs.rundir import RunDir
+
+MAX_NEW_TOKENS = 128
+PREVIEW_CHARS = 120  # of a refused answer, in its one-line error
+
+
+class NotSQLError(T2SError):
+    """The model answered with something other than one SQL query; `.raw_text` is what it said."""
+
+    def __init__(self, raw_text: str):
+        self.raw_text = raw_text
+        preview = json.dumps(raw_text[:PREVIEW_CHARS] + ("…" if len(raw_text) > PREVIEW_CHARS else ""),
+                             ensure_ascii=False)  # one line: newlines show as \n
+        super().__init__(f"the model's answer is not one SQL query ({not_sql_reason(raw_text)}): {preview}")
+
+
+@dataclass(frozen=True)
+class Answer:
+    question: str
+    text: str  # what the model said, stripped: the SQL when sql_only
+    sql_only: bool
+    latency_ms: float  # wall time of the generation batch it was in
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    columns: list[str] | None  # None when the cursor gave no names
+    rows: list[tuple]
+
+
+# ---------- pure core ----------
+
+def not_sql_reason(text: str) -> str:
+    statements = None if text.lstrip().startswith("```") else sqlcheck.parse_statements(text)
+    if not text.strip():
+        return "it is empty"
+    if not statements:
+        return "it is not SQL"
+    if len(statements) > 1:
+        return f"it holds {len(statements)} statements"
+    return f"it is a {statements[0].key.upper()} statement, not a query"
+
+
+def checked_sql(text: str) -> str:
+    """The answer when it is exactly one SQL query; NotSQLError otherwise."""
+    if sqlcheck.single_query(text.strip()) is None:
+        raise NotSQLError(text)
+    return text.strip()
+
+
+def checked_schema(context: str, where: str) -> str:
+    """The context, stripped, when it is CREATE TABLE statements; a T2SError naming `where` otherwise."""
+    context = context.strip()
+    if not context:
+        raise T2SError(f"{where} is empty: give the CREATE TABLE statements of the tables the question is about")
+    if sqlcheck.parse_schema(context) is None:
+        raise T2SError(f"{where} does not parse as CREATE TABLE statements (and nothing else): "
+                       "give e.g. \"CREATE TABLE songs (title VARCHAR, year INTEGER)\"")
+    return context
+
+
+def questions_from_lines(text: str) -> list[str]:
+    """One question per non-empty line."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def questions_from_jsonl(text: str, where: str, default_context: str | None) -> list[tuple[str, str]]:
+    """(context, question) per JSON line `{"question": ..., "context"|"schema": ...}`; a line without its own
+    context gets `default_context` (from --schema, --schema-file or --db)."""
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise T2SError(f"{where} line {number}: not JSON ({error.msg}); write one object a line") from None
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not item["question"].strip():
+            raise T2SError(f"{where} line {number}: needs a \"question\" string, e.g. "
+                           "{\"question\": \"How many songs?\", \"context\": \"CREATE TABLE songs (title VARCHAR)\"}")
+        context = item.get("context", item.get("schema"))
+        if context is None:
+            if default_context is None:
+                raise T2SError(f"{where} line {number}: no \"context\" and no --schema, --schema-file or --db to "
+                               "fall back on")
+            context = default_context
+        elif not isinstance(context, str):
+            raise T2SError(f"{where} line {number}: \"context\" must be a string of CREATE TABLE statements")
+        else:
+            context = checked_schema(context, f"{where} line {number}: the context")
+        pairs.append((context, item["question"].strip()))
+    if not pairs:
+        raise T2SError(f"{where} holds no questions: write one JSON object a line with a \"question\"")
+    return pairs
+
+
+def format_table(result: QueryRows) -> str:
+    """Rows as aligned text columns (NULL for None) under a header when names are known, then a row count."""
+    cells = [["NULL" if value is None else str(value) for value in row] for row in result.rows]
+    lines = [*([result.columns] if result.columns else []), *cells]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))] if lines else []
+
+    def render(line: list[str]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+
+    out = [render(result.columns), render(["-" * w for w in widths])] if result.columns else []
+    out += [render(line) for line in cells]
+    out.append(f"({len(result.rows)} row{'' if len(result.rows) == 1 else 's'})")
+    return "\n".join(out)
+
+
+def answer_record(answer: Answer, result: QueryRows | None = None, error: str | None = None) -> dict:
+    """The --json object of one answer."""
+    record = {"question": answer.question, "sql": answer.text, "sql_only": answer.sql_only,
+              "latency_ms": round(answer.latency_ms, 1)}
+    if result is not None:
+        record["columns"] = result.columns
+        record["rows"] = [list(row) for row in result.rows]
+    if error is not None:
+        record["error"] = error
+    return record
+
+
+# ---------- model ----------
+
+def resolve_model(source: str) -> str:
+    """What to load for --model: a run directory's merged/ folder, a model folder, or a Hub id as given."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path)
+        if (path / "config.resolved.yaml").is_file() or RunDir(path).merged.exists():
+            RunDir(path).require("merge", "t2s ask")
+            return str(RunDir(path).merged)
+        raise T2SError(f"{source} is neither a run directory nor a model folder (no config.json): pass a run "
+                       "directory, its merged/ folder, or a Hub id like org/name")
+    if path.exists():
+        raise T2SError(f"{source} is a file: pass a run directory, a merged model folder or a Hub id like org/name")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith("/"):
+        raise T2SError(f"model path {source} does not exist: pass a run directory, a merged model folder or a Hub "
+                       "id like org/name")
+    return source
+
+
+class SQLGenerator:
+    """A loaded chat model that answers (schema, question) pairs with one SQL query each, greedily."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = MAX_NEW_TOKENS):
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+
+    def respond(self, pairs: list[tuple[str, str]], batch_size: int):
+        """The model's raw generations (jobs.generate.Generation), in order: the only step that runs the model."""
+        from jobs.chat import render_prompt
+        from jobs.generate import generate_batched
+
+        prompts = [render_prompt(self.tokenizer, context, question) for context, question in pairs]
+        return generate_batched(self.model, self.tokenizer, prompts, batch_size, self.max_new_tokens,
+                                progress=len(pairs) > batch_size and sys.stderr.isatty())
+
+    def answers(self, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[Answer]:
+        """Every answer, SQL or not, with its SQL-only verdict: for callers that report refusals themselves."""
+        for context, _ in pairs:
+            checked_schema(context, "the schema")
+        generations = self.respond(pairs, batch_size)
+        return [Answer(question, g.text, sqlcheck.is_sql_only(g.text), g.latency_s * 1000)
+                for (_, question), g in zip(pairs, generations)]
+
+    def sql_many(self, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[str]:
+        """One SQL query per (schema, question); NotSQLError for the first answer that is not one."""
+        return [checked_sql(answer.text) for answer in self.answers(pairs, batch_size)]
+
+    def sql(self, schema: str, question: str) -> str:
+        return self.sql_many([(schema, question)], batch_size=1)[0]
+
+
+def load(model: str, device: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> SQLGenerator:
+    """A SQLGenerator for a run directory (its merged model), a model folder or a Hub id, on `device`
+    (the GPU when there is one)."""
+    path = resolve_model(model)
+    from jobs.chat import check_chat_template
+    from jobs.generate import device_for
+    from jobs.models import load_model, load_tokenizer, pick_dtype
+
+    tokenizer = load_tokenizer(path)
+    check_chat_template(tokenizer, path)
+    loaded = load_model(path, dtype=pick_dtype("auto")).to(device or device_for()).eval()
+    return SQLGenerator(loaded, tokenizer, max_new_tokens)
+
+
+# ---------- database ----------
+
+class _CursorKeepingConnection(sqlite3.Connection):
+    """Keeps the cursor sandbox.run_readonly executes, for the result's column names."""
+
+    last_cursor: sqlite3.Cursor | None = None
+
+    def execute(self, *args, **kwargs):
+        self.last_cursor = super().execute(*args, **kwargs)
+        return self.last_cursor
+
+
+def run_on_database(db: Path, sql: str, timeout_s: float, row_limit: int) -> QueryRows:
+    """The query's rows on the SQLite file, opened read-only and run in the sandbox (reading only, limits)."""
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, factory=_CursorKeepingConnection)
+    try:
+        rows = sandbox.run_readonly(conn, sql, timeout_s, row_limit)
+        description = conn.last_cursor.description if conn.last_cursor is not None else None
+    except sandbox.QueryRefused as error:
+        raise T2SError(f"the sandbox refused the query ({error}): only reading {db} is allowed") from None
+    except sandbox.QueryTimeout as error:
+        raise T2SError(f"the query {error} on {db}: raise --timeout-s to wait longer") from None
+    except sandbox.QueryFailed as error:
+        hint = "; raise --row-limit to allow more" if "row limit" in str(error) else ""
+        raise T2SError(f"the query failed on {db}: {error}{hint}") from None
+    finally:
+        conn.close()
+    return QueryRows([d[0] for d in description] if description else None, rows)
+
+
+# ---------- CLI shell ----------
+
+def _error(message: str) -> None:
+    print(f"t2s ask: error: {message}", file=sys.stderr, flush=True)
+
+
+def _read_file(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise T2SError(f"{path}: no such file; pass {what} an existing file")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise T2SError(f"{path}: cannot be read as text ({error}); pass {what} a UTF-8 text file") from None
+
+
+def default_context(schema: str | None, schema_file: Path | None, db: Path | None) -> str | None:
+    """The CREATE TABLE context from whichever of --schema, --schema-file and --db was given (at most one)."""
+    given = [name for name, value in (("--schema", schema), ("--schema-file", schema_file), ("--db", db))
+             if value is not None]
+    if len(given) > 1:
+        raise T2SError(f"{' and '.join(given)} both give the tables: pass only one of them")
+    if schema is not None:
+        return checked_schema(schema, "--schema")
+    if schema_file is not None:
+        return checked_schema(_read_file(schema_file, "--schema-file"), f"--schema-file {schema_file}")
+    if db is not None:
+        return checked_schema(sandbox.schema_from_sqlite(db), f"the tables of {db}")
+    return None
+
+
+def read_pairs(question: str | None, questions_file: Path | None, context: str | None,
+               stdin) -> tuple[list[tuple[str, str]], bool]:
+    """((context, question) pairs, whether they are a batch) from the argument, stdin or a JSONL file."""
+    if question is not None and questions_file is not None:
+        raise T2SError("both a question and --questions given: pass one or the other")
+    if questions_file is not None:
+        return questions_from_jsonl(_read_file(questions_file, "--questions"), str(questions_file), context), True
+    if question is not None and question != "-":
+        questions, batch = [question.strip()] if question.strip() else [], False
+    elif question == "-" or not stdin.isatty():
+        questions, batch = questions_from_lines(stdin.read()), True
+    else:
+        questions, batch = [], False
+    if not questions:
+        raise T2SError("no question given: pass one as an argument, `-` to read one a line from stdin, "
+                       "or --questions file.jsonl")
+    if context is None:
+        raise T2SError("no tables given: pass --schema \"CREATE TABLE ...\", --schema-file schema.sql or --db file.sqlite")
+    return [(context, q) for q in questions], batch
+
+
+def answer_all(generator: SQLGenerator, pairs: list[tuple[str, str]], batch: bool, *, batch_size: int,
+               db: Path | None, execute: bool, as_json: bool, timeout_s: float, row_limit: int) -> bool:
+    """Prints every answer (one line each, or SQL and its rows with --run); True when all went through."""
+    ok = True
+    for number, answer in enumerate(generator.answers(pairs, batch_size), start=1):
+        where = f"question {number}: " if batch else ""
+        result = error = None
+        if not answer.sql_only:
+            error = str(NotSQLError(answer.text))
+        elif execute:
+            try:
+                result = run_on_database(db, answer.text, timeout_s, row_limit)
+            except T2SError as failure:
+                error = str(failure)
+        if as_json:
+            print(json.dumps(answer_record(answer, result, error), ensure_ascii=False, default=str), flush=True)
+            continue
+        if answer.sql_only:
+            print(answer.text, flush=True)
+        elif batch:
+            print(flush=True)  # keeps line N the answer to question N
+        if result is not None:
+            print(format_table(result) + ("\n" if batch else ""), flush=True)
+        if error is not None:
+            _error(where + error)
+            ok = False
+    return ok
+
+
+def ask_command(
+    question: Optional[str] = typer.Argument(None, help="The question; `-` (or a pipe) reads one a line from stdin."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="A run directory (its merged model), a model folder or a Hub id."),
+    schema: Optional[str] = typer.Option(None, "--schema", help="The CREATE TABLE statements the question is about."),
+    schema_file: Optional[Path] = typer.Option(None, "--schema-file", help="A file of CREATE TABLE statements."),
+    db: Optional[Path] = typer.Option(None, "--db", help="A SQLite file: its tables are the schema."),
+    run: bool = typer.Option(False, "--run", help="Execute the SQL on --db, read-only, and print the rows."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object a question: question, sql, sql_only, "
+                                                       "latency_ms (and columns, rows with --run; error)."),
+    questions_file: Optional[Path] = typer.Option(None, "--questions",
+                                                  help="JSONL of {\"question\", optional \"context\"|\"schema\"}."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Questions generated together."),
+    max_new_tokens: int = typer.Option(MAX_NEW_TOKENS, "--max-new-tokens", min=1),
+    timeout_s: float = typer.Option(5.0, "--timeout-s", min=0.01, help="Time limit of one query with --run."),
+    row_limit: int = typer.Option(1000, "--row-limit", min=1, help="Most rows a query may return with --run."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: GPU if any)."),
+):
+    """Answer a question about some tables with one SQL query (and, with --db --run, its rows)."""
+    try:
+        if not model:
+            raise T2SError("no model given: pass --model a run directory, a merged model folder or a Hub id")
+        if run and db is None:
+            raise T2SError("--run executes the SQL on a database: pass --db file.sqlite")
+        context = default_context(schema, schema_file, db)
+        pairs, batch = read_pairs(question, questions_file, context, sys.stdin)
+        generator = load(model, device, max_new_tokens)
+        ok = answer_all(generator, pairs, batch, batch_size=batch_size, db=db, execute=run, as_json=as_json,
+                        timeout_s=timeout_s, row_limit=row_limit)
+    except T2SError as exc:
+        _error(str(exc))
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        raise typer.Exit(130)
+    if not ok:
+        raise typer.Exit(2)
