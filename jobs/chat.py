@@ -70,10 +70,6 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens: loss on the completion only
 
-    @property
-    def prompt_length(self) -> int:
-        return next((i for i, label in enumerate(self.labels) if label != IGNORE_INDEX), len(self.labels))
-
 
 def tokenize_examples(tokenizer, rows: list[dict[str, str]]) -> list[TokenizedExample | None]:
     """Each training text tokenized whole (so it decodes to the template's text byte for byte), with the
