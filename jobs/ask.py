@@ -26,7 +26,7 @@ from typing import Optional
 import typer
 
 from jobs import sandbox, sqlcheck
-from jobs.errors import T2SError
+from jobs.errors import T2SError, first_line
 from jobs.rundir import RunDir
 
 MAX_NEW_TOKENS = 128
@@ -161,6 +161,9 @@ def resolve_model(source: str) -> str:
         if (path / "config.resolved.yaml").is_file() or RunDir(path).merged.exists():
             RunDir(path).require("merge", "t2s ask")
             return str(RunDir(path).merged)
+        if (path / "adapter_config.json").is_file():
+            raise T2SError(f"{source} is a LoRA adapter: pass its run directory after `t2s merge` (ask loads the "
+                           "merged model)")
         raise T2SError(f"{source} is neither a run directory nor a model folder (no config.json): pass a run "
                        "directory, its merged/ folder, or a Hub id like org/name")
     if path.exists():
@@ -212,7 +215,12 @@ def load(model: str, device: str | None = None, max_new_tokens: int = MAX_NEW_TO
 
     tokenizer = load_tokenizer(path)
     check_chat_template(tokenizer, path)
-    loaded = load_model(path, dtype=pick_dtype("auto")).to(device or device_for()).eval()
+    loaded = load_model(path, dtype=pick_dtype("auto"))
+    try:
+        loaded = loaded.to(device or device_for()).eval()
+    except (RuntimeError, AssertionError, ValueError) as error:  # no such device, or torch built without it
+        raise T2SError(f"cannot put the model on device {device!r} ({first_line(error)}): pass --device cpu, or "
+                       "leave --device out to use the GPU when there is one") from None
     return SQLGenerator(loaded, tokenizer, max_new_tokens)
 
 
@@ -293,7 +301,8 @@ def read_pairs(question: str | None, questions_file: Path | None, context: str |
         raise T2SError("no question given: pass one as an argument, `-` to read one a line from stdin, "
                        "or --questions file.jsonl")
     if context is None:
-        raise T2SError("no tables given: pass --schema \"CREATE TABLE ...\", --schema-file schema.sql or --db file.sqlite")
+        raise T2SError("no tables given: pass --schema \"CREATE TABLE ...\", --schema-file schema.sql or "
+                       "--db file.sqlite")
     return [(context, q) for q in questions], batch
 
 
@@ -335,7 +344,8 @@ def ask_command(
     db: Optional[Path] = typer.Option(None, "--db", help="A SQLite file: its tables are the schema."),
     run: bool = typer.Option(False, "--run", help="Execute the SQL on --db, read-only, and print the rows."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object a question: question, sql, sql_only, "
-                                                       "latency_ms (and columns, rows with --run; error)."),
+                                                       "latency_ms (columns, rows with --run; error). Problems "
+                                                       "with an answer go in its object, exit code 0."),
     questions_file: Optional[Path] = typer.Option(None, "--questions",
                                                   help="JSONL of {\"question\", optional \"context\"|\"schema\"}."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Questions generated together."),
@@ -350,9 +360,14 @@ def ask_command(
             raise T2SError("no model given: pass --model a run directory, a merged model folder or a Hub id")
         if run and db is None:
             raise T2SError("--run executes the SQL on a database: pass --db file.sqlite")
+        source = resolve_model(model)  # every input is checked before the slow imports and the load
         context = default_context(schema, schema_file, db)
         pairs, batch = read_pairs(question, questions_file, context, sys.stdin)
-        generator = load(model, device, max_new_tokens)
+        if not sys.stderr.isatty():  # a piped stderr gets the error lines only, not transformers' loading bar
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+        generator = load(source, device, max_new_tokens)
         ok = answer_all(generator, pairs, batch, batch_size=batch_size, db=db, execute=run, as_json=as_json,
                         timeout_s=timeout_s, row_limit=row_limit)
     except T2SError as exc:
