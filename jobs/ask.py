@@ -26,6 +26,7 @@ from typing import Optional
 import typer
 
 from jobs import sandbox, sqlcheck
+from jobs.config import names_local_path
 from jobs.errors import T2SError, first_line
 from jobs.rundir import RunDir
 
@@ -168,7 +169,7 @@ def resolve_model(source: str) -> str:
                        "directory, its merged/ folder, or a Hub id like org/name")
     if path.exists():
         raise T2SError(f"{source} is a file: pass a run directory, a merged model folder or a Hub id like org/name")
-    if source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith("/"):
+    if names_local_path(source):
         raise T2SError(f"model path {source} does not exist: pass a run directory, a merged model folder or a Hub "
                        "id like org/name")
     return source

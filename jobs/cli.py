@@ -71,7 +71,7 @@ def fail(prefix: str, message: str, code: int = 2) -> None:
 def run_job(job: str, cfg: Config, force: bool) -> str:
     """Runs one job (skipping it when finished, unless forced); returns its summary line."""
     module = importlib.import_module(f"jobs.{job}")
-    run = open_run(cfg, job)
+    run = open_run(cfg)
     if run.is_done(job) and not force:
         return f"{job}: already finished in {run.root} ({run.marker(job).name}); --force redoes it"
     run.clear_done(job)

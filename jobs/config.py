@@ -213,6 +213,11 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+def names_local_path(name: str) -> bool:
+    """Whether a model or dataset name is meant as a local path rather than a Hub id ("org/name")."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
 def secret(name: str, env_file: str | Path = ".env") -> str | None:
     """A secret from the environment, else from .env; never from the config file, never logged."""
     if name in os.environ and os.environ[name]:

@@ -81,7 +81,7 @@ def run(cfg: Config, run: RunDir) -> str:
     model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
     replace_dir(staging, run.merged)
-    run.mark_done("merge", dtype=str(dtype), verified=bool(check and is_lora and cfg.merge.verify))
+    run.mark_done("merge", dtype=str(dtype), verified=is_lora and cfg.merge.verify)
     return f"merged model ({dtype}) in {run.merged}{check}"
 
 

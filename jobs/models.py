@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.config import Config
+from jobs.config import Config, names_local_path
 from jobs.errors import T2SError, first_line
 from jobs.rundir import RunDir
 
@@ -27,12 +27,8 @@ def tokenizer_path(cfg: Config, run: RunDir) -> str:
     return cfg.model.tokenizer or base_model_path(cfg, run)
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
-
-
 def check_source(name: str, what: str) -> None:
-    if _looks_local(name) and not Path(name).expanduser().exists():
+    if names_local_path(name) and not Path(name).expanduser().exists():
         raise T2SError(f"{what} path {name} does not exist: pass an existing folder or a Hub id like org/name")
 
 
@@ -58,9 +54,6 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
 
 
 def pick_dtype(requested: str) -> torch.dtype:
-    if requested == "flex_attention" and not torch.cuda.is_available():
-        raise T2SError("model.attn_implementation flex_attention needs a GPU (it has no CPU backward): "
-                       "set model.attn_implementation: auto")
     if requested == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return getattr(torch, requested)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jobs import sqlcheck
 from jobs.chat import check_chat_template, tokenize_examples
-from jobs.config import Config
+from jobs.config import Config, names_local_path
 from jobs.errors import T2SError, first_line
 from jobs.models import TINY, load_tokenizer, tokenizer_path
 from jobs.rundir import RunDir, fresh_staging, replace_dir, write_atomic
@@ -117,7 +117,7 @@ def load_rows(cfg: Config) -> tuple[list[dict], dict[str, list[dict]] | None]:
     path = Path(source).expanduser()
     if path.exists():
         return _load_local(path, cfg)
-    if source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).suffix in LOCAL_SUFFIXES:
+    if names_local_path(source) or Path(source).suffix in LOCAL_SUFFIXES:
         raise T2SError(f"dataset path {source} does not exist: set data.source to a json/jsonl/parquet file or "
                        "folder, a Hub dataset id, or 'synthetic'")
     return _load_hub(source, cfg), None

@@ -86,8 +86,8 @@ class RunDir:
             )
 
 
-def open_run(cfg: Config, job: str) -> RunDir:
-    """The run's folder, with the resolved config written in (prep writes it; later jobs check it matches)."""
+def open_run(cfg: Config) -> RunDir:
+    """The run's folder, with the config this job runs under written in as config.resolved.yaml."""
     run = RunDir(Path(cfg.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
     run.logs.mkdir(exist_ok=True)

@@ -104,8 +104,7 @@ def run(cfg: Config, run: RunDir) -> str:
     run.require("prep", "train")
     accel_path = accelerate_config_path(cfg.train.accelerate_config)
     accelerate = yaml.safe_load(accel_path.read_text()) or {}
-    check_setup(cfg.train, accelerate, torch.cuda.device_count(),
-                _has("bitsandbytes"))
+    check_setup(cfg.train, accelerate, torch.cuda.device_count(), _has("bitsandbytes"))
     from jobs.models import base_model_path, check_source, pick_attention
     pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
     check_source(base_model_path(cfg, run), "model")
