@@ -1,12 +1,17 @@
 """Batched eval vs the seed notebook's one-prompt-at-a-time loop, same model, same prompts, same greedy decoding.
 
-    python bench/eval_throughput.py --model runs/x/merged --rows runs/x/data/validation.jsonl --out $OUT
+    python bench/eval_throughput.py --model runs/x/merged --rows runs/x/data/validation.jsonl --out $OUT \
+        [--batch-sizes 64,256,1024] [--single 48]
+
+Every batch size runs over the same rows through jobs.generate (what `t2s eval` runs); the one-at-a-time loop
+runs over the first --single rows only (it is slow) and is compared per query.
 """
 
 import argparse
 import json
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -20,29 +25,37 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True)
 parser.add_argument("--rows", required=True)
 parser.add_argument("--out", required=True)
-parser.add_argument("--batched", type=int, default=512)
+parser.add_argument("--max-rows", type=int, default=None)
 parser.add_argument("--single", type=int, default=48)
-parser.add_argument("--batch-size", type=int, default=256)
+parser.add_argument("--batch-sizes", default="64,256,1024")
+parser.add_argument("--max-new-tokens", type=int, default=128)
 args = parser.parse_args()
 
 tokenizer = load_tokenizer(args.model)
 model = load_model(args.model, dtype=torch.bfloat16).cuda().eval()
-rows = [json.loads(l) for l in Path(args.rows).read_text().splitlines()][: args.batched]
+rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines()][: args.max_rows]
 prompts = [render_prompt(tokenizer, r["context"], r["question"]) for r in rows]
 generate_batched(model, tokenizer, prompts[:8], 8, 16)  # warm-up
 
-results = {}
-for name, subset, batch in (("batched", prompts, args.batch_size), ("one_at_a_time", prompts[: args.single], 1)):
+runs = [(f"batch_{b}", prompts, int(b)) for b in args.batch_sizes.split(",")] + [
+    ("one_at_a_time", prompts[: args.single], 1)]
+results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": version("transformers"),
+           "model": args.model, "max_new_tokens": args.max_new_tokens, "runs": {}}
+for name, subset, batch in runs:
+    torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     started = time.perf_counter()
-    out = generate_batched(model, tokenizer, subset, batch, 128)
+    out = generate_batched(model, tokenizer, subset, batch, args.max_new_tokens)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
-    results[name] = {"queries": len(subset), "batch_size": batch, "seconds": elapsed,
-                     "queries_per_s": len(subset) / elapsed,
-                     "tokens_per_s": sum(g.new_tokens for g in out) / elapsed,
-                     "latency_ms_per_query_mean": elapsed / len(subset) * 1000 if batch == 1 else None}
-results["speedup"] = results["batched"]["queries_per_s"] / results["one_at_a_time"]["queries_per_s"]
-results["gpu"] = torch.cuda.get_device_name(0)
+    results["runs"][name] = {"queries": len(subset), "batch_size": batch, "seconds": round(elapsed, 2),
+                             "queries_per_s": round(len(subset) / elapsed, 2),
+                             "tokens_per_s": round(sum(g.new_tokens for g in out) / elapsed),
+                             "new_tokens_max": max(g.new_tokens for g in out),
+                             "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    print(name, json.dumps(results["runs"][name]), flush=True)
+single = results["runs"]["one_at_a_time"]["queries_per_s"]
+results["speedup_vs_one_at_a_time"] = {name: round(r["queries_per_s"] / single, 1)
+                                       for name, r in results["runs"].items() if name != "one_at_a_time"}
 Path(args.out, "eval_throughput.json").write_text(json.dumps(results, indent=2))
-print(json.dumps(results, indent=2))
+print(json.dumps(results["speedup_vs_one_at_a_time"]))

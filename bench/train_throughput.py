@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,18 +31,41 @@ sys.path.insert(0, str(ROOT))
 
 from jobs.config import load_config  # noqa: E402
 
-H100_BF16_DENSE = 989e12  # FLOP/s, the datasheet's dense bf16 peak for H100 SXM
+HOPPER_BF16_DENSE = 989e12  # FLOP/s, the datasheet's dense bf16 peak for H100 and H200 SXM (same chip)
 PARAMS = 1.1e9
 
 
-def t2s(*args: str, env: dict | None = None) -> None:
+def t2s(*args: str, env: dict | None = None, timeout: float | None = None) -> bool:
+    """Runs one job; a failure or a timeout is reported and returns False, so the other variants still run."""
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env={**os.environ, **(env or {})},
-                            capture_output=True, text=True)
-    tail = (result.stdout + result.stderr)[-4000:]
-    if result.returncode:
-        raise SystemExit(f"t2s {' '.join(args)} failed:\n{tail}")
+    # own process group: on a timeout the accelerate workers go too, not just the launcher
+    job = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        print(f"  t2s {args[0]} timed out after {timeout:.0f}s", flush=True)
+        return False
+    if job.returncode:
+        print(f"  t2s {args[0]} failed:\n{output[-3000:]}", flush=True)
+        return False
     print(f"  t2s {args[0]} ok in {time.monotonic() - started:.0f}s", flush=True)
+    return True
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes", "liger-kernel",
+                    "flash-attn"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def examples_per_step(cfg, mean_tokens: float, processes: int) -> float:
@@ -83,6 +107,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", default="/tmp/bench-runs")
     parser.add_argument("--examples", type=int, default=6000)
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per variant's train job")
     parser.add_argument("--variant", action="append", required=True, help="name=config.yaml[:k=v,k=v]")
     args = parser.parse_args()
     out = Path(args.out)
@@ -95,7 +120,8 @@ def main() -> None:
     # prep once (same rows, same tokenizer for every variant), then copy into each variant's run
     prep_cfg_path = out / "prep.yaml"
     prep_cfg_path.write_text(yaml.safe_dump({"run_id": "prep"}))
-    t2s("prep", "--config", str(prep_cfg_path), *sum((["--set", s] for s in common), []))
+    if not t2s("prep", "--config", str(prep_cfg_path), *sum((["--set", s] for s in common), [])):
+        raise SystemExit(1)
     manifest = json.loads((runs / "prep" / "data" / "manifest.json").read_text())
     mean_tokens = manifest["tokens"]["train_total"] / manifest["rows"]["train"]
     print(f"prep: {manifest['rows']} rows, mean {mean_tokens:.0f} tokens/example", flush=True)
@@ -116,8 +142,9 @@ def main() -> None:
         shutil.copytree(runs / "prep", run)
         print(f"{name}: {config_file} {sets} · {processes} process(es) · {steps} steps", flush=True)
         started = time.monotonic()
-        t2s("train", "--config", str(ROOT / config_file), *sum((["--set", s] for s in overrides), []),
-            env={"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(processes))})
+        if not t2s("train", "--config", str(ROOT / config_file), *sum((["--set", s] for s in overrides), []),
+                   env={"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(processes))}, timeout=args.timeout):
+            continue
         wall = time.monotonic() - started
         done = json.loads((run / "train.done").read_text())
         metrics = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -131,14 +158,14 @@ def main() -> None:
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / processes,
             "examples_per_s_per_gpu": tokens_per_s / processes / mean_tokens,
             "peak_gpu_mem_gb_rank0": done.get("peak_gpu_mem_gb"),
-            "mfu": multiplier * PARAMS * tokens_per_s / (processes * H100_BF16_DENSE),
+            "mfu": multiplier * PARAMS * tokens_per_s / (processes * HOPPER_BF16_DENSE),
             "train_runtime_s": done["train_runtime_s"], "wall_s": wall,
             "epoch_full_dataset_s_78577_rows": 78577 * mean_tokens / tokens_per_s,
         }
         results[name]["val_completion_loss"] = completion_loss(args.model, run / "adapter", run / "data" / "tokenized" / "validation")
         print(json.dumps({name: results[name]}), flush=True)
         (out / "train_throughput.json").write_text(json.dumps(
-            {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+            {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "versions": versions(),
              "mean_tokens_per_example": mean_tokens, "results": results}, indent=2))
 
     print(f"\n{'variant':<12} {'procs':>5} {'ex/s/GPU':>9} {'tok/s/GPU':>10} {'peak GB':>8} {'MFU':>6} "
