@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,9 @@ def callbacks_with_profiler(cfg, run):
             self.prof.__exit__(None, None, None)
             wall_ms = (self.marks[SKIP + WARMUP + ACTIVE - 1] - self.marks[SKIP + WARMUP - 1]) * 1000
             events = self.prof.key_averages()
-            gpu_ms = sum(e.self_device_time_total for e in events) / 1000
+            # kernels only (as the table's own "Self CUDA time total"): op rows and annotations repeat their time
+            gpu_ms = sum(e.self_device_time_total for e in events
+                         if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1000
             table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
             summary = (f"{ACTIVE} steps: wall {wall_ms:.0f} ms ({wall_ms / ACTIVE:.0f} ms/step), GPU kernels "
                        f"{gpu_ms:.0f} ms ({gpu_ms / wall_ms:.0%} busy)")

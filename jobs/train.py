@@ -276,11 +276,12 @@ def make_callbacks(cfg: Config, run: RunDir):
             record["eta_s"] = (now - self.started) * (1 - done) / done if done else None
             with open(run.logs / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            shown = " · ".join(f"{k} {record[k]:.4g}" for k in
-                               ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "gpu_mem_gb")
-                               if isinstance(record.get(k), (int, float)))
-            eta = f" · eta {record['eta_s']:.0f}s" if record["eta_s"] is not None else ""
-            print(f"step {state.global_step}/{state.max_steps} · {shown}{eta}", flush=True)
+            shown = [f"{k} {record[k]:.4g}" for k in
+                     ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "gpu_mem_gb")
+                     if isinstance(record.get(k), (int, float))]
+            if record["eta_s"] is not None:
+                shown.append(f"eta {record['eta_s']:.0f}s")
+            print(" · ".join([f"step {state.global_step}/{state.max_steps}", *shown]), flush=True)
 
     return [ProgressAndPreemption()]
 
