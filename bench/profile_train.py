@@ -4,7 +4,7 @@
         --set model.name_or_path=/tmp/tinyllama [--set ...] [--out $OUT]
 
 Runs the worker in this process (what `accelerate launch` runs on one GPU) on a copy of a prepped run, skips
-5 steps, profiles 5, then prints the busiest GPU kernels and how much of the steps' wall time the GPU was busy:
+5 steps (the last one warms the profiler up), profiles 5, then prints the busiest GPU kernels and how much of the steps' wall time the GPU was busy:
 near 100% means the kernels are the cost, far below it means the host (Python, launches, syncs) is.
 """
 
@@ -48,8 +48,8 @@ def callbacks_with_profiler(cfg, run):
 
     class Profiler(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
-                                schedule=schedule(wait=SKIP, warmup=WARMUP, active=ACTIVE, repeat=1))
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities, schedule=schedule(wait=SKIP, warmup=WARMUP, active=ACTIVE))
             self.prof.__enter__()
             self.marks = []
 

@@ -80,7 +80,7 @@ def load_model(name: str, *, gguf_file: str | None = None, dtype: torch.dtype = 
     check_source(name, "model")
     if attn_implementation == "sdpa" and torch.cuda.is_available():
         # cuDNN's SDPA builds a plan for every new sequence length: milliseconds of host time per layer call,
-        # which made length-grouped training and token-by-token generation host-bound (bench/RESULTS.md).
+        # which made length-grouped training host-bound (2.2x slower; bench/RESULTS.md).
         torch.backends.cuda.enable_cudnn_sdp(False)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
