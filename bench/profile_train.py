@@ -4,8 +4,9 @@
         --set model.name_or_path=/tmp/tinyllama [--set ...] [--out $OUT]
 
 Runs the worker in this process (what `accelerate launch` runs on one GPU) on a copy of a prepped run, skips
-5 steps (the last one warms the profiler up), profiles 5, then prints the busiest GPU kernels and how much of the steps' wall time the GPU was busy:
-near 100% means the kernels are the cost, far below it means the host (Python, launches, syncs) is.
+5 steps (the last one warms the profiler up), profiles 5, then prints the busiest GPU kernels and how much of
+the steps' wall time the GPU was busy: near 100% means the kernels are the cost, far below it means the host
+(Python, launches, syncs) is.
 """
 
 import argparse
