@@ -14,4 +14,5 @@ run=$runs/$run_id
 if [ -f $run/eval.done ]; then
   cp $run/eval/report.json $out/quality_report.json; cp $run/eval/report.md $out/quality_report.md
   cp $run/train.done $out/quality_train_done.json
+  gzip -c $run/eval/predictions.jsonl > $out/quality_predictions.jsonl.gz  # to read what the failures say
 fi
