@@ -33,9 +33,7 @@ def generate_batched(model, tokenizer, prompts: list[str], batch_size: int, max_
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[Generation | None] = [None] * len(prompts)
-    # equal-sized batches: each one runs until its longest answer ends, so a small remainder batch costs a whole one
-    size = -(-len(order) // max(1, -(-len(order) // batch_size)))
-    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generating", disable=not progress, mininterval=2):
         inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
         started = time.perf_counter()
