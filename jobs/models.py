@@ -50,7 +50,21 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
         raise _load_error("tokenizer", name, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    honour_non_legacy_spm(tokenizer)
     return tokenizer
+
+
+def honour_non_legacy_spm(tokenizer) -> None:
+    """transformers 4.x keeps a SentencePiece tokenizer.json's legacy normalizer even when the config says
+    legacy: false (TinyLlama's), which puts a "▁" after every special token ("</s>\n" decodes as "</s> \n");
+    5.x builds what the non-legacy conversion gives: no normalizer, a Metaspace that prefixes the first word only."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's tokenizers.Tokenizer
+    if getattr(tokenizer, "legacy", None) is False and backend is not None and backend.pre_tokenizer is None \
+            and isinstance(backend.normalizer, normalizers.Sequence):
+        backend.normalizer = None
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
 
 
 def pick_dtype(requested: str) -> torch.dtype:
@@ -75,18 +89,19 @@ def pick_attention(requested: str) -> str:
 
 def load_model(name: str, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
                attn_implementation: str = "sdpa", **kwargs):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, PretrainedConfig
 
     check_source(name, "model")
-    if attn_implementation == "sdpa" and torch.cuda.is_available():
+    # (torch < 2.2, the cu118 image's, has no cuDNN SDPA backend to turn off)
+    if attn_implementation == "sdpa" and torch.cuda.is_available() and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
         # cuDNN's SDPA builds a plan for every new sequence length: milliseconds of host time per layer call,
         # which made length-grouped training host-bound (2.2x slower; bench/RESULTS.md).
         torch.backends.cuda.enable_cudnn_sdp(False)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    # transformers < 4.56 names the argument torch_dtype
+    extra["dtype" if hasattr(PretrainedConfig, "dtype") else "torch_dtype"] = dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, attn_implementation=attn_implementation, **extra, **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation, **extra, **kwargs)
     except Exception as exc:
         raise _load_error("model", name, exc) from None
     if gguf_file:

@@ -406,13 +406,15 @@ def ensure_model_repo(api, repo_id: str, private: bool):
 
 
 def remote_files(api, repo_id: str) -> dict[str, Any]:
-    from huggingface_hub.errors import RemoteEntryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import errors
     from huggingface_hub.hf_api import RepoFile
 
+    # huggingface_hub 0.x names the remote one EntryNotFoundError
+    entry_not_found = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
     try:
         return {f.path: f for f in api.list_repo_tree(repo_id, recursive=True, repo_type="model")
                 if isinstance(f, RepoFile)}
-    except (RevisionNotFoundError, RemoteEntryNotFoundError):  # a repo without any commit yet
+    except (errors.RevisionNotFoundError, entry_not_found):  # a repo without any commit yet
         return {}
 
 
@@ -576,18 +578,31 @@ def redact(text: str, token: str | None) -> str:
 def use_request_timeout(seconds: float) -> None:
     """huggingface_hub's client waits forever by default; a stalled connection must fail (and be retried)."""
     import huggingface_hub
+    from huggingface_hub.utils import _http
 
-    try:
-        from huggingface_hub.utils._http import default_client_factory
-    except ImportError:  # a huggingface_hub laid out otherwise keeps its own defaults
-        return
+    if hasattr(huggingface_hub, "set_client_factory"):  # huggingface_hub 1.x: httpx clients
+        def client_with_timeout():
+            client = _http.default_client_factory()
+            client.timeout = seconds
+            return client
 
-    def client_with_timeout():
-        client = default_client_factory()
-        client.timeout = seconds
-        return client
+        huggingface_hub.set_client_factory(client_with_timeout)
+    else:  # huggingface_hub 0.x (the cu118 set): requests sessions, which take a timeout per request only
+        def session_with_timeout():
+            session = _http._default_backend_factory()
+            for adapter in session.adapters.values():
+                adapter.send = _with_default_timeout(adapter.send, seconds)
+            return session
 
-    huggingface_hub.set_client_factory(client_with_timeout)
+        huggingface_hub.configure_http_backend(session_with_timeout)
+
+
+def _with_default_timeout(send: Callable, seconds: float) -> Callable:
+    """A requests adapter's send that waits `seconds` where the caller gave no timeout."""
+    def send_with_timeout(request, timeout=None, **kwargs):
+        return send(request, timeout=timeout or seconds, **kwargs)
+
+    return send_with_timeout
 
 
 # ---------------------------------------------------------------- the job

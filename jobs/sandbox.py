@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import random
 import sqlite3
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -133,7 +134,8 @@ def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit
         raise QueryFailed(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
     finally:
         conn.set_progress_handler(None, 0)
-        conn.set_authorizer(None)
+        # Python 3.10 (the CUDA 11.8 image) takes None as an authorizer that denies everything
+        conn.set_authorizer(None if sys.version_info >= (3, 11) else lambda *_: sqlite3.SQLITE_OK)
         if old_length is not None:
             conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, old_length)
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -71,6 +72,46 @@ def check_setup(train: TrainConfig, accelerate: dict, gpus_present: int, have_bi
         raise T2SError("QLoRA under ZeRO-3 needs zero3_init_flag: true in the accelerate config")
 
 
+class Stack(NamedTuple):
+    """What the installed packages can do that the cu118 set's (torch 2.1, bitsandbytes 0.45) cannot."""
+    masks_packed_examples: bool  # keeps padding-free examples apart without flash-attn (torch >= 2.6)
+    loads_checkpoints: bool  # loads a checkpoint's optimizer state, so a run resumes (torch >= 2.6)
+    trains_on_cpu_processes: bool  # accelerate's torch.cpu.set_device; gloo all-gathers for ZeRO-3 (torch >= 2.2)
+    quantizes_on_cpu: bool  # bitsandbytes' CPU backend for QLoRA without a GPU (bitsandbytes >= 0.46)
+
+
+def installed_stack() -> Stack:
+    # transformers masks packed examples by position_ids, and torch.loads checkpoints (CVE-2025-32434), only on
+    # torch >= 2.6; trl 0.22 (the cu118 set's) also hands position_ids to flash-attn alone.
+    from transformers.utils import is_torch_greater_or_equal
+
+    bitsandbytes = importlib.util.find_spec("bitsandbytes")  # found, not imported: that takes seconds
+    return Stack(masks_packed_examples=is_torch_greater_or_equal("2.6"),
+                 loads_checkpoints=is_torch_greater_or_equal("2.6"),
+                 trains_on_cpu_processes=is_torch_greater_or_equal("2.2"),
+                 quantizes_on_cpu=bitsandbytes is not None and any(
+                     (Path(folder) / "backends" / "cpu").is_dir() for folder in bitsandbytes.submodule_search_locations))
+
+
+def check_stack(train: TrainConfig, accelerate: dict, attention: str, gpus_present: int, checkpoint: str | None,
+                stack: Stack) -> None:
+    """What the installed stack cannot do for this run, as one line each."""
+    if train.packing == "padding_free" and attention != "flash_attention_2" and not stack.masks_packed_examples:
+        raise T2SError(f"train.packing padding_free would let packed examples attend to each other with {attention} "
+                       "on torch < 2.6: set train.packing: none, or use flash-attn on a GPU")
+    if checkpoint and not stack.loads_checkpoints:
+        raise T2SError(f"cannot resume from {checkpoint}: transformers loads a checkpoint's optimizer state only on "
+                       "torch >= 2.6 (CVE-2025-32434): delete the run's checkpoints/ to train from the start, "
+                       "or resume on torch >= 2.6")
+    processes = int(accelerate.get("num_processes", 1)) * int(accelerate.get("num_machines", 1))
+    if accelerate.get("use_cpu") and processes > 1 and not stack.trains_on_cpu_processes:
+        raise T2SError(f"the accelerate config trains on {processes} CPU processes, which needs torch >= 2.2: "
+                       "use train.accelerate_config: single, or run the processes on GPUs")
+    if train.method == "qlora" and gpus_present == 0 and not stack.quantizes_on_cpu:
+        raise T2SError("train.method qlora without a GPU needs bitsandbytes >= 0.46 (its CPU backend): "
+                       "use train.method: lora, or run on a GPU")
+
+
 def adapter_problems(folder: Path) -> list[str]:
     """Why a saved LoRA adapter is unusable: missing, empty, partial (a layer without its A or B), or untrained."""
     from safetensors import safe_open
@@ -92,6 +133,12 @@ def adapter_problems(folder: Path) -> list[str]:
     return problems
 
 
+def last_checkpoint(run: RunDir) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
+
+
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -104,9 +151,11 @@ def run(cfg: Config, run: RunDir) -> str:
     run.require("prep", "train")
     accel_path = accelerate_config_path(cfg.train.accelerate_config)
     accelerate = yaml.safe_load(accel_path.read_text()) or {}
-    check_setup(cfg.train, accelerate, torch.cuda.device_count(), _has("bitsandbytes"))
+    gpus = torch.cuda.device_count()
+    check_setup(cfg.train, accelerate, gpus, _has("bitsandbytes"))
     from jobs.models import base_model_path, check_source, pick_attention
-    pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
+    attention = pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
+    check_stack(cfg.train, accelerate, attention, gpus, last_checkpoint(run), installed_stack())
     check_source(base_model_path(cfg, run), "model")
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel_path)]
@@ -163,6 +212,12 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
     # transformers 5.2x renamed group_by_length to train_sampling_strategy
     grouping = ({"train_sampling_strategy": "group_by_length" if t.group_by_length else "random"}
                 if "train_sampling_strategy" in SFTConfig.__dataclass_fields__ else {"group_by_length": t.group_by_length})
+    # transformers 4.x takes the ratio as warmup_ratio; 5.x as warmup_steps below 1
+    warmup = ({"warmup_ratio": t.warmup_ratio} if "warmup_ratio" in SFTConfig.__dataclass_fields__
+              else {"warmup_steps": t.warmup_ratio})
+    # transformers 4.x takes TensorBoard's folder as logging_dir; 5.x reads TENSORBOARD_LOGGING_DIR (the worker sets it)
+    tensorboard = ({"logging_dir": os.environ.get("TENSORBOARD_LOGGING_DIR")}
+                   if "logging_dir" in SFTConfig.__dataclass_fields__ else {})
     early_stop = has_eval and t.early_stopping_patience is not None
     return SFTConfig(
         output_dir=str(run.checkpoints),
@@ -173,7 +228,6 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
@@ -195,7 +249,7 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
         dataloader_num_workers=t.dataloader_workers,
         torch_compile=t.torch_compile,
         use_liger_kernel=t.liger_kernel,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding",  # (transformers 4.x counts the padding too)
         packing=t.packing != "none",
         packing_strategy="wrapped" if t.packing == "wrapped" else "bfd",
         max_length=t.max_seq_length,
@@ -204,6 +258,8 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
         disable_tqdm=False,
         save_only_model=False,
         **grouping,
+        **warmup,
+        **tensorboard,
     )
 
 
@@ -290,7 +346,6 @@ def worker(config_path: str) -> int:
     import torch
     from datasets import load_from_disk
     from transformers import EarlyStoppingCallback
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     from jobs.models import load_tokenizer, tokenizer_path
@@ -313,7 +368,7 @@ def worker(config_path: str) -> int:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-    resume = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
+    resume = last_checkpoint(run)
     if resume:
         print(f"resuming from {resume}", flush=True)
     elif trainer.is_world_process_zero():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.train import adapter_problems
+from jobs.train import adapter_problems, installed_stack
 from tests.conftest import t2s
 
 pytestmark = pytest.mark.slow
@@ -54,6 +54,11 @@ def test_zero3_on_two_cpu_processes_saves_a_gathered_adapter_that_merges(copy_ru
         _require("bitsandbytes")
     run, config = copy_run(f"zero3-{method}", train={"method": method, "max_steps": 3,
                                                      "accelerate_config": "zero3-cpu"})
+    if not installed_stack().trains_on_cpu_processes:
+        result = t2s("train", "--config", str(config), env=DEEPSPEED_ON_CPU)
+        assert result.returncode == 2 and "trains on 2 CPU processes" in result.stderr.strip().splitlines()[-1]
+        pytest.skip("torch < 2.2: accelerate and gloo cannot run ZeRO-3 on CPU processes, so `t2s train` refuses it "
+                    "(check_stack)")
     done = _train_then_merge(run, config, env=DEEPSPEED_ON_CPU)
     # 2, not 1: `accelerate launch --cpu` would have silently run one plain process instead of DeepSpeed
     assert done["num_processes"] == 2
@@ -63,6 +68,10 @@ def test_zero3_on_two_cpu_processes_saves_a_gathered_adapter_that_merges(copy_ru
 def test_qlora_on_cpu_trains_4bit_and_merges_into_the_full_precision_base(copy_run):
     _require("bitsandbytes")
     run, config = copy_run("qlora", train={"method": "qlora", "max_steps": 3})
+    if not installed_stack().quantizes_on_cpu:
+        result = t2s("train", "--config", str(config))
+        assert result.returncode == 2 and "qlora without a GPU needs" in result.stderr.strip().splitlines()[-1]
+        pytest.skip("bitsandbytes < 0.46 quantizes on CUDA only, so `t2s train` refuses QLoRA on CPU (check_stack)")
     done = _train_then_merge(run, config)
     assert done["global_step"] == 3 and done["method"] == "qlora"
     assert done["num_processes"] == 1

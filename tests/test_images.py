@@ -1,9 +1,9 @@
 """images/: what CI can check of an image it cannot build (there is no Docker engine here).
 
-hadolint lints the Dockerfile; the requirements files parse and pin exactly; the cu12 set is the one
-installed for these tests; each flavor's flash-attn wheel matches its base image's torch, CUDA, Python
-and C++ ABI; .dockerignore keeps secrets and runs out of the build context; .env.example documents
-every variable the code reads.
+hadolint lints the Dockerfile; the requirements files parse and pin exactly; one flavor's set is the one
+installed for these tests (CI runs them on each); each flavor's flash-attn wheel matches its base image's
+torch, CUDA, Python and C++ ABI; .dockerignore keeps secrets and runs out of the build context; .env.example
+documents every variable the code reads.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def test_each_flavor_has_a_base_and_a_flash_attn_wheel_that_matches_it(flavor):
     assert abi == ships["cxx11abi"]
 
 
-def test_the_default_flavor_is_the_tested_cu12_and_every_flavor_has_its_requirements():
+def test_the_default_flavor_is_cu12_and_every_flavor_has_its_requirements():
     assert _dockerfile_args()[":FLAVOR"] == "cu12"
     text = DOCKERFILE.read_text()
     for flavor in FLAVORS:
@@ -145,25 +145,34 @@ def test_requirements_parse_and_pin_exactly_without_torch(flavor):
     assert needed <= set(names), needed - set(names)
 
 
-def test_the_cu12_set_is_the_one_installed_for_these_tests():
+def _not_as_pinned(flavor: str) -> dict[str, tuple[str, str | None]]:
     wrong = {}
-    for name, pinned in _pins("cu12").items():
+    for name, pinned in _pins(flavor).items():
         try:
             installed = metadata.version(name)
         except metadata.PackageNotFoundError:
             installed = None
         if installed != pinned:
             wrong[name] = (pinned, installed)
-    assert not wrong, f"pinned vs installed: {wrong}; install with `pip install -r images/requirements-cu12.txt`"
+    return wrong
 
 
-def test_the_cu12_set_satisfies_the_package_metadata():
+def test_one_flavors_set_is_the_one_installed_for_these_tests():
+    """CI runs this suite once per flavor (`make test`: cu12, then cu118), each on exactly that image's packages."""
+    wrong = {flavor: _not_as_pinned(flavor) for flavor in FLAVORS}
+    closest = min(FLAVORS, key=lambda flavor: len(wrong[flavor]))
+    assert not wrong[closest], (f"pinned in {closest} vs installed: {wrong[closest]}; install with "
+                                f"`pip install -r images/requirements-{closest}.txt`")
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_each_flavors_set_satisfies_the_package_metadata(flavor):
     """Every pin satisfies the range pyproject.toml asks for (pip install --no-deps -e . skips that check)."""
-    pins = _pins("cu12")
+    pins = _pins(flavor)
     for dist in metadata.requires("t2s") or []:
         req = Requirement(dist)
         if req.marker is None and canonicalize_name(req.name) in pins:
-            assert req.specifier.contains(pins[canonicalize_name(req.name)]), f"cu12 pin of {req.name} outside {req}"
+            assert req.specifier.contains(pins[canonicalize_name(req.name)]), f"{flavor} pin of {req.name} outside {req}"
 
 
 def test_the_cu118_set_stays_on_what_runs_with_torch_2_1_and_python_3_10():
@@ -201,9 +210,9 @@ def _dockerignore_excludes(path: str) -> bool:
 
 
 @pytest.mark.parametrize("path", [
-    "runs/demo/logs/train.log", ".env", ".env.local", ".venv/bin/python", ".git/config", ".device/x",
-    ".pytest_cache/v/cache", "jobs/__pycache__/cli.cpython-310.pyc", "t2s.egg-info/PKG-INFO", "tests/test_images.py",
-    "configs/.env", "hf_token.txt", "build/lib/x.py", ".whl/x.whl",
+    "runs/demo/logs/train.log", ".env", ".env.local", ".venv/bin/python", ".venv-cu118/bin/python", ".git/config",
+    ".device/x", ".pytest_cache/v/cache", "jobs/__pycache__/cli.cpython-310.pyc", "t2s.egg-info/PKG-INFO",
+    "tests/test_images.py", "configs/.env", "hf_token.txt", "build/lib/x.py", ".whl/x.whl",
 ])
 def test_dockerignore_keeps_out(path):
     assert _dockerignore_excludes(path), f"{path} would be sent to the Docker daemon"

@@ -62,9 +62,9 @@ def test_given_validation_split_claims_its_questions_first():
 
 
 def test_tinyllama_rendering_is_byte_for_byte_and_labels_mask_the_prompt():
-    from transformers import AutoTokenizer
+    from jobs.models import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", "tinyllama-1.1b-chat"))
+    tokenizer = load_tokenizer(str(shared_path("tokenizers", "tinyllama-1.1b-chat")))  # as prep, train and eval load it
     context, question, answer = "CREATE TABLE head (age INTEGER)", "How many heads are older than 56?", \
         "SELECT COUNT(*) FROM head WHERE age > 56"
     prompt, completion = render_chat(tokenizer, context, question, answer)

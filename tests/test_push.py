@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import yaml
 
@@ -28,6 +29,11 @@ from jobs.push import render_model_card, trained_prompt_suffix
 
 # huggingface_hub's own LFS upload passes data= to httpx2, which warns about it
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+# huggingface_hub 1.x's client is httpx (or httpx2), 0.x's (the cu118 set) is requests: their names for a refused
+# connection and for one closed without an answer, which the retry lines and the error show
+HTTPX_HUB = hasattr(huggingface_hub, "set_client_factory")
+REFUSED, DROPPED = ("ConnectError", "RemoteProtocolError") if HTTPX_HUB else ("ConnectionError", "ConnectionError")
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_TESTtokenMustNeverLeak0123456789abcdef"
@@ -184,9 +190,12 @@ def push_here(workdir, hub, monkeypatch, capsys):
 
     yield run
     # the job set huggingface_hub's HTTP client up with its timeout: give later tests the library's default
-    from huggingface_hub.utils._http import default_client_factory
+    if HTTPX_HUB:
+        from huggingface_hub.utils._http import default_client_factory
 
-    huggingface_hub.set_client_factory(default_client_factory)
+        huggingface_hub.set_client_factory(default_client_factory)
+    else:
+        huggingface_hub.configure_http_backend()
 
 
 def tree_digest(root: Path, parts=("merged", "adapter", "eval", "data")) -> dict[str, str]:
@@ -425,10 +434,10 @@ def test_unreachable_hub_is_retried_then_a_clear_error(workdir, push_here):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert [line for line in lines if line.startswith("push: creating the repo failed")] == [
-        "push: creating the repo failed (ConnectError); retry 1/2 in 0.01 s",
-        "push: creating the repo failed (ConnectError); retry 2/2 in 0.02 s"]
+        f"push: creating the repo failed ({REFUSED}); retry 1/2 in 0.01 s",
+        f"push: creating the repo failed ({REFUSED}); retry 2/2 in 0.02 s"]
     assert lines[-1] == (f"t2s push: error: could not reach the Hub at {endpoint} while creating the repo after 3 "
-                         "attempt(s) (ConnectError): check the network (or HF_ENDPOINT / proxy settings) and rerun "
+                         f"attempt(s) ({REFUSED}): check the network (or HF_ENDPOINT / proxy settings) and rerun "
                          "`t2s push`; local files are untouched")
     assert tree_digest(root) == before and not (root / "push.done").exists()
 
@@ -442,8 +451,8 @@ def test_transient_hub_errors_are_retried(workdir, hub, push_here):
     result = push_here(config)
     assert result.returncode == 0, result.stderr
     assert "creating the repo failed (HTTP 503); retry 1/2" in result.stderr
-    assert "creating the repo failed (RemoteProtocolError); retry 2/2" in result.stderr
-    assert "uploading failed (RemoteProtocolError); retry 1/2" in result.stderr
+    assert f"creating the repo failed ({DROPPED}); retry 2/2" in result.stderr
+    assert f"uploading failed ({DROPPED}); retry 1/2" in result.stderr
     assert hub.count("POST", "^/api/repos/create$") == 3 and hub.count("POST", "/commit/") == 1
     assert len(hub.repo(REPO).commits) == 2  # the repo's first commit and ours, once
     assert json.loads((root / "push.done").read_text())["commit"] == hub.repo(REPO).sha

@@ -12,7 +12,7 @@ import torch
 
 from jobs.config import TrainConfig
 from jobs.errors import T2SError
-from jobs.train import adapter_problems, check_setup
+from jobs.train import Stack, adapter_problems, check_setup, check_stack, installed_stack
 from tests.conftest import ROOT, t2s
 
 ZERO3 = {"distributed_type": "DEEPSPEED", "num_processes": 2,
@@ -38,6 +38,32 @@ def test_good_setups_pass():
     check_setup(TrainConfig(), {"num_processes": 1}, 0, False)
 
 
+OLD_STACK = Stack(masks_packed_examples=False, loads_checkpoints=False, trains_on_cpu_processes=False,
+                  quantizes_on_cpu=False)
+CHECKPOINT = "runs/t/checkpoints/checkpoint-3"
+
+
+@pytest.mark.parametrize("train, accelerate, checkpoint, expected", [
+    ({"packing": "padding_free"}, {}, None, "packed examples attend to each other with sdpa on torch < 2.6"),
+    ({}, {}, CHECKPOINT, f"cannot resume from {CHECKPOINT}"),
+    ({}, {"use_cpu": True, "num_processes": 2}, None, "trains on 2 CPU processes, which needs torch >= 2.2"),
+    ({"method": "qlora"}, {}, None, "qlora without a GPU needs bitsandbytes >= 0.46"),
+])
+def test_what_an_old_stack_cannot_do_fails_before_loading(train, accelerate, checkpoint, expected):
+    train = TrainConfig(**{"packing": "none", **train})
+    with pytest.raises(T2SError, match=expected):
+        check_stack(train, accelerate, "sdpa", 0, checkpoint, OLD_STACK)
+    check_stack(train, accelerate, "sdpa", 0, checkpoint, Stack(True, True, True, True))
+
+
+def test_an_old_stack_runs_what_it_can_on_gpus():
+    check_stack(TrainConfig(packing="padding_free"), {}, "flash_attention_2", 1, None, OLD_STACK)  # varlen
+    check_stack(TrainConfig(method="qlora", packing="none"), {"num_processes": 2}, "sdpa", 2, None, OLD_STACK)
+
+
+@pytest.mark.skipif(not installed_stack().masks_packed_examples,
+                    reason="torch < 2.6: transformers builds no per-example mask for SDPA, so `t2s train` refuses "
+                           "padding-free packing without flash-attn (check_stack)")
 def test_packed_examples_do_not_attend_to_each_other():
     """trl's padding-free collator + SDPA: each packed example's logits equal its logits alone."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -133,6 +159,10 @@ def test_sigterm_checkpoints_and_a_rerun_resumes_to_the_same_step_count(copy_run
     interrupted_at = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
 
     result = t2s("train", "--config", str(config))
+    if not installed_stack().loads_checkpoints:
+        assert result.returncode == 2 and "cannot resume from" in result.stderr.strip().splitlines()[-1]
+        pytest.skip("torch < 2.6: transformers cannot load the checkpoint's optimizer state, so the rerun is refused "
+                    "(check_stack) instead of resuming")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resuming from {run / 'checkpoints'}/checkpoint-{interrupted_at}" in result.stdout
     resumed = _done(run, "train")["global_step"]
