@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, help="name=config.yaml[:k=v,k=v]")
     args = parser.parse_args()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.runs)
     data = str(Path(args.shared) / "data" / "sql-create-context")
     common = [f"runs_dir={runs}", f"model.name_or_path={args.model}", f"data.source={data}",
