@@ -263,6 +263,15 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
     )
 
 
+def keep_4bit_weights_unpacked(model) -> None:
+    """Stops bitsandbytes (>= 0.49) repacking 4-bit weights for its CPU kernel on CPUs with AVX512-BF16: it does
+    so at the first no-grad forward (an eval step) and then cannot save a checkpoint when quant_storage is not
+    uint8, as ours is (an AssertionError in _convert_weight_packed_for_cpu_inverse). Training never uses it."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base_for_training(cfg: Config, run: RunDir, on_gpu: bool):
     import torch
     from peft import LoraConfig
@@ -287,6 +296,8 @@ def load_base_for_training(cfg: Config, run: RunDir, on_gpu: bool):
     model = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=dtype,
                        attn_implementation=attention, **extra)
     model.config.use_cache = False
+    if t.method == "qlora" and not on_gpu:
+        keep_4bit_weights_unpacked(model)
     peft_config = None
     if t.method in ("lora", "qlora"):
         peft_config = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
