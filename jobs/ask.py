@@ -153,18 +153,36 @@ def answer_record(answer: Answer, result: QueryRows | None = None, error: str | 
 
 # ---------- model ----------
 
-def resolve_model(source: str) -> str:
-    """What to load for --model: a run directory's merged/ folder, a model folder, or a Hub id as given."""
+@dataclass(frozen=True)
+class ModelSource:
+    """What ask loads: a model folder or Hub id, or a trained run's base model with its LoRA adapter."""
+    model: str
+    run: RunDir | None = None  # set for a run trained with LoRA but not merged: base + adapter, unmerged
+
+
+def from_run(run: RunDir) -> ModelSource:
+    """A run's merged model; before `t2s merge`, what training left: base + LoRA adapter, or the full model."""
+    if run.is_done("merge"):
+        return ModelSource(str(run.merged))
+    run.require("train", "t2s ask")
+    if (run.adapter / "adapter_config.json").is_file():
+        return ModelSource(str(run.adapter), run)
+    return ModelSource(str(run.adapter))  # a full fine-tune saves the whole model there
+
+
+def resolve_model(source: str) -> ModelSource:
+    """What to load for --model: a run directory (or its adapter/ folder), a model folder, or a Hub id."""
     path = Path(source).expanduser()
     if path.is_dir():
+        if (path / "config.resolved.yaml").is_file():
+            return from_run(RunDir(path))
         if (path / "config.json").is_file():
-            return str(path)
-        if (path / "config.resolved.yaml").is_file() or RunDir(path).merged.exists():
-            RunDir(path).require("merge", "t2s ask")
-            return str(RunDir(path).merged)
+            return ModelSource(str(path))
         if (path / "adapter_config.json").is_file():
-            raise T2SError(f"{source} is a LoRA adapter: pass its run directory after `t2s merge` (ask loads the "
-                           "merged model)")
+            if path.name == "adapter" and (path.parent / "config.resolved.yaml").is_file():
+                return from_run(RunDir(path.parent))
+            raise T2SError(f"{source} is a LoRA adapter outside a t2s run: pass the run directory it was trained "
+                           "in, or a model merged from it")
         raise T2SError(f"{source} is neither a run directory nor a model folder (no config.json): pass a run "
                        "directory, its merged/ folder, or a Hub id like org/name")
     if path.exists():
@@ -172,7 +190,7 @@ def resolve_model(source: str) -> str:
     if names_local_path(source):
         raise T2SError(f"model path {source} does not exist: pass a run directory, a merged model folder or a Hub "
                        "id like org/name")
-    return source
+    return ModelSource(source)
 
 
 class SQLGenerator:
@@ -206,17 +224,21 @@ class SQLGenerator:
         return self.sql_many([(schema, question)], batch_size=1)[0]
 
 
-def load(model: str, device: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> SQLGenerator:
-    """A SQLGenerator for a run directory (its merged model), a model folder or a Hub id, on `device`
-    (the GPU when there is one)."""
-    path = resolve_model(model)
+def load(model: str | ModelSource, device: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> SQLGenerator:
+    """A SQLGenerator for a run directory (its merged model, or base + adapter before the merge), a model folder
+    or a Hub id, on `device` (the GPU when there is one)."""
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
     from jobs.chat import check_chat_template
+    from jobs.config import load_config
     from jobs.generate import device_for
-    from jobs.models import load_model, load_tokenizer, pick_dtype
+    from jobs.models import load_model, load_run_model, load_tokenizer, pick_dtype
 
-    tokenizer = load_tokenizer(path)
-    check_chat_template(tokenizer, path)
-    loaded = load_model(path, dtype=pick_dtype("auto"))
+    if source.run:
+        loaded, tokenizer = load_run_model(load_config(source.run.root / "config.resolved.yaml"), source.run, "adapter")
+    else:
+        tokenizer = load_tokenizer(source.model)
+        loaded = load_model(source.model, dtype=pick_dtype("auto"))
+    check_chat_template(tokenizer, source.model)
     try:
         loaded = loaded.to(device or device_for()).eval()
     except (RuntimeError, AssertionError, ValueError) as error:  # no such device, or torch built without it
@@ -339,7 +361,7 @@ def answer_all(generator: SQLGenerator, pairs: list[tuple[str, str]], batch: boo
 def ask_command(
     question: Optional[str] = typer.Argument(None, help="The question; `-` (or a pipe) reads one a line from stdin."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="A run directory (its merged model), a model folder or a Hub id."),
+                                        help="A run directory (its merged model; before t2s merge, base + adapter), a model folder or a Hub id."),
     schema: Optional[str] = typer.Option(None, "--schema", help="The CREATE TABLE statements the question is about."),
     schema_file: Optional[Path] = typer.Option(None, "--schema-file", help="A file of CREATE TABLE statements."),
     db: Optional[Path] = typer.Option(None, "--db", help="A SQLite file: its tables are the schema."),

@@ -21,7 +21,7 @@ from jobs.chat import render_prompt
 from jobs.config import Config
 from jobs.errors import T2SError
 from jobs.generate import device_for, generate_batched
-from jobs.models import base_model_path, load_model, load_tokenizer, pick_dtype, tokenizer_path
+from jobs.models import load_run_model
 from jobs.rundir import RunDir, fresh_staging, replace_dir, write_atomic
 
 METRICS = ("sql_only", "exact_match", "execution_accuracy")
@@ -149,19 +149,6 @@ def models_to_evaluate(cfg: Config, run: RunDir) -> list[tuple[str, str, str]]:
     return plan
 
 
-def load_for_eval(cfg: Config, run: RunDir, which: str):
-    dtype = pick_dtype(cfg.model.dtype)
-    if which == "merged":
-        return load_model(str(run.merged), dtype=dtype), load_tokenizer(str(run.merged))
-    model = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=dtype)
-    tokenizer = load_tokenizer(tokenizer_path(cfg, run), cfg.model.gguf_file if not cfg.model.tokenizer else None)
-    if which == "adapter":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(run.adapter))
-    return model, tokenizer
-
-
 def evaluate_model(model, tokenizer, rows: list[dict], variant: str, cfg: Config) -> tuple[list[dict], dict]:
     prompts = [render_prompt(tokenizer, r["context"], r["question"], variant) for r in rows]
     started = time.perf_counter()
@@ -191,7 +178,7 @@ def run(cfg: Config, run: RunDir) -> str:
     results, by_bucket, predictions = {}, {}, defaultdict(dict)
     for label, which, variant in plan:
         print(f"evaluating {label} on {len(rows)} {cfg.eval.split} examples", flush=True)
-        model, tokenizer = load_for_eval(cfg, run, which)
+        model, tokenizer = load_run_model(cfg, run, which)
         model = model.to(device_for()).eval()
         scored, speed = evaluate_model(model, tokenizer, rows, variant, cfg)
         del model

@@ -112,3 +112,17 @@ def load_model(name: str, *, gguf_file: str | None = None, dtype: torch.dtype = 
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model
+
+
+def load_run_model(cfg: Config, run: RunDir, which: str):
+    """(model, tokenizer) of a run: its base model, base + its LoRA adapter, or its merged model."""
+    dtype = pick_dtype(cfg.model.dtype)
+    if which == "merged":
+        return load_model(str(run.merged), dtype=dtype), load_tokenizer(str(run.merged))
+    model = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=dtype)
+    tokenizer = load_tokenizer(tokenizer_path(cfg, run), cfg.model.gguf_file if not cfg.model.tokenizer else None)
+    if which == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(run.adapter))
+    return model, tokenizer

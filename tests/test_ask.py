@@ -15,8 +15,11 @@ from typer.testing import CliRunner
 
 from jobs import ask
 from jobs.cli import app
+from jobs.config import load_config
 from jobs.errors import T2SError
 from jobs.generate import Generation
+from jobs.models import load_run_model
+from jobs.rundir import RunDir
 from tests.conftest import ROOT, t2s, tiny_config, write_config
 
 SONGS_SCHEMA = "CREATE TABLE songs (title VARCHAR, artist VARCHAR, genre VARCHAR, year INTEGER)"
@@ -243,17 +246,37 @@ def test_bad_inputs_fail_in_one_line(tmp_path, songs_db, args, input, expected):
 
 
 def test_model_argument_resolution(merged_run, tmp_path):
-    assert ask.resolve_model(str(merged_run)) == str(merged_run / "merged")
-    assert ask.resolve_model(str(merged_run / "merged")) == str(merged_run / "merged")
-    assert ask.resolve_model("org/name") == "org/name"
+    merged = ask.ModelSource(str(merged_run / "merged"))
+    assert ask.resolve_model(str(merged_run)) == merged
+    assert ask.resolve_model(str(merged_run / "merged")) == merged
+    assert ask.resolve_model("org/name") == ask.ModelSource("org/name")
     unmerged = tmp_path / "run"
-    shutil.copytree(merged_run, unmerged, ignore=shutil.ignore_patterns("merged", "merge.done", "base", "checkpoints"))
-    with pytest.raises(T2SError, match="needs a finished merge .* run `t2s merge` first"):
+    shutil.copytree(merged_run, unmerged, ignore=shutil.ignore_patterns("merged", "merge.done", "checkpoints"))
+    base_and_adapter = ask.ModelSource(str(unmerged / "adapter"), RunDir(unmerged))
+    assert ask.resolve_model(str(unmerged)) == base_and_adapter
+    assert ask.resolve_model(str(unmerged / "adapter")) == base_and_adapter
+    (unmerged / "train.done").unlink()
+    with pytest.raises(T2SError, match="needs a finished train .* run `t2s train` first"):
         ask.resolve_model(str(unmerged))
-    with pytest.raises(T2SError, match="is a LoRA adapter"):
-        ask.resolve_model(str(unmerged / "adapter"))
+    loose_adapter = shutil.copytree(unmerged / "adapter", tmp_path / "loose")
+    with pytest.raises(T2SError, match="is a LoRA adapter outside a t2s run"):
+        ask.resolve_model(str(loose_adapter))
     with pytest.raises(T2SError, match="does not exist"):
         ask.resolve_model("./nowhere")
+
+
+def test_an_unmerged_run_answers_as_its_merged_model_does(merged_run, tmp_path):
+    """Before `t2s merge`, ask loads base + adapter: the same greedy answers as the merged model."""
+    unmerged = tmp_path / "run"
+    shutil.copytree(merged_run, unmerged, ignore=shutil.ignore_patterns("merged", "merge.done", "checkpoints"))
+    pairs = [(SONGS_SCHEMA, "How many songs are jazz?"), (SONGS_SCHEMA, "Which artist made river?")]
+    from_adapter = ask.load(str(unmerged), device="cpu").answers(pairs)
+    from_merged = ask.load(str(merged_run), device="cpu").answers(pairs)
+    assert [a.text for a in from_adapter] == [a.text for a in from_merged]
+    run = RunDir(unmerged)
+    base, tokenizer = load_run_model(load_config(run.root / "config.resolved.yaml"), run, "base")
+    from_base = ask.SQLGenerator(base.eval(), tokenizer).answers(pairs)
+    assert [a.text for a in from_adapter] != [a.text for a in from_base]  # the adapter was applied
 
 
 def test_format_table_without_column_names():
