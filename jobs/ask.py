@@ -360,8 +360,8 @@ def answer_all(generator: SQLGenerator, pairs: list[tuple[str, str]], batch: boo
 
 def ask_command(
     question: Optional[str] = typer.Argument(None, help="The question; `-` (or a pipe) reads one a line from stdin."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="A run directory (its merged model; before t2s merge, base + adapter), a model folder or a Hub id."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A run directory (its merged model; before "
+                                        "t2s merge, base + adapter), a model folder or a Hub id."),
     schema: Optional[str] = typer.Option(None, "--schema", help="The CREATE TABLE statements the question is about."),
     schema_file: Optional[Path] = typer.Option(None, "--schema-file", help="A file of CREATE TABLE statements."),
     db: Optional[Path] = typer.Option(None, "--db", help="A SQLite file: its tables are the schema."),

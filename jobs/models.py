@@ -75,6 +75,8 @@ def pick_dtype(requested: str) -> torch.dtype:
 
 def pick_attention(requested: str) -> str:
     """flash-attn 2 when installed and on a GPU, SDPA otherwise; a forced choice that cannot work is an error."""
+    from transformers.utils import is_torch_flex_attn_available
+
     has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     if requested == "flash_attention_2" and not has_flash:
         raise T2SError("model.attn_implementation is flash_attention_2 but flash-attn is not installed "
@@ -82,6 +84,9 @@ def pick_attention(requested: str) -> str:
     if requested == "flex_attention" and not torch.cuda.is_available():
         raise T2SError("model.attn_implementation flex_attention needs a GPU (it has no CPU backward): "
                        "set model.attn_implementation: auto")
+    if requested == "flex_attention" and not is_torch_flex_attn_available():
+        raise T2SError(f"model.attn_implementation flex_attention needs torch >= 2.5 (this is {torch.__version__}, "
+                       "as in the cu118 image): set model.attn_implementation: auto")
     if requested == "auto":
         return "flash_attention_2" if has_flash else "sdpa"
     return requested

@@ -33,6 +33,23 @@ def test_bad_setups_fail_before_loading(method, accelerate, gpus, bnb, expected)
         check_setup(TrainConfig(method=method, **steps), accelerate, gpus, bnb)
 
 
+def test_forced_attention_that_cannot_run_fails_in_one_line(monkeypatch):
+    from jobs import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.pick_attention("auto") == "sdpa"
+    with pytest.raises(T2SError, match="flash_attention_2 but flash-attn is not installed"):
+        models.pick_attention("flash_attention_2")
+    with pytest.raises(T2SError, match="flex_attention needs a GPU"):
+        models.pick_attention("flex_attention")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("transformers.utils.is_torch_flex_attn_available", lambda: False)
+    with pytest.raises(T2SError, match="flex_attention needs torch >= 2.5"):
+        models.pick_attention("flex_attention")
+    monkeypatch.setattr("transformers.utils.is_torch_flex_attn_available", lambda: True)
+    assert models.pick_attention("flex_attention") == "flex_attention"
+
+
 def test_good_setups_pass():
     check_setup(TrainConfig(method="qlora"), ZERO3, 2, True)
     check_setup(TrainConfig(), {"num_processes": 1}, 0, False)
