@@ -1,4 +1,4 @@
-"""push: the merged model (or the adapter), a generated model card, the eval report and the logs, to a
+"""push: the merged model (or the adapter), a model card (jobs.card), the eval report and the logs, to a
 Hugging Face Hub model repo (private unless push.private=false).
 
     repo path                     ← run directory
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import re
 import sys
@@ -35,16 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from jobs.card import HUB_ID, read_chat_template, render_model_card, trained_prompt_suffix
 from jobs.config import Config, secret
 from jobs.errors import T2SError
-from jobs.rundir import RunDir, write_atomic
+from jobs.rundir import RunDir, read_json, write_atomic
 
 RUN_FILES = ("config.resolved.yaml", "data/manifest.json", "prep.done", "train.done", "merge.done", "eval.done")
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
-EXAMPLE = {"context": "CREATE TABLE head (age INTEGER)",
-           "question": "How many heads of the departments are older than 56 ?"}
-_SENTINEL = "T2S_ANSWER_SENTINEL"
 
 T = TypeVar("T")
 
@@ -113,266 +109,6 @@ def human_size(size: int) -> str:
             return f"{size} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     raise AssertionError("unreachable")
-
-
-# ---------------------------------------------------------------- the model card
-
-
-def read_chat_template(folder: Path) -> tuple[str | None, dict[str, str]]:
-    """The artifact's chat template (chat_template.jinja or tokenizer_config.json) and its special tokens."""
-    config = _read_json(folder / "tokenizer_config.json") or {}
-    tokens = {**(_read_json(folder / "special_tokens_map.json") or {}), **config}
-    special = {}
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = tokens.get(name)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            special[name] = value
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        template = jinja_file.read_text()
-    return (template if isinstance(template, str) and template else None), special
-
-
-def trained_prompt_suffix(chat_template: str, special_tokens: dict[str, str]) -> str | None:
-    """What must follow the `add_generation_prompt=True` prompt to give the text that preceded the SQL in
-    training (jobs.chat.render_prompt): "" for TinyLlama's template as transformers renders it, "\\n" for one
-    whose generation prompt stops at "<|assistant|>"; None when the template cannot be rendered here or its
-    generation prompt is no prefix of the training text. Rendered as transformers does (sandboxed jinja,
-    trim_blocks, lstrip_blocks), so that pushing needs no tokenizer library."""
-    try:
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise ValueError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.globals.update(raise_exception=raise_exception, strftime_now=time.strftime)
-        template = env.from_string(chat_template)
-        messages = [{"role": "system", "content": EXAMPLE["context"]}, {"role": "user", "content": EXAMPLE["question"]}]
-        generation = template.render(messages=messages, add_generation_prompt=True, **special_tokens)
-        training = template.render(messages=messages + [{"role": "assistant", "content": _SENTINEL}],
-                                   add_generation_prompt=False, **special_tokens)
-    except Exception:  # an unusual template is no reason to fail a push: the card then shows the safe recipe
-        return None
-    prefix, found, _ = training.partition(_SENTINEL)
-    if not found or not prefix.startswith(generation):
-        return None
-    return prefix[len(generation):]
-
-
-def render_model_card(cfg: Config, repo_id: str, *, report: dict | None, train_done: dict | None,
-                      prompt_suffix: str | None) -> str:
-    """README.md for the Hub: metadata, what the model does, usage, eval, training, hardware, time and cost.
-    Every number comes from the run (eval/report.json, train.done, the config); what is missing says so."""
-    from huggingface_hub import ModelCardData
-
-    base = cfg.model.name_or_path
-    dataset = (report or {}).get("dataset", {}).get("source") or cfg.data.source
-    adapter = cfg.push.artifact == "adapter"
-    tags = ["text-to-sql", "sql", "t2s"] + (["peft"] if adapter else []) + (
-        [cfg.train.method] if cfg.train.method in ("lora", "qlora") else [])
-    metadata = ModelCardData(
-        base_model=base if _is_hub_id(base) else None,
-        datasets=[dataset] if _is_hub_id(dataset) else None,
-        license=cfg.push.license,
-        library_name="peft" if adapter else "transformers",
-        pipeline_tag="text-generation",
-        tags=tags,
-    )
-    base_md = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}`"
-    dataset_md = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if _is_hub_id(dataset) else f"`{dataset}`"
-    what = ("a LoRA adapter for " + base_md + " (load it on top of the base model with peft)" if adapter
-            else "a fine-tune of " + base_md + (" (the LoRA adapter merged into the base weights; plain transformers "
-                                                 "loads it)" if cfg.train.method != "full" else ""))
-    sections = [
-        f"# {repo_id.split('/')[-1]}",
-        f"Text-to-SQL: given the `CREATE TABLE` statements of a database and a question, the model answers with one "
-        f"SQL query and nothing else. This repo holds {what}, trained by t2s on {dataset_md}.",
-        _usage_section(repo_id, adapter, prompt_suffix, cfg.eval.max_new_tokens),
-        _eval_section(report, cfg.push.artifact, base),
-        _training_section(cfg, train_done, dataset_md),
-        _cost_section(cfg, train_done),
-        _files_section(adapter, report is not None),
-    ]
-    return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
-
-
-def _usage_section(repo_id: str, adapter: bool, suffix: str | None, max_new_tokens: int) -> str:
-    if adapter:
-        load = ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-                f'repo = "{repo_id}"\ntokenizer = AutoTokenizer.from_pretrained(repo)\n'
-                'model = AutoPeftModelForCausalLM.from_pretrained(repo, torch_dtype="auto")')
-    else:
-        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f'repo = "{repo_id}"\ntokenizer = AutoTokenizer.from_pretrained(repo)\n'
-                'model = AutoModelForCausalLM.from_pretrained(repo, torch_dtype="auto")')
-    messages = (f"schema = {json.dumps(EXAMPLE['context'])}\nquestion = {json.dumps(EXAMPLE['question'])}\n"
-                'messages = [{"role": "system", "content": schema}, {"role": "user", "content": question}]')
-    if suffix is None:
-        prompt = (
-            "# The prompt must be exactly the text that preceded the SQL in training: render the whole\n"
-            "# conversation and cut it where the answer starts.\n"
-            'answer = {"role": "assistant", "content": "@@SQL@@"}\n'
-            "text = tokenizer.apply_chat_template(messages + [answer], tokenize=False)\n"
-            'prompt = text[: text.index("@@SQL@@")]')
-        note = ("The prompt is cut from the rendered training text rather than built with "
-                "`add_generation_prompt=True`, which t2s could not check for this chat template.")
-    else:
-        prompt = "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)"
-        if suffix:
-            prompt += f"\nprompt += {json.dumps(suffix)}  # the training text had this before the SQL"
-            note = (f"The trained prompt prefix: training put the SQL right after the rendered assistant header, which "
-                    f"is the `add_generation_prompt=True` prompt followed by `{json.dumps(suffix)}`. Leaving it out "
-                    "silently costs accuracy.")
-        else:
-            note = ("The trained prompt prefix: `add_generation_prompt=True` renders exactly the text that preceded "
-                    "the SQL in training.")
-    generate = ('inputs = tokenizer(prompt, return_tensors="pt").to(model.device)\n'
-                f"output = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)  # greedy\n"
-                'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())')
-    return ("## Usage\n\nThe system message is the schema (`CREATE TABLE ...`), the user message the question; "
-            f"decoding is greedy.\n\n```python\n{load}\n\n{messages}\n{prompt}\n{generate}\n```\n\n{note}")
-
-
-def _eval_section(report: dict | None, artifact: str, base: str) -> str:
-    if report is None:
-        return ("## Evaluation\n\nNot evaluated: this run had no finished eval (`t2s eval`) when it was pushed, so "
-                "no accuracy is claimed here.")
-    results = report.get("results") or {}
-    split = report.get("split", "not recorded")
-    lines = ["## Evaluation", ""]
-    dataset = report.get("dataset") or {}
-    lines.append(f"On the held-out **{split}** split ({_count(report.get('n_examples'))} examples) of "
-                 f"`{dataset.get('source', 'not recorded')}` as this run prepared it (content hash "
-                 f"`{dataset.get('hash', 'not recorded')}`):")
-    lines += ["", "| model | SQL-only | exact match | execution accuracy | examples | gold SQL errors |",
-              "|---|---|---|---|---|---|"]
-    for label, scores in results.items():
-        name = _model_label(label, base) + (" — **this repo**" if label == artifact else "")
-        lines.append(f"| {name} | {_percent(scores.get('sql_only'))} | {_percent(scores.get('exact_match'))} | "
-                     f"{_percent(scores.get('execution_accuracy'))} | {_count(scores.get('n'))} | "
-                     f"{_count(scores.get('gold_error'))} |")
-    if not results:
-        lines.append("| (no results in the report) | not measured | not measured | not measured | | |")
-    lines += ["", "Greedy answers. SQL-only: one SQL query and nothing else (checked with a SQL parser). Exact match: "
-              "the reference query, up to whitespace, keyword case, quoting and a trailing semicolon. Execution "
-              "accuracy: the same rows as the reference query on generated SQLite databases, over the examples whose "
-              "reference query runs (the others are the gold SQL errors). Per-bucket scores and every prediction: "
-              "`eval/report.md`, `eval/report.json`, `eval/predictions.jsonl`."]
-    lines += ["", "| model | queries/s | tokens/s | mean latency |", "|---|---|---|---|"]
-    for label, scores in results.items():
-        latency = scores.get("latency_ms_mean")
-        lines.append(f"| {_model_label(label, base)} | {_number(scores.get('queries_per_s'))} | "
-                     f"{_number(scores.get('tokens_per_s'))} | "
-                     f"{_number(latency) + ' ms' if _is_number(latency) else 'not measured'} |")
-    splits = dataset.get("splits") or {}
-    lines += ["", "Dataset splits:", "", "| split | rows |", "|---|---|"]
-    lines += [f"| {name} | {_count(splits.get(name))} |" for name in ("train", "validation", "test")]
-    return "\n".join(lines)
-
-
-def _training_section(cfg: Config, train_done: dict | None, dataset_md: str) -> str:
-    t = cfg.train
-    done = train_done or {}
-    method = {"lora": "LoRA", "qlora": "QLoRA (4-bit base)", "full": "full fine-tune"}[t.method]
-    if t.method in ("lora", "qlora"):
-        targets = t.lora.target_modules if isinstance(t.lora.target_modules, str) else ", ".join(t.lora.target_modules)
-        method += f": r={t.lora.r}, alpha={t.lora.alpha}, dropout={t.lora.dropout}, target modules {targets}"
-    processes = done.get("num_processes", done.get("num_gpus"))
-    batch = f"{t.per_device_batch_size} per device × {t.gradient_accumulation_steps} accumulation"
-    if isinstance(processes, int) and processes > 0:
-        per_step = t.per_device_batch_size * t.gradient_accumulation_steps * processes
-        batch += f" × {processes} processes = {per_step} per step"
-    rows = [
-        ("method", method),
-        ("base model", f"`{cfg.model.name_or_path}`"),
-        ("data", dataset_md),
-        ("epochs", f"{t.epochs:g}" if t.max_steps <= 0 else f"max_steps {t.max_steps}"),
-        ("learning rate", f"{t.learning_rate:g}, {t.lr_scheduler} schedule, warmup ratio {t.warmup_ratio:g}"),
-        ("batch", batch),
-        ("packing / max sequence length", f"{t.packing} / {t.max_seq_length}"),
-        ("loss", "completion only (prompt tokens masked)" if t.completion_only_loss else "whole text"),
-        ("optimizer steps", _count(done.get("global_step"))),
-        ("examples seen", _count(done.get("examples_seen"))),
-        ("final training loss", _number(done.get("train_loss"))),
-    ]
-    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-    return ("## Training\n\nSettings from the run's config (`run/config.resolved.yaml`); progress from "
-            f"`run/train.done`.\n\n| | |\n|---|---|\n{table}")
-
-
-def _cost_section(cfg: Config, train_done: dict | None) -> str:
-    done = train_done or {}
-    if cfg.push.hardware:
-        hardware = cfg.push.hardware
-    elif done.get("gpu_name"):
-        hardware = f"{done.get('num_gpus', '?')} × {done['gpu_name']}"
-    elif done.get("num_gpus") == 0:
-        hardware = "CPU (no GPU)"
-    else:
-        hardware = "unknown"
-    runtime = done.get("train_runtime_s")
-    rate = cfg.push.cost_per_hour_usd
-    time_text = f"{_duration(runtime)} ({runtime:,.0f} s of training)" if _is_number(runtime) else "unknown"
-    if _is_number(runtime) and rate is not None:
-        cost = (f"≈ ${runtime / 3600 * rate:,.2f} (training time × ${rate:g}/h; setup, eval and idle time "
-                "not included)")
-    else:
-        cost = "unknown"
-    return ("## Hardware, time and cost\n\n| | |\n|---|---|\n"
-            f"| hardware | {hardware} |\n| training time | {time_text} |\n| cost | {cost} |")
-
-
-def _files_section(adapter: bool, evaluated: bool) -> str:
-    weights = ("adapter (`adapter_model.safetensors`, `adapter_config.json`)" if adapter
-               else "model (`*.safetensors`, `config.json`)")
-    lines = ["## Files", "", f"- the {weights}, tokenizer, chat template and `generation_config.json`"]
-    if evaluated:
-        lines.append("- `eval/`: the evaluation report (`report.json`, `report.md`), predictions and plots")
-    lines += ["- `logs/`: the run's job logs and training metrics",
-              "- `run/`: the resolved config, the data manifest and each job's completion record"]
-    return "\n".join(lines)
-
-
-def _model_label(label: str, base: str) -> str:
-    if label == "base":
-        return f"base (`{base}`)"
-    if label.startswith("base:"):
-        return f"base, {label.split(':', 1)[1].replace('_', '-')} prompt"
-    return {"merged": "fine-tuned (merged)", "adapter": "fine-tuned (adapter)"}.get(label, label)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _percent(value: Any) -> str:
-    """Report metrics are fractions of the examples, 0..1."""
-    return f"{100 * value:.1f}%" if _is_number(value) else "not measured"
-
-
-def _number(value: Any) -> str:
-    return f"{value:,.4g}" if _is_number(value) else "not measured"
-
-
-def _count(value: Any) -> str:
-    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else "not measured"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
-
-
-def _is_hub_id(name: str) -> bool:
-    return bool(HUB_ID.match(name)) and not Path(name).exists()
 
 
 # ---------------------------------------------------------------- the Hub (thin shell)
@@ -608,16 +344,6 @@ def _with_default_timeout(send: Callable, seconds: float) -> Callable:
 # ---------------------------------------------------------------- the job
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise T2SError(f"{path} is not valid JSON: rerun the job that writes it with --force") from None
-    return data if isinstance(data, dict) else None
-
-
 def read_eval_report(run: RunDir) -> dict | None:
     """The eval report, only when eval finished (a crashed eval's partial report is not shown)."""
     report_path = run.eval / "report.json"
@@ -626,7 +352,7 @@ def read_eval_report(run: RunDir) -> dict | None:
             print(f"note: {report_path} exists but eval did not finish (no eval.done): pushing as not evaluated",
                   file=sys.stderr, flush=True)
         return None
-    report = _read_json(report_path)
+    report = read_json(report_path)
     if report is None:
         raise T2SError(f"eval finished but {report_path} is missing: rerun `t2s eval --force`")
     return report
@@ -659,7 +385,7 @@ def run(cfg: Config, run: RunDir) -> str:
     template, special_tokens = read_chat_template(folder)
     suffix = trained_prompt_suffix(template, special_tokens) if template else None
     shown_id = repo_id or f"your-name/{cfg.run_id}"
-    card = render_model_card(cfg, shown_id, report=report, train_done=_read_json(run.marker("train")),
+    card = render_model_card(cfg, shown_id, report=report, train_done=read_json(run.marker("train")),
                              prompt_suffix=suffix)
     staging = run.root / "push"  # the card as pushed, kept beside the run; merged/ and adapter/ stay as they were
     staging.mkdir(exist_ok=True)

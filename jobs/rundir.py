@@ -114,3 +114,14 @@ def fresh_staging(final: Path) -> Path:
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     return staging
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object a job wrote: None when the file is missing; a clear error when it is not valid JSON."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise T2SError(f"{path} is not valid JSON: rerun the job that writes it with --force") from None
+    return data if isinstance(data, dict) else None

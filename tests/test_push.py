@@ -25,7 +25,7 @@ import yaml
 
 from tests.fake_hub import FakeHub
 from jobs.config import load_config
-from jobs.push import render_model_card, trained_prompt_suffix
+from jobs.card import render_model_card, trained_prompt_suffix
 
 # huggingface_hub's own LFS upload passes data= to httpx2, which warns about it
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -278,7 +278,7 @@ def test_card_prompt_recipe_gives_the_trained_prefix_of_the_real_tinyllama_token
     from transformers import AutoTokenizer
 
     from jobs.chat import render_prompt
-    from jobs.push import read_chat_template
+    from jobs.card import read_chat_template
     from tests.conftest import shared_path
 
     folder = shared_path("tokenizers", "tinyllama-1.1b-chat")
