@@ -264,7 +264,7 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
 
 
 def keep_4bit_weights_unpacked(model) -> None:
-    """Stops bitsandbytes (>= 0.49) repacking 4-bit weights for its CPU kernel on CPUs with AVX512-BF16: it does
+    """Stops bitsandbytes (0.50 here) repacking 4-bit weights for its CPU kernel on CPUs with AVX512-BF16: it does
     so at the first no-grad forward (an eval step) and then cannot save a checkpoint when quant_storage is not
     uint8, as ours is (an AssertionError in _convert_weight_packed_for_cpu_inverse). Training never uses it."""
     for module in model.modules():
