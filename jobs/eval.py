@@ -22,7 +22,7 @@ from jobs.config import Config
 from jobs.errors import T2SError
 from jobs.generate import device_for, generate_batched
 from jobs.models import load_run_model
-from jobs.rundir import RunDir, fresh_staging, replace_dir, write_atomic
+from jobs.rundir import RunDir, fresh_staging, read_json, replace_dir, write_atomic
 
 METRICS = ("sql_only", "exact_match", "execution_accuracy")
 
@@ -217,14 +217,25 @@ def run(cfg: Config, run: RunDir) -> str:
            f"({best}); report {run.eval / 'report.md'}"
 
 
+def read_report(report_path: Path) -> dict:
+    """An eval's report.json with everything compare shows; one clear line when it is missing or is not one."""
+    if not report_path.is_file():
+        raise T2SError(f"{report_path} not found: run `t2s eval` for that run first")
+    report = read_json(report_path) or {}  # invalid JSON is one line too
+    dataset, results = report.get("dataset"), report.get("results")
+    complete = (all(k in report for k in ("run_id", "split", "n_examples"))
+                and isinstance(dataset, dict) and "hash" in dataset and isinstance(results, dict)
+                and all(isinstance(r, dict) and all(k in r for k in (*METRICS, "queries_per_s")) for r in results.values()))
+    if not complete:
+        raise T2SError(f"{report_path} is not a t2s eval report: rerun `t2s eval --force` for that run")
+    return report
+
+
 def compare(run_a: Path, run_b: Path, out: Path) -> str:
     """Side by side: every result of two runs' reports in one table and one chart."""
     results, lines = {}, []
     for path in (run_a, run_b):
-        report_path = Path(path) / "eval" / "report.json"
-        if not report_path.is_file():
-            raise T2SError(f"{report_path} not found: run `t2s eval` for that run first")
-        report = json.loads(report_path.read_text())
+        report = read_report(Path(path) / "eval" / "report.json")
         for label, r in report["results"].items():
             results[f"{report['run_id']}:{label}"] = r
         lines.append(f"- `{report['run_id']}`: {report['split']} split, {report['n_examples']} examples, "

@@ -1,0 +1,52 @@
+"""t2s eval --compare: two runs' reports side by side, and a broken report as one line."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from jobs.cli import app
+
+RESULT = {"sql_only": 0.99, "exact_match": 0.6, "execution_accuracy": 0.7, "queries_per_s": 200.0}
+
+
+def write_report(run: Path, run_id: str, text: str | None = None) -> Path:
+    (run / "eval").mkdir(parents=True)
+    report = {"run_id": run_id, "split": "validation", "n_examples": 10, "dataset": {"hash": "0123456789abcdef"},
+              "results": {"base": {**RESULT, "sql_only": 0.01}, "merged": RESULT}}
+    (run / "eval" / "report.json").write_text(text if text is not None else json.dumps(report))
+    return run
+
+
+def compare(tmp_path: Path, a: Path, b: Path):
+    return CliRunner().invoke(app, ["eval", "--compare", str(a), "--compare", str(b), "--out", str(tmp_path / "cmp")])
+
+
+def test_two_reports_side_by_side(tmp_path):
+    result = compare(tmp_path, write_report(tmp_path / "a", "run-a"), write_report(tmp_path / "b", "run-b"))
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| run-a:merged | 99.0% | 60.0% | 70.0% | 200.0 |" in table
+    assert "| run-b:base | 1.0% |" in table
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, "not found: run `t2s eval` for that run first"),
+    ("{broken", "is not valid JSON"),
+    ("[1, 2]", "is not a t2s eval report"),
+    (json.dumps({"run_id": "x", "split": "test", "n_examples": 1, "dataset": 3, "results": {}}), "is not a t2s eval report"),
+    (json.dumps({"run_id": "x", "split": "test", "n_examples": 1, "dataset": {"hash": "h"}, "results": {"m": {}}}),
+     "is not a t2s eval report"),
+])
+def test_a_broken_report_is_one_line(tmp_path, text, expected):
+    good = write_report(tmp_path / "good", "good")
+    broken = tmp_path / "broken"
+    if text is None:
+        broken.mkdir()
+    else:
+        write_report(broken, "broken", text)
+    result = compare(tmp_path, good, broken)
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
