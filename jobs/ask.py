@@ -174,12 +174,12 @@ def resolve_model(source: str) -> ModelSource:
     """What to load for --model: a run directory (or its adapter/ folder), a model folder, or a Hub id."""
     path = Path(source).expanduser()
     if path.is_dir():
-        if (path / "config.resolved.yaml").is_file():
+        if RunDir(path).resolved_config.is_file():
             return from_run(RunDir(path))
         if (path / "config.json").is_file():
             return ModelSource(str(path))
         if (path / "adapter_config.json").is_file():
-            if path.name == "adapter" and (path.parent / "config.resolved.yaml").is_file():
+            if path.name == "adapter" and RunDir(path.parent).resolved_config.is_file():
                 return from_run(RunDir(path.parent))
             raise T2SError(f"{source} is a LoRA adapter outside a t2s run: pass the run directory it was trained "
                            "in, or a model merged from it")
@@ -234,7 +234,7 @@ def load(model: str | ModelSource, device: str | None = None, max_new_tokens: in
     from jobs.models import load_model, load_run_model, load_tokenizer, pick_dtype
 
     if source.run:
-        loaded, tokenizer = load_run_model(load_config(source.run.root / "config.resolved.yaml"), source.run, "adapter")
+        loaded, tokenizer = load_run_model(load_config(source.run.resolved_config), source.run, "adapter")
     else:
         tokenizer = load_tokenizer(source.model)
         loaded = load_model(source.model, dtype=pick_dtype("auto"))

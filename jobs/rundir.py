@@ -28,6 +28,10 @@ class RunDir:
     root: Path
 
     @property
+    def resolved_config(self) -> Path:
+        return self.root / "config.resolved.yaml"
+
+    @property
     def data(self) -> Path:
         return self.root / "data"
 
@@ -91,7 +95,7 @@ def open_run(cfg: Config) -> RunDir:
     run = RunDir(Path(cfg.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
     run.logs.mkdir(exist_ok=True)
-    write_atomic(run.root / "config.resolved.yaml", dump_config(cfg))
+    write_atomic(run.resolved_config, dump_config(cfg))
     return run
 
 

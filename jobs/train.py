@@ -161,7 +161,7 @@ def run(cfg: Config, run: RunDir) -> str:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel_path)]
     if not torch.cuda.is_available() and not accelerate.get("use_cpu"):
         command += ["--cpu"]  # (a use_cpu config launches as it says: --cpu would drop its DeepSpeed and processes)
-    command += ["-m", "jobs.train", "--worker", str(run.root / "config.resolved.yaml")]
+    command += ["-m", "jobs.train", "--worker", str(run.resolved_config)]
     print(f"launching: accelerate launch --config_file {accel_path} ({cfg.train.method}, "
           f"{accelerate.get('num_processes', 1)} process(es))", flush=True)
     code = _stream(command)
