@@ -134,7 +134,8 @@ def _read_file(path: Path, limit: int | None) -> list[dict]:
     try:
         data = load_dataset(kind, data_files=str(path), split="train")
     except Exception as exc:
-        raise T2SError(f"could not read dataset file {path}: {first_line(exc)}") from None
+        # datasets wraps the parser's error ("JSON parse error ... in row 1") in a generic one: show the parser's
+        raise T2SError(f"could not read dataset file {path}: {first_line(exc.__cause__ or exc)}") from None
     _check_columns(data.column_names, str(path))
     if limit:
         data = data.select(range(min(limit, len(data))))

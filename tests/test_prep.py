@@ -133,6 +133,13 @@ def test_empty_dataset(tmp_path):
     assert "empty" in line or "could not read" in line
 
 
+def test_a_line_that_is_not_json_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(GOOD) + "\nnot json\n")
+    line = _prep_error(tmp_path, data={"source": str(path)})
+    assert f"could not read dataset file {path}: JSON parse error" in line and "row 1" in line
+
+
 def test_too_many_bad_rows_fails_and_writes_rejects(tmp_path):
     path = tmp_path / "rows.jsonl"
     rows = [GOOD] * 3 + [{**GOOD, "answer": "not sql at all"}] * 3
