@@ -6,12 +6,14 @@
 #   T2S_SET          extra overrides, space-separated key=value (each becomes `--set key=value`)
 #   T2S_WORKDIR      working directory, the run volume (default /workspace); runs_dir is relative to it
 #   T2S_KEEP_POD=1   keep the RunPod pod alive after the job (debugging)
+#   T2S_OWNER        uid:gid that the run dir is handed to at exit (a root container writing a user's folder)
 #   RUNPOD_POD_ID    set by RunPod inside a pod: the job then ends by terminating its own pod
 #
 # Everything the job prints is also appended to <run dir>/logs/entrypoint-<job>.log. SIGTERM or
 # SIGINT (spot preemption, docker stop) is forwarded to the job as SIGTERM and the job's own exit
 # code is returned. Whatever happens, the run's logs are uploaded and, on RunPod, the pod is
-# terminated. Never `set -x` here and never print the environment: it holds HF_TOKEN.
+# terminated; a failed job's one-line error is the last line printed. `t2s train` on a run whose
+# prep has not run runs prep first. Never `set -x` here and never print the environment: it holds HF_TOKEN.
 
 set -euo pipefail
 
@@ -20,6 +22,7 @@ _t2s_run_dir=""
 _t2s_log=""
 _t2s_child_pid=""
 _t2s_tee_pids=()
+_t2s_log_start=0
 
 t2s_say() { printf '== entrypoint %s: %s\n' "$_t2s_job" "$*"; }
 
@@ -109,6 +112,37 @@ t2s_infra() {
   fi
 }
 
+# `docker run --user $(id -u):$(id -g)` leaves files the user owns, but that uid has no writable HOME
+# (matplotlib, Triton and torch keep caches there); T2S_OWNER asks a root container to hand the run dir over.
+t2s_check_owner() {
+  if [ ! -w "${HOME:-/}" ]; then
+    HOME="${TMPDIR:-/tmp}/t2s-home-$(id -u)"
+    export HOME
+    mkdir -p "$HOME"
+  fi
+  [ -n "${T2S_OWNER:-}" ] || return 0
+  [[ "$T2S_OWNER" =~ ^[0-9]+:[0-9]+$ ]] || t2s_error "T2S_OWNER=$T2S_OWNER is not uid:gid: use -e T2S_OWNER=\$(id -u):\$(id -g)"
+  if [ "$(id -u)" != 0 ] && [ "$T2S_OWNER" != "$(id -u):$(id -g)" ]; then
+    t2s_error "T2S_OWNER=$T2S_OWNER needs a root container (this one runs as $(id -u):$(id -g)): drop T2S_OWNER or --user"
+  fi
+}
+
+t2s_give_to_owner() {
+  [ -n "${T2S_OWNER:-}" ] && [ -n "$_t2s_run_dir" ] && [ -d "$_t2s_run_dir" ] || return 0
+  chown -R "$T2S_OWNER" "$_t2s_run_dir" || t2s_say "warning: could not hand $_t2s_run_dir to $T2S_OWNER"
+}
+
+# The job's own one-line error (`t2s <job>: error: ...`), said again after the clean-up's output, so that it is
+# the container's last log line; a job that died without one gets a line that says where its log is.
+t2s_repeat_error() {
+  local rc="$1" line=""
+  [ "$rc" -ne 0 ] && [ -n "$_t2s_log" ] || return 0
+  if [ -f "$_t2s_log" ]; then
+    line="$(tail -c +"$((_t2s_log_start + 1))" "$_t2s_log" | grep -E '^t2s [a-z]+: error: ' | tail -n 1)" || true
+  fi
+  printf '%s\n' "${line:-entrypoint $_t2s_job: error: t2s $_t2s_job failed with exit code $rc; its log: $_t2s_log}" >&2
+}
+
 t2s_on_exit() {
   local rc=$?
   trap - EXIT
@@ -117,10 +151,31 @@ t2s_on_exit() {
   if [ -n "$_t2s_run_dir" ]; then
     t2s_infra upload-logs "$_t2s_run_dir"
   fi
+  t2s_give_to_owner
   if [ -n "${RUNPOD_POD_ID:-}" ] && [ "${T2S_KEEP_POD:-}" != "1" ]; then
     t2s_infra self-terminate --exit-code "$rc"
   fi
+  t2s_repeat_error "$rc"
   exit "$rc"
+}
+
+# t2s_run ARGS...: runs `t2s ARGS...` in the background (so that a SIGTERM can be passed on) and returns its
+# exit code. `wait` returns 128+signal as soon as a trapped signal arrives: wait again until the job has
+# ended, then once more for its own exit code (bash keeps it), in case the job ended during the trap.
+t2s_run() {
+  local rc again
+  t2s "$@" 3>&- 4>&- &
+  _t2s_child_pid=$!
+  while :; do
+    rc=0
+    wait "$_t2s_child_pid" || rc=$?
+    kill -0 "$_t2s_child_pid" 2>/dev/null || break
+  done
+  again=0
+  wait "$_t2s_child_pid" 2>/dev/null || again=$?
+  [ "$again" -eq 127 ] || rc=$again
+  _t2s_child_pid=""
+  return "$rc"
 }
 
 # t2s_entrypoint JOB [extra t2s args...]: runs `t2s JOB --config ... --set ...` under the contract above.
@@ -129,6 +184,7 @@ t2s_entrypoint() {
   shift
   trap t2s_on_exit EXIT
   trap t2s_forward_signal TERM INT
+  t2s_check_owner
 
   local workdir="${T2S_WORKDIR:-/workspace}"
   if ! mkdir -p "$workdir" || ! cd "$workdir"; then
@@ -147,36 +203,44 @@ t2s_entrypoint() {
     t2s_error "no run config: set T2S_CONFIG=/path/to/config.yaml (a mounted file) or T2S_CONFIG_YAML (the YAML text)"
   fi
 
-  local sets=() overrides=() item
+  local sets=() overrides=() item arg_sets=() args=("$@") i
   read -r -a sets <<<"${T2S_SET:-}"
   for item in "${sets[@]}"; do
     overrides+=(--set "$item")
   done
+  # --set pairs among the job's own arguments (`docker run t2s:train --set run_id=x`) name the run dir too.
+  for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+      --set | -s) [ $((i + 1)) -lt ${#args[@]} ] && arg_sets+=("${args[i + 1]}") ;;
+      --set=*) arg_sets+=("${args[i]#--set=}") ;;
+    esac
+  done
 
-  _t2s_run_dir="$(t2s_run_dir "$config" "${sets[@]}")" || t2s_error "cannot read the run id from $config (is the t2s package installed?)"
+  _t2s_run_dir="$(t2s_run_dir "$config" "${sets[@]}" "${arg_sets[@]}")" || t2s_error "cannot read the run id from $config (is the t2s package installed?)"
   mkdir -p "$_t2s_run_dir/logs"
   if [ -n "$from_env" ]; then
     mv -f "$config" "$_t2s_run_dir/config.env.yaml"
     config="$_t2s_run_dir/config.env.yaml"
   fi
   _t2s_log="$_t2s_run_dir/logs/entrypoint-$_t2s_job.log"
+  _t2s_log_start="$(stat -c %s "$_t2s_log" 2>/dev/null || echo 0)"
   t2s_start_log
 
-  local started=$SECONDS rc=0
+  local started=$SECONDS rc=0 prep_sets=()
   t2s_say "$(date -u +%Y-%m-%dT%H:%M:%SZ) run dir $_t2s_run_dir, config $config${sets[*]:+, overrides: ${sets[*]}}"
-  t2s "$_t2s_job" --config "$config" "${overrides[@]}" "$@" 3>&- 4>&- &
-  _t2s_child_pid=$!
-  # `wait` returns 128+signal as soon as a trapped signal arrives: wait again until the job has ended,
-  # then once more for its own exit code (bash keeps it), in case the job ended during the trap.
-  while :; do
-    rc=0
-    wait "$_t2s_child_pid" || rc=$?
-    kill -0 "$_t2s_child_pid" 2>/dev/null || break
-  done
-  local again=0
-  wait "$_t2s_child_pid" 2>/dev/null || again=$?
-  [ "$again" -eq 127 ] || rc=$again
-  _t2s_child_pid=""
+  # A fresh volume: what `docker run t2s:train` means is prep, then train (rundir.py's <job>.done marker).
+  if [ "$_t2s_job" = train ] && [ ! -f "$_t2s_run_dir/prep.done" ]; then
+    t2s_say "prep has not run in $_t2s_run_dir: running t2s prep first"
+    for item in "${arg_sets[@]}"; do
+      prep_sets+=(--set "$item")
+    done
+    t2s_run prep --config "$config" "${overrides[@]}" "${prep_sets[@]}" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+      t2s_say "t2s prep exited with code $rc after $((SECONDS - started))s; train did not start"
+      exit "$rc"
+    fi
+  fi
+  t2s_run "$_t2s_job" --config "$config" "${overrides[@]}" "$@" || rc=$?
   t2s_say "t2s $_t2s_job exited with code $rc after $((SECONDS - started))s"
   exit "$rc"
 }

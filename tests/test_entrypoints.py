@@ -100,6 +100,11 @@ class Box:
     def log(self, run_dir: Path, job: str) -> str:
         return (run_dir / "logs" / f"entrypoint-{job}.log").read_text()
 
+    def prepped(self, run_dir: Path) -> None:
+        """Marks prep finished, so that `train` runs alone (else the entrypoint runs prep first)."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "prep.done").write_text("{}\n")
+
 
 @pytest.fixture
 def stubbed(box):
@@ -170,6 +175,7 @@ def test_no_or_unknown_job_is_a_one_line_error(stubbed, job_env, message):
 
 @pytest.mark.parametrize("job", JOBS)
 def test_each_job_script_runs_its_job(stubbed, job):
+    stubbed.prepped(stubbed.work / "runs/r1")
     result = stubbed.run(job, T2S_CONFIG_YAML="run_id: r1\n")
     assert result.returncode == 0, result.stderr
     assert stubbed.calls("t2s") == [f"{job} --config runs/r1/config.env.yaml"]
@@ -182,6 +188,7 @@ def test_each_job_script_runs_its_job(stubbed, job):
 def test_config_from_a_mounted_file(stubbed):
     config = stubbed.root / "mounted.yaml"
     config.write_text(f"run_id: mounted\nruns_dir: {stubbed.root / 'vol'}\n")
+    stubbed.prepped(stubbed.root / "vol/mounted")
     result = stubbed.run("train", T2S_CONFIG=str(config))
     assert result.returncode == 0, result.stderr
     assert stubbed.calls("t2s") == [f"train --config {config}"]
@@ -208,6 +215,7 @@ def test_a_mounted_file_wins_over_yaml_text(stubbed):
 
 
 def test_T2S_SET_becomes_set_flags_and_can_change_the_run_id(stubbed):
+    stubbed.prepped(stubbed.work / "runs/r2")
     result = stubbed.run("train", T2S_CONFIG_YAML="run_id: r1\n", T2S_SET="run_id=r2  train.max_steps=5 ")
     assert result.returncode == 0, result.stderr
     assert stubbed.calls("t2s") == ["train --config runs/r2/config.env.yaml --set run_id=r2 --set train.max_steps=5"]
@@ -236,6 +244,7 @@ def test_missing_config_is_a_one_line_error_and_the_pod_still_terminates(stubbed
 
 
 def test_a_failing_job_exits_with_its_code_and_its_log_is_written(stubbed):
+    stubbed.prepped(stubbed.work / "runs/r1")
     result = stubbed.run("train", T2S_CONFIG_YAML="run_id: r1\n", STUB_T2S_RC="3")
     assert result.returncode == 3
     log = stubbed.log(stubbed.work / "runs/r1", "train")
@@ -306,6 +315,7 @@ def test_the_log_is_appended_to_across_attempts(stubbed):
 
 @pytest.mark.parametrize("term_rc", [0, 7])
 def test_sigterm_is_forwarded_and_the_jobs_code_returned(stubbed, term_rc):
+    stubbed.prepped(stubbed.work / "runs/r1")
     proc = subprocess.Popen(
         [str(ENTRYPOINTS / "run-job"), "train"],
         env={**stubbed.env, "T2S_CONFIG_YAML": "run_id: r1\n", "STUB_T2S_SLEEP": "60",
@@ -343,6 +353,97 @@ def test_a_process_left_behind_by_the_job_cannot_keep_the_pod_alive(stubbed):
     assert time.monotonic() - started < 20
     assert stubbed.calls("infra") == ["upload-logs runs/r1", "self-terminate --exit-code 5"]
     assert "left a sleeper behind" in stubbed.log(stubbed.work / "runs/r1", "train")
+
+
+# --- what `docker run t2s:<job>` means on a fresh volume, and what it leaves ---------------------------------
+
+
+def test_train_on_a_run_without_prep_says_so_in_one_line_and_runs_prep_first(stubbed):
+    result = stubbed.run("train", "--set", "train.max_steps=5", "--force", T2S_CONFIG_YAML="run_id: r1\n",
+                         T2S_SET="data.max_rows=50")
+    assert result.returncode == 0, result.stderr
+    # prep gets the same config and --set overrides (not --force, which is train's); then train, as asked.
+    assert stubbed.calls("t2s") == [
+        "prep --config runs/r1/config.env.yaml --set data.max_rows=50 --set train.max_steps=5",
+        "train --config runs/r1/config.env.yaml --set data.max_rows=50 --set train.max_steps=5 --force",
+    ]
+    said = [line for line in result.stdout.splitlines() if "prep has not run" in line]
+    assert said == ["== entrypoint train: prep has not run in runs/r1: running t2s prep first"]
+
+
+def test_a_set_run_id_among_the_arguments_names_the_run_whose_prep_is_checked(stubbed):
+    stubbed.prepped(stubbed.work / "runs/other")
+    result = stubbed.run("train", "--set", "run_id=other", T2S_CONFIG_YAML="run_id: r1\n")
+    assert result.returncode == 0, result.stderr
+    assert stubbed.calls("t2s") == ["train --config runs/other/config.env.yaml --set run_id=other"]
+    assert (stubbed.work / "runs/other/logs/entrypoint-train.log").is_file()
+
+
+def test_a_failing_prep_stops_there_with_its_error_as_the_last_line(stubbed):
+    _write_exe(stubbed.stubs / "t2s", '#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> "$STUB_DIR/t2s.calls"\n'
+                                      'echo "t2s $1: error: data.source nowhere.jsonl does not exist" >&2\nexit 2\n')
+    result = _run_merged(stubbed, "train", T2S_CONFIG_YAML="run_id: r1\n")
+    assert result.returncode == 2
+    assert [call.split()[0] for call in stubbed.calls("t2s")] == ["prep"]
+    assert result.stdout.splitlines()[-1] == "t2s prep: error: data.source nowhere.jsonl does not exist"
+    assert "t2s prep exited with code 2" in stubbed.log(stubbed.work / "runs/r1", "train")
+
+
+def _run_merged(box: Box, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Runs the entrypoint with stderr into stdout, as `docker logs` shows a container's output."""
+    return subprocess.run([str(ENTRYPOINTS / "run-job"), *args], env={**box.env, **env}, cwd=box.root,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+
+
+def test_a_failing_jobs_one_line_error_is_the_last_line_after_the_clean_up(stubbed):
+    _write_exe(stubbed.stubs / "t2s", '#!/usr/bin/env bash\necho "t2s merge: error: no adapter in runs/r1" >&2\n'
+                                      'echo "a later line that is not the error"\nexit 2\n')
+    # t2s-infra's output (upload-logs, self-terminate) comes after the job's and must not end the log.
+    result = _run_merged(stubbed, "merge", T2S_CONFIG_YAML="run_id: r1\n", RUNPOD_POD_ID="pod-123")
+    assert result.returncode == 2
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "t2s merge: error: no adapter in runs/r1"
+    assert any("stub t2s-infra self-terminate" in line for line in lines[:-1])
+
+
+def test_an_error_from_an_earlier_attempt_is_not_repeated(stubbed):
+    _write_exe(stubbed.stubs / "t2s", '#!/usr/bin/env bash\necho "t2s eval: error: old failure" >&2\nexit 2\n')
+    stubbed.run("eval", T2S_CONFIG_YAML="run_id: r1\n")
+    _write_exe(stubbed.stubs / "t2s", "#!/usr/bin/env bash\necho Traceback, no error line\nexit 1\n")
+    result = _run_merged(stubbed, "eval", T2S_CONFIG_YAML="run_id: r1\n")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == ("entrypoint eval: error: t2s eval failed with exit code 1; "
+                                              "its log: runs/r1/logs/entrypoint-eval.log")
+
+
+def test_success_ends_with_the_summary_not_an_error(stubbed):
+    result = _run_merged(stubbed, "eval", T2S_CONFIG_YAML="run_id: r1\n")
+    assert result.returncode == 0
+    assert "error" not in result.stdout
+
+
+@pytest.mark.parametrize("owner", ["1000", "me:me", "1000:1000 ; rm -rf /"])
+def test_a_malformed_T2S_OWNER_is_a_one_line_error_before_the_job(stubbed, owner):
+    result = stubbed.run("prep", T2S_CONFIG_YAML="run_id: r1\n", T2S_OWNER=owner)
+    assert result.returncode == 2
+    assert f"T2S_OWNER={owner} is not uid:gid" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert stubbed.calls("t2s") == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing files to another uid needs root")
+def test_T2S_OWNER_hands_the_run_dir_to_that_user_at_exit_even_after_a_failure(stubbed):
+    result = stubbed.run("prep", T2S_CONFIG_YAML="run_id: r1\n", T2S_OWNER="4242:4343", STUB_T2S_RC="3")
+    assert result.returncode == 3
+    run_dir = stubbed.work / "runs/r1"
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in [run_dir, *run_dir.rglob("*")]}
+    assert owners == {(4242, 4343)}
+
+
+def test_a_user_without_a_writable_home_gets_one(stubbed):
+    _write_exe(stubbed.stubs / "t2s", '#!/usr/bin/env bash\necho "home=$HOME"\ntouch "$HOME/cache"\n')
+    result = stubbed.run("prep", T2S_CONFIG_YAML="run_id: r1\n", HOME="/nonexistent")
+    assert result.returncode == 0, result.stderr
+    assert f"home={stubbed.root}/t2s-home-{os.geteuid()}" in result.stdout
 
 
 def test_secrets_never_reach_the_output_or_the_logs(stubbed):
