@@ -1,6 +1,7 @@
 # t2s — the two commands that do all set-up on a fresh machine: `make demo` and `make test`.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The cu12 set's pins (transformers 5.x, trl 1.x, typer 0.29, matplotlib 3.11) need Python 3.11+; the image ships 3.11.
+PYTHON ?= $(or $(shell command -v python3.11 2>/dev/null),python3)
 VENV := .venv
 BIN := $(VENV)/bin
 VENV_CU118 := .venv-cu118
@@ -10,12 +11,16 @@ PYTHON_CU118 ?= $(firstword $(foreach python,python3.10 $(wildcard $(or $(PYENV_
 CONFIG ?= configs/default.yaml
 RUN ?=
 
-.PHONY: install install-cu118 demo test test-cu12 test-cu118 pipeline launch-train logs watch down images push-images clean
+.PHONY: install install-cu118 demo test test-cu12 test-cu118 pipeline launch-train logs watch down images images-committed push-images image-smoke clean
 
 # One-time install into .venv: the CPU build of torch, then the exact package set the cu12 image ships.
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml images/requirements-cu12.txt
-	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "t2s needs Python 3.10+"'
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "install: error: $(PYTHON)\
+	 is $$($(PYTHON) --version 2>/dev/null || echo "not found"), but t2s needs Python 3.11+: install python3.11 with its venv module\
+	 (apt-get install python3.11-venv, or pyenv install 3.11) and rerun with PYTHON=python3.11 (or its path)" >&2; exit 2; }
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { echo "install: error: $(PYTHON) has no venv/ensurepip module:\
+	 install it (apt-get install python3.11-venv) or point PYTHON= at a full Python 3.11" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -70,21 +75,49 @@ clean:
 	rm -rf runs $(VENV) $(VENV_CU118)
 
 # --- images (images/README.md) ---
-# cu12 is the default flavor; cu118 (torch 2.1) is built on request. `make test` runs the suite on both sets.
+# Local tags t2s:<job> and t2s:<job>-<flavor>; push-images publishes $(REGISTRY)/t2s:<job>-<flavor> (moving) and
+# $(REGISTRY)/t2s:<job>-<flavor>-<git short sha> (immutable). t2s-infra launches $(REGISTRY)/t2s:pipeline-cu12 by default.
 FLAVOR ?= cu12
 IMAGE_JOBS := prep train merge eval push pipeline
-# REGISTRY and IMAGE_TAG: from the command line or the environment, else from .env (only these two lines are read).
-REGISTRY ?= $(shell sed -n 's/^REGISTRY=//p' .env 2>/dev/null)
-IMAGE_TAG ?= $(or $(shell sed -n 's/^IMAGE_TAG=//p' .env 2>/dev/null),$(FLAVOR)-$(shell git rev-parse --short HEAD 2>/dev/null || echo dev))
+# REGISTRY: from the command line or the environment, else from .env (only that line is read), else ghcr.io/t2s.
+REGISTRY ?= $(or $(shell sed -n 's/^REGISTRY=//p' .env 2>/dev/null),ghcr.io/t2s)
+# The flavor's base (images/Dockerfile's default unless BASE_IMAGE=...), passed for BOTH flavor stages: the legacy
+# builder builds every stage up to the target and would otherwise pull the other flavor's base too.
+BASE_IMAGE ?= $(shell sed -n 's/^ARG BASE_IMAGE_$(shell echo $(FLAVOR) | tr a-z A-Z)=//p' images/Dockerfile)
+# BuildKit where buildx is installed, else the legacy builder; DOCKER_BUILDKIT=0|1 from the environment decides.
+DOCKER_BUILDKIT ?= $(if $(shell docker buildx version 2>/dev/null),1,0)
+# BUILD_NETWORK=host for an engine without a bridge network (images/smoke.sh).
+BUILD_NETWORK ?=
+IMAGE_BUILD_ARGS = --build-arg FLAVOR=$(FLAVOR) --build-arg BASE_IMAGE_CU12=$(BASE_IMAGE) --build-arg BASE_IMAGE_CU118=$(BASE_IMAGE) \
+  $(if $(filter undefined,$(origin FLASH_ATTN_WHEEL)),,--build-arg FLASH_ATTN_WHEEL=$(FLASH_ATTN_WHEEL)) \
+  $(if $(BUILD_NETWORK),--network $(BUILD_NETWORK))
+GIT_SHA = $(shell git rev-parse --short HEAD 2>/dev/null)
+# What goes into the image (.dockerignore's allow-list): a pushed tag names a commit only when these are committed.
+IMAGE_SOURCES := pyproject.toml README.md jobs infra configs entrypoints images
 
 images:
+	@test -n "$(BASE_IMAGE)" || { echo "images: error: FLAVOR=$(FLAVOR) is not a flavor: use cu12 or cu118" >&2; exit 2; }
+	@command -v docker >/dev/null || { echo "images: error: no docker command: install Docker (docs.docker.com/engine/install)" >&2; exit 2; }
 	@for job in $(IMAGE_JOBS); do \
-	  DOCKER_BUILDKIT=1 docker build -f images/Dockerfile --build-arg FLAVOR=$(FLAVOR) --target $$job \
+	  echo "== t2s:$$job ($(FLAVOR), base $(BASE_IMAGE), DOCKER_BUILDKIT=$(DOCKER_BUILDKIT))"; \
+	  DOCKER_BUILDKIT=$(DOCKER_BUILDKIT) docker build -f images/Dockerfile $(strip $(IMAGE_BUILD_ARGS)) --target $$job \
 	    -t t2s:$$job -t t2s:$$job-$(FLAVOR) . || exit 1; \
 	done
 
-push-images: images
-	@test -n "$(REGISTRY)" || { echo "push-images: error: set REGISTRY (e.g. REGISTRY=docker.io/you in .env)" >&2; exit 2; }
+push-images: images-committed images
 	@for job in $(IMAGE_JOBS); do \
-	  docker tag t2s:$$job $(REGISTRY)/t2s:$$job-$(IMAGE_TAG) && docker push $(REGISTRY)/t2s:$$job-$(IMAGE_TAG) || exit 1; \
+	  for tag in $(REGISTRY)/t2s:$$job-$(FLAVOR) $(REGISTRY)/t2s:$$job-$(FLAVOR)-$(GIT_SHA); do \
+	    docker tag t2s:$$job-$(FLAVOR) $$tag && docker push $$tag || { echo "push-images: error: docker push $$tag failed\
+	 (its message is above; not logged in? docker login $(firstword $(subst /, ,$(REGISTRY))))" >&2; exit 1; }; \
+	  done; \
 	done
+
+# Checked before building: the pushed -<sha> tag must name what the image holds.
+images-committed:
+	@test -n "$(GIT_SHA)" || { echo "push-images: error: not a git checkout: the pushed tags name the commit they were built from" >&2; exit 2; }
+	@test -z "$$(git status --porcelain -- $(IMAGE_SOURCES))" || { echo "push-images: error: uncommitted changes in\
+	 $(IMAGE_SOURCES): commit them first, so that the tag -$(GIT_SHA) names what the image holds" >&2; exit 2; }
+
+# Builds the cu12 image on a CPU stand-in base and runs every job image on the tiny model (images/smoke.sh).
+image-smoke: install
+	images/smoke.sh
