@@ -77,10 +77,11 @@ clean:
 # --- images (images/README.md) ---
 # Local tags t2s:<job> and t2s:<job>-<flavor>; push-images publishes $(REGISTRY)/t2s:<job>-<flavor> (moving) and
 # $(REGISTRY)/t2s:<job>-<flavor>-<git short sha> (immutable). t2s-infra launches $(REGISTRY)/t2s:pipeline-cu12 by default.
-FLAVOR ?= cu12
-IMAGE_JOBS := prep train merge eval push pipeline
-# REGISTRY: from the command line or the environment, else from .env (only that line is read), else ghcr.io/t2s.
+# FLAVOR and REGISTRY: from the command line or the environment, else from .env (only these two lines are read),
+# else cu12 and ghcr.io/t2s.
+FLAVOR ?= $(or $(shell sed -n 's/^FLAVOR=//p' .env 2>/dev/null),cu12)
 REGISTRY ?= $(or $(shell sed -n 's/^REGISTRY=//p' .env 2>/dev/null),ghcr.io/t2s)
+IMAGE_JOBS := prep train merge eval push pipeline
 # The flavor's base (images/Dockerfile's default unless BASE_IMAGE=...), passed for BOTH flavor stages: the legacy
 # builder builds every stage up to the target and would otherwise pull the other flavor's base too.
 BASE_IMAGE ?= $(shell sed -n 's/^ARG BASE_IMAGE_$(shell echo $(FLAVOR) | tr a-z A-Z)=//p' images/Dockerfile)

@@ -138,7 +138,8 @@ t2s_repeat_error() {
   local rc="$1" line=""
   [ "$rc" -ne 0 ] && [ -n "$_t2s_log" ] || return 0
   if [ -f "$_t2s_log" ]; then
-    line="$(tail -c +"$((_t2s_log_start + 1))" "$_t2s_log" | grep -E '^t2s [a-z]+: error: ' | tail -n 1)" || true
+    # (not anchored: a progress bar's unterminated line may precede it in the log)
+    line="$(tail -c +"$((_t2s_log_start + 1))" "$_t2s_log" | grep -oE 't2s [a-z]+: error: .*' | tail -n 1)" || true
   fi
   printf '%s\n' "${line:-entrypoint $_t2s_job: error: t2s $_t2s_job failed with exit code $rc; its log: $_t2s_log}" >&2
 }

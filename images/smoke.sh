@@ -34,10 +34,12 @@ DOCKERD_PID=""
 CONTAINERS=()
 TIMES=()
 FAILED=1
+ERROR=""
 
 say() { printf '== image-smoke: %s\n' "$*"; }
+# One line saying what is wrong and how to fix it; printed last, after the clean-up's own lines.
 die() {
-  printf 'image-smoke: error: %s\n' "$*" >&2
+  ERROR="$*"
   exit 1
 }
 
@@ -146,13 +148,14 @@ cleanup() {
     stop_private_engine
   fi
   if [ -n "$WORK" ]; then
-    if [ "${T2S_SMOKE_KEEP:-}" = 1 ] || { [ "$FAILED" = 1 ] && [ -d "$WORK/logs" ]; }; then
+    if [ "${T2S_SMOKE_KEEP:-}" = 1 ] || { [ "$FAILED" = 1 ] && [ -n "$(ls -A "$WORK/logs" 2>/dev/null)" ]; }; then
       rm -rf "$WORK/ctx" "$WORK/ctx-base" "$WORK/rootfs" "$WORK/exec"
-      printf 'image-smoke: work dir kept for its logs: %s\n' "$WORK" >&2
+      say "work dir kept for its logs: $WORK"
     else
       rm -rf "$WORK"
     fi
   fi
+  [ -z "$ERROR" ] || printf 'image-smoke: error: %s\n' "$ERROR" >&2
   exit "$rc"
 }
 
@@ -240,7 +243,7 @@ check_base() {
   local out
   out="$(docker run --rm --network none --entrypoint python "$BASE" -W ignore -c \
     'import sys, torch; assert sys.version_info[:2] == (3, 11), sys.version; print(torch.__version__)' 2>&1)" \
-    || die "$BASE is not a Python 3.11 image with torch on PATH ($(printf '%s' "$out" | tail -n 1)): pass another T2S_SMOKE_BASE, or remove it (docker rmi $BASE) so that it is made again"
+    || die "$BASE is not a Python 3.11 image with torch on PATH ($(printf '%s' "$out" | grep -v -e '--help' -e '^$' | tail -n 1 | sed 's/.*exec: //' | cut -c1-160)): pass another T2S_SMOKE_BASE, or remove it (docker rmi $BASE) so that it is made again"
   say "base $BASE: torch $(printf '%s' "$out" | tail -n 1)"
 }
 
@@ -302,8 +305,8 @@ volume() {  # a fresh runs folder belonging to the owner
 main() {
   local started=$SECONDS
   trap cleanup EXIT
-  trap 'exit 130' INT
-  trap 'exit 143' TERM
+  trap 'ERROR="interrupted"; exit 130' INT
+  trap 'ERROR="stopped (SIGTERM)"; exit 143' TERM
   mkdir -p "$CACHE" || die "cannot create T2S_SMOKE_CACHE=$CACHE"
   exec 9>"$CACHE/lock"
   flock -n 9 || die "another image-smoke is running on $CACHE: wait for it, or set T2S_SMOKE_CACHE to another folder"
