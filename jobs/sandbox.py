@@ -14,11 +14,13 @@ run_readonly is the runner itself; it applies every limit but the kill and the m
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import resource
 import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -54,7 +56,8 @@ MAX_VALUE_BYTES = 100_000  # longest string or blob a query may build (Python >=
 MAX_RESULT_BYTES = 50_000_000  # characters and bytes of a result's values, numbers and NULLs counting 8
 WORKER_MEMORY_BYTES = 1 << 30  # address space of one worker: Python, SQLite, its databases and one query's rows
 KILL_GRACE_S = 0.5  # how long past its time limit a query may run before its worker is killed
-TASK_BUDGET_S = 60.0  # a task's time outside its queries (parsing, building databases) before its worker is killed
+TASK_BUDGET_S = 60.0  # a task's time between queries (parsing, building databases) before its worker is killed
+WATCH_EVERY_S = 0.05  # how often a Sandbox looks at its busy workers' deadlines
 OUT_OF_MEMORY_EXIT = 3  # a worker's exit code when Python itself ran out of memory
 
 
@@ -85,7 +88,17 @@ class QueryRows:
 
 # ---------- the runner ----------
 
-_parent: Connection | None = None  # in a worker: the pipe to its Sandbox, told when each query starts and ends
+# A worker's deadline, shared with its Sandbox through a small memory-mapped file: when it must be done by
+# (time.monotonic(), the same clock in every process), the running query's time limit (0 between queries) and its
+# role. The worker writes it as each query starts and ends, without waking the Sandbox, which reads it as it watches.
+DEADLINE = struct.Struct("dd32s")
+_deadline: mmap.mmap | None = None  # set in a worker
+
+
+def set_deadline(seconds: float, limit_s: float = 0.0, role: str = "") -> None:
+    """In a worker: the Sandbox may kill it `seconds` from now (a no-op elsewhere)."""
+    if _deadline is not None:
+        DEADLINE.pack_into(_deadline, 0, time.monotonic() + seconds, limit_s, role.encode()[:32])
 
 
 def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit: int,
@@ -117,8 +130,7 @@ def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit
     old_length = conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES) if hasattr(conn, "setlimit") else None
     conn.set_authorizer(authorize)
     conn.set_progress_handler(past_deadline, PROGRESS_STEPS)
-    if _parent is not None:
-        _parent.send(("query", role, timeout_s))
+    set_deadline(timeout_s + KILL_GRACE_S, timeout_s, role)
     try:
         cursor = conn.execute(sql)
         rows, size = [], 0
@@ -139,8 +151,7 @@ def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit
             raise QueryTimeout(f"ran past {timeout_s:g} s") from None
         raise QueryFailed(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
     finally:
-        if _parent is not None:
-            _parent.send(("idle",))
+        set_deadline(TASK_BUDGET_S)
         conn.set_progress_handler(None, 0)
         # Python 3.10 (the CUDA 11.8 image) takes None as an authorizer that denies everything
         conn.set_authorizer(None if sys.version_info >= (3, 11) else lambda *_: sqlite3.SQLITE_OK)
@@ -227,20 +238,24 @@ def identifier(name: str) -> str:
 # ---------- worker processes ----------
 
 def serve() -> None:
-    """A worker's loop (`python -c "from jobs.sandbox import serve; serve()" FD MEMORY_BYTES`, started by a
-    Sandbox): cap the address space, then run each (function, args) received and send back what came of it."""
-    global _parent
-    _parent = Connection(int(sys.argv[1]))
+    """A worker's loop (`python -c "from jobs.sandbox import serve; serve()" PIPE_FD DEADLINE_FILE MEMORY_BYTES`,
+    started by a Sandbox): cap the address space, then run each (function, args) received and send back what came
+    of it, with the worker's peak resident memory."""
+    global _deadline
+    pipe = Connection(int(sys.argv[1]))
+    with open(sys.argv[2], "r+b") as file:
+        _deadline = mmap.mmap(file.fileno(), DEADLINE.size)
     try:
-        resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), int(sys.argv[2])))
+        resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[3]), int(sys.argv[3])))
     except (ValueError, OSError):  # a platform without RLIMIT_AS (macOS): the time and size limits still hold
         pass
-    _parent.send(("ready",))
+    pipe.send(("ready",))
     while True:
         try:
-            function, args = _parent.recv()
+            function, args = pipe.recv()
         except EOFError:  # the Sandbox closed, or its process ended
             return
+        set_deadline(TASK_BUDGET_S)
         try:
             outcome = ("done", function(*args))
         except QueryError as error:
@@ -249,37 +264,58 @@ def serve() -> None:
             os._exit(OUT_OF_MEMORY_EXIT)
         except Exception:
             outcome = ("crashed", traceback.format_exc())
-        _parent.send((*outcome, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+        DEADLINE.pack_into(_deadline, 0, 0.0, 0.0, b"")
+        pipe.send((*outcome, peak_memory_bytes()))
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM, not getrusage: its ru_maxrss carries over the parent's
+    peak through fork and exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
 
 
 @dataclass(eq=False)
 class _Worker:
     process: subprocess.Popen
     pipe: Connection
+    deadline: mmap.mmap  # shared with the worker: see DEADLINE
     started: bool = False  # it has said it is ready
     task: int | None = None  # the index of the task it runs; None when idle
-    role: str = ""  # what it runs now: a query's role, or "" between queries
-    limit_s: float = 0.0  # the running query's time limit
-    deadline: float = float("inf")  # when it gets killed
-    task_deadline: float = float("inf")
+    sent_at: float = 0.0  # when its task was sent
+
+    def overdue(self) -> QueryTimeout | None:
+        """The timeout to kill it for, when it is past its deadline; None otherwise."""
+        deadline, limit_s, role = DEADLINE.unpack_from(self.deadline)
+        if not deadline:  # it has not started the task yet
+            deadline = self.sent_at + TASK_BUDGET_S
+        if time.monotonic() < deadline or DEADLINE.unpack_from(self.deadline)[0] not in (deadline, 0.0):
+            return None  # in time, or it moved on while being read
+        error = QueryTimeout(f"ran past {limit_s:g} s" if limit_s else
+                             f"its work between queries ran past {TASK_BUDGET_S:g} s")
+        error.role = role.rstrip(b"\0").decode(errors="replace")
+        return error
 
 
 class Sandbox:
-    """A pool of worker processes that run functions calling run_readonly, each under the worker's memory cap;
-    the Sandbox kills a worker whose query runs KILL_GRACE_S past its time limit, or whose task spends
-    `task_budget_s` outside its queries, and starts a fresh one in its place.
+    """A pool of worker processes that run functions calling run_readonly, each under the worker's memory cap.
+    The Sandbox kills a worker whose query runs KILL_GRACE_S past its time limit, or that spends TASK_BUDGET_S
+    between queries, and starts a fresh one in its place.
 
         with Sandbox(workers=4) as sandbox:
             for result in sandbox.map(function, tasks, if_killed): ...
             rows = sandbox.query_file("shop.sqlite", "SELECT ...", timeout_s=5, row_limit=1000)
     """
 
-    def __init__(self, workers: int = 1, memory_bytes: int = WORKER_MEMORY_BYTES,
-                 task_budget_s: float = TASK_BUDGET_S):
-        self.memory_bytes, self.task_budget_s = memory_bytes, task_budget_s
+    def __init__(self, workers: int = 1, memory_bytes: int = WORKER_MEMORY_BYTES):
+        self.memory_bytes = memory_bytes
         self.kills = 0  # workers killed or lost
         self.peak_worker_memory_bytes = 0  # the largest resident size a worker reported
-        self._private = tempfile.TemporaryDirectory(prefix="t2s-sandbox-")  # private copies of WAL databases
+        self._private = tempfile.TemporaryDirectory(prefix="t2s-sandbox-")  # deadline files, copies of WAL databases
         self._copies: dict[tuple, Path] = {}
         self._workers: list[_Worker] = []
         self._closer = weakref.finalize(self, _stop_workers, self._workers)
@@ -297,9 +333,9 @@ class Sandbox:
 
     def map(self, function: Callable, tasks: Iterable[tuple], if_killed: Callable[[tuple, QueryError], Any]) -> Iterator:
         """function(*task) for each task, run in the workers, in the tasks' order. A task that ends in a QueryError
-        (raised by the function, or made by the Sandbox when it killed or lost the worker) gives
-        if_killed(task, error) instead, computed here. `function` must be importable by name (pickled by reference);
-        a function that fails otherwise is a bug: RuntimeError with the worker's traceback."""
+        (raised by the function, or made here when the Sandbox killed or lost its worker, with `role` set) gives
+        if_killed(task, error) instead, computed here. `function` must be importable by name (it is pickled by
+        reference); any other exception in it is a bug: RuntimeError with the worker's traceback."""
         tasks = list(tasks)
         results: dict[int, Any] = {}
         sent = yielded = 0
@@ -335,60 +371,55 @@ class Sandbox:
 
     def _start(self) -> _Worker:
         ours, theirs = Pipe()
+        deadline_file = Path(tempfile.mkstemp(dir=self._private.name, suffix=".deadline")[1])
+        deadline_file.write_bytes(bytes(DEADLINE.size))
+        with open(deadline_file, "r+b") as file:
+            deadline = mmap.mmap(file.fileno(), DEADLINE.size)
         package_root = str(Path(__file__).resolve().parents[1])  # so the worker imports this very jobs package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
         process = subprocess.Popen(
-            [sys.executable, "-c", "from jobs.sandbox import serve; serve()", str(theirs.fileno()),
+            [sys.executable, "-c", "from jobs.sandbox import serve; serve()", str(theirs.fileno()), str(deadline_file),
              str(self.memory_bytes)],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
             start_new_session=True)  # Ctrl-C in a terminal reaches the job, not its workers
         theirs.close()
-        return _Worker(process, ours)
+        return _Worker(process, ours, deadline)
 
     def _send(self, worker: _Worker, function: Callable, tasks: list[tuple], index: int) -> None:
-        worker.task, worker.role = index, ""
-        worker.deadline = worker.task_deadline = time.monotonic() + self.task_budget_s
+        worker.task, worker.sent_at = index, time.monotonic()
         try:
             worker.pipe.send((function, tasks[index]))
         except (BrokenPipeError, ConnectionResetError):
             pass  # it died while idle: _watch sees the closed pipe and reports the task as lost
 
     def _watch(self, tasks: list[tuple], results: dict[int, Any], if_killed: Callable) -> None:
-        """Waits for the next message from a busy worker, or the first deadline, and acts on it."""
+        """Waits for a busy worker's message, or WATCH_EVERY_S, then kills the workers past their deadline."""
         busy = [(index, worker) for index, worker in enumerate(self._workers) if worker.task is not None]
-        timeout = max(0.0, min(worker.deadline for _, worker in busy) - time.monotonic())
-        ready = wait([worker.pipe for _, worker in busy], timeout)
+        ready = wait([worker.pipe for _, worker in busy], WATCH_EVERY_S)
         for index, worker in busy:
             if worker.pipe in ready:
                 self._receive(index, tasks, results, if_killed)
-            elif time.monotonic() > worker.deadline:
-                if worker.role:
-                    error: QueryError = QueryTimeout(f"ran past {worker.limit_s:g} s")
-                else:
-                    error = QueryTimeout(f"its work outside queries ran past {self.task_budget_s:g} s")
-                self._give_up(index, error, tasks, results, if_killed)
+            elif (timeout := worker.overdue()) is not None:
+                self._give_up(index, timeout, tasks, results, if_killed)
 
     def _receive(self, index: int, tasks: list[tuple], results: dict[int, Any], if_killed: Callable) -> None:
         worker = self._workers[index]
         try:
             kind, *body = worker.pipe.recv()
         except (EOFError, OSError):
-            self._give_up(index, QueryFailed(self._death(worker)), tasks, results, if_killed)
+            lost = QueryFailed(self._death(worker))
+            lost.role = DEADLINE.unpack_from(worker.deadline)[2].rstrip(b"\0").decode(errors="replace")
+            self._give_up(index, lost, tasks, results, if_killed)
             return
         if kind == "ready":
             worker.started = True
-        elif kind == "query":
-            worker.role, worker.limit_s = body
-            worker.deadline = time.monotonic() + worker.limit_s + KILL_GRACE_S
-        elif kind == "idle":
-            worker.role, worker.deadline = "", worker.task_deadline
-        else:
-            value, peak_bytes = body
-            self.peak_worker_memory_bytes = max(self.peak_worker_memory_bytes, peak_bytes)
-            task, worker.task = worker.task, None
-            if kind == "crashed":
-                raise RuntimeError(f"a sandbox worker failed on task {tasks[task]!r:.200}:\n{value}")
-            results[task] = if_killed(tasks[task], value) if kind == "raised" else value
+            return
+        value, peak_bytes = body
+        self.peak_worker_memory_bytes = max(self.peak_worker_memory_bytes, peak_bytes)
+        task, worker.task = worker.task, None
+        if kind == "crashed":
+            raise RuntimeError(f"a sandbox worker failed on task {tasks[task]!r:.200}:\n{value}")
+        results[task] = if_killed(tasks[task], value) if kind == "raised" else value
 
     def _give_up(self, index: int, error: QueryError, tasks: list[tuple], results: dict[int, Any],
                  if_killed: Callable) -> None:
@@ -396,7 +427,7 @@ class Sandbox:
         worker = self._workers[index]
         if not worker.started and worker.process.poll() is not None:
             raise RuntimeError(f"a sandbox worker could not start ({self._death(worker)}); its error is above")
-        error.role, task = worker.role, worker.task
+        task = worker.task
         self._replace(index)
         self.kills += 1
         results[task] = if_killed(tasks[task], error)
@@ -440,6 +471,7 @@ def _stop_workers(workers: list[_Worker]) -> None:
         worker.pipe.close()
         worker.process.kill()  # a worker holds nothing worth a graceful stop
         worker.process.wait()
+        worker.deadline.close()
 
 
 _shared: Sandbox | None = None
