@@ -1,11 +1,13 @@
 """What running predicted SQL in sandbox workers costs eval's scoring, against scoring in the job's own process.
 
+    git archive 320ff8e | tar -x -C /tmp/before     # the last commit that scored in the job's own process
     python bench/sandbox_cost.py --rows ../shared/data/sql-create-context/validation.jsonl --out bench/results/cpu \
-        [--repeats 3] [--workers 1,2]
+        --before /tmp/before [--repeats 3] [--workers 1,2]
 
 Scores every row with its gold query as the prediction (jobs.scoring.score_answer: SQL-only, exact match,
 execution on 3 generated databases, 1 s limit), as eval does, in the same invocation:
-  in_process   a plain loop in this process: how eval scored before the sandbox (nothing can kill a stuck query)
+  before       --before's eval.score in a plain loop (in a child process, which imports that tree's jobs package)
+  in_process   this tree's score_answer in a plain loop in this process: the same work as the workers do
   workers_N    eval.score_answers through a Sandbox of N workers (started before the clock runs)
 then the sandbox's fixed costs: starting a worker, and a printf bomb killed at its limit and its worker replaced.
 Prints and writes one JSON file (sandbox_cost_py<version>.json).
@@ -39,6 +41,7 @@ parser.add_argument("--rows", required=True)
 parser.add_argument("--out", required=True)
 parser.add_argument("--repeats", type=int, default=3)
 parser.add_argument("--workers", default="1,2")
+parser.add_argument("--before", help="a checkout of t2s from before the sandbox, to time its in-process scoring")
 args = parser.parse_args()
 
 rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()]
@@ -54,6 +57,26 @@ def in_process() -> list[dict]:
             for seed, (row, answer) in enumerate(zip(rows, answers))]
 
 
+BEFORE = """
+import json, sys, time
+from collections import Counter
+from jobs import eval
+from jobs.config import EvalConfig
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+started = time.perf_counter()
+scored = [eval.score(row, row["answer"], EvalConfig(), seed=i) for i, row in enumerate(rows)]
+print(json.dumps([time.perf_counter() - started, Counter(s["execution"] for s in scored)]))
+"""
+
+
+def before() -> tuple[float, list[dict]]:
+    """The older tree's scoring, timed inside its own process (its imports left out)."""
+    done = subprocess.run([sys.executable, "-c", BEFORE, args.rows], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": args.before})
+    seconds, outcomes = json.loads(done.stdout)
+    return seconds, [{"execution": outcome} for outcome, count in outcomes.items() for _ in range(count)]
+
+
 def timed(score) -> tuple[float, list[dict]]:
     started = time.perf_counter()
     scored = score()
@@ -65,9 +88,11 @@ sandboxes = {f"workers_{n}": Sandbox(workers=int(n)) for n in args.workers.split
 for name, sandbox in sandboxes.items():  # start-up and first imports (sqlglot) out of the timed runs
     eval_job.score_answers(rows[:8], answers[:8], cfg, sandbox)
 for repeat in range(args.repeats):  # interleaved, so a noisy neighbour hits every configuration alike
-    for name, score in [("in_process", in_process), *((n, lambda s=s: eval_job.score_answers(rows, answers, cfg, s))
-                                                       for n, s in sandboxes.items())]:
-        seconds, scored = timed(score)
+    configurations = [("in_process", lambda: timed(in_process)),
+                      *((n, lambda s=s: timed(lambda: eval_job.score_answers(rows, answers, cfg, s)))
+                        for n, s in sandboxes.items())]
+    for name, measure in ([("before", before)] if args.before else []) + configurations:
+        seconds, scored = measure()
         run = runs.setdefault(name, {"seconds": [], "outcomes": dict(Counter(s["execution"] for s in scored))})
         run["seconds"].append(round(seconds, 3))
         print(f"{name} #{repeat + 1}: {seconds:.2f} s, {len(rows) / seconds:.0f} rows/s", flush=True)
@@ -79,7 +104,9 @@ for name, run in runs.items():
     run["median_s"] = statistics.median(run["seconds"])
     run["rows_per_s"] = round(len(rows) / run["median_s"], 1)
     run["ms_per_row"] = round(run["median_s"] / len(rows) * 1000, 3)
-    run["vs_in_process"] = round(runs["in_process"]["median_s"] / run["median_s"], 2)
+    run["speed_vs_in_process"] = round(runs["in_process"]["median_s"] / run["median_s"], 2)
+    if args.before:
+        run["speed_vs_before"] = round(runs["before"]["median_s"] / run["median_s"], 2)
 
 starts = []
 for _ in range(5):  # a worker from nothing to its first answer (what a kill costs on top of the time limit)
@@ -107,7 +134,7 @@ results = {
     "versions": {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "sqlglot": version("sqlglot")},
     "commit": commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else ""),
     "config": {"rows": len(rows), "source": args.rows, "prediction": "the gold query", **settings,
-               "repeats": args.repeats},
+               "repeats": args.repeats, "before": args.before},
     "runs": runs,
     "worker_start_to_first_answer_s": {"median": round(statistics.median(starts), 3), "all": [round(s, 3) for s in starts]},
     "printf_bomb": {"outcome": bomb["execution"], "detail": bomb["execution_detail"], "limit_s": cfg.query_timeout_s,
