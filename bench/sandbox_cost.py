@@ -71,8 +71,8 @@ print(json.dumps([time.perf_counter() - started, Counter(s["execution"] for s in
 
 def before() -> tuple[float, list[dict]]:
     """The older tree's scoring, timed inside its own process (its imports left out)."""
-    done = subprocess.run([sys.executable, "-c", BEFORE, args.rows], capture_output=True, text=True, check=True,
-                          env={**os.environ, "PYTHONPATH": args.before})
+    done = subprocess.run([sys.executable, "-c", BEFORE, str(Path(args.rows).resolve())], capture_output=True,
+                          text=True, check=True, cwd=args.before, env={**os.environ, "PYTHONPATH": args.before})
     seconds, outcomes = json.loads(done.stdout)
     return seconds, [{"execution": outcome} for outcome, count in outcomes.items() for _ in range(count)]
 

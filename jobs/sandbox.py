@@ -238,8 +238,8 @@ def identifier(name: str) -> str:
 # ---------- worker processes ----------
 
 def serve() -> None:
-    """A worker's loop (`python -c "from jobs.sandbox import serve; serve()" PIPE_FD DEADLINE_FILE MEMORY_BYTES`,
-    started by a Sandbox): cap the address space, then run each (function, args) received and send back what came
+    """A worker's loop (`python -c "...; jobs.sandbox.serve()" PIPE_FD DEADLINE_FILE MEMORY_BYTES`, started by a
+    Sandbox): cap the address space, then run each (function, args) received and send back what came
     of it, with the worker's peak resident memory."""
     global _deadline
     pipe = Connection(int(sys.argv[1]))
@@ -375,12 +375,11 @@ class Sandbox:
         deadline_file.write_bytes(bytes(DEADLINE.size))
         with open(deadline_file, "r+b") as file:
             deadline = mmap.mmap(file.fileno(), DEADLINE.size)
-        package_root = str(Path(__file__).resolve().parents[1])  # so the worker imports this very jobs package
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
+        # sys.path[0] is the working directory under -c: the worker imports this very jobs package instead
+        boot = f"import sys; sys.path[0] = {str(Path(__file__).resolve().parents[1])!r}; import jobs.sandbox as s; s.serve()"
         process = subprocess.Popen(
-            [sys.executable, "-c", "from jobs.sandbox import serve; serve()", str(theirs.fileno()), str(deadline_file),
-             str(self.memory_bytes)],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+            [sys.executable, "-c", boot, str(theirs.fileno()), str(deadline_file), str(self.memory_bytes)],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             start_new_session=True)  # Ctrl-C in a terminal reaches the job, not its workers
         theirs.close()
         return _Worker(process, ours, deadline)
