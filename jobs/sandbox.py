@@ -88,25 +88,12 @@ class QueryRows:
 
 # ---------- the runner ----------
 
-# A worker's deadline, shared with its Sandbox through a small memory-mapped file: when it must be done by
-# (time.monotonic(), the same clock in every process), the running query's time limit (0 between queries) and its
-# role. The worker writes it as each query starts and ends, without waking the Sandbox, which reads it as it watches.
-DEADLINE = struct.Struct("dd32s")
-_deadline: mmap.mmap | None = None  # set in a worker
-
-
-def set_deadline(seconds: float, limit_s: float = 0.0, role: str = "") -> None:
-    """In a worker: the Sandbox may kill it `seconds` from now (a no-op elsewhere)."""
-    if _deadline is not None:
-        DEADLINE.pack_into(_deadline, 0, time.monotonic() + seconds, limit_s, role.encode()[:32])
-
-
 def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit: int,
                  role: str = "query") -> QueryRows:
     """The rows of one statement run with reading allowed only, under a time limit, a row limit and a size limit,
     checked row by row as they are fetched. Raises QueryRefused, QueryTimeout or QueryFailed. The connection's
-    handlers are removed afterwards. In a Sandbox worker, the Sandbox also kills a query that runs past its limit
-    and names it by `role` (e.g. "gold", "prediction")."""
+    handlers are removed afterwards. In a Sandbox worker, the Sandbox also kills a query that runs KILL_GRACE_S past
+    its limit, and reports it by `role` (e.g. "gold", "prediction")."""
     refused: list[str] = []
     timed_out = False
     deadline = time.monotonic() + timeout_s
@@ -130,7 +117,7 @@ def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit
     old_length = conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES) if hasattr(conn, "setlimit") else None
     conn.set_authorizer(authorize)
     conn.set_progress_handler(past_deadline, PROGRESS_STEPS)
-    set_deadline(timeout_s + KILL_GRACE_S, timeout_s, role)
+    _set_deadline(timeout_s + KILL_GRACE_S, timeout_s, role)
     try:
         cursor = conn.execute(sql)
         rows, size = [], 0
@@ -151,7 +138,7 @@ def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit
             raise QueryTimeout(f"ran past {timeout_s:g} s") from None
         raise QueryFailed(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
     finally:
-        set_deadline(TASK_BUDGET_S)
+        working_on(_role)
         conn.set_progress_handler(None, 0)
         # Python 3.10 (the CUDA 11.8 image) takes None as an authorizer that denies everything
         conn.set_authorizer(None if sys.version_info >= (3, 11) else lambda *_: sqlite3.SQLITE_OK)
@@ -237,14 +224,37 @@ def identifier(name: str) -> str:
 
 # ---------- worker processes ----------
 
+# A worker's deadline, shared with its Sandbox through a small memory-mapped file: when it must be done by
+# (time.monotonic(), the same clock in every process), the running query's time limit (0 between queries) and the
+# role of its work. The worker writes it as each query starts and ends, without waking the Sandbox, which reads it
+# as it watches, and reports the role when it kills the worker.
+DEADLINE = struct.Struct("dd32s")
+_deadline: mmap.mmap | None = None  # set in a worker
+_role = ""  # in a worker: what it works on between queries
+_budget_s = TASK_BUDGET_S  # in a worker: its Sandbox's time allowed between queries
+
+
+def working_on(role: str) -> None:
+    """In a worker: from now on its work (between queries) is `role`'s, e.g. the prediction's; a no-op elsewhere."""
+    global _role
+    _role = role
+    _set_deadline(_budget_s, 0.0, role)
+
+
+def _set_deadline(seconds: float, limit_s: float, role: str) -> None:
+    if _deadline is not None:
+        DEADLINE.pack_into(_deadline, 0, time.monotonic() + seconds, limit_s, role.encode()[:32])
+
+
 def serve() -> None:
-    """A worker's loop (`python -c "...; jobs.sandbox.serve()" PIPE_FD DEADLINE_FILE MEMORY_BYTES`, started by a
-    Sandbox): cap the address space, then run each (function, args) received and send back what came
+    """A worker's loop (`python -c "...; jobs.sandbox.serve()" PIPE_FD DEADLINE_FILE MEMORY_BYTES BUDGET_S`,
+    started by a Sandbox): cap the address space, then run each (function, args) received and send back what came
     of it, with the worker's peak resident memory."""
-    global _deadline
+    global _deadline, _budget_s
     pipe = Connection(int(sys.argv[1]))
     with open(sys.argv[2], "r+b") as file:
         _deadline = mmap.mmap(file.fileno(), DEADLINE.size)
+    _budget_s = float(sys.argv[4])
     try:
         resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[3]), int(sys.argv[3])))
     except (ValueError, OSError):  # a platform without RLIMIT_AS (macOS): the time and size limits still hold
@@ -255,7 +265,7 @@ def serve() -> None:
             function, args = pipe.recv()
         except EOFError:  # the Sandbox closed, or its process ended
             return
-        set_deadline(TASK_BUDGET_S)
+        working_on("")
         try:
             outcome = ("done", function(*args))
         except QueryError as error:
@@ -284,26 +294,26 @@ class _Worker:
     process: subprocess.Popen
     pipe: Connection
     deadline: mmap.mmap  # shared with the worker: see DEADLINE
+    budget_s: float  # the time it may spend between queries
     started: bool = False  # it has said it is ready
     task: int | None = None  # the index of the task it runs; None when idle
     sent_at: float = 0.0  # when its task was sent
 
     def overdue(self) -> QueryTimeout | None:
         """The timeout to kill it for, when it is past its deadline; None otherwise."""
-        deadline, limit_s, role = DEADLINE.unpack_from(self.deadline)
-        if not deadline:  # it has not started the task yet
-            deadline = self.sent_at + TASK_BUDGET_S
-        if time.monotonic() < deadline or DEADLINE.unpack_from(self.deadline)[0] not in (deadline, 0.0):
+        stamp, limit_s, role = DEADLINE.unpack_from(self.deadline)
+        deadline = stamp or self.sent_at + self.budget_s  # 0: it has not started the task yet
+        if time.monotonic() < deadline or DEADLINE.unpack_from(self.deadline)[0] != stamp:
             return None  # in time, or it moved on while being read
         error = QueryTimeout(f"ran past {limit_s:g} s" if limit_s else
-                             f"its work between queries ran past {TASK_BUDGET_S:g} s")
+                             f"its work between queries ran past {self.budget_s:g} s")
         error.role = role.rstrip(b"\0").decode(errors="replace")
         return error
 
 
 class Sandbox:
     """A pool of worker processes that run functions calling run_readonly, each under the worker's memory cap.
-    The Sandbox kills a worker whose query runs KILL_GRACE_S past its time limit, or that spends TASK_BUDGET_S
+    The Sandbox kills a worker whose query runs KILL_GRACE_S past its time limit, or that spends `task_budget_s`
     between queries, and starts a fresh one in its place.
 
         with Sandbox(workers=4) as sandbox:
@@ -311,8 +321,9 @@ class Sandbox:
             rows = sandbox.query_file("shop.sqlite", "SELECT ...", timeout_s=5, row_limit=1000)
     """
 
-    def __init__(self, workers: int = 1, memory_bytes: int = WORKER_MEMORY_BYTES):
-        self.memory_bytes = memory_bytes
+    def __init__(self, workers: int = 1, memory_bytes: int = WORKER_MEMORY_BYTES,
+                 task_budget_s: float = TASK_BUDGET_S):
+        self.memory_bytes, self.task_budget_s = memory_bytes, task_budget_s
         self.kills = 0  # workers killed or lost
         self.peak_worker_memory_bytes = 0  # the largest resident size a worker reported
         self._private = tempfile.TemporaryDirectory(prefix="t2s-sandbox-")  # deadline files, copies of WAL databases
@@ -378,11 +389,12 @@ class Sandbox:
         # sys.path[0] is the working directory under -c: the worker imports this very jobs package instead
         boot = f"import sys; sys.path[0] = {str(Path(__file__).resolve().parents[1])!r}; import jobs.sandbox as s; s.serve()"
         process = subprocess.Popen(
-            [sys.executable, "-c", boot, str(theirs.fileno()), str(deadline_file), str(self.memory_bytes)],
+            [sys.executable, "-c", boot, str(theirs.fileno()), str(deadline_file), str(self.memory_bytes),
+             str(self.task_budget_s)],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             start_new_session=True)  # Ctrl-C in a terminal reaches the job, not its workers
         theirs.close()
-        return _Worker(process, ours, deadline)
+        return _Worker(process, ours, deadline, self.task_budget_s)
 
     def _send(self, worker: _Worker, function: Callable, tasks: list[tuple], index: int) -> None:
         worker.task, worker.sent_at = index, time.monotonic()

@@ -20,7 +20,7 @@ from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
 from jobs import sqlcheck
-from jobs.sandbox import QueryError, QueryFailed, QueryRefused, QueryTimeout, run_readonly
+from jobs.sandbox import QueryError, QueryFailed, QueryRefused, QueryTimeout, run_readonly, working_on
 from jobs.sqlcheck import DIALECT, Table
 
 # gold_error: the gold query does not run on the example's tables; build_error: SQLite cannot hold the tables or
@@ -58,13 +58,14 @@ def score_answer(context: str, gold_sql: str, response: str, seed: int, *, datab
     """One answer's scores: SQL-only, exact match, and its execution outcome against the gold query."""
     execution = execution_match(context, gold_sql, response, databases=databases, rows_per_table=rows_per_table,
                                 seed=seed, timeout_s=timeout_s, row_limit=row_limit)
+    working_on("prediction")  # parsing it: a prediction that hangs the parser is the model's failure
     return {"sql_only": sqlcheck.is_sql_only(response), "exact_match": sqlcheck.exact_match(response, gold_sql),
             "execution": execution.outcome, "execution_detail": execution.detail}
 
 
 def score_after_kill(task: tuple, error: QueryError) -> dict:
-    """score_answer's result for a task (context, gold, response, seed) that a Sandbox killed or lost: the query
-    that was running decides the outcome (error.role)."""
+    """score_answer's result for a task (context, gold, response, seed) that a Sandbox killed or lost: what the
+    worker was working on decides the outcome (error.role: "prediction", "gold", or building the databases)."""
     _, gold_sql, response, _ = task
     if error.role == "prediction":
         execution = ExecResult("pred_timeout" if isinstance(error, QueryTimeout) else "pred_error", str(error))
@@ -81,6 +82,7 @@ def execution_match(context: str, gold_sql: str, predicted_sql: str, *, database
                     row_limit: int = 10_000) -> ExecResult:
     """Whether the prediction returns the gold query's rows on every generated database: as ordered lists when the
     gold query ends in ORDER BY, as multisets otherwise; numbers compare by value (1 == 1.0)."""
+    working_on("databases")
     try:
         conns = build_databases(context, gold_sql, databases, rows_per_table, seed)
     except BuildError as error:
@@ -94,6 +96,7 @@ def execution_match(context: str, gold_sql: str, predicted_sql: str, *, database
                 expected.append(run_readonly(conn, gold_sql, timeout_s, row_limit, role="gold").rows)
             except QueryError as error:
                 return ExecResult("gold_error", f"gold: {error}")
+        working_on("prediction")
         statements = sqlcheck.parse_statements(predicted_sql)
         if not statements or len(statements) != 1 or not isinstance(statements[0], STATEMENTS):
             return ExecResult("not_sql", "not one SQL statement")

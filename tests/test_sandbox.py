@@ -225,3 +225,28 @@ def test_a_wal_database_is_read_without_writing_anything_beside_it(tmp_path, mon
     assert ask.run_on_database(db, "SELECT sum(price) FROM orders", 1, 10).rows == [(12,)]
     assert folder_state(tmp_path) == before
     writer.close()
+
+
+def test_sandbox_replaces_a_worker_that_dies_or_overstays_and_names_what_it_was_doing():
+    from tests import sandbox_tasks as tasks
+
+    def killed(task, error):
+        return type(error).__name__, error.role, str(error)
+
+    with Sandbox(workers=2, task_budget_s=1.0) as pool:
+        assert list(pool.map(tasks.square, [(i,) for i in range(6)], killed)) == [0, 1, 4, 9, 16, 25]
+        assert pool.run(tasks.sleep, 0.2) == 0.2  # work between queries within its budget
+        assert next(pool.map(tasks.die, [()], killed)) == ("QueryFailed", "prediction",
+                                                            "its worker ended (exit code 9)")
+        assert next(pool.map(tasks.run_out_of_memory, [()], killed)) == (
+            "QueryFailed", "gold", f"out of memory (the sandbox's cap is {WORKER_MEMORY_BYTES >> 20} MiB)")
+        started = time.monotonic()
+        assert next(pool.map(tasks.sleep, [(30,)], killed)) == ("QueryTimeout", "prediction",
+                                                              "its work between queries ran past 1 s")
+        assert time.monotonic() - started < 3
+        assert pool.kills == 3
+        with pytest.raises(RuntimeError, match="ValueError: a bug"):
+            pool.run(tasks.fail)
+        for result in pool.map(tasks.sleep, [(30,), (30,)], killed):
+            break  # a consumer that stops early: no worker stays busy with a task nobody waits for
+        assert list(pool.map(tasks.square, [(3,), (4,)], killed)) == [9, 16]

@@ -142,8 +142,10 @@ def test_score_answer_gives_every_score_of_one_answer():
     ("prediction", QueryTimeout("ran past 1 s"), "pred_timeout", "ran past 1 s"),
     ("prediction", QueryFailed("out of memory"), "pred_error", "out of memory"),
     ("gold", QueryTimeout("ran past 1 s"), "gold_error", "gold: ran past 1 s"),
-    ("", QueryTimeout("its work outside queries ran past 60 s"), "build_error",
-     "building the databases: its work outside queries ran past 60 s"),
+    ("prediction", QueryTimeout("its work between queries ran past 60 s"), "pred_timeout",
+     "its work between queries ran past 60 s"),  # sqlglot parsing the prediction, say
+    ("databases", QueryTimeout("its work between queries ran past 60 s"), "build_error",
+     "building the databases: its work between queries ran past 60 s"),
 ])
 def test_a_killed_task_is_scored_by_the_query_that_was_running(role, error, outcome, detail):
     error.role = role
