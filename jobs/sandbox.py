@@ -159,6 +159,7 @@ def readable_path(path: Path, private_dir: Path) -> Path:
     """A path SQLite can open read-only without writing anything beside `path`: the file itself for a
     rollback-journal database; for a WAL database, a copy of it and of its -wal (what is not yet checkpointed) in a
     new folder under `private_dir`. Raises OSError when the file cannot be read or copied."""
+    path = path.resolve()  # SQLite follows a symbolic link and looks for the -wal beside its target
     if not is_wal(path):
         return path
     copy = Path(tempfile.mkdtemp(dir=private_dir)) / "database.sqlite"

@@ -223,6 +223,13 @@ def test_a_wal_database_is_read_without_writing_anything_beside_it(tmp_path, mon
     before = folder_state(tmp_path)
     assert ask.default_context(None, None, db) == "CREATE TABLE orders (item VARCHAR, price INTEGER)"
     assert ask.run_on_database(db, "SELECT sum(price) FROM orders", 1, 10).rows == [(12,)]
+    link = tmp_path / "elsewhere" / "link.sqlite"  # through a link, as SQLite follows it
+    link.parent.mkdir()
+    link.symlink_to(db)
+    assert ask.run_on_database(link, "SELECT count(*) FROM orders", 1, 10).rows == [(2,)]
+    assert sorted(p.name for p in link.parent.iterdir()) == ["link.sqlite"]
+    link.parent.joinpath("link.sqlite").unlink()
+    link.parent.rmdir()
     assert folder_state(tmp_path) == before
     writer.close()
 
