@@ -84,6 +84,7 @@ def timed(score) -> tuple[float, list[dict]]:
 
 
 runs: dict[str, dict] = {}
+load_before = os.getloadavg()  # the machine may be shared: its load says how far to trust small differences
 sandboxes = {f"workers_{n}": Sandbox(workers=int(n)) for n in args.workers.split(",")}
 for name, sandbox in sandboxes.items():  # start-up and first imports (sqlglot) out of the timed runs
     eval_job.score_answers(rows[:8], answers[:8], cfg, sandbox)
@@ -130,7 +131,8 @@ cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read
             if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
 results = {
     "machine": {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                else os.cpu_count(), "os": platform.platform()},
+                else os.cpu_count(), "os": platform.platform(),
+                "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()}},
     "versions": {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "sqlglot": version("sqlglot")},
     "commit": commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else ""),
     "config": {"rows": len(rows), "source": args.rows, "prediction": "the gold query", **settings,
