@@ -27,7 +27,8 @@ import tempfile
 import time
 import traceback
 import weakref
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -58,6 +59,7 @@ WORKER_MEMORY_BYTES = 1 << 30  # address space of one worker: Python, SQLite, it
 KILL_GRACE_S = 0.5  # how long past its time limit a query may run before its worker is killed
 TASK_BUDGET_S = 60.0  # a task's time between queries (parsing, building databases) before its worker is killed
 WATCH_EVERY_S = 0.05  # how often a Sandbox looks at its busy workers' deadlines
+QUEUED_TASKS = 2  # tasks sent to a worker at once, so that it never waits for its next one
 OUT_OF_MEMORY_EXIT = 3  # a worker's exit code when Python itself ran out of memory
 
 
@@ -297,13 +299,13 @@ class _Worker:
     deadline: mmap.mmap  # shared with the worker: see DEADLINE
     budget_s: float  # the time it may spend between queries
     started: bool = False  # it has said it is ready
-    task: int | None = None  # the index of the task it runs; None when idle
-    sent_at: float = 0.0  # when its task was sent
+    tasks: deque = field(default_factory=deque)  # indices of the tasks sent to it, the one it runs first
+    since: float = 0.0  # when it last started a task, as far as the Sandbox knows
 
     def overdue(self) -> QueryTimeout | None:
         """The timeout to kill it for, when it is past its deadline; None otherwise."""
         stamp, limit_s, role = DEADLINE.unpack_from(self.deadline)
-        deadline = stamp or self.sent_at + self.budget_s  # 0: it has not started the task yet
+        deadline = stamp or self.since + self.budget_s  # 0: it has not begun the task yet
         if time.monotonic() < deadline or DEADLINE.unpack_from(self.deadline)[0] != stamp:
             return None  # in time, or it moved on while being read
         error = QueryTimeout(f"ran past {limit_s:g} s" if limit_s else
@@ -349,22 +351,21 @@ class Sandbox:
         if_killed(task, error) instead, computed here. `function` must be importable by name (it is pickled by
         reference); any other exception in it is a bug: RuntimeError with the worker's traceback."""
         tasks = list(tasks)
-        results: dict[int, Any] = {}
-        sent = yielded = 0
+        unsent, results = deque(range(len(tasks))), {}
+        yielded = 0
         try:
             while yielded < len(tasks):
                 for worker in self._workers:
-                    if worker.task is None and sent < len(tasks):
-                        self._send(worker, function, tasks, sent)
-                        sent += 1
+                    while unsent and len(worker.tasks) < QUEUED_TASKS:
+                        self._send(worker, function, tasks, unsent.popleft())
                 while yielded in results:
                     yield results.pop(yielded)
                     yielded += 1
                 if yielded < len(tasks):
-                    self._watch(tasks, results, if_killed)
+                    self._watch(tasks, unsent, results, if_killed)
         finally:  # a consumer that stops early leaves no worker busy with a task nobody waits for
             for index, worker in enumerate(self._workers):
-                if worker.task is not None:
+                if worker.tasks:
                     self._replace(index)
 
     def run(self, function: Callable, *args) -> Any:
@@ -398,48 +399,53 @@ class Sandbox:
         return _Worker(process, ours, deadline, self.task_budget_s)
 
     def _send(self, worker: _Worker, function: Callable, tasks: list[tuple], index: int) -> None:
-        worker.task, worker.sent_at = index, time.monotonic()
+        if not worker.tasks:
+            worker.since = time.monotonic()
+        worker.tasks.append(index)
         try:
             worker.pipe.send((function, tasks[index]))
         except (BrokenPipeError, ConnectionResetError):
             pass  # it died while idle: _watch sees the closed pipe and reports the task as lost
 
-    def _watch(self, tasks: list[tuple], results: dict[int, Any], if_killed: Callable) -> None:
+    def _watch(self, tasks: list[tuple], unsent: deque, results: dict[int, Any], if_killed: Callable) -> None:
         """Waits for a busy worker's message, or WATCH_EVERY_S, then kills the workers past their deadline."""
-        busy = [(index, worker) for index, worker in enumerate(self._workers) if worker.task is not None]
+        busy = [(index, worker) for index, worker in enumerate(self._workers) if worker.tasks]
         ready = wait([worker.pipe for _, worker in busy], WATCH_EVERY_S)
         for index, worker in busy:
             if worker.pipe in ready:
-                self._receive(index, tasks, results, if_killed)
+                self._receive(index, tasks, unsent, results, if_killed)
             elif (timeout := worker.overdue()) is not None:
-                self._give_up(index, timeout, tasks, results, if_killed)
+                self._give_up(index, timeout, tasks, unsent, results, if_killed)
 
-    def _receive(self, index: int, tasks: list[tuple], results: dict[int, Any], if_killed: Callable) -> None:
+    def _receive(self, index: int, tasks: list[tuple], unsent: deque, results: dict[int, Any],
+                 if_killed: Callable) -> None:
         worker = self._workers[index]
         try:
             kind, *body = worker.pipe.recv()
         except (EOFError, OSError):
             lost = QueryFailed(self._death(worker))
             lost.role = DEADLINE.unpack_from(worker.deadline)[2].rstrip(b"\0").decode(errors="replace")
-            self._give_up(index, lost, tasks, results, if_killed)
+            self._give_up(index, lost, tasks, unsent, results, if_killed)
             return
         if kind == "ready":
             worker.started = True
             return
         value, peak_bytes = body
         self.peak_worker_memory_bytes = max(self.peak_worker_memory_bytes, peak_bytes)
-        task, worker.task = worker.task, None
+        task, worker.since = worker.tasks.popleft(), time.monotonic()
         if kind == "crashed":
             raise RuntimeError(f"a sandbox worker failed on task {tasks[task]!r:.200}:\n{value}")
         results[task] = if_killed(tasks[task], value) if kind == "raised" else value
 
-    def _give_up(self, index: int, error: QueryError, tasks: list[tuple], results: dict[int, Any],
+    def _give_up(self, index: int, error: QueryError, tasks: list[tuple], unsent: deque, results: dict[int, Any],
                  if_killed: Callable) -> None:
-        """Kills the worker, puts a fresh one in its place, and records its task as ended in `error`."""
+        """Kills the worker, puts a fresh one in its place, and records the task it ran as ended in `error`; the
+        tasks queued behind it go to be sent again."""
         worker = self._workers[index]
         if not worker.started and worker.process.poll() is not None:
             raise RuntimeError(f"a sandbox worker could not start ({self._death(worker)}); its error is above")
-        task = worker.task
+        task, *queued = worker.tasks
+        unsent.extendleft(reversed(queued))
         self._replace(index)
         self.kills += 1
         results[task] = if_killed(tasks[task], error)

@@ -257,3 +257,6 @@ def test_sandbox_replaces_a_worker_that_dies_or_overstays_and_names_what_it_was_
         for result in pool.map(tasks.sleep, [(30,), (30,)], killed):
             break  # a consumer that stops early: no worker stays busy with a task nobody waits for
         assert list(pool.map(tasks.square, [(3,), (4,)], killed)) == [9, 16]
+    with Sandbox(workers=1, task_budget_s=1.0) as pool:  # the tasks queued behind a killed one run all the same
+        assert list(pool.map(tasks.sleep, [(30,), (0.0,), (0.1,)], killed)) == [
+            ("QueryTimeout", "prediction", "its work between queries ran past 1 s"), 0.0, 0.1]
