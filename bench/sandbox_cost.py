@@ -10,7 +10,8 @@ execution on 3 generated databases, 1 s limit), as eval does, in the same invoca
   in_process   this tree's score_answer in a plain loop in this process: the same work as the workers do
   workers_N    eval.score_answers through a Sandbox of N workers (started before the clock runs)
 then the sandbox's fixed costs: starting a worker, and a printf bomb killed at its limit and its worker replaced.
-Prints and writes one JSON file (sandbox_cost_py<version>.json).
+Wall seconds and CPU seconds (this process's, plus its workers' from /proc): on a shared machine CPU seconds say
+more about the cost. Prints and writes one JSON file (sandbox_cost_py<version>.json).
 """
 
 import argparse
@@ -63,24 +64,33 @@ from collections import Counter
 from jobs import eval
 from jobs.config import EvalConfig
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-started = time.perf_counter()
+started, cpu = time.perf_counter(), time.process_time()
 scored = [eval.score(row, row["answer"], EvalConfig(), seed=i) for i, row in enumerate(rows)]
-print(json.dumps([time.perf_counter() - started, Counter(s["execution"] for s in scored)]))
+print(json.dumps([time.perf_counter() - started, time.process_time() - cpu, Counter(s["execution"] for s in scored)]))
 """
 
 
-def before() -> tuple[float, list[dict]]:
+def before() -> tuple[float, float, list[dict]]:
     """The older tree's scoring, timed inside its own process (its imports left out)."""
     done = subprocess.run([sys.executable, "-c", BEFORE, str(Path(args.rows).resolve())], capture_output=True,
                           text=True, check=True, cwd=args.before, env={**os.environ, "PYTHONPATH": args.before})
-    seconds, outcomes = json.loads(done.stdout)
-    return seconds, [{"execution": outcome} for outcome, count in outcomes.items() for _ in range(count)]
+    seconds, cpu_seconds, outcomes = json.loads(done.stdout)
+    return seconds, cpu_seconds, [{"execution": outcome} for outcome, count in outcomes.items() for _ in range(count)]
 
 
-def timed(score) -> tuple[float, list[dict]]:
-    started = time.perf_counter()
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(score, sandbox: Sandbox | None = None) -> tuple[float, float, list[dict]]:
+    """Wall and CPU seconds of score(): this process's CPU, plus its sandbox workers'."""
+    workers = [worker.process.pid for worker in sandbox._workers] if sandbox else []
+    started, cpu, workers_cpu = time.perf_counter(), time.process_time(), sum(map(cpu_seconds, workers))
     scored = score()
-    return time.perf_counter() - started, scored
+    return (time.perf_counter() - started, time.process_time() - cpu + sum(map(cpu_seconds, workers)) - workers_cpu,
+            scored)
 
 
 runs: dict[str, dict] = {}
@@ -90,24 +100,29 @@ for name, sandbox in sandboxes.items():  # start-up and first imports (sqlglot) 
     eval_job.score_answers(rows[:8], answers[:8], cfg, sandbox)
 for repeat in range(args.repeats):  # interleaved, so a noisy neighbour hits every configuration alike
     configurations = [("in_process", lambda: timed(in_process)),
-                      *((n, lambda s=s: timed(lambda: eval_job.score_answers(rows, answers, cfg, s)))
+                      *((n, lambda s=s: timed(lambda: eval_job.score_answers(rows, answers, cfg, s), s))
                         for n, s in sandboxes.items())]
     for name, measure in ([("before", before)] if args.before else []) + configurations:
-        seconds, scored = measure()
-        run = runs.setdefault(name, {"seconds": [], "outcomes": dict(Counter(s["execution"] for s in scored))})
+        seconds, cpu, scored = measure()
+        run = runs.setdefault(name, {"seconds": [], "cpu_seconds": [],
+                                     "outcomes": dict(Counter(s["execution"] for s in scored))})
         run["seconds"].append(round(seconds, 3))
-        print(f"{name} #{repeat + 1}: {seconds:.2f} s, {len(rows) / seconds:.0f} rows/s", flush=True)
+        run["cpu_seconds"].append(round(cpu, 3))
+        print(f"{name} #{repeat + 1}: {seconds:.2f} s, {len(rows) / seconds:.0f} rows/s, {cpu:.2f} CPU s", flush=True)
 for name, sandbox in sandboxes.items():
     runs[name]["peak_worker_memory_mib"] = round(sandbox.peak_worker_memory_bytes / 2**20, 1)
     runs[name]["kills"] = sandbox.kills
     sandbox.close()
 for name, run in runs.items():
     run["median_s"] = statistics.median(run["seconds"])
+    run["median_cpu_s"] = statistics.median(run["cpu_seconds"])
     run["rows_per_s"] = round(len(rows) / run["median_s"], 1)
-    run["ms_per_row"] = round(run["median_s"] / len(rows) * 1000, 3)
-    run["speed_vs_in_process"] = round(runs["in_process"]["median_s"] / run["median_s"], 2)
-    if args.before:
-        run["speed_vs_before"] = round(runs["before"]["median_s"] / run["median_s"], 2)
+    run["cpu_ms_per_row"] = round(run["median_cpu_s"] / len(rows) * 1000, 3)
+for run in runs.values():
+    for baseline in ("in_process", "before"):
+        if baseline in runs:
+            run[f"speed_vs_{baseline}"] = round(runs[baseline]["median_s"] / run["median_s"], 2)
+            run[f"cpu_vs_{baseline}"] = round(run["median_cpu_s"] / runs[baseline]["median_cpu_s"], 2)
 
 starts = []
 for _ in range(5):  # a worker from nothing to its first answer (what a kill costs on top of the time limit)
