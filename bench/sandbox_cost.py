@@ -153,7 +153,8 @@ results = {
     "config": {"rows": len(rows), "source": args.rows, "prediction": "the gold query", **settings,
                "repeats": args.repeats, "before": args.before},
     "runs": runs,
-    "worker_start_to_first_answer_s": {"median": round(statistics.median(starts), 3), "all": [round(s, 3) for s in starts]},
+    "worker_start_to_first_answer_s": {"median": round(statistics.median(starts), 3),
+                                       "all": [round(s, 3) for s in starts]},
     "printf_bomb": {"outcome": bomb["execution"], "detail": bomb["execution_detail"], "limit_s": cfg.query_timeout_s,
                     "kill_grace_s": KILL_GRACE_S, "answered_after_s": round(killed_after, 3),
                     "next_answer_after_s": round(next_answer, 3)},
@@ -161,4 +162,5 @@ results = {
 print(json.dumps(results, indent=2))
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
-(out / f"sandbox_cost_py{sys.version_info.major}{sys.version_info.minor}.json").write_text(json.dumps(results, indent=2) + "\n")
+name = f"sandbox_cost_py{sys.version_info.major}{sys.version_info.minor}.json"
+(out / name).write_text(json.dumps(results, indent=2) + "\n")

@@ -35,7 +35,7 @@ from jobs.rundir import RunDir, fresh_staging, read_json, replace_dir, write_ato
 from jobs.sandbox import Sandbox
 
 METRICS = ("sql_only", "exact_match", "execution_accuracy")
-NOT_SCORED = ("gold_error", "build_error")  # outcomes left out of execution accuracy: the example's fault, not the model's
+NOT_SCORED = ("gold_error", "build_error")  # left out of execution accuracy: the example's fault, not the model's
 GENERATIONS = "generations"  # the staging's folder of saved answers, kept when an interrupted eval reruns
 
 
@@ -182,7 +182,8 @@ def saved_generations(path: Path, key: dict) -> tuple[list[Generation], float] |
         return None
 
 
-def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str, variant: str) -> tuple[list[Generation], float]:
+def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
+                     variant: str) -> tuple[list[Generation], float]:
     """The model's greedy answers to the split's questions, and the seconds generation took."""
     import torch
 
@@ -221,7 +222,8 @@ def score_answers(rows: list[dict], responses: list[str], eval_cfg, sandbox: San
     score = functools.partial(scoring.score_answer, databases=eval_cfg.databases_per_example,
                               rows_per_table=eval_cfg.rows_per_table, timeout_s=eval_cfg.query_timeout_s,
                               row_limit=eval_cfg.row_limit)
-    tasks = [(row["context"], row["answer"], response, seed) for seed, (row, response) in enumerate(zip(rows, responses))]
+    tasks = [(row["context"], row["answer"], response, seed)
+             for seed, (row, response) in enumerate(zip(rows, responses))]
     return list(tqdm(sandbox.map(score, tasks, if_killed=scoring.score_after_kill), total=len(tasks), desc="scoring",
                      mininterval=2))
 

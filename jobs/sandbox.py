@@ -206,7 +206,8 @@ def schema_from_sqlite(path: str | Path) -> str:
             finally:
                 conn.close()
     except OSError as error:
-        raise T2SError(f"{path}: cannot be read ({error.strerror or error}); pass --db a readable SQLite file") from None
+        raise T2SError(f"{path}: cannot be read ({error.strerror or error}); pass --db a readable SQLite "
+                       "file") from None
     except sqlite3.DatabaseError as error:
         raise T2SError(f"{path}: not a readable SQLite database ({error}); pass --db a SQLite file") from None
     if not tables:
@@ -345,7 +346,8 @@ class Sandbox:
         self._closer()
         self._private.cleanup()
 
-    def map(self, function: Callable, tasks: Iterable[tuple], if_killed: Callable[[tuple, QueryError], Any]) -> Iterator:
+    def map(self, function: Callable, tasks: Iterable[tuple],
+            if_killed: Callable[[tuple, QueryError], Any]) -> Iterator:
         """function(*task) for each task, run in the workers, in the tasks' order. A task that ends in a QueryError
         (raised by the function, or made here when the Sandbox killed or lost its worker, with `role` set) gives
         if_killed(task, error) instead, computed here. `function` must be importable by name (it is pickled by
@@ -389,7 +391,8 @@ class Sandbox:
         with open(deadline_file, "r+b") as file:
             deadline = mmap.mmap(file.fileno(), DEADLINE.size)
         # sys.path[0] is the working directory under -c: the worker imports this very jobs package instead
-        boot = f"import sys; sys.path[0] = {str(Path(__file__).resolve().parents[1])!r}; import jobs.sandbox as s; s.serve()"
+        package_root = str(Path(__file__).resolve().parents[1])
+        boot = f"import sys; sys.path[0] = {package_root!r}; import jobs.sandbox as s; s.serve()"
         process = subprocess.Popen(
             [sys.executable, "-c", boot, str(theirs.fileno()), str(deadline_file), str(self.memory_bytes),
              str(self.task_budget_s)],

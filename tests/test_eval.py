@@ -11,12 +11,14 @@ from jobs.cli import app
 from jobs.config import EvalConfig
 from jobs.generate import Generation
 from jobs.sandbox import Sandbox
+from tests.conftest import t2s
 
 MATCH = {"sql_only": True, "exact_match": True, "execution": "match", "execution_detail": ""}
 MISMATCH = {"sql_only": True, "exact_match": False, "execution": "mismatch",
             "execution_detail": "database 0: gold gave 1 rows, prediction 2"}
 PROSE = {"sql_only": False, "exact_match": False, "execution": "not_sql", "execution_detail": "not one SQL statement"}
-GOLD_FAILS = {"sql_only": True, "exact_match": False, "execution": "gold_error", "execution_detail": "gold: no such column: x"}
+GOLD_FAILS = {"sql_only": True, "exact_match": False, "execution": "gold_error",
+              "execution_detail": "gold: no such column: x"}
 NO_TABLES = {"sql_only": True, "exact_match": True, "execution": "build_error",
              "execution_detail": "SQLite cannot create table t (incomplete input)"}
 
@@ -122,9 +124,9 @@ def test_rows_sqlite_cannot_build_are_counted_with_their_reason_not_a_traceback(
            for i, (context, gold, _) in enumerate(UNBUILDABLE[:4])]  # the 2,001 columns make too long a prompt here
     test_split.write_text("\n".join([json.dumps(row) for row in bad] + good) + "\n")
 
-    result = CliRunner().invoke(app, ["eval", "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    assert "Traceback" not in result.output
+    result = t2s("eval", "--config", str(config))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
     report = json.loads((run / "eval" / "report.json").read_text())
     assert (report["results"]["base"]["n"], report["results"]["base"]["build_error"]) == (7, 4)
     assert report["build_errors"] == {reason: 1 for _, _, reason in UNBUILDABLE[:4]}

@@ -115,7 +115,8 @@ def test_run_readonly_limits_time_rows_and_result_size(conn):
                      0.1, 10)
     with pytest.raises(QueryFailed, match="exceeds row limit of 10"):
         run_readonly(conn, "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT x FROM n", 1, 10)
-    wide = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n LIMIT 600) SELECT printf('%.*c', 99000, 'x') FROM n"
+    wide = ("WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n LIMIT 600) "
+            "SELECT printf('%.*c', 99000, 'x') FROM n")
     with pytest.raises(QueryFailed, match="result exceeds 50 MB"):
         run_readonly(conn, wide, 5, 10_000)
     with pytest.raises(QueryFailed, match="no such column"):
