@@ -55,7 +55,7 @@ ACTION_NAMES = {getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ") for n
 PROGRESS_STEPS = 1000  # SQLite VM instructions between wall-clock checks
 MAX_VALUE_BYTES = 100_000  # longest string or blob a query may build (Python >= 3.11; below, the memory cap holds)
 MAX_RESULT_BYTES = 50_000_000  # characters and bytes of a result's values, numbers and NULLs counting 8
-WORKER_MEMORY_BYTES = 1 << 30  # address space of one worker: Python, SQLite, its databases and one query's rows
+WORKER_MEMORY_BYTES = 1 << 30  # address space a worker may add to what it maps at start: SQLite, rows, parsing
 KILL_GRACE_S = 0.5  # how long past its time limit a query may run before its worker is killed
 TASK_BUDGET_S = 60.0  # a task's time between queries (parsing, building databases) before its worker is killed
 WATCH_EVERY_S = 0.05  # how often a Sandbox looks at its busy workers' deadlines
@@ -259,8 +259,9 @@ def serve() -> None:
     with open(sys.argv[2], "r+b") as file:
         _deadline = mmap.mmap(file.fileno(), DEADLINE.size)
     _budget_s = float(sys.argv[4])
+    cap = _status_bytes("VmSize") + int(sys.argv[3])  # above what this Python maps at start, whatever the build
     try:
-        resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[3]), int(sys.argv[3])))
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     except (ValueError, OSError):  # a platform without RLIMIT_AS (macOS): the time and size limits still hold
         pass
     pipe.send(("ready",))
@@ -285,12 +286,16 @@ def serve() -> None:
 def peak_memory_bytes() -> int:
     """This process's peak resident memory. Linux's VmHWM, not getrusage: its ru_maxrss carries over the parent's
     peak through fork and exec."""
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+
+def _status_bytes(name: str) -> int:
+    """A size from Linux's /proc/self/status (VmSize, VmHWM...); 0 elsewhere."""
     status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 @dataclass(eq=False)
@@ -464,7 +469,7 @@ class Sandbox:
         except subprocess.TimeoutExpired:
             return "its worker stopped answering"
         if code == OUT_OF_MEMORY_EXIT:
-            return f"out of memory (the sandbox's cap is {self.memory_bytes >> 20} MiB)"
+            return f"out of memory (past the sandbox's {self.memory_bytes >> 20} MiB)"
         if code < 0:
             return f"its worker was killed by {signal.Signals(-code).name}"
         return f"its worker ended (exit code {code})"
