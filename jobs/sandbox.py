@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import mmap
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -267,11 +268,12 @@ def serve() -> None:
     pipe.send(("ready",))
     while True:
         try:
-            function, args = pipe.recv()
+            task = pipe.recv_bytes()
         except EOFError:  # the Sandbox closed, or its process ended
             return
         working_on("")
         try:
+            function, args = pickle.loads(task)  # here, so that a function it cannot import is reported as a bug
             outcome = ("done", function(*args))
         except QueryError as error:
             outcome = ("raised", error)

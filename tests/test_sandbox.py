@@ -4,7 +4,9 @@
 import hashlib
 import resource
 import sqlite3
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -236,7 +238,7 @@ def test_a_wal_database_is_read_without_writing_anything_beside_it(tmp_path, mon
     writer.close()
 
 
-def test_sandbox_replaces_a_worker_that_dies_or_overstays_and_names_what_it_was_doing():
+def test_sandbox_replaces_a_worker_that_dies_or_overstays_and_names_what_it_was_doing(monkeypatch):
     from tests import sandbox_tasks as tasks
 
     def killed(task, error):
@@ -256,6 +258,11 @@ def test_sandbox_replaces_a_worker_that_dies_or_overstays_and_names_what_it_was_
         assert pool.kills == 3
         with pytest.raises(RuntimeError, match="ValueError: a bug"):
             pool.run(tasks.fail)
+        only_here = types.ModuleType("t2s_only_in_this_process")  # a task its worker cannot import
+        exec("def task():\n    return 1", only_here.__dict__)
+        monkeypatch.setitem(sys.modules, only_here.__name__, only_here)
+        with pytest.raises(RuntimeError, match="ModuleNotFoundError"):  # not the query's fault: a bug, loudly
+            pool.run(only_here.task)
         for result in pool.map(tasks.sleep, [(30,), (30,)], killed):
             break  # a consumer that stops early: no worker stays busy with a task nobody waits for
         assert list(pool.map(tasks.square, [(3,), (4,)], killed)) == [9, 16]
