@@ -56,23 +56,29 @@ class ExecResult:
 def score_answer(context: str, gold_sql: str, response: str, seed: int, *, databases: int, rows_per_table: int,
                  timeout_s: float, row_limit: int) -> dict:
     """One answer's scores: SQL-only, exact match, and its execution outcome against the gold query."""
+    working_on("answer")  # parsing it first: an answer that hangs the parser is the model's failure
+    scores = {"sql_only": sqlcheck.is_sql_only(response), "exact_match": sqlcheck.exact_match(response, gold_sql)}
     execution = execution_match(context, gold_sql, response, databases=databases, rows_per_table=rows_per_table,
                                 seed=seed, timeout_s=timeout_s, row_limit=row_limit)
-    working_on("prediction")  # parsing it: a prediction that hangs the parser is the model's failure
-    return {"sql_only": sqlcheck.is_sql_only(response), "exact_match": sqlcheck.exact_match(response, gold_sql),
-            "execution": execution.outcome, "execution_detail": execution.detail}
+    return {**scores, "execution": execution.outcome, "execution_detail": execution.detail}
 
 
 def score_after_kill(task: tuple, error: QueryError) -> dict:
     """score_answer's result for a task (context, gold, response, seed) that a Sandbox killed or lost: what the
-    worker was working on decides the outcome (error.role: "prediction", "gold", or building the databases)."""
+    worker was working on decides the outcome (error.role: "answer" for parsing it, "prediction" for running it,
+    "gold", or "databases" for building them)."""
     _, gold_sql, response, _ = task
+    failed = "pred_timeout" if isinstance(error, QueryTimeout) else "pred_error"
+    if error.role == "answer":  # not parsed here again: it is what hung or exhausted the worker
+        return {"sql_only": False, "exact_match": False, "execution": failed,
+                "execution_detail": f"parsing the answer: {error}"}
     if error.role == "prediction":
-        execution = ExecResult("pred_timeout" if isinstance(error, QueryTimeout) else "pred_error", str(error))
+        execution = ExecResult(failed, str(error))
     elif error.role == "gold":
         execution = ExecResult("gold_error", f"gold: {error}")
     else:
         execution = ExecResult("build_error", f"building the databases: {error}")
+    # the worker parsed the answer before it ran anything, so parsing it here again is safe
     return {"sql_only": sqlcheck.is_sql_only(response), "exact_match": sqlcheck.exact_match(response, gold_sql),
             "execution": execution.outcome, "execution_detail": execution.detail}
 

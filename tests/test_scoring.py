@@ -142,15 +142,21 @@ def test_score_answer_gives_every_score_of_one_answer():
     ("prediction", QueryTimeout("ran past 1 s"), "pred_timeout", "ran past 1 s"),
     ("prediction", QueryFailed("out of memory"), "pred_error", "out of memory"),
     ("gold", QueryTimeout("ran past 1 s"), "gold_error", "gold: ran past 1 s"),
-    ("prediction", QueryTimeout("its work between queries ran past 60 s"), "pred_timeout",
-     "its work between queries ran past 60 s"),  # sqlglot parsing the prediction, say
     ("databases", QueryTimeout("its work between queries ran past 60 s"), "build_error",
      "building the databases: its work between queries ran past 60 s"),
 ])
-def test_a_killed_task_is_scored_by_the_query_that_was_running(role, error, outcome, detail):
+def test_a_killed_task_is_scored_by_what_its_worker_was_doing(role, error, outcome, detail):
     error.role = role
     assert score_after_kill((CONTEXT, GOLD, GOLD, 0), error) == {
         "sql_only": True, "exact_match": True, "execution": outcome, "execution_detail": detail}
+
+
+def test_an_answer_that_hangs_the_parser_is_not_parsed_again_after_the_kill():
+    error = QueryTimeout("its work between queries ran past 60 s")
+    error.role = "answer"
+    assert score_after_kill((CONTEXT, GOLD, GOLD, 0), error) == {
+        "sql_only": False, "exact_match": False, "execution": "pred_timeout",
+        "execution_detail": "parsing the answer: its work between queries ran past 60 s"}
 
 
 def test_databases_are_deterministic_and_hold_the_gold_literals():
