@@ -6,7 +6,8 @@
 
 The model sees exactly the prompt it was trained on (jobs.chat.render_prompt) and answers greedily. An answer
 that is not one SQL query is refused (NotSQLError, carrying the raw text); with --run the query is executed on
-the SQLite file read-only, under jobs.sandbox's authorizer, time limit and row limit.
+the SQLite file read-only in a jobs.sandbox worker (reading only, time, memory and row limits, nothing written
+beside the file).
 
 Python:
     from jobs import ask
@@ -17,7 +18,6 @@ Python:
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from jobs import sandbox, sqlcheck
 from jobs.config import names_local_path
 from jobs.errors import T2SError, first_line
 from jobs.rundir import RunDir
+from jobs.sandbox import QueryRows
 
 MAX_NEW_TOKENS = 128
 PREVIEW_CHARS = 120  # of a refused answer, in its one-line error
@@ -52,16 +53,10 @@ class Answer:
     latency_ms: float  # wall time of the generation batch it was in
 
 
-@dataclass(frozen=True)
-class QueryRows:
-    columns: list[str] | None  # None when the cursor gave no names
-    rows: list[tuple]
-
-
 # ---------- pure core ----------
 
 def not_sql_reason(text: str) -> str:
-    statements = None if text.lstrip().startswith("```") else sqlcheck.parse_statements(text)
+    statements = sqlcheck.parse_statements(text)
     if not text.strip():
         return "it is empty"
     if not statements:
@@ -249,22 +244,11 @@ def load(model: str | ModelSource, device: str | None = None, max_new_tokens: in
 
 # ---------- database ----------
 
-class _CursorKeepingConnection(sqlite3.Connection):
-    """Keeps the cursor sandbox.run_readonly executes, for the result's column names."""
-
-    last_cursor: sqlite3.Cursor | None = None
-
-    def execute(self, *args, **kwargs):
-        self.last_cursor = super().execute(*args, **kwargs)
-        return self.last_cursor
-
-
 def run_on_database(db: Path, sql: str, timeout_s: float, row_limit: int) -> QueryRows:
-    """The query's rows on the SQLite file, opened read-only and run in the sandbox (reading only, limits)."""
-    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, factory=_CursorKeepingConnection)
+    """The query's rows on the SQLite file, run read-only in the sandbox (reading only, limits; nothing is written
+    beside the file)."""
     try:
-        rows = sandbox.run_readonly(conn, sql, timeout_s, row_limit)
-        description = conn.last_cursor.description if conn.last_cursor is not None else None
+        return sandbox.shared().query_file(db, sql, timeout_s, row_limit)
     except sandbox.QueryRefused as error:
         raise T2SError(f"the sandbox refused the query ({error}): only reading {db} is allowed") from None
     except sandbox.QueryTimeout as error:
@@ -272,9 +256,8 @@ def run_on_database(db: Path, sql: str, timeout_s: float, row_limit: int) -> Que
     except sandbox.QueryFailed as error:
         hint = "; raise --row-limit to allow more" if "row limit" in str(error) else ""
         raise T2SError(f"the query failed on {db}: {error}{hint}") from None
-    finally:
-        conn.close()
-    return QueryRows([d[0] for d in description] if description else None, rows)
+    except OSError as error:
+        raise T2SError(f"{db}: cannot be read ({error.strerror or error}); pass --db a readable SQLite file") from None
 
 
 # ---------- CLI shell ----------

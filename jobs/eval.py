@@ -4,68 +4,75 @@ For each model (the base, with the seed's prompt variants; base + adapter; the m
 greedy answers for a split in length-sorted batches and scores every answer on
   sql_only             one SQL query and nothing else (jobs.sqlcheck, a parser)
   exact_match          after normalisation (jobs.sqlcheck.normalize_sql)
-  execution_accuracy   same rows as the gold query on several generated SQLite databases (jobs.sandbox);
-                       examples whose gold query fails to run are counted apart (gold_error), not as misses
-plus latency and throughput. Writes eval/report.json, report.md, predictions.jsonl and metrics.png.
+  execution_accuracy   same rows as the gold query on several generated SQLite databases (jobs.scoring, run in
+                       jobs.sandbox's worker processes); examples whose gold query fails to run (gold_error) or
+                       whose tables SQLite cannot hold (build_error) are counted apart with their reason, not as misses
+plus latency and throughput. Writes eval/report.json, report.md, predictions.jsonl and metrics.png. Each model's
+answers are saved (eval.partial/generations/) as soon as they exist, so a rerun after a crash or kill only scores.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
+import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
-from jobs import sandbox, sqlcheck
+from sqlglot import exp
+from tqdm.auto import tqdm
+
+from jobs import scoring, sqlcheck
 from jobs.chat import render_prompt
 from jobs.config import Config
 from jobs.errors import T2SError
-from jobs.generate import device_for, generate_batched
+from jobs.generate import Generation, device_for, generate_batched
 from jobs.models import load_run_model
 from jobs.rundir import RunDir, fresh_staging, read_json, replace_dir, write_atomic
+from jobs.sandbox import Sandbox
 
 METRICS = ("sql_only", "exact_match", "execution_accuracy")
+NOT_SCORED = ("gold_error", "build_error")  # left out of execution accuracy: the example's fault, not the model's
+GENERATIONS = "generations"  # the staging's folder of saved answers, kept when an interrupted eval reruns
 
 
 # ---------- pure core ----------
 
-def score(row: dict, response: str, eval_cfg, seed: int) -> dict:
-    execution = sandbox.execution_match(
-        row["context"], row["answer"], response, databases=eval_cfg.databases_per_example,
-        rows_per_table=eval_cfg.rows_per_table, seed=seed, timeout_s=eval_cfg.query_timeout_s,
-        row_limit=eval_cfg.row_limit,
-    )
-    return {
-        "sql_only": sqlcheck.is_sql_only(response),
-        "exact_match": sqlcheck.exact_match(response, row["answer"]),
-        "execution": execution.outcome,
-        "execution_detail": execution.detail,
-    }
-
-
 def summarize(scored: list[dict]) -> dict:
-    """Rates over examples; execution accuracy over the examples whose gold query runs."""
+    """Rates over examples; execution accuracy over the examples whose tables build and whose gold query runs."""
     n = len(scored)
-    runnable = [s for s in scored if s["execution"] != "gold_error"]
-    outcomes = defaultdict(int)
-    for s in scored:
-        outcomes[s["execution"]] += 1
+    runnable = [s for s in scored if s["execution"] not in NOT_SCORED]
+    outcomes = Counter(s["execution"] for s in scored)  # reading a missing outcome adds no zero to it
     return {
         "n": n,
         "sql_only": sum(s["sql_only"] for s in scored) / n if n else 0.0,
         "exact_match": sum(s["exact_match"] for s in scored) / n if n else 0.0,
         "execution_accuracy": sum(s["execution"] == "match" for s in runnable) / len(runnable) if runnable else 0.0,
         "gold_error": outcomes["gold_error"],
+        "build_error": outcomes["build_error"],
         "execution_outcomes": dict(outcomes),
     }
 
 
 def bucket_names(row: dict) -> list[str]:
-    features = sandbox.query_features(row["answer"])
-    names = [f"source={row.get('source', 'unknown')}", f"tables={min(features.get('tables', 0), 3)}"
-             + ("+" if features.get("tables", 0) >= 3 else "")]
-    names += [kind for kind in ("aggregate", "join", "order") if features.get(kind)]
-    return names
+    """The report's buckets an example is in: its source, how many tables its gold query reads (3 meaning 3 or
+    more), and whether it aggregates, joins or orders."""
+    query = sqlcheck.single_query(row["answer"])
+    if query is None:
+        return [f"source={row.get('source', 'unknown')}", "tables=0"]
+    ctes = {cte.alias_or_name.lower() for cte in query.find_all(exp.CTE)}
+    tables = len({table.name.lower() for table in query.find_all(exp.Table)} - ctes)
+    kinds = {"aggregate": exp.AggFunc, "join": exp.Join, "order": exp.Order}
+    return [f"source={row.get('source', 'unknown')}", f"tables={min(tables, 3)}{'+' if tables >= 3 else ''}",
+            *[kind for kind, node in kinds.items() if query.find(node) is not None]]
+
+
+def build_error_reasons(scored: list[dict]) -> dict[str, int]:
+    """How many examples' tables SQLite could not hold, by reason."""
+    return dict(Counter(s["execution_detail"] for s in scored if s["execution"] == "build_error").most_common())
 
 
 def buckets(rows: list[dict], scored: list[dict]) -> dict[str, dict]:
@@ -81,12 +88,16 @@ def render_markdown(report: dict) -> str:
     lines = [f"# t2s eval · run {report['run_id']} · {report['split']} split, {report['n_examples']} examples", "",
              f"Base model: `{report['models']['base']}` · fine-tuned: `{report['models'].get('finetuned')}` · "
              f"dataset `{report['dataset']['source']}` (hash {report['dataset']['hash'][:12]})", "",
-             "| model | SQL-only | exact match | execution accuracy | gold fails to run | queries/s | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | SQL-only | exact match | execution accuracy | gold fails to run | tables cannot be built "
+             "| queries/s | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         r = report["results"][label]
         lines.append(f"| {label} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | {r['execution_accuracy']:.1%} | "
-                     f"{r['gold_error']} | {r['queries_per_s']:.1f} | {r['tokens_per_s']:.0f} |")
+                     f"{r['gold_error']} | {r['build_error']} | {r['queries_per_s']:.1f} | {r['tokens_per_s']:.0f} |")
+    if report["build_errors"]:
+        lines += ["", "Examples whose tables SQLite cannot hold (left out of execution accuracy): "
+                  + "; ".join(f"{reason} ({count})" for reason, count in report["build_errors"].items()) + "."]
     lines += ["", "## By bucket (execution accuracy · SQL-only)", "",
               "| bucket | n | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
     for name in report["buckets"][labels[0]]:
@@ -149,13 +160,77 @@ def models_to_evaluate(cfg: Config, run: RunDir) -> list[tuple[str, str, str]]:
     return plan
 
 
-def evaluate_model(model, tokenizer, rows: list[dict], variant: str, cfg: Config) -> tuple[list[dict], dict]:
+def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, variant: str) -> dict:
+    """What decides a model's answers to the split: saved answers are reused only for the same key."""
+    jobs = {"base": ("prep",), "adapter": ("prep", "train"), "merged": ("prep", "train", "merge")}[which]
+    questions = json.dumps([[row["context"], row["question"]] for row in rows], ensure_ascii=False)
+    key = {"model": cfg.model.model_dump(mode="json"), "which": which, "variant": variant, "split": cfg.eval.split,
+           "questions_sha256": hashlib.sha256(questions.encode()).hexdigest(),
+           "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size, "device": device_for(),
+           "finished": {job: read_json(run.marker(job)) for job in jobs}}  # a retrained model is another model
+    return json.loads(json.dumps(key))  # as it reads back from the file
+
+
+def saved_generations(path: Path, key: dict) -> tuple[list[Generation], float] | None:
+    """The answers saved at `path` under `key`, and the seconds they took; None when there are none to reuse."""
+    try:
+        saved = json.loads(path.read_text())
+        if saved["key"] != key:
+            return None
+        return [Generation(**g) for g in saved["generations"]], saved["generation_s"]
+    except (OSError, ValueError, KeyError, TypeError):  # none saved, or by another version of t2s: generate again
+        return None
+
+
+def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
+                     variant: str) -> tuple[list[Generation], float]:
+    """The model's greedy answers to the split's questions, and the seconds generation took."""
+    import torch
+
+    model, tokenizer = load_run_model(cfg, run, which)
+    model = model.to(device_for()).eval()
     prompts = [render_prompt(tokenizer, r["context"], r["question"], variant) for r in rows]
     started = time.perf_counter()
     generations = generate_batched(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
                                    progress=True)
     elapsed = time.perf_counter() - started
-    scored = [score(row, g.text, cfg.eval, seed=i) for i, (row, g) in enumerate(zip(rows, generations))]
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return generations, elapsed
+
+
+def answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: str, variant: str,
+                folder: Path) -> tuple[list[Generation], float]:
+    """The model's answers: those an interrupted eval saved in `folder` with the same key, else generated now and
+    saved there at once, so that a crash or kill while scoring never costs the generation again."""
+    path = folder / f"{label.replace(':', '-')}.json"
+    key = generation_key(cfg, run, rows, which, variant)
+    saved = saved_generations(path, key)
+    if saved is not None:
+        print(f"  {label}: reusing the {len(saved[0])} answers an interrupted eval saved in {path}; scoring only",
+              flush=True)
+        return saved
+    generations, elapsed = generate_answers(cfg, run, rows, which, variant)
+    write_atomic(path, json.dumps({"key": key, "generation_s": elapsed,
+                                   "generations": [dataclasses.asdict(g) for g in generations]}, ensure_ascii=False))
+    return generations, elapsed
+
+
+def score_answers(rows: list[dict], responses: list[str], eval_cfg, sandbox: Sandbox) -> list[dict]:
+    """Every answer's scores (jobs.scoring.score_answer), computed in the sandbox's workers."""
+    score = functools.partial(scoring.score_answer, databases=eval_cfg.databases_per_example,
+                              rows_per_table=eval_cfg.rows_per_table, timeout_s=eval_cfg.query_timeout_s,
+                              row_limit=eval_cfg.row_limit)
+    tasks = [(row["context"], row["answer"], response, seed)
+             for seed, (row, response) in enumerate(zip(rows, responses))]
+    return list(tqdm(sandbox.map(score, tasks, if_killed=scoring.score_after_kill), total=len(tasks), desc="scoring",
+                     mininterval=2))
+
+
+def evaluate_model(generations: list[Generation], elapsed: float, rows: list[dict], cfg: Config,
+                   sandbox: Sandbox) -> tuple[list[dict], dict]:
+    scored = score_answers(rows, [g.text for g in generations], cfg.eval, sandbox)
     for s, g in zip(scored, generations):
         s.update(response=g.text, new_tokens=g.new_tokens, latency_ms=g.latency_s * 1000)
     speed = {
@@ -167,6 +242,12 @@ def evaluate_model(model, tokenizer, rows: list[dict], variant: str, cfg: Config
     return scored, speed
 
 
+def scoring_workers() -> int:
+    """Sandbox workers for scoring: one per CPU core this process may use, at most 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
 def run(cfg: Config, run: RunDir) -> str:
     import torch
 
@@ -174,23 +255,21 @@ def run(cfg: Config, run: RunDir) -> str:
     rows = read_split(run, cfg.eval.split, cfg.eval.max_examples)
     plan = models_to_evaluate(cfg, run)
     manifest = json.loads(run.manifest.read_text())
-    staging = fresh_staging(run.eval)
+    staging = fresh_staging(run.eval, keep=(GENERATIONS,))
+    (staging / GENERATIONS).mkdir(exist_ok=True)
     results, by_bucket, predictions = {}, {}, defaultdict(dict)
-    for label, which, variant in plan:
-        print(f"evaluating {label} on {len(rows)} {cfg.eval.split} examples", flush=True)
-        model, tokenizer = load_run_model(cfg, run, which)
-        model = model.to(device_for()).eval()
-        scored, speed = evaluate_model(model, tokenizer, rows, variant, cfg)
-        del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        results[label] = {**summarize(scored), **speed}
-        by_bucket[label] = buckets(rows, scored)
-        for i, s in enumerate(scored):
-            predictions[i][label] = s
-        r = results[label]
-        print(f"  {label}: SQL-only {r['sql_only']:.1%} · exact {r['exact_match']:.1%} · "
-              f"execution {r['execution_accuracy']:.1%} · {r['queries_per_s']:.1f} queries/s", flush=True)
+    with Sandbox(workers=scoring_workers()) as sandbox:
+        for label, which, variant in plan:
+            print(f"evaluating {label} on {len(rows)} {cfg.eval.split} examples", flush=True)
+            generations, elapsed = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS)
+            scored, speed = evaluate_model(generations, elapsed, rows, cfg, sandbox)
+            results[label] = {**summarize(scored), **speed}
+            by_bucket[label] = buckets(rows, scored)
+            for i, s in enumerate(scored):
+                predictions[i][label] = s
+            r = results[label]
+            print(f"  {label}: SQL-only {r['sql_only']:.1%} · exact {r['exact_match']:.1%} · "
+                  f"execution {r['execution_accuracy']:.1%} · {r['queries_per_s']:.1f} queries/s", flush=True)
 
     report = {
         "run_id": cfg.run_id,
@@ -202,6 +281,7 @@ def run(cfg: Config, run: RunDir) -> str:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "results": results,
         "buckets": by_bucket,
+        "build_errors": build_error_reasons(scored),  # the same for every model: they depend on the example only
         "config": cfg.eval.model_dump(mode="json"),
     }
     with open(staging / "predictions.jsonl", "w") as f:

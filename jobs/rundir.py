@@ -112,11 +112,16 @@ def replace_dir(staging: Path, final: Path) -> None:
     os.replace(staging, final)
 
 
-def fresh_staging(final: Path) -> Path:
+def fresh_staging(final: Path, keep: tuple[str, ...] = ()) -> Path:
+    """An empty staging folder beside `final`, but for the entries named in `keep` that an interrupted job left."""
     staging = final.with_name(final.name + ".partial")
-    if staging.exists():
+    if staging.is_dir() and keep:
+        for entry in staging.iterdir():
+            if entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    elif staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging.mkdir(parents=True, exist_ok=True)
     return staging
 
 

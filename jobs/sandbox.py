@@ -1,35 +1,40 @@
-"""Untrusted SQL, run read-only in SQLite; and execution accuracy, test-suite style.
+"""Untrusted SQL, run read-only in SQLite, where its limits hold whatever the SQL does.
 
-A prediction is scored by running it and the gold query on a few small random databases built from the example's
-CREATE TABLE context. The rows are seeded with the gold query's literals and near misses of them, so its WHERE
-clauses select something and a wrong operator or literal shows; the prediction matches when it returns the same
-rows as the gold query on every database.
-
-Predicted SQL runs under an authorizer that allows reading only, a wall-clock limit and a row limit. Memory is
-bounded by those, by SQLite's cap on one value's length and by a cap on the bytes fetched; SQLite's own heap limit
-(PRAGMA hard_heap_limit) is process-wide, so it is left alone. One long-running built-in call (a huge LIKE, say)
-cannot be interrupted mid-call, but its inputs are capped in length.
+Predicted SQL (eval's scoring, `t2s ask --run`) runs in worker processes that a Sandbox starts and watches:
+- an authorizer allows reading only: no write, ATTACH, PRAGMA, extension or unsafe function;
+- a progress handler stops a query at its time limit, and when one SQLite call runs on past it anyway (a huge
+  printf, a statement that explodes while it is prepared) the Sandbox kills the worker and starts a fresh one;
+- a worker's address space is capped (RLIMIT_AS), temporary tables stay in memory under that cap, and rows are
+  counted and sized one at a time as they are fetched, so no result grows past its limit in Python;
+- a user's database file is opened read-only, and a WAL database (which SQLite opens with -wal and -shm files
+  beside it, even read-only) is read from a private copy: nothing is ever written beside the user's file.
+run_readonly is the runner itself; it applies every limit but the kill and the memory cap wherever it is called.
 """
 
 from __future__ import annotations
 
-import functools
-import random
+import atexit
+import mmap
+import os
+import pickle
+import resource
+import shutil
+import signal
 import sqlite3
+import struct
+import subprocess
 import sys
+import tempfile
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+import traceback
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, Iterable, Iterator
 
-from sqlglot import exp
-
-from jobs import sqlcheck
 from jobs.errors import T2SError
-from jobs.sqlcheck import DIALECT, Table
-
-OUTCOMES = ("match", "mismatch", "pred_error", "pred_timeout", "pred_refused", "gold_error", "not_sql")
 
 # Functions a query may call: SQLite's core, aggregate, window, date and math functions. Left out on purpose:
 # load_extension, random/randomblob/zeroblob (nondeterminism, memory), sqlite_* and changes-style introspection.
@@ -47,24 +52,23 @@ ACTION_NAMES = {getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ") for n
     "ALTER_TABLE", "CREATE_TABLE", "CREATE_TEMP_TABLE", "CREATE_VIEW", "CREATE_TEMP_VIEW", "CREATE_INDEX",
     "CREATE_TRIGGER", "CREATE_VTABLE", "DROP_TABLE", "DROP_TEMP_TABLE", "DROP_VIEW", "DROP_TEMP_VIEW",
     "DROP_INDEX", "DROP_TRIGGER", "DROP_VTABLE")}
-# Statements that are SQL but not queries: run (and refused) rather than scored as prose.
-STATEMENTS = tuple(getattr(exp, name) for name in (
-    "Query", "DDL", "DML", "Command", "Pragma", "Attach", "Detach", "Drop", "Alter", "Transaction", "Commit",
-    "Rollback") if hasattr(exp, name))  # older sqlglot lacks some and parses those statements as Command
 
 PROGRESS_STEPS = 1000  # SQLite VM instructions between wall-clock checks
-FETCH_BATCH = 100
-MAX_VALUE_BYTES = 100_000  # longest string or blob a query may build
-MAX_RESULT_BYTES = 50_000_000
-# Few values, so joins and GROUP BY find partners; digit strings so a VARCHAR key joins an INTEGER one.
-TEXT_WORDS = ("alpha", "beta", "gamma", "delta", "1", "2", "3")
-SMALL_INTS = tuple(range(10))
-FLIPPED = {exp.GT: exp.LT, exp.LT: exp.GT, exp.GTE: exp.LTE, exp.LTE: exp.GTE}
-ATTEMPTS = 5  # fresh draws of one database until the gold query returns something besides nothing, 0 or NULL
+MAX_VALUE_BYTES = 100_000  # longest string or blob a query may build (Python >= 3.11; below, the memory cap holds)
+MAX_RESULT_BYTES = 50_000_000  # characters and bytes of a result's values, numbers and NULLs counting 8
+WORKER_MEMORY_BYTES = 1 << 30  # address space a worker may add to what it maps at start: SQLite, rows, parsing
+KILL_GRACE_S = 0.5  # how long past its time limit a query may run before its worker is killed
+TASK_BUDGET_S = 60.0  # a task's time between queries (parsing, building databases) before its worker is killed
+WATCH_EVERY_S = 0.05  # how often a Sandbox looks at its busy workers' deadlines
+QUEUED_TASKS = 2  # tasks sent to a worker at once, so that it never waits for its next one
+OUT_OF_MEMORY_EXIT = 3  # a worker's exit code when Python itself ran out of memory
 
 
 class QueryError(Exception):
-    """A query that did not run to the end in the sandbox; str() is a short reason."""
+    """A query that did not run to the end in the sandbox; str() is a short reason. When the Sandbox had to kill or
+    lost the worker, `role` is what that worker was running: the role its query was given, or "" between queries."""
+
+    role = "query"
 
 
 class QueryRefused(QueryError):
@@ -76,23 +80,23 @@ class QueryTimeout(QueryError):
 
 
 class QueryFailed(QueryError):
-    """SQLite rejected or failed the query, or its result was over the row or size limit."""
-
-
-class Planted(NamedTuple):
-    hits: list  # values the gold query's conditions look for
-    misses: list  # values close to them that they should not select
+    """SQLite rejected or failed the query, it ran out of memory, or its result was over the row or size limit."""
 
 
 @dataclass(frozen=True)
-class ExecResult:
-    outcome: str  # one of OUTCOMES
-    detail: str = ""
+class QueryRows:
+    columns: list[str] | None  # None when SQLite gave no names
+    rows: list[tuple]
 
 
-def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit: int) -> list[tuple]:
-    """Rows of one statement run with reading allowed only, under a wall-clock limit and a row limit.
-    Raises QueryRefused, QueryTimeout or QueryFailed. The connection's handlers are removed afterwards."""
+# ---------- the runner ----------
+
+def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit: int,
+                 role: str = "query") -> QueryRows:
+    """The rows of one statement run with reading allowed only, under a time limit, a row limit and a size limit,
+    checked row by row as they are fetched. Raises QueryRefused, QueryTimeout or QueryFailed. The connection's
+    handlers are removed afterwards. In a Sandbox worker, the Sandbox also kills a query that runs KILL_GRACE_S past
+    its limit, and reports it by `role` (e.g. "gold", "prediction")."""
     refused: list[str] = []
     timed_out = False
     deadline = time.monotonic() + timeout_s
@@ -111,21 +115,25 @@ def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit
 
     if hasattr(conn, "enable_load_extension"):  # absent when Python's sqlite3 was built without extensions
         conn.enable_load_extension(False)
-    # Python 3.10 (the CUDA 11.8 image) has no setlimit: there the result-size cap below still holds.
+    conn.execute("PRAGMA temp_store = MEMORY")  # sorts and DISTINCT stay under the memory cap, and off the disk
+    # Python 3.10 (the CUDA 11.8 image) has no setlimit: there a worker's memory cap bounds one value instead.
     old_length = conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES) if hasattr(conn, "setlimit") else None
     conn.set_authorizer(authorize)
     conn.set_progress_handler(past_deadline, PROGRESS_STEPS)
+    _set_deadline(timeout_s + KILL_GRACE_S, timeout_s, role)
     try:
         cursor = conn.execute(sql)
         rows, size = [], 0
-        while batch := cursor.fetchmany(FETCH_BATCH):
-            rows.extend(batch)
-            size += sum(len(value) for row in batch for value in row if isinstance(value, (str, bytes)))
-            if len(rows) > row_limit:
+        for row in cursor:
+            if len(rows) == row_limit:
                 raise QueryFailed(f"exceeds row limit of {row_limit}")
+            size += sum(len(value) if isinstance(value, (str, bytes)) else 8 for value in row)
             if size > MAX_RESULT_BYTES:
                 raise QueryFailed(f"result exceeds {MAX_RESULT_BYTES // 1_000_000} MB")
-        return rows
+            rows.append(row)
+        return QueryRows([d[0] for d in cursor.description] if cursor.description else None, rows)
+    except MemoryError:
+        raise QueryFailed("out of memory") from None
     except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as error:
         if refused:
             raise QueryRefused(f"{refused[0]} is not allowed") from None
@@ -133,6 +141,7 @@ def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit
             raise QueryTimeout(f"ran past {timeout_s:g} s") from None
         raise QueryFailed(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
     finally:
+        working_on(_role)
         conn.set_progress_handler(None, 0)
         # Python 3.10 (the CUDA 11.8 image) takes None as an authorizer that denies everything
         conn.set_authorizer(None if sys.version_info >= (3, 11) else lambda *_: sqlite3.SQLITE_OK)
@@ -140,228 +149,66 @@ def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit
             conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, old_length)
 
 
-def execution_match(context: str, gold_sql: str, predicted_sql: str, *, databases: int = 3,
-                    rows_per_table: int = 8, seed: int = 0, timeout_s: float = 1.0,
-                    row_limit: int = 10_000) -> ExecResult:
-    """Whether the prediction returns the gold query's rows on every generated database: as ordered lists when the
-    gold query ends in ORDER BY, as multisets otherwise; numbers compare by value (1 == 1.0)."""
-    try:
-        conns = build_databases(context, gold_sql, databases, rows_per_table, seed)
-    except ValueError as error:
-        return ExecResult("gold_error", str(error))
-    try:
-        expected = []
-        for conn in conns:
-            try:
-                expected.append(run_readonly(conn, gold_sql, timeout_s, row_limit))
-            except QueryError as error:
-                return ExecResult("gold_error", f"gold: {error}")
-        statements = None if predicted_sql.lstrip().startswith("```") else sqlcheck.parse_statements(predicted_sql)
-        if not statements or len(statements) != 1 or not isinstance(statements[0], STATEMENTS):
-            return ExecResult("not_sql", "not one SQL statement")
-        ordered = sqlcheck.single_query(gold_sql).args.get("order") is not None
-        for index, (conn, gold_rows) in enumerate(zip(conns, expected)):
-            try:
-                rows = run_readonly(conn, predicted_sql.strip(), timeout_s, row_limit)
-            except QueryRefused as error:
-                return ExecResult("pred_refused", str(error))
-            except QueryTimeout as error:
-                return ExecResult("pred_timeout", str(error))
-            except QueryFailed as error:
-                return ExecResult("pred_error", str(error))
-            if not same_rows(gold_rows, rows, ordered):
-                return ExecResult("mismatch", f"database {index}: gold gave {len(gold_rows)} rows, "
-                                              f"prediction {len(rows)}{' (in order)' if ordered else ''}")
-        return ExecResult("match")
-    finally:
-        for conn in conns:
-            conn.close()
+# ---------- a user's database file ----------
+
+def is_wal(path: Path) -> bool:
+    """Whether SQLite would open the file in WAL mode (bytes 18-19 of its header) or WAL files are beside it."""
+    with open(path, "rb") as file:
+        versions = file.read(100)[18:20]
+    return 2 in versions or any(Path(f"{path}{suffix}").exists() for suffix in ("-wal", "-shm"))
 
 
-def same_rows(expected: list[tuple], got: list[tuple], ordered: bool) -> bool:
-    expected, got = [comparable(row) for row in expected], [comparable(row) for row in got]
-    return expected == got if ordered else Counter(expected) == Counter(got)
+def readable_path(path: Path, private_dir: Path) -> Path:
+    """A path SQLite can open read-only without writing anything beside `path`: the file itself for a
+    rollback-journal database; for a WAL database, a copy of it and of its -wal (what is not yet checkpointed) in a
+    new folder under `private_dir`. Raises OSError when the file cannot be read or copied."""
+    path = path.resolve()  # SQLite follows a symbolic link and looks for the -wal beside its target
+    if not is_wal(path):
+        return path
+    copy = Path(tempfile.mkdtemp(dir=private_dir)) / "database.sqlite"
+    shutil.copyfile(path, copy)
+    if Path(f"{path}-wal").exists():
+        shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+    return copy
 
 
-def comparable(row: tuple) -> tuple:
-    """Numbers as rounded floats: 1 equals 1.0, and sums added up in another order still agree."""
-    return tuple(round(float(v), 6) if isinstance(v, (int, float)) else v for v in row)
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a database file (a readable_path)."""
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
 
 
-def build_databases(context: str, gold_sql: str, n: int, rows_per_table: int, seed: int) -> list[sqlite3.Connection]:
-    """`n` in-memory databases with the context's tables, filled with random rows typed by column type that include
-    the gold query's literals and near misses of them; the same for the same seed. A database on which the gold
-    query returns nothing informative is drawn again, a few times at most.
-    Raises ValueError when the context is not CREATE TABLE statements or the gold is not one query."""
-    tables = sqlcheck.parse_schema(context)
-    gold = sqlcheck.single_query(gold_sql)
-    if tables is None:
-        raise ValueError("context is not CREATE TABLE statements")
-    if gold is None:
-        raise ValueError("gold is not one SQL query")
-    tables = merge_duplicate_tables(tables)
-    planted = planted_values(gold, tables)
-    databases = []
-    for index in range(n):
-        for attempt in range(ATTEMPTS):
-            conn = random_database(tables, planted, rows_per_table, random.Random(f"{seed}/{index}/{attempt}"))
-            try:
-                informative = any(v not in (None, 0, "") for row in run_readonly(conn, gold_sql, 1.0, 10_000)
-                                  for v in row)
-            except QueryError:
-                informative = True  # the gold fails on any rows: execution_match reports it as gold_error
-            if informative or attempt == ATTEMPTS - 1:
-                break
-            conn.close()
-        databases.append(conn)
-    return databases
+_connections: dict[str, sqlite3.Connection] = {}  # in a worker: the files it has opened
 
 
-def merge_duplicate_tables(tables: list[Table]) -> list[Table]:
-    """One table per name, with the columns of all its declarations: some dataset contexts declare a table twice."""
-    merged: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {}
-    for table in tables:
-        _, columns = merged.setdefault(table.name.lower(), (table.name, {}))
-        for name, type_ in table.columns:
-            columns.setdefault(name.lower(), (name, type_))
-    return [Table(name, tuple(columns.values())) for name, columns in merged.values()]
-
-
-def planted_values(gold: exp.Expression, tables: list[Table]) -> dict[str, Planted]:
-    """Values worth planting per column (lower-cased name): the literals the gold query compares the column with
-    (for a LIKE pattern, strings that match it) and near misses of them, so a wrong operator or literal shows."""
-    columns = {name.lower() for table in tables for name, _ in table.columns}
-    planted: dict[str, Planted] = defaultdict(lambda: Planted([], []))
-    for operator, left, right in sqlcheck.comparisons(gold):
-        kind = type(operator)
-        if not is_column(left, columns):
-            left, right, kind = right, left, FLIPPED.get(kind, kind)  # `5 < x` reads as `x > 5`
-        value = literal_value(right, columns)
-        if not is_column(left, columns) or value is None:
-            continue
-        hits, misses = planted[left.name.lower()]
-        if kind in (exp.Like, exp.ILike) and isinstance(value, str):
-            hits += [value.replace("%", "").replace("_", "x"), value.replace("%", " z ").replace("_", "x")]
-        elif isinstance(value, str):
-            hits.append(value)
-            misses += [f"{value} x", value.upper() if value.upper() != value else value.lower()]
-        elif kind in (exp.GT, exp.LT):  # the literal itself tells `>` from `>=`
-            hits.append(value + 1 if kind is exp.GT else value - 1)
-            misses.append(value)
-        else:
-            hits.append(value)
-            misses += [value - 1, value + 1, f"{value} x"]  # the string shows `= 5` against `LIKE '%5%'`
-    return planted
-
-
-def is_column(node: exp.Expression, columns: set[str]) -> bool:
-    return isinstance(node, exp.Column) and node.name.lower() in columns
-
-
-def literal_value(node: exp.Expression, columns: set[str]) -> str | int | float | None:
-    """The value of a literal, a negated number, or a double-quoted name that SQLite reads as a string."""
-    if sqlcheck.is_quoted_name(node) and node.name.lower() not in columns:
-        return node.name
-    negative = isinstance(node, exp.Neg)
-    if negative:
-        node = node.this
-    if not isinstance(node, exp.Literal):
-        return None
-    if node.is_string:
-        return None if negative else node.this
-    try:
-        number = int(node.this)
-    except ValueError:
+def rows_from_file(path: str, sql: str, timeout_s: float, row_limit: int) -> QueryRows:
+    """Runs in a worker: the query's rows on a database file (a readable_path), opened read-only once a worker."""
+    if path not in _connections:
         try:
-            number = float(node.this)
-        except ValueError:
-            return None
-    return -number if negative else number
-
-
-def random_database(tables: list[Table], planted: dict[str, Planted], rows_per_table: int,
-                    rng: random.Random) -> sqlite3.Connection:
-    conn = sqlite3.connect(":memory:")
-    for table, (create_sql, insert_sql) in zip(tables, table_statements(tuple(tables))):
-        conn.execute(create_sql)
-        conn.executemany(insert_sql, table_rows(table, planted, rows_per_table, rng))
-    conn.commit()
-    return conn
-
-
-def table_rows(table: Table, planted: dict[str, Planted], count: int, rng: random.Random) -> list[list]:
-    """A row with a value each condition looks for, the same row again (so DISTINCT shows), then for each planted
-    column a row like it but with a near miss there and fresh values in unplanted columns (so each condition is
-    tested on its own, and MIN/MAX/SUM see other values), then random rows."""
-    columns = [(type_, planted.get(name.lower())) for name, type_ in table.columns]
-    hit_row = [rng.choice(values.hits) if values else random_value(type_, None, rng) for type_, values in columns]
-    near_rows = [[rng.choice(values.misses) if j == i else hit if values else random_value(type_, None, rng)
-                  for j, ((type_, values), hit) in enumerate(zip(columns, hit_row))]
-                 for i, (_, values) in enumerate(columns) if values and values.misses]
-    random_rows = [[random_value(type_, values, rng) for type_, values in columns] for _ in range(count)]
-    return ([hit_row, hit_row] + near_rows + random_rows)[:count]
-
-
-@functools.lru_cache(maxsize=64)  # the same tables are created for every database of an example
-def table_statements(tables: tuple[Table, ...]) -> tuple[tuple[str, str], ...]:
-    """(CREATE TABLE, INSERT with placeholders) for each table, printed by sqlglot for SQLite."""
-    statements = []
-    for table in tables:
-        columns = [exp.ColumnDef(this=exp.to_identifier(name),
-                                 kind=exp.DataType.build(type_, dialect=DIALECT, udt=True) if type_ else None)
-                   for name, type_ in table.columns]
-        name = exp.Table(this=exp.to_identifier(table.name))
-        create = exp.Create(kind="TABLE", this=exp.Schema(this=name, expressions=columns))
-        placeholders = ", ".join("?" for _ in table.columns)
-        statements.append((create.sql(dialect=DIALECT, identify=True),
-                           f"INSERT INTO {name.sql(dialect=DIALECT, identify=True)} VALUES ({placeholders})"))
-    return tuple(statements)
-
-
-def random_value(type_: str, planted: Planted | None, rng: random.Random):
-    if planted and rng.random() < 0.8:
-        return rng.choice(planted.hits if not planted.misses or rng.random() < 0.5 else planted.misses)
-    affinity = type_.upper()  # SQLite's affinity rules look for these substrings in the declared type
-    if "INT" in affinity:
-        return rng.choice(SMALL_INTS)
-    if any(part in affinity for part in ("REAL", "FLOA", "DOUB", "NUM", "DEC")):
-        return rng.choice(SMALL_INTS) + rng.choice((0.0, 0.5))
-    return rng.choice(TEXT_WORDS)
-
-
-def query_features(gold_sql: str) -> dict:
-    """Facts about a gold query for the report's per-bucket breakdown; {} when it is not one query."""
-    query = sqlcheck.single_query(gold_sql)
-    if query is None:
-        return {}
-    cte_names = {cte.alias_or_name.lower() for cte in query.find_all(exp.CTE)}
-    return {
-        "tables": len({table.name.lower() for table in query.find_all(exp.Table)} - cte_names),
-        "join": query.find(exp.Join) is not None,
-        "aggregate": query.find(exp.AggFunc) is not None,
-        "group": query.find(exp.Group) is not None,
-        "order": query.find(exp.Order) is not None,
-        "nested": query.find(exp.Subquery) is not None,
-        "set_operation": query.find(exp.Union, exp.Intersect, exp.Except) is not None,
-        "conditions": len(sqlcheck.comparisons(query)),
-    }
+            _connections[path] = connect_readonly(Path(path))
+        except sqlite3.Error as error:
+            raise QueryFailed(f"cannot open the database ({error})") from None
+    return run_readonly(_connections[path], sql, timeout_s, row_limit)
 
 
 def schema_from_sqlite(path: str | Path) -> str:
     """The tables of a SQLite file as a context string in the training format, `CREATE TABLE name (column TYPE, ...)`
-    joined by "; ", with declared types and no constraints. The file is opened read-only."""
+    joined by "; ", with declared types and no constraints. Nothing is written beside the file."""
     file = Path(path)
     if not file.is_file():
         raise T2SError(f"{path}: no such file; pass --db the path of a SQLite database file")
     try:
-        conn = sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            names = [name for (name,) in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY rowid")]
-            tables = {name: conn.execute("SELECT name, type FROM pragma_table_info(?)", (name,)).fetchall()
-                      for name in names}
-        finally:
-            conn.close()
+        with tempfile.TemporaryDirectory(prefix="t2s-schema-") as private:
+            conn = connect_readonly(readable_path(file, Path(private)))
+            try:
+                names = [name for (name,) in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY rowid")]
+                tables = {name: conn.execute("SELECT name, type FROM pragma_table_info(?)", (name,)).fetchall()
+                          for name in names}
+            finally:
+                conn.close()
+    except OSError as error:
+        raise T2SError(f"{path}: cannot be read ({error.strerror or error}); pass --db a readable SQLite "
+                       "file") from None
     except sqlite3.DatabaseError as error:
         raise T2SError(f"{path}: not a readable SQLite database ({error}); pass --db a SQLite file") from None
     if not tables:
@@ -373,4 +220,295 @@ def schema_from_sqlite(path: str | Path) -> str:
 
 def identifier(name: str) -> str:
     """A name as the training contexts write it: bare, quoted only where it must be."""
+    from sqlglot import exp  # here, so that a worker's start-up does not import sqlglot
+
+    from jobs.sqlcheck import DIALECT
+
     return exp.to_identifier(name).sql(dialect=DIALECT)
+
+
+# ---------- worker processes ----------
+
+# A worker's deadline, shared with its Sandbox through a small memory-mapped file: when it must be done by
+# (time.monotonic(), the same clock in every process), the running query's time limit (0 between queries) and the
+# role of its work. The worker writes it as each query starts and ends, without waking the Sandbox, which reads it
+# as it watches, and reports the role when it kills the worker.
+DEADLINE = struct.Struct("dd32s")
+_deadline: mmap.mmap | None = None  # set in a worker
+_role = ""  # in a worker: what it works on between queries
+_budget_s = TASK_BUDGET_S  # in a worker: its Sandbox's time allowed between queries
+
+
+def working_on(role: str) -> None:
+    """In a worker: from now on its work (between queries) is `role`'s, e.g. the prediction's; a no-op elsewhere."""
+    global _role
+    _role = role
+    _set_deadline(_budget_s, 0.0, role)
+
+
+def _set_deadline(seconds: float, limit_s: float, role: str) -> None:
+    if _deadline is not None:
+        DEADLINE.pack_into(_deadline, 0, time.monotonic() + seconds, limit_s, role.encode()[:32])
+
+
+def serve() -> None:
+    """A worker's loop (`python -c "...; jobs.sandbox.serve()" PIPE_FD DEADLINE_FILE MEMORY_BYTES BUDGET_S`,
+    started by a Sandbox): cap the address space, then run each (function, args) received and send back what came
+    of it, with the worker's peak resident memory."""
+    global _deadline, _budget_s
+    pipe = Connection(int(sys.argv[1]))
+    with open(sys.argv[2], "r+b") as file:
+        _deadline = mmap.mmap(file.fileno(), DEADLINE.size)
+    _budget_s = float(sys.argv[4])
+    cap = _status_bytes("VmSize") + int(sys.argv[3])  # above what this Python maps at start, whatever the build
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    except (ValueError, OSError):  # a platform without RLIMIT_AS (macOS): the time and size limits still hold
+        pass
+    pipe.send(("ready",))
+    while True:
+        try:
+            task = pipe.recv_bytes()
+        except EOFError:  # the Sandbox closed, or its process ended
+            return
+        working_on("")
+        try:
+            function, args = pickle.loads(task)  # here, so that a function it cannot import is reported as a bug
+            outcome = ("done", function(*args))
+        except QueryError as error:
+            outcome = ("raised", error)
+        except MemoryError:
+            os._exit(OUT_OF_MEMORY_EXIT)
+        except Exception:
+            outcome = ("crashed", traceback.format_exc())
+        DEADLINE.pack_into(_deadline, 0, 0.0, 0.0, b"")
+        pipe.send((*outcome, peak_memory_bytes()))
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM, not getrusage: its ru_maxrss carries over the parent's
+    peak through fork and exec."""
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+
+def _status_bytes(name: str) -> int:
+    """A size from Linux's /proc/self/status (VmSize, VmHWM...); 0 elsewhere."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: subprocess.Popen
+    pipe: Connection
+    deadline: mmap.mmap  # shared with the worker: see DEADLINE
+    budget_s: float  # the time it may spend between queries
+    started: bool = False  # it has said it is ready
+    tasks: deque = field(default_factory=deque)  # indices of the tasks sent to it, the one it runs first
+    since: float = 0.0  # when it last started a task, as far as the Sandbox knows
+
+    def overdue(self) -> QueryTimeout | None:
+        """The timeout to kill it for, when it is past its deadline; None otherwise."""
+        stamp, limit_s, role = DEADLINE.unpack_from(self.deadline)
+        deadline = stamp or self.since + self.budget_s  # 0: it has not begun the task yet
+        if time.monotonic() < deadline or DEADLINE.unpack_from(self.deadline)[0] != stamp:
+            return None  # in time, or it moved on while being read
+        error = QueryTimeout(f"ran past {limit_s:g} s" if limit_s else
+                             f"its work between queries ran past {self.budget_s:g} s")
+        error.role = role.rstrip(b"\0").decode(errors="replace")
+        return error
+
+
+class Sandbox:
+    """A pool of worker processes that run functions calling run_readonly, each under the worker's memory cap.
+    The Sandbox kills a worker whose query runs KILL_GRACE_S past its time limit, or that spends `task_budget_s`
+    between queries, and starts a fresh one in its place.
+
+        with Sandbox(workers=4) as sandbox:
+            for result in sandbox.map(function, tasks, if_killed): ...
+            rows = sandbox.query_file("shop.sqlite", "SELECT ...", timeout_s=5, row_limit=1000)
+    """
+
+    def __init__(self, workers: int = 1, memory_bytes: int = WORKER_MEMORY_BYTES,
+                 task_budget_s: float = TASK_BUDGET_S):
+        self.memory_bytes, self.task_budget_s = memory_bytes, task_budget_s
+        self.kills = 0  # workers killed or lost
+        self.peak_worker_memory_bytes = 0  # the largest resident size a worker reported
+        self._private = tempfile.TemporaryDirectory(prefix="t2s-sandbox-")  # deadline files, copies of WAL databases
+        self._copies: dict[tuple, Path] = {}
+        self._workers: list[_Worker] = []
+        self._closer = weakref.finalize(self, _stop_workers, self._workers)
+        self._workers.extend(self._start() for _ in range(workers))
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closer()
+        self._private.cleanup()
+
+    def map(self, function: Callable, tasks: Iterable[tuple],
+            if_killed: Callable[[tuple, QueryError], Any]) -> Iterator:
+        """function(*task) for each task, run in the workers, in the tasks' order. A task that ends in a QueryError
+        (raised by the function, or made here when the Sandbox killed or lost its worker, with `role` set) gives
+        if_killed(task, error) instead, computed here. `function` must be importable by name (it is pickled by
+        reference); any other exception in it is a bug: RuntimeError with the worker's traceback."""
+        tasks = list(tasks)
+        unsent, results = deque(range(len(tasks))), {}
+        yielded = 0
+        try:
+            while yielded < len(tasks):
+                for worker in self._workers:
+                    while unsent and len(worker.tasks) < QUEUED_TASKS:
+                        self._send(worker, function, tasks, unsent.popleft())
+                while yielded in results:
+                    yield results.pop(yielded)
+                    yielded += 1
+                if yielded < len(tasks):
+                    self._watch(tasks, unsent, results, if_killed)
+        finally:  # a consumer that stops early leaves no worker busy with a task nobody waits for
+            for index, worker in enumerate(self._workers):
+                if worker.tasks:
+                    self._replace(index)
+
+    def run(self, function: Callable, *args) -> Any:
+        """function(*args) in a worker; raises the QueryError the task ended in, if any."""
+
+        def reraise(task: tuple, error: QueryError):
+            raise error
+
+        return next(self.map(function, [args], reraise))
+
+    def query_file(self, path: str | Path, sql: str, timeout_s: float, row_limit: int) -> QueryRows:
+        """The query's rows on a SQLite file, read-only, with nothing written beside it (see readable_path)."""
+        return self.run(rows_from_file, str(self._readable(Path(path))), sql, timeout_s, row_limit)
+
+    # ---- inside ----
+
+    def _start(self) -> _Worker:
+        ours, theirs = Pipe()
+        deadline_file = Path(tempfile.mkstemp(dir=self._private.name, suffix=".deadline")[1])
+        deadline_file.write_bytes(bytes(DEADLINE.size))
+        with open(deadline_file, "r+b") as file:
+            deadline = mmap.mmap(file.fileno(), DEADLINE.size)
+        # sys.path[0] is the working directory under -c: the worker imports this very jobs package instead
+        package_root = str(Path(__file__).resolve().parents[1])
+        boot = f"import sys; sys.path[0] = {package_root!r}; import jobs.sandbox as s; s.serve()"
+        process = subprocess.Popen(
+            [sys.executable, "-c", boot, str(theirs.fileno()), str(deadline_file), str(self.memory_bytes),
+             str(self.task_budget_s)],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True)  # Ctrl-C in a terminal reaches the job, not its workers
+        theirs.close()
+        return _Worker(process, ours, deadline, self.task_budget_s)
+
+    def _send(self, worker: _Worker, function: Callable, tasks: list[tuple], index: int) -> None:
+        if not worker.tasks:
+            worker.since = time.monotonic()
+        worker.tasks.append(index)
+        try:
+            worker.pipe.send((function, tasks[index]))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died while idle: _watch sees the closed pipe and reports the task as lost
+
+    def _watch(self, tasks: list[tuple], unsent: deque, results: dict[int, Any], if_killed: Callable) -> None:
+        """Waits for a busy worker's message, or WATCH_EVERY_S, then kills the workers past their deadline."""
+        busy = [(index, worker) for index, worker in enumerate(self._workers) if worker.tasks]
+        ready = wait([worker.pipe for _, worker in busy], WATCH_EVERY_S)
+        for index, worker in busy:
+            if worker.pipe in ready:
+                self._receive(index, tasks, unsent, results, if_killed)
+            elif (timeout := worker.overdue()) is not None:
+                self._give_up(index, timeout, tasks, unsent, results, if_killed)
+
+    def _receive(self, index: int, tasks: list[tuple], unsent: deque, results: dict[int, Any],
+                 if_killed: Callable) -> None:
+        worker = self._workers[index]
+        try:
+            kind, *body = worker.pipe.recv()
+        except (EOFError, OSError):
+            lost = QueryFailed(self._death(worker))
+            lost.role = DEADLINE.unpack_from(worker.deadline)[2].rstrip(b"\0").decode(errors="replace")
+            self._give_up(index, lost, tasks, unsent, results, if_killed)
+            return
+        if kind == "ready":
+            worker.started = True
+            return
+        value, peak_bytes = body
+        self.peak_worker_memory_bytes = max(self.peak_worker_memory_bytes, peak_bytes)
+        task, worker.since = worker.tasks.popleft(), time.monotonic()
+        if kind == "crashed":
+            raise RuntimeError(f"a sandbox worker failed on task {tasks[task]!r:.200}:\n{value}")
+        results[task] = if_killed(tasks[task], value) if kind == "raised" else value
+
+    def _give_up(self, index: int, error: QueryError, tasks: list[tuple], unsent: deque, results: dict[int, Any],
+                 if_killed: Callable) -> None:
+        """Kills the worker, puts a fresh one in its place, and records the task it ran as ended in `error`; the
+        tasks queued behind it go to be sent again."""
+        worker = self._workers[index]
+        if not worker.started and worker.process.poll() is not None:
+            raise RuntimeError(f"a sandbox worker could not start ({self._death(worker)}); its error is above")
+        task, *queued = worker.tasks
+        unsent.extendleft(reversed(queued))
+        self._replace(index)
+        self.kills += 1
+        results[task] = if_killed(tasks[task], error)
+
+    def _replace(self, index: int) -> None:
+        _stop_workers([self._workers[index]])
+        self._workers[index] = self._start()
+
+    def _death(self, worker: _Worker) -> str:
+        """Why a worker's pipe closed, in a few words."""
+        try:
+            code = worker.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "its worker stopped answering"
+        if code == OUT_OF_MEMORY_EXIT:
+            return f"out of memory (past the sandbox's {self.memory_bytes >> 20} MiB)"
+        if code < 0:
+            return f"its worker was killed by {signal.Signals(-code).name}"
+        return f"its worker ended (exit code {code})"
+
+    def _readable(self, path: Path) -> Path:
+        """readable_path, copied again only when the file or its -wal changed since the last copy."""
+        key = (str(path.resolve()), _file_stamps(path))
+        if key not in self._copies:
+            self._copies[key] = readable_path(path, Path(self._private.name))
+        return self._copies[key]
+
+
+def _file_stamps(path: Path) -> tuple:
+    """(modification time, size) of a database file and of its -wal when there is one."""
+    stamps = []
+    for file in (path, Path(f"{path}-wal")):
+        if file.exists():
+            stat = file.stat()
+            stamps.append((file.name, stat.st_mtime_ns, stat.st_size))
+    return tuple(stamps)
+
+
+def _stop_workers(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.pipe.close()
+        worker.process.kill()  # a worker holds nothing worth a graceful stop
+        worker.process.wait()
+        worker.deadline.close()
+
+
+_shared: Sandbox | None = None
+
+
+def shared() -> Sandbox:
+    """One worker for this process's occasional queries (`t2s ask --run`), started on first use, closed at exit."""
+    global _shared
+    if _shared is None:
+        _shared = Sandbox(workers=1)
+        atexit.register(_shared.close)
+    return _shared

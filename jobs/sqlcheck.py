@@ -22,7 +22,10 @@ class Table:
 
 
 def parse_statements(text: str) -> list[exp.Expression] | None:
-    """Every statement in `text`, or None when it does not parse as SQL."""
+    """Every statement in `text`, or None when it does not parse as SQL. Text in a markdown fence is not SQL:
+    sqlglot's SQLite dialect would read the backticks as quoted names."""
+    if text.lstrip().startswith("```"):
+        return None
     try:
         statements = sqlglot.parse(text, read=DIALECT)
     except (ParseError, TokenError, ValueError, RecursionError):
@@ -53,8 +56,6 @@ def parse_schema(context: str) -> list[Table] | None:
 
 def single_query(text: str) -> exp.Expression | None:
     """The query when `text` is exactly one SQL query statement (SELECT / UNION / WITH ...) and nothing else."""
-    if text.lstrip().startswith("```"):
-        return None  # a markdown fence: sqlglot's SQLite dialect would read backticks as quoted names
     statements = parse_statements(text)
     if statements is None or len(statements) != 1:
         return None

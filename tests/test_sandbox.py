@@ -1,117 +1,44 @@
-import json
-import os
+"""The SQL sandbox: the read-only runner exactly, and its limits against hostile SQL, through both of its users
+(eval's scoring and `t2s ask --run`): time bound held, memory bound held, nothing written beside the database."""
+
+import hashlib
+import resource
 import sqlite3
+import sys
 import time
-from collections import Counter
+import types
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from jobs import ask, eval as eval_job, sandbox
+from jobs.cli import app
+from jobs.config import EvalConfig
 from jobs.errors import T2SError
-from jobs.sandbox import (OUTCOMES, QueryFailed, QueryRefused, QueryTimeout, build_databases, execution_match,
-                          query_features, run_readonly, schema_from_sqlite)
+from jobs.generate import Generation
+from jobs.sandbox import (KILL_GRACE_S, WORKER_MEMORY_BYTES, QueryFailed, QueryRefused, QueryRows, QueryTimeout,
+                          Sandbox, run_readonly, schema_from_sqlite)
+from jobs.scoring import execution_match
 from jobs.sqlcheck import parse_schema
 
-CONTEXT = "CREATE TABLE singer (name VARCHAR, age INTEGER, country VARCHAR, singer_id INTEGER); " \
-          "CREATE TABLE song (title VARCHAR, singer_id INTEGER, sales INTEGER)"
-GOLD = 'SELECT name FROM singer WHERE country = "France" AND age > 30'
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-VALIDATION = SHARED / "data" / "sql-create-context" / "validation.jsonl"
+CONTEXT = "CREATE TABLE singer (name VARCHAR, age INTEGER, country VARCHAR, singer_id INTEGER)"
+GOLD = "SELECT name FROM singer WHERE age > 30"
 
 
-def outcome(predicted, gold=GOLD, context=CONTEXT, **kwargs):
-    return execution_match(context, gold, predicted, **kwargs).outcome
+def cte_chain(depth: int) -> str:
+    """CTEs each reading the one before twice: SQLite expands the statement while it prepares it, before any
+    progress handler can run."""
+    steps = [f"c{i}(x) AS (SELECT x FROM c{i - 1} UNION ALL SELECT x FROM c{i - 1})" for i in range(1, depth + 1)]
+    return f"WITH c0(x) AS (SELECT 1), {', '.join(steps)} SELECT count(*) FROM c{depth}"
 
 
-@pytest.mark.parametrize("predicted", [
-    GOLD,
-    "select  T1.name\nfrom singer as T1\nwhere T1.country = 'France' and T1.age > 30;",  # alias, whitespace, quotes
-    "SELECT name FROM singer WHERE age > 30 AND country = 'France'",
-    "SELECT s.name FROM singer s WHERE 30 < s.age AND s.country IN ('France')",
-])
-def test_equivalent_queries_match(predicted):
-    assert outcome(predicted) == "match"
-
-
-@pytest.mark.parametrize("predicted", [
-    "SELECT name FROM singer WHERE country = 'Spain' AND age > 30",  # another literal
-    "SELECT name FROM singer WHERE country = 'france' AND age > 30",  # literal case
-    "SELECT name FROM singer WHERE country = 'France' AND age >= 30",  # an operator off by one
-    "SELECT name FROM singer WHERE country LIKE '%France%' AND age > 30",  # = against LIKE
-    "SELECT name FROM singer WHERE country = 'France'",  # a condition missing
-    "SELECT name, age FROM singer WHERE country = 'France' AND age > 30",  # a column too many
-    "SELECT DISTINCT name FROM singer WHERE country = 'France' AND age > 30",
-])
-def test_different_queries_mismatch(predicted):
-    assert outcome(predicted) == "mismatch"
-
-
-def test_numbers_compare_by_value():
-    gold = "SELECT COUNT(*), SUM(sales) FROM song"
-    assert outcome("SELECT COUNT(*) * 1.0, SUM(sales) + 0.0 FROM song", gold) == "match"
-    assert outcome("SELECT COUNT(*), AVG(sales) FROM song", gold) == "mismatch"
-
-
-def test_order_matters_only_when_gold_orders():
-    ordered = "SELECT name FROM singer ORDER BY age, name"
-    assert outcome("SELECT name FROM singer ORDER BY age, name", ordered) == "match"
-    assert outcome("SELECT name FROM singer ORDER BY age DESC, name DESC", ordered) == "mismatch"
-    assert outcome("SELECT name FROM singer", ordered) == "mismatch"
-    assert outcome("SELECT name FROM singer ORDER BY age DESC", "SELECT name FROM singer") == "match"
-
-
-def test_results_must_agree_on_every_database():
-    gold = "SELECT title FROM song WHERE sales > 5"
-    # equal on the first database only when its rows happen to agree: three databases tell them apart
-    assert outcome("SELECT title FROM song WHERE sales > 5 LIMIT 2", gold, databases=1, rows_per_table=2) == "match"
-    assert outcome("SELECT title FROM song WHERE sales > 5 LIMIT 2", gold) == "mismatch"
-
-
-def test_gold_that_fails_is_its_own_bucket():
-    broken = "SELECT nickname FROM singer"  # no such column: a dataset quirk, not the model's fault
-    assert outcome("SELECT name FROM singer", broken) == "gold_error"
-    assert outcome("I don't know", broken) == "gold_error"
-    assert outcome("SELECT name FROM singer", GOLD, context="CREATE TABLE") == "gold_error"
-
-
-@pytest.mark.parametrize("predicted", [
-    f"Here is the query: {GOLD}",
-    f"```sql\n{GOLD}\n```",
-    f"{GOLD}; SELECT 1",
-    "France",
-    "",
-])
-def test_prose_fences_and_two_statements_are_not_sql(predicted):
-    assert outcome(predicted) == "not_sql"
-
-
-@pytest.mark.parametrize("predicted", [
-    "DELETE FROM singer",
-    "DROP TABLE singer",
-    "ATTACH DATABASE ':memory:' AS other",
-    "PRAGMA table_info(singer)",
-    "SELECT load_extension('/tmp/evil.so')",
-])
-def test_writes_attach_pragma_and_extensions_are_refused(predicted):
-    assert outcome(predicted) == "pred_refused"
-
-
-def test_an_endless_recursive_cte_times_out_fast():
-    endless = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT COUNT(*) FROM n"
-    started = time.monotonic()
-    result = execution_match(CONTEXT, GOLD, endless, timeout_s=0.2)
-    assert (result.outcome, time.monotonic() - started < 2) == ("pred_timeout", True)
-
-
-def test_a_huge_cross_join_times_out():
-    cross = "SELECT COUNT(*) FROM " + ", ".join(f"singer AS s{i}" for i in range(10))  # 8 ** 10 rows
-    assert outcome(cross, timeout_s=0.2) == "pred_timeout"
-
-
-def test_too_many_rows_is_a_scored_failure():
-    endless = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT x FROM n"
-    result = execution_match(CONTEXT, GOLD, endless, row_limit=1000)
-    assert (result.outcome, result.detail) == ("pred_error", "exceeds row limit of 1000")
+PRINTF_BOMB = " UNION ALL ".join(["SELECT printf('%.*c', 2147483647, 'x')"] * 6)  # each call one long C loop
+# 100 rows of 130 copies of a 99,000-character string: 1.3 GB, each value under SQLite's length limit
+BIG_RESULT = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 100), "
+              "b(s) AS (SELECT printf('%.*c', 99000, 'x')) SELECT " + ",".join(["s"] * 130) + " FROM n, b")
+# one row of 13 values of 100 MB: Python 3.10 has no setlimit, so only the memory cap stops it there
+WIDE_ROW = "WITH b(s) AS (SELECT printf('%.*c', 100000000, 'x')) SELECT " + ",".join(["s"] * 13) + " FROM b"
 
 
 @pytest.fixture
@@ -124,9 +51,42 @@ def conn():
     conn.close()
 
 
-def test_run_readonly_returns_rows(conn):
-    assert run_readonly(conn, "SELECT name FROM singer WHERE age > 25 ORDER BY name", 1, 10) == [("Ann",)]
-    assert run_readonly(conn, "SELECT lower(name), count(*) FROM singer GROUP BY 1 ORDER BY 1", 1, 10) \
+@pytest.fixture
+def songs_db(tmp_path) -> Path:
+    path = tmp_path / "songs.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE songs (title VARCHAR, year INTEGER)")
+        db.executemany("INSERT INTO songs VALUES (?, ?)", [("blue", 1999), ("river", 2005)])
+    db.close()
+    return path
+
+
+def folder_state(folder: Path) -> dict[str, str]:
+    """Every file in a folder, by name, with the SHA-256 of its bytes."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def score_in_sandbox(*predictions: str, timeout_s: float) -> list[dict]:
+    """eval's scoring of each prediction against GOLD, in a fresh sandbox of one worker."""
+    cfg = EvalConfig(query_timeout_s=timeout_s)
+    rows = [{"context": CONTEXT, "answer": GOLD}] * len(predictions)
+    with Sandbox() as pool:
+        scored = eval_job.score_answers(rows, list(predictions), cfg, pool)
+        # the cap is what a worker maps at start (some 30 MiB) plus WORKER_MEMORY_BYTES
+        assert pool.peak_worker_memory_bytes < WORKER_MEMORY_BYTES + (128 << 20)
+    return scored
+
+
+# ---------- the runner, exactly ----------
+
+def test_run_readonly_returns_rows_and_column_names(conn):
+    assert run_readonly(conn, "SELECT name FROM singer WHERE age > 25 ORDER BY name", 1, 10) \
+        == QueryRows(["name"], [("Ann",)])
+    assert run_readonly(conn, "SELECT lower(name) AS n, count(*) FROM singer GROUP BY 1 ORDER BY 1", 1, 10).rows \
         == [("ann", 1), ("bob", 1)]
 
 
@@ -152,41 +112,18 @@ def test_run_readonly_refuses_all_but_reading(conn, sql, refused):
     assert conn.execute("SELECT COUNT(*) FROM singer").fetchone() == (2,)  # untouched, and usable again
 
 
-def test_run_readonly_limits_time_rows_and_value_size(conn):
+def test_run_readonly_limits_time_rows_and_result_size(conn):
     with pytest.raises(QueryTimeout):
         run_readonly(conn, "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT max(x) FROM n",
                      0.1, 10)
-    with pytest.raises(QueryFailed, match="row limit"):
+    with pytest.raises(QueryFailed, match="exceeds row limit of 10"):
         run_readonly(conn, "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT x FROM n", 1, 10)
-    with pytest.raises(QueryFailed, match="too big"):
-        run_readonly(conn, "WITH RECURSIVE n(s) AS (SELECT 'x' UNION ALL SELECT s || s FROM n) SELECT max(s) FROM n",
-                     1, 10)
+    wide = ("WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n LIMIT 600) "
+            "SELECT printf('%.*c', 99000, 'x') FROM n")
+    with pytest.raises(QueryFailed, match="result exceeds 50 MB"):
+        run_readonly(conn, wide, 5, 10_000)
     with pytest.raises(QueryFailed, match="no such column"):
         run_readonly(conn, "SELECT nickname FROM singer", 1, 10)
-
-
-def test_databases_are_deterministic_and_hold_the_gold_literals():
-    def dump(conns):
-        return [conn.execute("SELECT * FROM singer").fetchall() for conn in conns]
-
-    first = build_databases(CONTEXT, GOLD, 3, 8, seed=7)
-    assert dump(first) == dump(build_databases(CONTEXT, GOLD, 3, 8, seed=7))
-    assert dump(first) != dump(build_databases(CONTEXT, GOLD, 3, 8, seed=8))
-    for conn in first:
-        assert conn.execute(GOLD).fetchall()  # the WHERE clause selects something on every database
-        countries = {country for (country,) in conn.execute("SELECT country FROM singer")}
-        assert "France" in countries and countries & {"France x", "FRANCE"}  # and near misses are there
-        assert [row[0] for row in conn.execute("SELECT typeof(age) FROM singer")] == ["integer"] * 8
-
-
-def test_query_features():
-    assert query_features(GOLD) == {"tables": 1, "join": False, "aggregate": False, "group": False,
-                                    "order": False, "nested": False, "set_operation": False, "conditions": 2}
-    features = query_features("SELECT T1.name, COUNT(*) FROM singer AS T1 JOIN song AS T2 ON T1.singer_id = "
-                              "T2.singer_id WHERE T2.sales > (SELECT AVG(sales) FROM song) GROUP BY T1.name ORDER BY 2")
-    assert features == {"tables": 2, "join": True, "aggregate": True, "group": True, "order": True,
-                        "nested": True, "set_operation": False, "conditions": 2}
-    assert query_features("not sql (") == {}
 
 
 def test_schema_from_sqlite_gives_a_context(tmp_path):
@@ -213,12 +150,122 @@ def test_schema_from_sqlite_explains_a_bad_path(tmp_path):
         schema_from_sqlite(tmp_path / "empty.db")
 
 
-@pytest.mark.skipif(not VALIDATION.exists() and os.environ.get("CI") != "true",
-                    reason=f"{VALIDATION} is absent (set CI=true to make this an error)")
-def test_gold_matches_itself_on_the_real_validation_rows():
-    rows = [json.loads(line) for line in VALIDATION.read_text().splitlines()]
+def test_sandbox_returns_results_in_order_and_reports_a_failed_query(songs_db):
+    with Sandbox(workers=2) as pool:
+        assert pool.query_file(songs_db, "SELECT title FROM songs ORDER BY year", 1, 10) \
+            == QueryRows(["title"], [("blue",), ("river",)])
+        with pytest.raises(QueryRefused, match="DELETE songs"):
+            pool.query_file(songs_db, "DELETE FROM songs", 1, 10)
+        results = pool.map(sandbox.rows_from_file, [(str(songs_db), f"SELECT {i}", 1, 10) for i in range(20)],
+                           if_killed=lambda task, error: error)
+        assert [r.rows for r in results] == [[(i,)] for i in range(20)]
+        assert pool.kills == 0
+
+
+# ---------- hostile SQL: the limits hold whatever the SQL does ----------
+
+def test_a_query_stuck_inside_one_sqlite_call_is_killed_at_its_time_limit(songs_db):
+    """printf of a 2 GB padding ran 53 s against a 1 s limit and returned NULL rows as if fine; a CTE chain of depth
+    22 explodes while SQLite prepares it (9 s at depth 20, MemoryError at 22)."""
+    limit = 0.5 + KILL_GRACE_S + 2  # the kill, and slack for a loaded machine
+    for sql in (PRINTF_BOMB, cte_chain(22)):
+        started = time.monotonic()
+        with pytest.raises(T2SError, match="ran past 0.5 s|out of memory"):
+            ask.run_on_database(songs_db, sql, timeout_s=0.5, row_limit=10)
+        assert time.monotonic() - started < limit, sql[:60]
     started = time.monotonic()
-    outcomes = Counter(execution_match(row["context"], row["answer"], row["answer"]).outcome for row in rows)
-    print(f"\n{len(rows)} rows, gold against gold in {time.monotonic() - started:.1f} s: {dict(outcomes)}")
-    assert set(outcomes) <= {"match", "gold_error"} and set(OUTCOMES) >= set(outcomes)
-    assert outcomes["match"] / len(rows) >= 0.98  # measured 1083 of 1090 (99.4%); the rest are b-mc2 quirks
+    scored = score_in_sandbox(PRINTF_BOMB, cte_chain(22), GOLD, timeout_s=0.5)
+    assert [(s["execution"], s["execution_detail"]) for s in scored[::2]] == [("pred_timeout", "ran past 0.5 s"),
+                                                                              ("match", "")]
+    assert scored[1]["execution"] in ("pred_timeout", "pred_error")
+    assert time.monotonic() - started < 2 * limit + 3  # a worker's start-up, two kills, one fresh worker
+    assert ask.run_on_database(songs_db, "SELECT count(*) FROM songs", 1, 10).rows == [(2,)]  # usable after kills
+
+
+def test_a_query_that_builds_a_huge_result_stays_within_the_memory_bound(songs_db):
+    """A 390-character query built 1.3 GB in the job's own process before the size check ran; a row of 13 values
+    of 100 MB ran it out of memory on Python 3.10."""
+    before = peak_rss_mb()
+    with pytest.raises(T2SError, match="result exceeds 50 MB"):
+        ask.run_on_database(songs_db, BIG_RESULT, timeout_s=10, row_limit=1000)
+    if hasattr(sqlite3.Connection, "setlimit"):  # Python >= 3.11: SQLite's length limit makes printf give NULL
+        assert ask.run_on_database(songs_db, WIDE_ROW, timeout_s=10, row_limit=1000).rows == [(None,) * 13]
+    else:  # Python 3.10: the worker's memory cap
+        with pytest.raises(T2SError, match="out of memory"):
+            ask.run_on_database(songs_db, WIDE_ROW, timeout_s=10, row_limit=1000)
+    assert peak_rss_mb() - before < 300
+    scored = score_in_sandbox(BIG_RESULT, timeout_s=10)  # which asserts the worker stayed under its cap
+    assert (scored[0]["execution"], scored[0]["execution_detail"]) == ("pred_error", "result exceeds 50 MB")
+    assert peak_rss_mb() - before < 300
+
+
+def test_a_wal_database_is_read_without_writing_anything_beside_it(tmp_path, monkeypatch):
+    """A "read-only" run on a WAL-mode database left -wal and -shm files beside it."""
+    db = tmp_path / "shop.sqlite"
+    with sqlite3.connect(db) as writer:
+        writer.execute("PRAGMA journal_mode = WAL")
+        writer.execute("CREATE TABLE orders (item VARCHAR, price INTEGER)")
+        writer.execute("INSERT INTO orders VALUES ('pen', 3)")
+    writer.close()
+    before = folder_state(tmp_path)
+    assert list(before) == ["shop.sqlite"]
+
+    class Fake(ask.SQLGenerator):
+        def respond(self, pairs, batch_size):
+            return [Generation("SELECT item, price FROM orders", 3, 0.001) for _ in pairs]
+
+    monkeypatch.setattr(ask, "load", lambda *args, **kwargs: Fake(None, None))
+    result = CliRunner().invoke(app, ["ask", "--model", "fake", "--db", str(db), "--run", "What was sold?"])
+    assert (result.exit_code, result.stdout.splitlines()[-2:]) == (0, ["pen   3", "(1 row)"]), result.stderr
+    assert folder_state(tmp_path) == before
+
+    # another program writing it now: rows only in its -wal are read, and none of its files change
+    writer = sqlite3.connect(db)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("INSERT INTO orders VALUES ('ink', 9)")
+    writer.commit()
+    before = folder_state(tmp_path)
+    assert ask.default_context(None, None, db) == "CREATE TABLE orders (item VARCHAR, price INTEGER)"
+    assert ask.run_on_database(db, "SELECT sum(price) FROM orders", 1, 10).rows == [(12,)]
+    link = tmp_path / "elsewhere" / "link.sqlite"  # through a link, as SQLite follows it
+    link.parent.mkdir()
+    link.symlink_to(db)
+    assert ask.run_on_database(link, "SELECT count(*) FROM orders", 1, 10).rows == [(2,)]
+    assert sorted(p.name for p in link.parent.iterdir()) == ["link.sqlite"]
+    link.parent.joinpath("link.sqlite").unlink()
+    link.parent.rmdir()
+    assert folder_state(tmp_path) == before
+    writer.close()
+
+
+def test_sandbox_replaces_a_worker_that_dies_or_overstays_and_names_what_it_was_doing(monkeypatch):
+    from tests import sandbox_tasks as tasks
+
+    def killed(task, error):
+        return type(error).__name__, error.role, str(error)
+
+    with Sandbox(workers=2, task_budget_s=1.0) as pool:
+        assert list(pool.map(tasks.square, [(i,) for i in range(6)], killed)) == [0, 1, 4, 9, 16, 25]
+        assert pool.run(tasks.sleep, 0.2) == 0.2  # work between queries within its budget
+        assert next(pool.map(tasks.die, [()], killed)) == ("QueryFailed", "prediction",
+                                                            "its worker ended (exit code 9)")
+        assert next(pool.map(tasks.run_out_of_memory, [()], killed)) == (
+            "QueryFailed", "gold", f"out of memory (past the sandbox's {WORKER_MEMORY_BYTES >> 20} MiB)")
+        started = time.monotonic()
+        assert next(pool.map(tasks.sleep, [(30,)], killed)) == ("QueryTimeout", "prediction",
+                                                              "its work between queries ran past 1 s")
+        assert time.monotonic() - started < 3
+        assert pool.kills == 3
+        with pytest.raises(RuntimeError, match="ValueError: a bug"):
+            pool.run(tasks.fail)
+        only_here = types.ModuleType("t2s_only_in_this_process")  # a task its worker cannot import
+        exec("def task():\n    return 1", only_here.__dict__)
+        monkeypatch.setitem(sys.modules, only_here.__name__, only_here)
+        with pytest.raises(RuntimeError, match="ModuleNotFoundError"):  # not the query's fault: a bug, loudly
+            pool.run(only_here.task)
+        for result in pool.map(tasks.sleep, [(30,), (30,)], killed):
+            break  # a consumer that stops early: no worker stays busy with a task nobody waits for
+        assert list(pool.map(tasks.square, [(3,), (4,)], killed)) == [9, 16]
+    with Sandbox(workers=1, task_budget_s=1.0) as pool:  # the tasks queued behind a killed one run all the same
+        assert list(pool.map(tasks.sleep, [(30,), (0.0,), (0.1,)], killed)) == [
+            ("QueryTimeout", "prediction", "its work between queries ran past 1 s"), 0.0, 0.1]

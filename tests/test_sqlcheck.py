@@ -1,6 +1,7 @@
 import pytest
 
-from jobs.sqlcheck import Table, comparisons, exact_match, is_sql_only, normalize_sql, parse_schema, single_query
+from jobs.sqlcheck import (Table, comparisons, exact_match, is_sql_only, normalize_sql, parse_schema, parse_statements,
+                           single_query)
 
 QUERY = 'SELECT name FROM singer WHERE country = "France"'
 
@@ -34,6 +35,14 @@ def test_one_query_is_sql_only(response):
 ])
 def test_anything_else_is_not_sql_only(response):
     assert not is_sql_only(response)
+
+
+def test_a_markdown_fence_is_not_sql_for_any_caller():
+    # stated once, in parse_statements: sqlglot's SQLite dialect would read the backticks as quoted names
+    assert [s.sql() for s in parse_statements("SELECT 1; SELECT 2")] == ["SELECT 1", "SELECT 2"]
+    assert parse_statements(f"```sql\n{QUERY}\n```") is None
+    assert parse_statements(f"  ```\nDELETE FROM singer\n```") is None
+    assert single_query(f"```sql\n{QUERY}\n```") is None
 
 
 @pytest.mark.parametrize("variant", [

@@ -1,0 +1,176 @@
+"""eval: its scoring core exactly (summarize, buckets, the markdown report), and as a hostile dataset and a crash
+meet it: rows SQLite cannot build are counted with their reason, and a crash while scoring costs no generation."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from jobs import eval as eval_job
+from jobs.cli import app
+from jobs.config import EvalConfig
+from jobs.generate import Generation
+from jobs.sandbox import Sandbox
+from tests.conftest import t2s
+
+MATCH = {"sql_only": True, "exact_match": True, "execution": "match", "execution_detail": ""}
+MISMATCH = {"sql_only": True, "exact_match": False, "execution": "mismatch",
+            "execution_detail": "database 0: gold gave 1 rows, prediction 2"}
+PROSE = {"sql_only": False, "exact_match": False, "execution": "not_sql", "execution_detail": "not one SQL statement"}
+GOLD_FAILS = {"sql_only": True, "exact_match": False, "execution": "gold_error",
+              "execution_detail": "gold: no such column: x"}
+NO_TABLES = {"sql_only": True, "exact_match": True, "execution": "build_error",
+             "execution_detail": "SQLite cannot create table t (incomplete input)"}
+
+# Rows that pass prep but that SQLite cannot build, each with the reason eval must give.
+UNBUILDABLE = [
+    ("CREATE TABLE t (a INTEGER)", "SELECT a FROM t WHERE a = 99999999999999999999",
+     "SQLite cannot store the rows of table t (an integer the gold query looks for is beyond SQLite's 64 bits)"),
+    ("CREATE TABLE sqlite_stat (a INTEGER)", "SELECT a FROM sqlite_stat",
+     "SQLite cannot create table sqlite_stat (object name reserved for internal use: sqlite_stat)"),
+    ("CREATE TABLE t ()", "SELECT 1 FROM t", "SQLite cannot create table t (incomplete input)"),
+    ("CREATE TABLE t (a ENUM('x', 'y'))", "SELECT a FROM t WHERE a = 'x'",
+     "SQLite cannot create table t (near \"'x'\": syntax error)"),
+    ("CREATE TABLE t (" + ", ".join(f"c{i} INTEGER" for i in range(2001)) + ")", "SELECT c1 FROM t",
+     "SQLite cannot create table t (too many columns on t)"),
+]
+
+
+# ---------- the scoring core, exactly ----------
+
+def test_summarize_leaves_the_examples_fault_out_of_execution_accuracy():
+    assert eval_job.summarize([MATCH, MISMATCH, PROSE, GOLD_FAILS, NO_TABLES]) == {
+        "n": 5, "sql_only": 0.8, "exact_match": 0.4, "execution_accuracy": 1 / 3, "gold_error": 1, "build_error": 1,
+        "execution_outcomes": {"match": 1, "mismatch": 1, "not_sql": 1, "gold_error": 1, "build_error": 1}}
+    assert eval_job.summarize([GOLD_FAILS, NO_TABLES])["execution_accuracy"] == 0.0
+    assert eval_job.summarize([]) == {"n": 0, "sql_only": 0.0, "exact_match": 0.0, "execution_accuracy": 0.0,
+                                      "gold_error": 0, "build_error": 0, "execution_outcomes": {}}
+
+
+@pytest.mark.parametrize("row, names", [
+    ({"answer": "SELECT name FROM singer WHERE age > 30", "source": "spider"}, ["source=spider", "tables=1"]),
+    ({"answer": "SELECT T1.name, COUNT(*) FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id "
+                "GROUP BY T1.name ORDER BY 2"}, ["source=unknown", "tables=2", "aggregate", "join", "order"]),
+    ({"answer": "WITH old AS (SELECT name FROM singer) SELECT name FROM old"}, ["source=unknown", "tables=1"]),
+    ({"answer": "SELECT a.x FROM a, b, c, d ORDER BY a.x"}, ["source=unknown", "tables=3+", "join", "order"]),
+    ({"answer": "not sql (", "source": "x"}, ["source=x", "tables=0"]),
+])
+def test_bucket_names(row, names):
+    assert eval_job.bucket_names(row) == names
+
+
+def test_buckets_summarize_each_bucket():
+    rows = [{"answer": "SELECT a FROM t", "source": "s"}, {"answer": "SELECT COUNT(*) FROM t", "source": "s"}]
+    by_bucket = eval_job.buckets(rows, [MATCH, MISMATCH])
+    assert list(by_bucket) == ["aggregate", "source=s", "tables=1"]
+    assert by_bucket["aggregate"] == eval_job.summarize([MISMATCH])
+    assert by_bucket["source=s"] == by_bucket["tables=1"] == eval_job.summarize([MATCH, MISMATCH])
+
+
+def test_build_error_reasons_count_each_reason():
+    other = {**NO_TABLES, "execution_detail": "SQLite cannot create table u (too many columns on u)"}
+    assert eval_job.build_error_reasons([NO_TABLES, MATCH, other, NO_TABLES]) == {
+        "SQLite cannot create table t (incomplete input)": 2,
+        "SQLite cannot create table u (too many columns on u)": 1}
+
+
+def test_render_markdown():
+    result = {**eval_job.summarize([MATCH, MISMATCH, NO_TABLES]), "queries_per_s": 12.345, "tokens_per_s": 987.6}
+    report = {"run_id": "r1", "split": "test", "n_examples": 3,
+              "models": {"base": "tiny", "finetuned": "runs/r1/merged"},
+              "dataset": {"source": "synthetic", "hash": "0123456789abcdef"},
+              "results": {"base": result, "merged": {**result, "sql_only": 1.0}},
+              "buckets": {"base": {"tables=1": eval_job.summarize([MATCH])},
+                          "merged": {"tables=1": eval_job.summarize([MISMATCH])}},
+              "build_errors": {"SQLite cannot create table t (incomplete input)": 1},
+              "config": {"databases_per_example": 3, "query_timeout_s": 1.0}}
+    assert eval_job.render_markdown(report) == "\n".join([
+        "# t2s eval · run r1 · test split, 3 examples", "",
+        "Base model: `tiny` · fine-tuned: `runs/r1/merged` · dataset `synthetic` (hash 0123456789ab)", "",
+        "| model | SQL-only | exact match | execution accuracy | gold fails to run | tables cannot be built "
+        "| queries/s | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| base | 100.0% | 66.7% | 50.0% | 0 | 1 | 12.3 | 988 |",
+        "| merged | 100.0% | 66.7% | 50.0% | 0 | 1 | 12.3 | 988 |", "",
+        "Examples whose tables SQLite cannot hold (left out of execution accuracy): "
+        "SQLite cannot create table t (incomplete input) (1).", "",
+        "## By bucket (execution accuracy · SQL-only)", "",
+        "| bucket | n | base | merged |", "|---|---:|---:|---:|",
+        "| tables=1 | 1 | 100% · 100% | 0% · 100% |", "",
+        "Exact match compares sqlglot's re-printing of both queries (whitespace, keyword case, quote style and a "
+        "trailing semicolon do not count). Execution accuracy runs gold and prediction on 3 generated SQLite "
+        "databases per example, read-only, with a 1.0 s limit per query.", ""])
+
+
+def test_saved_generations_are_reused_only_under_the_same_key(tmp_path):
+    path, key = tmp_path / "base.json", {"max_new_tokens": 24, "questions_sha256": "ab"}
+    answers = [Generation("SELECT 1", 3, 0.5), Generation("no idea", 2, 0.5)]
+    path.write_text(json.dumps({"key": key, "generation_s": 1.5, "generations": [vars(g) for g in answers]}))
+    assert eval_job.saved_generations(path, key) == (answers, 1.5)
+    assert eval_job.saved_generations(path, {**key, "max_new_tokens": 32}) is None
+    assert eval_job.saved_generations(tmp_path / "missing.json", key) is None
+    path.write_text('{"key": {"max_new_tokens": 24')  # cut short by a kill
+    assert eval_job.saved_generations(path, key) is None
+
+
+# ---------- a hostile dataset, a crash ----------
+
+def test_rows_sqlite_cannot_build_are_counted_with_their_reason_not_a_traceback(copy_run):
+    """Rows that pass prep but crashed eval's database builder after every model had generated."""
+    run, config = copy_run("unbuildable", eval={"models": ["base"]})
+    test_split = run / "data" / "test.jsonl"
+    good = test_split.read_text().splitlines()[:3]
+    bad = [{"question": f"hostile {i}?", "context": context, "answer": gold, "source": "hostile"}
+           for i, (context, gold, _) in enumerate(UNBUILDABLE[:4])]  # the 2,001 columns make too long a prompt here
+    test_split.write_text("\n".join([json.dumps(row) for row in bad] + good) + "\n")
+
+    result = t2s("eval", "--config", str(config))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert (report["results"]["base"]["n"], report["results"]["base"]["build_error"]) == (7, 4)
+    assert report["build_errors"] == {reason: 1 for _, _, reason in UNBUILDABLE[:4]}
+    assert report["buckets"]["base"]["source=hostile"]["build_error"] == 4
+    predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [(p["predictions"]["base"]["execution"], p["predictions"]["base"]["execution_detail"])
+            for p in predictions[:4]] == [("build_error", reason) for _, _, reason in UNBUILDABLE[:4]]
+    assert "Examples whose tables SQLite cannot hold" in (run / "eval" / "report.md").read_text()
+
+    # all five through eval's scoring, the prompt aside
+    rows = [{"context": context, "answer": gold} for context, gold, _ in UNBUILDABLE]
+    with Sandbox() as sandbox:
+        scored = eval_job.score_answers(rows, [gold for _, gold, _ in UNBUILDABLE], EvalConfig(), sandbox)
+    assert [(s["execution"], s["execution_detail"]) for s in scored] == [("build_error", r) for _, _, r in UNBUILDABLE]
+
+
+def test_a_crash_while_scoring_never_costs_the_generation_again(copy_run, monkeypatch):
+    run, config = copy_run("crash", eval={"models": ["base"], "prompt_variants": ["plain", "instructed"]})
+    generated = []
+    real_generate, real_summarize = eval_job.generate_batched, eval_job.summarize
+    monkeypatch.setattr(eval_job, "generate_batched",
+                        lambda *args, **kwargs: generated.append(real_generate(*args, **kwargs)) or generated[-1])
+
+    def killed_while_scoring_the_second_model(scored):
+        if len(generated) == 2:
+            raise KeyboardInterrupt  # what a kill or Ctrl-C does mid-scoring
+        return real_summarize(scored)
+
+    monkeypatch.setattr(eval_job, "summarize", killed_while_scoring_the_second_model)
+    result = CliRunner().invoke(app, ["eval", "--config", str(config)])
+    assert result.exit_code == 130 and not (run / "eval.done").exists(), result.output
+    assert len(generated) == 2
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the rerun generated again")
+
+    monkeypatch.setattr(eval_job, "summarize", real_summarize)
+    monkeypatch.setattr(eval_job, "generate_batched", must_not_run)
+    monkeypatch.setattr(eval_job, "load_run_model", must_not_run)
+    result = CliRunner().invoke(app, ["eval", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    for label in ("base", "base:instructed"):
+        assert f"{label}: reusing the 12 answers an interrupted eval saved in" in result.output
+    predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["predictions"]["base"]["response"] for p in predictions] == [g.text for g in generated[0]]
+    assert [p["predictions"]["base:instructed"]["response"] for p in predictions] == [g.text for g in generated[1]]
+    assert (run / "eval.done").is_file() and not (run / "eval.partial").exists()
