@@ -6,6 +6,8 @@
 #   T2S_SET          extra overrides, space-separated key=value (each becomes `--set key=value`)
 #   T2S_WORKDIR      working directory, the run volume (default /workspace); runs_dir is relative to it
 #   T2S_KEEP_POD=1   keep the RunPod pod alive after the job (debugging)
+#   T2S_MAX_RUNTIME_MIN, T2S_MAX_COST_USD with T2S_COST_PER_HOUR_USD
+#                    the pod's own caps: past either, the job is stopped (see t2s_start_caps)
 #   RUNPOD_POD_ID    set by RunPod inside a pod: the job then ends by terminating its own pod
 #
 # Everything the job prints is also appended to <run dir>/logs/entrypoint-<job>.log. SIGTERM or
@@ -96,6 +98,66 @@ t2s_forward_signal() {
   fi
 }
 
+# --- the pod's own caps (infra/caps.py computes when and why) ---------------------------------------------
+_t2s_cap_pid=""
+_t2s_cap_file=""
+
+# A line to the container's output and to the log, from the cap timer (which holds neither pipe of the
+# tees, so that they can finish while it still waits).
+t2s_cap_say() {
+  local line
+  line="$(t2s_say "$@")"
+  printf '%s\n' "$line"
+  [ -z "$_t2s_log" ] || printf '%s\n' "$line" >>"$_t2s_log"
+}
+
+# Arms a timer for the running job: at the cap, SIGTERM to this entrypoint (forwarded to the job, which
+# checkpoints and stops); T2S_CAP_GRACE_S (120) later, SIGKILL to the job if it still runs; as long again
+# later, the pod's own terminate, in case the clean-up hangs. The reason ends up in the last log line.
+t2s_start_caps() {
+  local cap seconds reason grace="${T2S_CAP_GRACE_S:-120}"
+  if ! cap="$(python3 -m infra.caps 2>&1)"; then
+    t2s_say "warning: the pod's caps are not armed: $cap"
+    return 0
+  fi
+  [ -n "$cap" ] || return 0
+  seconds="${cap%%$'\t'*}"
+  reason="${cap#*$'\t'}"
+  _t2s_cap_file="$(mktemp "${TMPDIR:-/tmp}/t2s-cap.XXXXXX")"
+  t2s_say "the job is stopped after ${seconds}s if still running (${reason#stopped by })"
+  local entrypoint=$$ job="$_t2s_child_pid"
+  (
+    sleeper=""
+    trap '[ -z "$sleeper" ] || kill "$sleeper" 2>/dev/null; exit 0' TERM
+    trap - INT EXIT
+    nap() { sleep "$1" & sleeper=$!; wait "$sleeper"; sleeper=""; }
+    nap "$seconds"
+    printf '%s\n' "$reason" >"$_t2s_cap_file"
+    t2s_cap_say "$reason: stopping the job (SIGTERM)"
+    kill -TERM "$entrypoint" 2>/dev/null
+    nap "$grace"
+    kill -KILL "$job" 2>/dev/null && t2s_cap_say "$reason: the job was still running ${grace}s later: killed it"
+    nap "$grace"
+    t2s_cap_say "$reason: the clean-up did not finish within ${grace}s: terminating the pod now"
+    t2s-infra self-terminate --exit-code 137 --reason "$reason"
+  ) 1>&3 2>&4 3>&- 4>&- &
+  _t2s_cap_pid=$!
+}
+
+# Disarms the timer; prints the reason when it fired.
+t2s_stop_caps() {
+  if [ -n "$_t2s_cap_pid" ]; then
+    kill -TERM "$_t2s_cap_pid" 2>/dev/null || true
+    wait "$_t2s_cap_pid" 2>/dev/null || true
+    _t2s_cap_pid=""
+  fi
+  if [ -n "$_t2s_cap_file" ]; then
+    cat "$_t2s_cap_file" 2>/dev/null || true
+    rm -f "$_t2s_cap_file"
+    _t2s_cap_file=""
+  fi
+}
+
 # Runs a t2s-infra step with its output shown and appended to the log; never fails the entrypoint.
 t2s_infra() {
   if ! command -v t2s-infra >/dev/null 2>&1; then
@@ -114,11 +176,15 @@ t2s_on_exit() {
   trap - EXIT
   trap '' INT TERM  # the clean-up below must run to the end
   t2s_stop_log
+  local reason="" ending=(--exit-code "$rc")
+  [ ! -s "${_t2s_cap_file:-}" ] || reason="$(head -n 1 "$_t2s_cap_file")"
+  [ -z "$reason" ] || ending+=(--reason "$reason")
   if [ -n "$_t2s_run_dir" ]; then
-    t2s_infra upload-logs "$_t2s_run_dir"
+    t2s_infra upload-logs "$_t2s_run_dir" "${ending[@]}"
   fi
+  t2s_stop_caps >/dev/null
   if [ -n "${RUNPOD_POD_ID:-}" ] && [ "${T2S_KEEP_POD:-}" != "1" ]; then
-    t2s_infra self-terminate --exit-code "$rc"
+    t2s_infra self-terminate "${ending[@]}"
   fi
   exit "$rc"
 }
@@ -166,6 +232,7 @@ t2s_entrypoint() {
   t2s_say "$(date -u +%Y-%m-%dT%H:%M:%SZ) run dir $_t2s_run_dir, config $config${sets[*]:+, overrides: ${sets[*]}}"
   t2s "$_t2s_job" --config "$config" "${overrides[@]}" "$@" 3>&- 4>&- &
   _t2s_child_pid=$!
+  t2s_start_caps
   # `wait` returns 128+signal as soon as a trapped signal arrives: wait again until the job has ended,
   # then once more for its own exit code (bash keeps it), in case the job ended during the trap.
   while :; do
