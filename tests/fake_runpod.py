@@ -261,7 +261,7 @@ class FakeRunPod:
         class Handler(_Handler):
             runpod = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         return self
@@ -422,6 +422,12 @@ class FakeRunPod:
         # The pod's volume is mounted at T2S_WORKDIR (infra.volume_mount_path): here, a folder of its own.
         env = {**image_env, **runpod_env, "T2S_WORKDIR": str(volume)}
         return Container(pod.id, [str(ROOT / "entrypoints" / "run-job")], env, volume, None)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client that hung up is no news
+            super().handle_error(request, client_address)
 
 
 class GraphQLError(Exception):
