@@ -124,7 +124,7 @@ t2s_start_caps() {
   seconds="${cap%%$'\t'*}"
   reason="${cap#*$'\t'}"
   _t2s_cap_file="$(mktemp "${TMPDIR:-/tmp}/t2s-cap.XXXXXX")"
-  t2s_say "the job is stopped after ${seconds}s if still running (${reason#stopped by })"
+  t2s_say "the job is stopped after ${seconds}s if still running: ${reason#stopped by }"
   local entrypoint=$$ job="$_t2s_child_pid"
   (
     sleeper=""

@@ -16,7 +16,8 @@ def pod_cap(max_runtime_min: float | None, max_cost_usd: float | None,
     """(seconds, reason) of the first cap the job reaches, or None."""
     caps = []
     if max_runtime_min:
-        caps.append((max_runtime_min * 60, f"stopped by the pod's runtime cap (infra.max_runtime_min={max_runtime_min:g})"))
+        caps.append((max_runtime_min * 60,
+                     f"stopped by the pod's runtime cap (infra.max_runtime_min={max_runtime_min:g})"))
     if max_cost_usd and cost_per_hr:
         caps.append((max_cost_usd / cost_per_hr * 3600,
                      f"stopped by the pod's cost cap (infra.max_cost_usd={max_cost_usd:g} at ${cost_per_hr:g}/h)"))

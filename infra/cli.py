@@ -162,11 +162,15 @@ def launch(
         fail("launch", "interrupted before any pod was created", code=130)
 
 
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
 def _confirm(yes: bool) -> None:
     """Asks before anything bills; never waits on a stdin that nobody types into."""
     if yes:
         return
-    if not sys.stdin.isatty():
+    if not _interactive():
         raise T2SError("stdin is not a terminal, so nothing can be asked: pass --yes to launch this plan "
                        "(make launch-train ... YES=1)")
     try:

@@ -82,7 +82,7 @@ def default_image() -> str:
 
 
 def image_flavor(image: str) -> str | None:
-    """The image's flavor from its tag's suffix (t2s:<job>-<flavor>[-<sha>]), e.g. cu12; None when the tag names none."""
+    """The image's flavor from its tag (t2s:<job>-<flavor>[-<sha>]), e.g. cu12; None when the tag names none."""
     name = image.split("@", 1)[0]
     tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else ""
     match = re.search(r"-(cu\d+)(?:-[0-9a-f]{7,40})?$", tag)

@@ -209,7 +209,8 @@ class FakeHub:
             return self.validate_yaml(json.loads(body))
         if method == "GET" and path == "/api/whoami-v2":
             return self.whoami(headers)
-        if method in ("GET", "HEAD") and (m := re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)):
+        resolve = re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if method in ("GET", "HEAD") and (m := resolve):
             repo_type = TYPES[m.group(1)] if m.group(1) else "model"
             return self.resolve(self._readable(repo_type, m.group(2), headers), m.group(4), method)
         if method == "PUT" and (m := re.fullmatch(r"/_lfs/([0-9a-f]{64})", path)):
@@ -252,7 +253,8 @@ class FakeHub:
 
     def whoami(self, headers):
         token, namespaces = self._user(headers)
-        return 200, {"type": "user", "name": namespaces[0], "orgs": [{"name": n, "roleInOrg": "write"} for n in namespaces[1:]],
+        orgs = [{"name": name, "roleInOrg": "write"} for name in namespaces[1:]]
+        return 200, {"type": "user", "name": namespaces[0], "orgs": orgs,
                      "auth": {"type": "access_token",
                               "accessToken": {"displayName": "test", "role": self.roles.get(token, "write")}}}, {}
 
@@ -264,7 +266,8 @@ class FakeHub:
         headers = {"ETag": etag, "X-Repo-Commit": repo.sha, "Content-Type": "application/octet-stream"}
         if stored.lfs:
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(len(stored.content))})
-        return 200, (b"" if method == "HEAD" else stored.content), {**headers, "X-Content-Length": str(len(stored.content))}
+        headers["X-Content-Length"] = str(len(stored.content))  # what Content-Length says, HEAD or GET
+        return 200, (b"" if method == "HEAD" else stored.content), headers
 
     def repo_info(self, repo: Repo):
         return 200, {"id": repo.repo_id, "sha": repo.sha, "private": repo.private,

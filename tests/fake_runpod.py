@@ -98,7 +98,8 @@ class Container:
 
     def _read(self) -> None:
         for raw in iter(self.process.stdout.readline, b""):
-            self.lines.append((time.monotonic(), _ts(datetime.now(timezone.utc)), raw.decode(errors="replace").rstrip("\n")))
+            text = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append((time.monotonic(), _ts(datetime.now(timezone.utc)), text))
         self.process.stdout.close()
         self.drained.set()
 

@@ -398,3 +398,31 @@ def test_secrets_never_reach_any_output_or_file(fake, monkeypatch, tmp_path):
         for path in files:
             assert secret not in path.read_text(errors="replace"), path
     assert fake.live_pods() == []
+
+
+def test_an_image_runpod_cannot_pull_is_caught_when_runpod_stops_the_pod(fake):
+    fake.faults.pullable = set()  # RunPod fetches, gives up and stops the pod, naming no reason
+    config = write_config(CONFIG.replace("provision_timeout_s: 2", "provision_timeout_s: 60"))
+    started = time.monotonic()
+    result = t2s_infra("launch", "--job", "train", "--config", str(config))
+    assert result.exit_code == 2
+    message = assert_one_message(result, "pod pod001fake cannot start: RunPod stopped the pod before its container "
+                                         'started ("Exited by Runpod:', "ghcr.io/t2s/t2s:pipeline-cu12",
+                                 "terminated it so it stops billing: check infra.image")
+    assert "Traceback" not in message and time.monotonic() - started < 10  # not the provisioning timeout
+    assert "RunPod: create container: still fetching image ghcr.io/t2s/t2s:pipeline-cu12" in result.stderr
+    assert fake.live_pods() == [] and "podTerminate" in fake.operations()
+    assert records.load_all()[0].status == "stopped"
+    assert len(fake.pods) == 1  # no retry on another GPU type: the image, not the GPU, is the problem
+
+
+def test_a_pull_error_in_runpods_system_log_ends_the_wait_at_once(fake):
+    fake.faults.pullable = set()
+    fake.faults.stop_unpullable_after_s = 3600  # RunPod would keep trying; its log already says why
+    fake.faults.pull_error_line = ("create container: error pulling image: Error response from daemon: manifest for "
+                                   "ghcr.io/t2s/t2s:pipeline-cu12 not found: manifest unknown")
+    result = t2s_infra("launch", "--job", "train", "--config", str(write_config()))
+    assert result.exit_code == 2
+    assert_one_message(result, "cannot start: RunPod cannot pull image ghcr.io/t2s/t2s:pipeline-cu12 (its log: "
+                               "create container: error pulling image", "manifest unknown")
+    assert fake.live_pods() == []
