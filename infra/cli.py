@@ -124,7 +124,7 @@ def launch(
         chosen = {"gpu_types": [gpu]} if gpu else {}
         if gpus:
             chosen["gpu_count"] = gpus
-        settings, _ = preflight.check_locally(cfg, settings.model_copy(update=chosen))
+        settings, _ = preflight.check_locally(cfg, settings.model_copy(update=chosen), job)
         hf_token = require_secret("HF_TOKEN", "a Hub token with write access: the pod pushes the model and logs")
         runpod_key = require_secret("RUNPOD_API_KEY", "an API key from runpod.io > Settings > API Keys")
         model_repo, logs_repo = preflight.resolve_repos(cfg, settings, preflight.hub_identity(hub_whoami(hf_token)))

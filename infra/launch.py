@@ -20,11 +20,11 @@ from infra.records import Launch
 from infra.settings import InfraSettings
 from infra.timing import Say, Timing, current_timing
 
-# Docker's own words for an image that cannot be pulled, as RunPod's system log may relay them (assumed:
-# RunPod documents the system log, not its wording; the EXITED check below does not depend on it).
+# Docker's own words for an image that will never pull, as RunPod's system log may relay them (assumed:
+# RunPod documents the system log, not its wording; the EXITED check below does not depend on it). A plain
+# "error pulling" is left out: a network hiccup says that too, and the pull may still succeed.
 PULL_ERRORS = re.compile(r"manifest unknown|pull access denied|repository does not exist|"
-                         r"unauthorized: authentication required|error pulling image|failed to pull image|"
-                         r"invalid reference format", re.I)
+                         r"unauthorized: authentication required|invalid reference format", re.I)
 
 
 def capacity_plan(gpu_types: list[str], rounds: int, timing: Timing) -> list[tuple[str, float]]:

@@ -127,9 +127,20 @@ def local_path_problem(cfg: Config) -> str | None:
     return None
 
 
-def check_locally(cfg: Config, settings: InfraSettings) -> tuple[InfraSettings, Accelerate]:
-    """The checks that need no network: image, GPU count, packages, paths. Returns the settings with image and
-    gpu_count filled in."""
+def job_problem(job: str, settings: InfraSettings) -> str | None:
+    """A job that needs an earlier job's output cannot run alone on a pod whose volume starts empty."""
+    if job in ("merge", "eval", "push") and not settings.network_volume_id:
+        return (f"--job {job} needs the output of the jobs before it, but a pod's own volume starts empty and "
+                "goes with the pod: launch the pipeline (the default), or keep runs on a network volume "
+                "(infra.network_volume_id) where the earlier jobs ran")
+    return None
+
+
+def check_locally(cfg: Config, settings: InfraSettings, job: str = "pipeline") -> tuple[InfraSettings, Accelerate]:
+    """The checks that need no network: job, image, GPU count, packages, paths. Returns the settings with image
+    and gpu_count filled in."""
+    if problem := job_problem(job, settings):
+        raise T2SError(problem)
     image = settings.image or default_image()
     if not IMAGE_REFERENCE.match(image):
         raise T2SError(f"infra.image {image!r} is not an image reference (registry/name:tag): set infra.image, or "

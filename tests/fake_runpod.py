@@ -34,7 +34,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import threading

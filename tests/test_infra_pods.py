@@ -385,7 +385,7 @@ def test_secrets_never_reach_any_output_or_file(fake, monkeypatch, tmp_path):
     outputs.append(t2s_infra("launch", "--job", "train", "--config", str(write_config())))
     outputs += [t2s_infra("ls"), t2s_infra("down", "demo"), t2s_infra("logs", "--follow", "demo", "--repo", "x/y")]
     fake.faults.never_start = True
-    outputs.append(t2s_infra("launch", "--job", "eval", "--config",
+    outputs.append(t2s_infra("launch", "--job", "prep", "--config",
                              str(write_config(CONFIG.replace("provision_timeout_s: 2", "provision_timeout_s: 0.1")))))
     monkeypatch.setenv("RUNPOD_API_KEY", "rpa_OTHERSECRET999")
     outputs.append(t2s_infra("launch", "--job", "train", "--config", str(write_config())))

@@ -257,10 +257,12 @@ def one_error(result) -> str:
     (["infra.image=ghcr.io/t2s/t2s:pipeline-cu99"], "names flavor cu99, which images/ does not build"),
     (["data.source=./rows.jsonl"], "data.source is ./rows.jsonl, a path on this machine"),
     (["nonsense"], "--set 'nonsense' is not key=value"),
+    (["--job", "eval"], "--job eval needs the output of the jobs before it, but a pod's own volume starts empty"),
 ])
 def test_a_bad_config_or_set_is_one_line_before_any_network_call(world, sets, message):
     runpod, hub = world
-    result = launch(*[arg for item in sets for arg in ("--set", item)], "--yes")
+    args = sets if sets[0].startswith("--") else [arg for item in sets for arg in ("--set", item)]
+    result = launch(*args, "--yes")
     assert result.exit_code == 2
     assert message in one_error(result)
     assert runpod.calls == [] and hub.requests == []

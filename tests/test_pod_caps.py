@@ -16,8 +16,8 @@ from tests.test_entrypoints import ROOT, _write_exe, box, stubbed  # noqa: F401 
 RUNTIME_REASON = "stopped by the pod's runtime cap (infra.max_runtime_min=0.02)"
 
 
-def run_capped(box, **env):
-    return box.run("train", T2S_CONFIG_YAML="run_id: r1\n", RUNPOD_POD_ID="pod-123", PYTHONPATH=str(ROOT),
+def run_capped(entry, **env):
+    return entry.run("train", T2S_CONFIG_YAML="run_id: r1\n", RUNPOD_POD_ID="pod-123", PYTHONPATH=str(ROOT),
                    timeout=60, **env)
 
 
@@ -72,12 +72,12 @@ def test_a_cap_that_is_not_a_number_is_a_warning_and_the_job_runs(stubbed):
     assert stubbed.calls("t2s") == ["train --config runs/r1/config.env.yaml"]
 
 
-def _stub_sleepers(box, seconds: str | None = None) -> list:
+def _stub_sleepers(entry, seconds: str | None = None) -> list:
     """`sleep` processes started under this box (its STUB_DIR is in their environment)."""
     found = []
     for process in psutil.process_iter(["name", "cmdline"]):
         try:
-            if process.info["name"] == "sleep" and process.environ().get("STUB_DIR") == str(box.stubs) and (
+            if process.info["name"] == "sleep" and process.environ().get("STUB_DIR") == str(entry.stubs) and (
                     seconds is None or process.info["cmdline"][-1] == seconds):
                 found.append(process)
         except psutil.Error:
@@ -85,8 +85,8 @@ def _stub_sleepers(box, seconds: str | None = None) -> list:
     return found
 
 
-def _kill_stub_sleepers(box) -> None:
-    for process in _stub_sleepers(box):
+def _kill_stub_sleepers(entry) -> None:
+    for process in _stub_sleepers(entry):
         try:
             os.kill(process.pid, 9)
         except OSError:
