@@ -195,12 +195,14 @@ def hub_whoami(token: str) -> dict:
     hub = HfApi(token=token)
     try:
         return hub.whoami()
-    except HfHubHTTPError as exc:
-        if _status(exc) == "401":
+    except Exception as exc:
+        # huggingface_hub 1.x+ raises HfHubHTTPError; 0.x a requests.HTTPError of its own: both carry the response.
+        status = _status(exc)
+        if status == "401":
             raise T2SError("the Hub does not accept HF_TOKEN (HTTP 401: unknown, revoked or mistyped): put a token "
                            "with write access from https://huggingface.co/settings/tokens in .env") from None
-        raise T2SError(f"the Hub answered HTTP {_status(exc)} when asked who HF_TOKEN belongs to: try again") from None
-    except Exception as exc:
+        if status != "?":
+            raise T2SError(f"the Hub answered HTTP {status} when asked who HF_TOKEN belongs to: try again") from None
         if not _is_network_error(exc):
             raise
         raise T2SError(f"cannot reach the Hugging Face Hub to check HF_TOKEN ({type(exc).__name__}): check the "
@@ -265,6 +267,6 @@ def _is_network_error(exc: Exception) -> bool:
         "httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
-def _status(exc: HfHubHTTPError) -> str:
+def _status(exc: Exception) -> str:
     response = getattr(exc, "response", None)
-    return str(getattr(response, "status_code", "?"))
+    return str(getattr(response, "status_code", None) or "?")
