@@ -131,7 +131,8 @@ def launch(
         settings = settings.model_copy(update={"logs_repo": logs_repo})
         pod_cfg = preflight.pod_config(cfg, settings, model_repo=model_repo, logs_repo=logs_repo)
         api.connect(runpod_key)
-        prices = {gpu: api.gpu_price_per_hr(gpu, settings.gpu_count, settings.cloud_type) for gpu in settings.gpu_types}
+        prices = {gpu_type: api.gpu_price_per_hr(gpu_type, settings.gpu_count, settings.cloud_type)
+                  for gpu_type in settings.gpu_types}
 
         def config_text(gpu_type: str, price_per_hr: float | None) -> str:
             text = preflight.config_for_gpu(pod_cfg, gpu_type, settings.gpu_count, settings.cloud_type, price_per_hr)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ class FakeHub:
         self.validated_readmes: list[str] = []
         self.rules: list[FailureRule] = []
         self.lock = threading.RLock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self.server = _QuietServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
@@ -351,6 +352,12 @@ class FakeHub:
         commit = repo.commit(summary, changes)
         return 200, {"commitUrl": f"{self.url}/{PREFIX[repo.repo_type]}{repo.repo_id}/commit/{commit.oid}",
                      "commitOid": commit.oid, "pullRequestUrl": None}, {}
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client that hung up is no news
+            super().handle_error(request, client_address)
 
 
 def _handler_for(hub: FakeHub):

@@ -404,6 +404,7 @@ class FakeRunPod:
     def _start_container(self, pod: FakePod) -> Container:
         """The pod's container, with the environment RunPod gives a pod (plus the simulated network's)."""
         real = self._real
+        real["root"].mkdir(parents=True, exist_ok=True)
         runpod_env = {**pod.env, "RUNPOD_POD_ID": pod.id, "RUNPOD_API_KEY": pod.api_key, **real["network_env"]}
         if real["image"]:
             name = f"t2s-fake-{pod.id}-{secrets.token_hex(3)}"

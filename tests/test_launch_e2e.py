@@ -118,8 +118,9 @@ class World:
         assert path in repo.files, f"{path} not in {repo_id}: {sorted(repo.files)}"
         return repo.files[path].content.decode(errors="replace")
 
-    def assert_nothing_left(self) -> None:
-        assert self.runpod.wait_until_no_pod_is_live(60), [p.id for p in self.runpod.live_pods()]
+    def assert_nothing_left(self, wait_s: float = 60) -> None:
+        """No pod on the fake (waiting wait_s for pods to end themselves), nothing of their containers."""
+        assert self.runpod.wait_until_no_pod_is_live(wait_s), [p.id for p in self.runpod.live_pods()]
         deadline = time.monotonic() + 60
         while (left := self.runpod.left_behind()) and time.monotonic() < deadline:
             time.sleep(0.5)  # a terminate kills the container a moment after it answers
@@ -301,7 +302,7 @@ def test_after_ctrl_c_the_laptop_is_gone_and_the_pod_still_finishes_and_ends_its
     detached = running.wait_for(r"detached from run e2e-detach", timeout=5)
     assert "its job keeps running" in detached
     assert world.runpod.live_pods(), "the pod must go on without the laptop"
-    world.assert_nothing_left()  # it finished, pushed and terminated itself
+    world.assert_nothing_left(wait_s=POD_TIMEOUT_S)  # it finishes, pushes and terminates itself
     assert world.hub.repo(f"{USER}/t2s-e2e-detach") is not None
     # Nobody followed the end: `make logs` fetches the logs and settles the record from what the pod wrote.
     fetched = world.make("logs", "RUN=e2e-detach")
