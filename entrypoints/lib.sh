@@ -134,7 +134,7 @@ t2s_start_caps() {
     nap "$seconds"
     printf '%s\n' "$reason" >"$_t2s_cap_file"
     t2s_cap_say "$reason: stopping the job (SIGTERM)"
-    kill -TERM "$entrypoint" 2>/dev/null
+    kill -TERM "$entrypoint" 2>/dev/null || true
     nap "$grace"
     kill -KILL "$job" 2>/dev/null && t2s_cap_say "$reason: the job was still running ${grace}s later: killed it"
     nap "$grace"
@@ -144,18 +144,20 @@ t2s_start_caps() {
   _t2s_cap_pid=$!
 }
 
-# Disarms the timer; prints the reason when it fired.
+# The reason the timer stopped the job, if it did.
+t2s_cap_reason() {
+  [ ! -s "${_t2s_cap_file:-}" ] || head -n 1 "$_t2s_cap_file"
+}
+
+# Disarms the timer and forgets its reason.
 t2s_stop_caps() {
   if [ -n "$_t2s_cap_pid" ]; then
     kill -TERM "$_t2s_cap_pid" 2>/dev/null || true
     wait "$_t2s_cap_pid" 2>/dev/null || true
     _t2s_cap_pid=""
   fi
-  if [ -n "$_t2s_cap_file" ]; then
-    cat "$_t2s_cap_file" 2>/dev/null || true
-    rm -f "$_t2s_cap_file"
-    _t2s_cap_file=""
-  fi
+  [ -z "$_t2s_cap_file" ] || rm -f "$_t2s_cap_file"
+  _t2s_cap_file=""
 }
 
 # Runs a t2s-infra step with its output shown and appended to the log; never fails the entrypoint.
@@ -176,13 +178,13 @@ t2s_on_exit() {
   trap - EXIT
   trap '' INT TERM  # the clean-up below must run to the end
   t2s_stop_log
-  local reason="" ending=(--exit-code "$rc")
-  [ ! -s "${_t2s_cap_file:-}" ] || reason="$(head -n 1 "$_t2s_cap_file")"
+  local reason ending=(--exit-code "$rc")
+  reason="$(t2s_cap_reason)"
   [ -z "$reason" ] || ending+=(--reason "$reason")
   if [ -n "$_t2s_run_dir" ]; then
     t2s_infra upload-logs "$_t2s_run_dir" "${ending[@]}"
   fi
-  t2s_stop_caps >/dev/null
+  t2s_stop_caps
   if [ -n "${RUNPOD_POD_ID:-}" ] && [ "${T2S_KEEP_POD:-}" != "1" ]; then
     t2s_infra self-terminate "${ending[@]}"
   fi
