@@ -57,8 +57,13 @@ pipeline: install
 	$(BIN)/t2s pipeline --config $(CONFIG)
 
 # RunPod (infra/README.md): needs RUNPOD_API_KEY and HF_TOKEN in the environment or .env.
+# The whole pipeline on one pod, which pushes the model and ends itself:
+#   make launch-train CONFIG=configs/l4x2-qlora.yaml SET="train.epochs=1 infra.max_cost_usd=3" [JOB=train] [YES=1]
+SET ?=
+JOB ?=
+YES ?=
 launch-train: install
-	$(BIN)/t2s-infra launch --job train --config $(CONFIG)
+	$(BIN)/t2s-infra launch --config $(CONFIG) $(foreach item,$(SET),--set $(item)) $(if $(JOB),--job $(JOB)) $(if $(YES),--yes)
 
 logs: install
 	@test -n "$(RUN)" || { echo "usage: make logs RUN=<run-id>"; exit 2; }

@@ -7,6 +7,8 @@
 #   T2S_WORKDIR      working directory, the run volume (default /workspace); runs_dir is relative to it
 #   T2S_KEEP_POD=1   keep the RunPod pod alive after the job (debugging)
 #   T2S_OWNER        uid:gid that the run dir is handed to at exit (a root container writing a user's folder)
+#   T2S_MAX_RUNTIME_MIN, T2S_MAX_COST_USD with T2S_COST_PER_HOUR_USD
+#                    the pod's own caps: past either, the job is stopped (see t2s_start_caps)
 #   RUNPOD_POD_ID    set by RunPod inside a pod: the job then ends by terminating its own pod
 #
 # Everything the job prints is also appended to <run dir>/logs/entrypoint-<job>.log. SIGTERM or
@@ -99,6 +101,68 @@ t2s_forward_signal() {
   fi
 }
 
+# --- the pod's own caps (infra/caps.py computes when and why) ---------------------------------------------
+_t2s_cap_pid=""
+_t2s_cap_file=""
+
+# A line to the container's output and to the log, from the cap timer (which holds neither pipe of the
+# tees, so that they can finish while it still waits).
+t2s_cap_say() {
+  local line
+  line="$(t2s_say "$@")"
+  printf '%s\n' "$line"
+  [ -z "$_t2s_log" ] || printf '%s\n' "$line" >>"$_t2s_log"
+}
+
+# Arms a timer for the running job: at the cap, SIGTERM to this entrypoint (forwarded to the job, which
+# checkpoints and stops); T2S_CAP_GRACE_S (120) later, SIGKILL to the job if it still runs; as long again
+# later, the pod's own terminate, in case the clean-up hangs. The reason ends up in the last log line.
+t2s_start_caps() {
+  local cap seconds reason grace="${T2S_CAP_GRACE_S:-120}"
+  if ! cap="$(python3 -m infra.caps 2>&1)"; then
+    t2s_say "warning: the pod's caps are not armed: $cap"
+    return 0
+  fi
+  [ -n "$cap" ] || return 0
+  seconds="${cap%%$'\t'*}"
+  reason="${cap#*$'\t'}"
+  _t2s_cap_file="$(mktemp "${TMPDIR:-/tmp}/t2s-cap.XXXXXX")"
+  t2s_say "the job is stopped after ${seconds}s if still running: ${reason#stopped by }"
+  local entrypoint=$$
+  (
+    sleeper=""
+    trap '[ -z "$sleeper" ] || kill "$sleeper" 2>/dev/null; exit 0' TERM
+    trap - INT EXIT
+    nap() { sleep "$1" & sleeper=$!; wait "$sleeper"; sleeper=""; }
+    nap "$seconds"
+    printf '%s\n' "$reason" >"$_t2s_cap_file"
+    t2s_cap_say "$reason: stopping the job (SIGTERM)"
+    kill -TERM "$entrypoint" 2>/dev/null || true
+    nap "$grace"
+    kill -KILL "$(cat "$_t2s_cap_file.job" 2>/dev/null)" 2>/dev/null && t2s_cap_say "$reason: the job was still running ${grace}s later: killed it"
+    nap "$grace"
+    t2s_cap_say "$reason: the clean-up did not finish within ${grace}s: terminating the pod now"
+    t2s-infra self-terminate --exit-code 137 --reason "$reason"
+  ) 1>&3 2>&4 3>&- 4>&- &
+  _t2s_cap_pid=$!
+}
+
+# The reason the timer stopped the job, if it did.
+t2s_cap_reason() {
+  [ ! -s "${_t2s_cap_file:-}" ] || head -n 1 "$_t2s_cap_file"
+}
+
+# Disarms the timer and forgets its reason.
+t2s_stop_caps() {
+  if [ -n "$_t2s_cap_pid" ]; then
+    kill -TERM "$_t2s_cap_pid" 2>/dev/null || true
+    wait "$_t2s_cap_pid" 2>/dev/null || true
+    _t2s_cap_pid=""
+  fi
+  [ -z "$_t2s_cap_file" ] || rm -f "$_t2s_cap_file" "$_t2s_cap_file.job"
+  _t2s_cap_file=""
+}
+
 # Runs a t2s-infra step with its output shown and appended to the log; never fails the entrypoint.
 t2s_infra() {
   if ! command -v t2s-infra >/dev/null 2>&1; then
@@ -149,12 +213,16 @@ t2s_on_exit() {
   trap - EXIT
   trap '' INT TERM  # the clean-up below must run to the end
   t2s_stop_log
+  local reason ending=(--exit-code "$rc")
+  reason="$(t2s_cap_reason)"
+  [ -z "$reason" ] || ending+=(--reason "$reason")
   if [ -n "$_t2s_run_dir" ]; then
-    t2s_infra upload-logs "$_t2s_run_dir"
+    t2s_infra upload-logs "$_t2s_run_dir" "${ending[@]}"
   fi
+  t2s_stop_caps
   t2s_give_to_owner
   if [ -n "${RUNPOD_POD_ID:-}" ] && [ "${T2S_KEEP_POD:-}" != "1" ]; then
-    t2s_infra self-terminate --exit-code "$rc"
+    t2s_infra self-terminate "${ending[@]}"
   fi
   t2s_repeat_error "$rc"
   exit "$rc"
@@ -167,6 +235,7 @@ t2s_run() {
   local rc again
   t2s "$@" 3>&- 4>&- &
   _t2s_child_pid=$!
+  [ -z "$_t2s_cap_file" ] || printf '%s\n' "$_t2s_child_pid" >"$_t2s_cap_file.job"  # what the cap timer kills
   while :; do
     rc=0
     wait "$_t2s_child_pid" || rc=$?
@@ -229,6 +298,7 @@ t2s_entrypoint() {
 
   local started=$SECONDS rc=0 prep_sets=()
   t2s_say "$(date -u +%Y-%m-%dT%H:%M:%SZ) run dir $_t2s_run_dir, config $config${sets[*]:+, overrides: ${sets[*]}}"
+  t2s_start_caps
   # A fresh volume: what `docker run t2s:train` means is prep, then train (rundir.py's <job>.done marker).
   if [ "$_t2s_job" = train ] && [ ! -f "$_t2s_run_dir/prep.done" ]; then
     t2s_say "prep has not run in $_t2s_run_dir: running t2s prep first"

@@ -7,6 +7,7 @@ Ctrl-C while following detaches: the job keeps running and the message says how 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,11 +17,12 @@ import typer
 
 from jobs.config import load_config
 from jobs.errors import T2SError
-from jobs.rundir import JOBS
-from infra import records, watchdog
+from jobs.rundir import JOBS, read_json, write_atomic
+from infra import preflight, records, watchdog
 from infra import runpod_api as api
 from infra.launch import launch_pod
-from infra.logs import Outcome, exit_line, fetch_run_logs, follow, upload_run_logs
+from infra.logs import (POD_END, Outcome, end_note, end_status, exit_line, fetch_run_logs, follow, hub_whoami,
+                        upload_run_logs)
 from infra.records import Launch
 from infra.settings import load_infra_settings, redact, require_secret
 
@@ -86,6 +88,9 @@ def _report(command: str, outcome: Outcome, pod_log: Path) -> None:
         say(f"run {run}: job {launch.job} succeeded ({spent}); pod {pod} is gone. "
             f"Logs, metrics, report: t2s-infra logs {run}")
         return
+    if code is not None and outcome.reason:
+        fail(command, f"run {run}: job {launch.job} {outcome.reason} (exit code {code}, {spent}); pod {pod} is "
+                      f"gone. Logs: t2s-infra logs {run}", code=1)
     if code is not None:
         fail(command, f"run {run}: job {launch.job} failed with exit code {code} ({spent}); pod {pod} is gone. "
                       f"Logs: t2s-infra logs {run}", code=1)
@@ -98,35 +103,57 @@ def _report(command: str, outcome: Outcome, pod_log: Path) -> None:
 
 @app.command()
 def launch(
-    job: str = typer.Option(..., "--job", help=f"One of: {', '.join(LAUNCHABLE)}."),
-    config: Path = typer.Option(..., "--config", "-c", help="Run config (YAML) with an infra: section."),
+    config: Path = typer.Option(..., "--config", "-c", help="Run config (YAML); its infra: section is optional."),
+    job: str = typer.Option("pipeline", "--job", help=f"What the pod runs: {', '.join(LAUNCHABLE)} (pipeline: all "
+                            "of them, the default, since the pod's volume goes with the pod)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override one key, e.g. --set train.epochs=1 "
+                                   "--set infra.max_cost_usd=5 (repeatable)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU type, instead of infra.gpu_types."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPU count, instead of infra.gpu_count."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPU count, instead of infra.gpu_count "
+                                       "(must equal the processes train.accelerate_config starts)."),
     follow_logs: bool = typer.Option(True, "--follow/--no-follow", help="Stream the job's log until it ends."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Launch without asking to confirm the plan (scripts)."),
 ):
-    """Create a pod that runs one job of the config's run, and (by default) follow its log."""
+    """Check everything, show the plan and its cost, then create a pod that runs the config's run and (by
+    default) follow its log. The pod trains, evaluates, pushes and terminates itself."""
     try:
         if job not in LAUNCHABLE:
             raise T2SError(f"--job {job!r} is not a job: use one of {', '.join(LAUNCHABLE)}")
-        cfg = load_config(config)
+        cfg = load_config(config, set_)  # every override validated here, before any network call
         settings = load_infra_settings(cfg, config)
-        overrides = {"gpu_types": [gpu]} if gpu else {}
+        chosen = {"gpu_types": [gpu]} if gpu else {}
         if gpus:
-            overrides["gpu_count"] = gpus
-        settings = settings.model_copy(update=overrides)
-        if not settings.logs_repo:
-            raise T2SError(f"infra.logs_repo is not set in {config}: name a Hub dataset for run logs, e.g. "
-                           "`logs_repo: you/t2s-runs` (created private), so logs outlive the pod")
-        runpod_key = _runpod_key()
-        hf_token = require_secret("HF_TOKEN", "the job uploads its logs to infra.logs_repo with it")
-        started = launch_pod(settings, run_id=cfg.run_id, job=job, config_text=config.read_text(),
+            chosen["gpu_count"] = gpus
+        settings, _ = preflight.check_locally(cfg, settings.model_copy(update=chosen), job)
+        hf_token = require_secret("HF_TOKEN", "a Hub token with write access: the pod pushes the model and logs")
+        runpod_key = require_secret("RUNPOD_API_KEY", "an API key from runpod.io > Settings > API Keys")
+        model_repo, logs_repo = preflight.resolve_repos(cfg, settings, preflight.hub_identity(hub_whoami(hf_token)))
+        settings = settings.model_copy(update={"logs_repo": logs_repo})
+        pod_cfg = preflight.pod_config(cfg, settings, model_repo=model_repo, logs_repo=logs_repo)
+        api.connect(runpod_key)
+        prices = {gpu_type: api.gpu_price_per_hr(gpu_type, settings.gpu_count, settings.cloud_type)
+                  for gpu_type in settings.gpu_types}
+
+        def config_text(gpu_type: str, price_per_hr: float | None) -> str:
+            text = preflight.config_for_gpu(pod_cfg, gpu_type, settings.gpu_count, settings.cloud_type, price_per_hr)
+            if preflight.secret_in(text, [hf_token, runpod_key]):
+                raise T2SError("the config holds the value of HF_TOKEN or RUNPOD_API_KEY: secrets go in .env, never "
+                               "in a config or --set (the pod's config is stored with the run)")
+            return text
+
+        config_text(settings.gpu_types[0], prices[settings.gpu_types[0]])
+        for line in preflight.plan_lines(run_id=cfg.run_id, job=job, settings=settings, prices=prices,
+                                         model_repo=model_repo, logs_repo=logs_repo, private=cfg.push.private):
+            say(line)
+        _confirm(yes)
+        started = launch_pod(settings, run_id=cfg.run_id, job=job, config_text=config_text, prices=prices,
                              hf_token=hf_token, runpod_api_key=runpod_key, say=say)
         price = "" if started.cost_per_hr is None else f" at ${started.cost_per_hr:.2f}/h"
         say(f"run {cfg.run_id}: job {job} is running on pod {started.pod_id} ({started.gpu_count}x {started.gpu}"
             f"{price}; stops at {settings.max_runtime_min:g} min or ${settings.max_cost_usd:g})")
         if not follow_logs:
             say(f"follow: t2s-infra logs --follow {cfg.run_id} · stop: t2s-infra down {cfg.run_id} · "
-                "enforce the limits while nobody follows: t2s-infra watch")
+                "the pod stops itself at its caps; the launcher's second line while nobody follows: t2s-infra watch")
             return
         _follow_and_report("launch", started, runpod_key, Path(cfg.runs_dir))
     except T2SError as exc:
@@ -134,6 +161,26 @@ def launch(
     except KeyboardInterrupt:
         # Once a pod exists, launch_pod turns Ctrl-C into a T2SError after terminating it: none exists here.
         fail("launch", "interrupted before any pod was created", code=130)
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def _confirm(yes: bool) -> None:
+    """Asks before anything bills; never waits on a stdin that nobody types into."""
+    if yes:
+        return
+    if not _interactive():
+        raise T2SError("stdin is not a terminal, so nothing can be asked: pass --yes to launch this plan "
+                       "(make launch-train ... YES=1)")
+    try:
+        answer = typer.confirm("t2s-infra: launch it?", default=False, err=True)
+    except typer.Abort:
+        answer = False
+    if not answer:
+        say("not launched: no pod was created")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -167,8 +214,21 @@ def logs(
         report = runs_dir / run / "eval" / "report.md"
         if report.is_file():
             print(f"eval report: {report}")
+        _record_pod_end(latest, runs_dir / run / POD_END)
     except T2SError as exc:
         fail("logs", str(exc))
+
+
+def _record_pod_end(latest: Launch | None, end_file: Path) -> None:
+    """What the pod wrote as its job ended settles a record nobody was following (detached, --no-follow)."""
+    end = read_json(end_file)
+    if latest is None or not isinstance(end, dict) or end.get("pod_id") != latest.pod_id:
+        return
+    if latest.status not in (*records.LIVE_STATUSES, "gone") or not isinstance(end.get("exit_code"), int):
+        return
+    code, reason = end["exit_code"], end.get("reason") or None
+    ended = records.end(latest, end_status(code, reason), end_note(code, reason), at_iso=end.get("ended_at"))
+    say(f"run {latest.run_id}: job {latest.job} ended on pod {latest.pod_id}: {ended.status} ({ended.note})")
 
 
 @app.command("ls")
@@ -253,11 +313,18 @@ def upload_logs(
     run_dir: Path = typer.Argument(..., help="The run directory, runs/<run_id>."),
     repo: Optional[str] = typer.Option(None, "--repo", envvar="T2S_LOGS_REPO",
                                        help="Hub dataset (default: $T2S_LOGS_REPO, else the run's infra.logs_repo)."),
+    exit_code: Optional[int] = typer.Option(None, "--exit-code", help=f"The job's exit code, kept in {POD_END}."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why the pod stopped the job (its caps), if it did."),
 ):
     """Upload a run's logs, metrics, eval report and markers to the Hub (the entrypoint runs this at job end)."""
     try:
         if not run_dir.is_dir():
             raise T2SError(f"run directory {run_dir} not found: pass runs/<run_id> as the job wrote it")
+        if exit_code is not None:  # how the job ended, for `t2s-infra logs` on a machine that was not following
+            (run_dir / POD_END).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / POD_END, json.dumps({
+                "job": os.environ.get("T2S_JOB"), "pod_id": os.environ.get("RUNPOD_POD_ID"), "exit_code": exit_code,
+                "reason": reason, "ended_at": records.now_iso()}) + "\n")
         repo = repo or _logs_repo_of(run_dir)
         count = upload_run_logs(run_dir, repo, require_secret("HF_TOKEN", "to write to the logs dataset"))
         say(f"uploaded {count} files of {run_dir} to Hub dataset {repo}")
@@ -277,20 +344,23 @@ def _logs_repo_of(run_dir: Path) -> str:
 @app.command("self-terminate")
 def self_terminate(
     exit_code: Optional[int] = typer.Option(None, "--exit-code", help="The job's exit code, announced in the log."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why the pod stopped the job (its caps), if it did."),
 ):
-    """Terminate the pod this runs on (the entrypoint's last step); no-op off RunPod or with T2S_KEEP_POD=1."""
+    """Terminate the pod this runs on (the entrypoint's last step); no-op off RunPod or with T2S_KEEP_POD=1.
+    Uses the pod's own RUNPOD_API_KEY, which RunPod scopes to the pod."""
     try:
         pod_id = os.environ.get("RUNPOD_POD_ID")
         if not pod_id:
             say("not on a RunPod pod (RUNPOD_POD_ID is unset): nothing to terminate")
             return
-        if exit_code is not None:
-            print(f"{exit_line(exit_code)}; pod {pod_id}", flush=True)  # the follower's signal that the job ended
-        if os.environ.get("T2S_KEEP_POD") == "1":
-            say(f"T2S_KEEP_POD=1: leaving pod {pod_id} running")
+        keep = os.environ.get("T2S_KEEP_POD") == "1"
+        # The last line of the pod's log: the follower's signal that the job ended, and how.
+        ending = f"leaving pod {pod_id} running (T2S_KEEP_POD=1)" if keep else f"terminating pod {pod_id}"
+        print(f"{exit_line(exit_code, reason) if exit_code is not None else 't2s-infra: job ended'}; {ending}",
+              flush=True)
+        if keep:
             return
-        _runpod_key()
-        say(f"terminating pod {pod_id}")
+        api.connect(require_secret("RUNPOD_API_KEY", "RunPod sets a pod-scoped key in every pod"))
         api.terminate_pod(pod_id)
     except T2SError as exc:
         fail("self-terminate", str(exc))

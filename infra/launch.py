@@ -1,47 +1,30 @@
 """Launching a job on a RunPod pod: GPU fallback with backoff, then wait for the container to start.
 
-The decisions are plain functions (`capacity_plan`, `pod_request`, `pod_name`) that tests check exactly;
-`launch_pod` is the loop that calls RunPod. Once a pod exists, every way out of this module other than
-"its container started" terminates it first: no path leaves a pod billing behind the user's back.
+The decisions are plain functions (`capacity_plan`, `pod_request`, `pod_name`, `start_failure`) that tests
+check exactly; `launch_pod` is the loop that calls RunPod. Once a pod exists, every way out of this module
+other than "its container started" terminates it first: no path leaves a pod billing behind the user's back.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets as random_tokens
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from jobs.errors import T2SError
 from infra import records
 from infra import runpod_api as api
 from infra.records import Launch
 from infra.settings import InfraSettings
+from infra.timing import Say, Timing, current_timing
 
-
-@dataclass(frozen=True)
-class Timing:
-    """Every wait in infra, in one place, so tests can make them tiny."""
-
-    poll_s: float = 5.0  # between pod status reads while it starts
-    backoff_s: float = 20.0  # before the second pass over gpu_types; doubles each pass
-    backoff_max_s: float = 160.0
-    reconnect_s: float = 2.0  # before reopening a dropped log stream; doubles while it keeps failing
-    reconnect_max_s: float = 30.0
-    stream_read_timeout_s: float = 60.0  # a silent stream is reopened after this (and the watchdog runs)
-    watch_every_s: float = 30.0  # watchdog checks while following, and in `t2s-infra watch`
-    exit_grace_s: float = 120.0  # after the job's exit: time for its own self-terminate before we terminate
-
-
-TIMING = Timing()
-
-
-def current_timing() -> Timing:
-    # Looked up at call time, so that tests can swap TIMING for tiny waits.
-    return TIMING
-
-Say = Callable[[str], None]
+# Docker's own words for an image that will never pull, as RunPod's system log may relay them (assumed:
+# RunPod documents the system log, not its wording; the EXITED check below does not depend on it). A plain
+# "error pulling" is left out: a network hiccup says that too, and the pull may still succeed.
+PULL_ERRORS = re.compile(r"manifest unknown|pull access denied|repository does not exist|"
+                         r"unauthorized: authentication required|invalid reference format", re.I)
 
 
 def capacity_plan(gpu_types: list[str], rounds: int, timing: Timing) -> list[tuple[str, float]]:
@@ -60,23 +43,23 @@ def pod_name(run_id: str, job: str) -> str:
     return f"{api.POD_NAME_PREFIX}{run_id}-{job}-{random_tokens.token_hex(2)}"
 
 
-def pod_env(settings: InfraSettings, *, run_id: str, job: str, config_text: str, gpu: str,
-            price_per_hr: float | None, hf_token: str, runpod_api_key: str) -> dict[str, str]:
-    """The environment contract between infra and the image (documented in infra/README.md)."""
+def pod_env(settings: InfraSettings, *, job: str, config_text: str, price_per_hr: float | None,
+            hf_token: str) -> dict[str, str]:
+    """The environment contract between infra and the image (documented in infra/README.md). Your RunPod key
+    is not in it: RunPod gives every pod its own pod-scoped RUNPOD_API_KEY, which self-terminate uses."""
     return {
         **settings.env,
         "T2S_JOB": job,
-        "T2S_RUN_ID": run_id,
         "T2S_CONFIG_YAML": config_text,
         "T2S_WORKDIR": settings.volume_mount_path,
         "T2S_LOGS_REPO": settings.logs_repo or "",
         "T2S_KEEP_POD": "1" if settings.keep_pod else "0",
+        # The pod's own caps (entrypoints/lib.sh); cost = T2S_COST_PER_HOUR_USD × time since the container started.
         "T2S_MAX_RUNTIME_MIN": f"{settings.max_runtime_min:g}",
-        "T2S_HARDWARE": f"{settings.gpu_count}x {gpu} (RunPod {settings.cloud_type.lower()} cloud)",
+        "T2S_MAX_COST_USD": f"{settings.max_cost_usd:g}",
         "T2S_COST_PER_HOUR_USD": "" if price_per_hr is None else f"{price_per_hr:g}",
         "PYTHONUNBUFFERED": "1",  # so the log stream shows lines as they are printed
         "HF_TOKEN": hf_token,
-        "RUNPOD_API_KEY": runpod_api_key,  # for `t2s-infra self-terminate` at the job's end
     }
 
 
@@ -104,19 +87,20 @@ def graphql_string_content(value: str) -> str:
     return json.dumps(value)[1:-1]
 
 
-def launch_pod(settings: InfraSettings, *, run_id: str, job: str, config_text: str, hf_token: str,
-               runpod_api_key: str, say: Say, timing: Timing | None = None) -> Launch:
-    """Creates the pod (falling back through gpu_types), records it, and returns once its container runs."""
-    timing = timing or TIMING
-    prices = {gpu: api.gpu_price_per_hr(gpu, settings.gpu_count, settings.cloud_type) for gpu in settings.gpu_types}
+def launch_pod(settings: InfraSettings, *, run_id: str, job: str, config_text: Callable[[str, float | None], str],
+               prices: dict[str, float | None], hf_token: str, runpod_api_key: str, say: Say,
+               timing: Timing | None = None) -> Launch:
+    """Creates the pod (falling back through gpu_types), records it, and returns once its container runs.
+    config_text(gpu, $/h) is the YAML the pod runs on that GPU type (its hardware and price go on the card)."""
+    timing = timing or current_timing()
     last_problem = ""
     for gpu, wait in capacity_plan(settings.gpu_types, settings.capacity_rounds, timing):
         if wait:
             say(f"no capacity yet; trying {', '.join(settings.gpu_types)} again in {wait:.0f}s")
             time.sleep(wait)
         name = pod_name(run_id, job)
-        env = pod_env(settings, run_id=run_id, job=job, config_text=config_text, gpu=gpu,
-                      price_per_hr=prices[gpu], hf_token=hf_token, runpod_api_key=runpod_api_key)
+        env = pod_env(settings, job=job, config_text=config_text(gpu, prices[gpu]), price_per_hr=prices[gpu],
+                      hf_token=hf_token)
         say(f"asking RunPod for {settings.gpu_count}x {gpu} ({settings.cloud_type} cloud)")
         try:
             pod_id = api.create_pod(pod_request(settings, name=name, gpu=gpu, env=env))
@@ -139,7 +123,7 @@ def launch_pod(settings: InfraSettings, *, run_id: str, job: str, config_text: s
             max_cost_usd=settings.max_cost_usd, keep_pod=settings.keep_pod,
         ))
         say(f"created pod {pod_id} ({name}); waiting for its container to start (image {settings.image})")
-        return wait_until_started(launch, settings.provision_timeout_s, say, timing)
+        return wait_until_started(launch, settings.image, settings.provision_timeout_s, runpod_api_key, say, timing)
     tries = len(settings.gpu_types) * settings.capacity_rounds
     raise T2SError(
         f"could not get {settings.gpu_count}x any of {', '.join(settings.gpu_types)} in the "
@@ -148,30 +132,55 @@ def launch_pod(settings: InfraSettings, *, run_id: str, job: str, config_text: s
     )
 
 
-def wait_until_started(launch: Launch, timeout_s: float, say: Say, timing: Timing) -> Launch:
+def start_failure(pod: api.Pod | None, system_lines: list[str], image: str) -> str | None:
+    """Why a pod whose container never started will not start, from what RunPod shows; None while it may.
+
+    RunPod reports no pull state: `runtime` stays null while the image is fetched, its system log says
+    "still fetching image", and a pull that fails for good makes RunPod stop the pod (desiredStatus EXITED,
+    lastStatusChange "Exited by Runpod: <date>", the reason not kept). A pull error in the system log
+    (Docker's wording) is taken at its word at once.
+    """
+    pulled_wrong = next((line for line in system_lines if PULL_ERRORS.search(line)), None)
+    if pulled_wrong:
+        return f"RunPod cannot pull image {image} (its log: {pulled_wrong.strip()[:200]})"
+    if pod is not None and not pod.is_live and not pod.started:
+        by_runpod = "by runpod" in pod.last_status_change.lower()
+        said = f"\"{pod.last_status_change}\"" if pod.last_status_change else f"status {pod.desired_status}"
+        if by_runpod:
+            return (f"RunPod stopped the pod before its container started ({said}; RunPod names no reason, "
+                    f"and the usual one is an image it cannot pull: {image})")
+        return f"the pod stopped before its container started ({said})"
+    return None
+
+
+def wait_until_started(launch: Launch, image: str, timeout_s: float, api_key: str, say: Say,
+                       timing: Timing) -> Launch:
     """Polls until RunPod reports the container's runtime. RunPod says RUNNING as soon as a host is
-    assigned, even while the image is still being pulled; only `runtime` means the job has started."""
+    assigned, even while the image is still being pulled; only `runtime` means the job has started.
+    Meanwhile RunPod's system log is shown (image pull progress), and a pod that cannot start is ended."""
     deadline = time.monotonic() + timeout_s
+    shown: list[str] = []
     try:
         while True:
             try:
-                pod = api.get_pod(launch.pod_id)
+                pod, read = api.get_pod(launch.pod_id), True
             except api.ApiUnavailable:
-                pass  # a hiccup while polling is not a verdict: ask again
+                pod, read = None, False  # a hiccup while polling is not a verdict: ask again
             except T2SError as exc:
                 raise T2SError(abandon(launch, f"reading pod {launch.pod_id} failed ({exc})", "unreadable")) from None
-            else:
-                if pod is None:
-                    records.end(launch, "gone", "disappeared while starting")
-                    raise T2SError(f"pod {launch.pod_id} disappeared while starting (RunPod removed it; nothing "
-                                   "bills): launch again")
-                if pod.started and pod.is_live:
-                    return records.update(launch, status="running",
-                                          cost_per_hr=pod.cost_per_hr or launch.cost_per_hr)
-                if not pod.is_live:
-                    raise T2SError(abandon(launch, f"pod {launch.pod_id} stopped (status {pod.desired_status}) "
-                                                   "before its container started: check infra.image",
-                                           "failed to start"))
+            if read and pod is None:
+                records.end(launch, "gone", "disappeared while starting")
+                raise T2SError(f"pod {launch.pod_id} disappeared while starting (RunPod removed it; nothing "
+                               "bills): launch again")
+            if pod is not None and pod.started and pod.is_live:
+                return records.update(launch, status="running", cost_per_hr=pod.cost_per_hr or launch.cost_per_hr)
+            lines = _new_system_lines(launch.pod_id, api_key, shown, timing)
+            for line in lines:
+                say(f"RunPod: {line}")
+            problem = start_failure(pod, lines, image)
+            if problem:
+                raise T2SError(abandon(launch, f"pod {launch.pod_id} cannot start: {problem}", "failed to start",
+                                       fix="check infra.image: published (make push-images) and public?"))
             if time.monotonic() >= deadline:
                 raise T2SError(abandon(
                     launch,
@@ -187,6 +196,16 @@ def wait_until_started(launch: Launch, timeout_s: float, say: Say, timing: Timin
     except Exception:
         abandon(launch, "", "crashed while starting")
         raise
+
+
+def _new_system_lines(pod_id: str, api_key: str, shown: list[str], timing: Timing) -> list[str]:
+    """RunPod's system-log lines about this pod not shown yet (a line repeated as is counts once)."""
+    new = []
+    for line in api.recent_log_lines(pod_id, api_key, "system", timing.system_log_s):
+        if line not in shown:
+            shown.append(line)
+            new.append(line)
+    return new
 
 
 def abandon(launch: Launch, problem: str, note: str, fix: str = "") -> str:

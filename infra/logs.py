@@ -1,4 +1,5 @@
-"""A job's logs: live from the pod while it runs, and from the Hub after the pod is gone.
+"""A job's logs: live from the pod while it runs, and from the Hub after the pod is gone (and the one other
+Hub call infra makes: `hub_whoami`, the launch's check of HF_TOKEN).
 
 Live: `follow` reads RunPod's log stream, reconnects after drops without showing a line twice
 (`LogCursor`), notices the job's exit line (printed by `t2s-infra self-terminate --exit-code N`), and runs
@@ -23,14 +24,17 @@ from huggingface_hub.utils import filter_repo_objects
 from jobs.errors import T2SError
 from infra import records, watchdog
 from infra import runpod_api as api
-from infra.launch import Say, Timing, current_timing
 from infra.records import Launch
 from infra.settings import redactor
+from infra.timing import Say, Timing, current_timing
 
 EXIT_LINE = "t2s-infra: job exited with code {code}"
-# Ours (`self-terminate --exit-code N`), and the summary line entrypoints/lib.sh prints as the job ends.
-_EXIT_LINE = re.compile(r"^(?:t2s-infra: job|== entrypoint \S+: t2s \S+) exited with code (-?\d+)\b")
+REASON_MARK = " — "  # between the exit code and why the pod stopped it (its caps), when it did
+# Ours (`self-terminate --exit-code N [--reason R]`), and the summary line entrypoints/lib.sh prints as the job ends.
+_EXIT_LINE = re.compile(r"^(?:t2s-infra: job|== entrypoint \S+: t2s \S+) exited with code (-?\d+)\b"
+                        r"(?: — (?P<reason>[^;]+))?")
 BACKFILL_LINES = 5000  # the most RunPod's stream replays on connect
+POD_END = "logs/pod-end.json"  # how the pod's job ended, written by `upload-logs --exit-code N`, read by `logs`
 
 # What a run leaves on the Hub (paths relative to runs/<id>/); checkpoints and models stay out.
 UPLOAD_PATTERNS = ["config.resolved.yaml", "*.done", "logs/**", "metrics.jsonl", "*/metrics.jsonl", "eval/report.*"]
@@ -41,8 +45,23 @@ def exit_code_of(line: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def exit_line(code: int) -> str:
-    return EXIT_LINE.format(code=code)
+def exit_reason_of(line: str) -> str | None:
+    """Why the pod stopped its job (a cap), when the exit line says so."""
+    match = _EXIT_LINE.match(line)
+    return match.group("reason") if match else None
+
+
+def exit_line(code: int, reason: str | None = None) -> str:
+    return EXIT_LINE.format(code=code) + (f"{REASON_MARK}{reason}" if reason else "")
+
+
+def end_status(exit_code: int, reason: str | None) -> str:
+    """The record's status for a job that reported its exit: a cap's stop is `stopped`, like the watchdog's."""
+    return "succeeded" if exit_code == 0 else "stopped" if reason else "failed"
+
+
+def end_note(exit_code: int, reason: str | None) -> str:
+    return f"exit {exit_code}" + (f"; {reason}" if reason else "")
 
 
 class LogCursor:
@@ -92,6 +111,7 @@ def _timestamp_key(event_id: str) -> tuple:
 class Outcome:
     launch: Launch  # its final record (or still live, for a kept pod)
     exit_code: int | None  # the job's, when its exit line was seen
+    reason: str | None = None  # why the pod stopped the job itself (its runtime or cost cap), if it did
 
 
 def follow(launch: Launch, api_key: str, write_line: Callable[[str], None], say: Say,
@@ -101,7 +121,7 @@ def follow(launch: Launch, api_key: str, write_line: Callable[[str], None], say:
     timing = timing or current_timing()
     cursor = LogCursor()
     redact = redactor()
-    exit_code, exit_deadline = None, 0.0
+    exit_code, reason, exit_deadline = None, None, 0.0
     delay = timing.reconnect_s
     next_check = time.monotonic() + timing.watch_every_s
     told_about_drop = False
@@ -112,14 +132,16 @@ def follow(launch: Launch, api_key: str, write_line: Callable[[str], None], say:
                 delay = timing.reconnect_s
                 if event.line is not None and cursor.is_new(event.id):
                     write_line(redact(event.line))
-                    if exit_code is None and (code := exit_code_of(event.line)) is not None:
-                        # Lines may still follow (the log upload); the pod should be gone within the grace.
-                        exit_code, exit_deadline = code, time.monotonic() + timing.exit_grace_s
+                    if (code := exit_code_of(event.line)) is not None:
+                        reason = reason or exit_reason_of(event.line)  # the last exit line says why, if a cap
+                        if exit_code is None:
+                            # Lines may still follow (the log upload); the pod should be gone within the grace.
+                            exit_code, exit_deadline = code, time.monotonic() + timing.exit_grace_s
                 if exit_code is not None:
                     if time.monotonic() >= exit_deadline:
                         break
                 elif time.monotonic() >= next_check:
-                    launch = watchdog.check(launch, say)
+                    launch = watchdog.check(launch, say, timing)
                     if not launch.is_live:
                         return Outcome(launch, None)
                     next_check = time.monotonic() + timing.watch_every_s
@@ -129,9 +151,9 @@ def follow(launch: Launch, api_key: str, write_line: Callable[[str], None], say:
                 told_about_drop = True
         cursor.reconnected()
         if exit_code is not None:
-            return Outcome(_after_exit(launch, exit_code, exit_deadline, say, timing), exit_code)
+            return Outcome(_after_exit(launch, exit_code, reason, exit_deadline, say, timing), exit_code, reason)
         # The stream ended or dropped: a pod that is gone ends the follow, a live one is watched and reread.
-        launch = watchdog.check(launch, say)
+        launch = watchdog.check(launch, say, timing)
         next_check = time.monotonic() + timing.watch_every_s
         if not launch.is_live:
             return Outcome(launch, None)
@@ -139,10 +161,11 @@ def follow(launch: Launch, api_key: str, write_line: Callable[[str], None], say:
         delay = min(delay * 2, timing.reconnect_max_s)
 
 
-def _after_exit(launch: Launch, exit_code: int, deadline: float, say: Say, timing: Timing) -> Launch:
+def _after_exit(launch: Launch, exit_code: int, reason: str | None, deadline: float, say: Say,
+                timing: Timing) -> Launch:
     """The job has exited: its entrypoint terminates the pod; if that has not happened within the grace
     period (a broken entrypoint), we do it. A kept pod stays, and stays guarded by the watchdog."""
-    status = "succeeded" if exit_code == 0 else "failed"
+    status, note = end_status(exit_code, reason), end_note(exit_code, reason)
     if launch.keep_pod:
         return records.update(launch, note=f"job exited {exit_code}; pod kept")
     while not _pod_has_ended(launch.pod_id):
@@ -150,13 +173,13 @@ def _after_exit(launch: Launch, exit_code: int, deadline: float, say: Say, timin
             break
         time.sleep(timing.poll_s)
     else:
-        return records.end(launch, status, f"exit {exit_code}")
+        return records.end(launch, status, note)
     try:
         api.terminate_pod(launch.pod_id)
     except T2SError as exc:
         say(f"the job exited but terminating pod {launch.pod_id} failed ({exc}): `t2s-infra down {launch.run_id}`")
         return records.update(launch, note=f"job exited {exit_code}; terminate failed")
-    return records.end(launch, status, f"exit {exit_code}; pod terminated by t2s-infra")
+    return records.end(launch, status, f"{note}; pod terminated by t2s-infra")
 
 
 def _pod_has_ended(pod_id: str) -> bool:
@@ -165,6 +188,25 @@ def _pod_has_ended(pod_id: str) -> bool:
     except api.ApiUnavailable:
         return False  # unknown for now
     return pod is None or not pod.is_live
+
+
+def hub_whoami(token: str) -> dict:
+    """The Hub's `whoami-v2` answer for this token (HF_ENDPOINT, else huggingface.co); one line when it fails."""
+    hub = HfApi(token=token)
+    try:
+        return hub.whoami()
+    except Exception as exc:
+        # huggingface_hub 1.x+ raises HfHubHTTPError; 0.x a requests.HTTPError of its own: both carry the response.
+        status = _status(exc)
+        if status == "401":
+            raise T2SError("the Hub does not accept HF_TOKEN (HTTP 401: unknown, revoked or mistyped): put a token "
+                           "with write access from https://huggingface.co/settings/tokens in .env") from None
+        if status != "?":
+            raise T2SError(f"the Hub answered HTTP {status} when asked who HF_TOKEN belongs to: try again") from None
+        if not _is_network_error(exc):
+            raise
+        raise T2SError(f"cannot reach the Hugging Face Hub to check HF_TOKEN ({type(exc).__name__}): check the "
+                       "network (or HF_ENDPOINT) and try again") from None
 
 
 def upload_run_logs(run_dir: Path, repo_id: str, token: str) -> int:
@@ -225,6 +267,6 @@ def _is_network_error(exc: Exception) -> bool:
         "httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
-def _status(exc: HfHubHTTPError) -> str:
+def _status(exc: Exception) -> str:
     response = getattr(exc, "response", None)
-    return str(getattr(response, "status_code", "?"))
+    return str(getattr(response, "status_code", None) or "?")

@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-# Statuses a record moves through; the first two mean the pod may still be billing.
+# Statuses a record moves through; these two mean the pod may still be billing. Then one of: succeeded /
+# failed: the job reported its exit code; stopped: the pod's own cap, or t2s-infra (down, watchdog,
+# provisioning timeout) stopped it; gone: the pod disappeared without the job's exit being seen.
 LIVE_STATUSES = ("provisioning", "running")
-# succeeded / failed: the job reported its exit code; stopped: t2s-infra terminated the pod (down, watchdog,
-# provisioning timeout); gone: the pod disappeared without the job's exit being seen.
-END_STATUSES = ("succeeded", "failed", "stopped", "gone")
 
 
 @dataclass(frozen=True)
@@ -79,9 +78,9 @@ def update(launch: Launch, **changes) -> Launch:
     return save(replace(launch, **changes))
 
 
-def end(launch: Launch, status: str, note: str = "") -> Launch:
-    """Records the pod's end with its total cost (from creation until now)."""
-    ended = replace(launch, status=status, ended_at=now_iso(), note=note)
+def end(launch: Launch, status: str, note: str = "", at_iso: str | None = None) -> Launch:
+    """Records the pod's end with its total cost (from creation until now, or until at_iso when known)."""
+    ended = replace(launch, status=status, ended_at=at_iso or now_iso(), note=note)
     return save(replace(ended, cost_usd=cost_so_far(ended, ended.ended_at)))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class Pod:
     started: bool  # the container runs: RunPod reports `runtime` only once the image is pulled and started
     cost_per_hr: float | None
     gpu: str | None
+    last_status_change: str = ""  # RunPod's free text, e.g. "Exited by Runpod: <date>" (who stopped it, no reason)
 
     @property
     def is_live(self) -> bool:
@@ -127,12 +129,12 @@ def terminate_pod(pod_id: str) -> None:
 
 
 def stream_logs(pod_id: str, api_key: str, last_event_id: str | None, tail: int,
-                read_timeout_s: float) -> Iterator[LogEvent]:
-    """The pod's container log as it is written. Ends when the server closes the stream; a drop or a
-    read timeout raises ApiUnavailable. With last_event_id, RunPod resumes from that event (inclusive
-    or not: the caller drops lines it has already shown)."""
+                read_timeout_s: float, source: str = "container") -> Iterator[LogEvent]:
+    """The pod's container log (or RunPod's "system" log about it: image pull, container start) as it is
+    written. Ends when the server closes the stream; a drop or a read timeout raises ApiUnavailable. With
+    last_event_id, RunPod resumes from that event (inclusive or not: the caller drops lines already shown)."""
     headers = {"Authorization": f"Bearer {api_key}", "Accept": "text/event-stream"}
-    params = {"source": "container", "tail": tail}
+    params = {"source": source, "tail": tail}
     if last_event_id:
         headers["Last-Event-ID"] = last_event_id
     url = f"{base_url()}/v2/pods/{pod_id}/logs"
@@ -148,6 +150,22 @@ def stream_logs(pod_id: str, api_key: str, last_event_id: str | None, tail: int,
                 yield LogEvent(id=event.id, line=None if event.data is None else _log_line(event.data))
     except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:  # read1 raises urllib3's own
         raise ApiUnavailable(f"the log stream of pod {pod_id} dropped ({type(exc).__name__})") from None
+
+
+def recent_log_lines(pod_id: str, api_key: str, source: str, read_s: float, tail: int = 50) -> list[str]:
+    """What the log stream has for the pod within about read_s seconds (its backlog, then what comes); best
+    effort: a stream that is not there yet, or fails, gives what was read so far."""
+    lines: list[str] = []
+    deadline = time.monotonic() + read_s
+    try:
+        for event in stream_logs(pod_id, api_key, None, tail, read_s, source=source):
+            if event.line is not None:
+                lines.append(event.line)
+            if time.monotonic() >= deadline:
+                break
+    except T2SError:
+        pass
+    return lines
 
 
 def _text_chunks(response: requests.Response) -> Iterator[str]:
@@ -216,6 +234,7 @@ def _pod(raw: dict) -> Pod:
         started=raw.get("runtime") is not None,
         cost_per_hr=float(cost) if isinstance(cost, (int, float)) else None,
         gpu=machine.get("gpuDisplayName"),
+        last_status_change=str(raw.get("lastStatusChange") or ""),
     )
 
 

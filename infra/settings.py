@@ -21,15 +21,21 @@ from jobs.errors import T2SError
 # Environment names infra sets on the pod itself; the config's infra.env must not shadow them.
 RESERVED_ENV_PREFIXES = ("T2S_", "RUNPOD_")
 
+# What `make push-images` publishes: $(REGISTRY)/t2s:<job>-<flavor> (moving) and ...-<flavor>-<git sha>.
+DEFAULT_REGISTRY = "ghcr.io/t2s"
+DEFAULT_IMAGE_TAG = "t2s:pipeline-cu12"
+IMAGE_REFERENCE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*"
+                             r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+
 
 class InfraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    # A public image built from images/Dockerfile (its ENTRYPOINT, entrypoints/run-job, runs $T2S_JOB);
-    # every job tag holds the same code, so any of them runs any job. cu118 suits the default L4.
-    image: str = Field(default="ghcr.io/t2s/t2s:pipeline-cu12", pattern=r"^[^\s\"\\]+$")
+    # A public image built from images/Dockerfile (its ENTRYPOINT, entrypoints/run-job, runs $T2S_JOB); every
+    # job tag holds the same code, so any of them runs any job. None: default_image(), what push-images publishes.
+    image: str | None = Field(default=None, pattern=r"^[^\s\"\\]+$")
     gpu_types: list[str] = Field(default=["NVIDIA L4"], min_length=1)  # tried in order when one has no capacity
-    gpu_count: int = Field(default=2, gt=0)
+    gpu_count: int | None = Field(default=None, gt=0)  # None: the processes train.accelerate_config starts
     # SECURE by default: steadier hosts, and network volumes only exist there.
     cloud_type: Literal["SECURE", "COMMUNITY", "ALL"] = "SECURE"
     capacity_rounds: int = Field(default=3, gt=0)  # passes over gpu_types before giving up
@@ -41,7 +47,10 @@ class InfraSettings(BaseModel):
     provision_timeout_s: float = Field(default=900, gt=0)
     max_runtime_min: float = Field(default=240, gt=0)
     max_cost_usd: float = Field(default=10.0, gt=0)
+    # Wall time you expect (bench/RESULTS.md has figures), for the plan's expected cost; None: the plan shows the caps.
+    expected_min: float | None = Field(default=None, gt=0)
     keep_pod: bool = False  # leave the pod up after the job (debugging); you stop it with `t2s-infra down`
+    # Hub dataset for the run's logs; None: <the HF_TOKEN's user>/t2s-runs (infra.preflight).
     logs_repo: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
     env: dict[str, str] = {}  # extra non-secret environment for the job
 
@@ -64,6 +73,20 @@ def load_infra_settings(cfg: Config, path: str | Path | None = None) -> InfraSet
         return InfraSettings.model_validate(cfg.infra)
     except ValidationError as exc:
         raise T2SError(describe_error(exc.errors()[0], path)) from None
+
+
+def default_image() -> str:
+    """The pipeline image `make push-images` publishes, under REGISTRY (environment or .env, as the secrets are)."""
+    registry = (secret("REGISTRY") or DEFAULT_REGISTRY).rstrip("/")  # not a secret; read the same way
+    return f"{registry}/{DEFAULT_IMAGE_TAG}"
+
+
+def image_flavor(image: str) -> str | None:
+    """The image's flavor from its tag (t2s:<job>-<flavor>[-<sha>]), e.g. cu12; None when the tag names none."""
+    name = image.split("@", 1)[0]
+    tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else ""
+    match = re.search(r"-(cu\d+)(?:-[0-9a-f]{7,40})?$", tag)
+    return match.group(1) if match else None
 
 
 def describe_error(error: dict, path: str | Path | None) -> str:

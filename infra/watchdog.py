@@ -1,7 +1,8 @@
-"""The watchdog: a pod past its run's max runtime or max cost is terminated.
+"""The watchdog, the second line: a pod past its run's max runtime or max cost is terminated.
 
-`limit_exceeded` is the rule (pure); `check` applies it to one recorded launch and RunPod's view of its
-pod; `watch` repeats that for every live launch in the local record. Followers call `check` too, so a
+The pod stops itself at those limits (entrypoints/lib.sh); this steps in `Timing.watchdog_grace_s` later if
+it has not. `limit_exceeded` is the rule (pure); `check` applies it to one recorded launch and RunPod's view
+of its pod; `watch` repeats that for every live launch in the local record. Followers call `check` too, so a
 followed run is guarded without a separate `t2s-infra watch`.
 """
 
@@ -12,22 +13,24 @@ import time
 from jobs.errors import T2SError
 from infra import records
 from infra import runpod_api as api
-from infra.launch import Say, Timing, current_timing
 from infra.records import Launch
+from infra.timing import Say, Timing, current_timing
 
 
-def limit_exceeded(launch: Launch, at_iso: str) -> str | None:
-    """Why this launch must stop now, or None."""
+def limit_exceeded(launch: Launch, at_iso: str, grace_s: float = 0.0) -> str | None:
+    """Why this launch must stop now, or None. grace_s: how long past a limit the pod is left to stop itself."""
     minutes = records.minutes_between(launch.started_at, at_iso)
-    if launch.max_runtime_min is not None and minutes >= launch.max_runtime_min:
+    grace_min = grace_s / 60
+    if launch.max_runtime_min is not None and minutes >= launch.max_runtime_min + grace_min:
         return f"ran {minutes:.1f} min, past infra.max_runtime_min={launch.max_runtime_min:g}"
-    cost = records.cost_so_far(launch, at_iso)
-    if launch.max_cost_usd is not None and cost is not None and cost >= launch.max_cost_usd:
-        return f"cost ${cost:.2f}, past infra.max_cost_usd={launch.max_cost_usd:g}"
+    if launch.max_cost_usd is not None and launch.cost_per_hr:
+        cost = records.cost_so_far(launch, at_iso)
+        if cost >= launch.max_cost_usd + launch.cost_per_hr * grace_min / 60:
+            return f"cost ${cost:.2f}, past infra.max_cost_usd={launch.max_cost_usd:g}"
     return None
 
 
-def check(launch: Launch, say: Say) -> Launch:
+def check(launch: Launch, say: Say, timing: Timing | None = None) -> Launch:
     """Reads the pod once and returns the launch's new state: gone, stopped by a limit, or still live.
     A pod RunPod cannot report right now is left alone until the next check."""
     try:
@@ -38,7 +41,7 @@ def check(launch: Launch, say: Say) -> Launch:
         return records.end(launch, "gone", "pod no longer exists")
     if pod.cost_per_hr is not None and pod.cost_per_hr != launch.cost_per_hr:
         launch = records.update(launch, cost_per_hr=pod.cost_per_hr)
-    reason = limit_exceeded(launch, records.now_iso())
+    reason = limit_exceeded(launch, records.now_iso(), (timing or current_timing()).watchdog_grace_s)
     if reason is None:
         return launch
     try:
@@ -57,7 +60,7 @@ def watch(say: Say, once: bool, timing: Timing | None = None) -> int:
     while True:
         live = [launch for launch in records.load_all() if launch.is_live]
         for launch in live:
-            after = check(launch, say)
+            after = check(launch, say, timing)
             if after.status == "stopped":
                 stopped += 1
                 say(f"stopped run {after.run_id} (pod {after.pod_id}): {after.note}")

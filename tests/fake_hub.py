@@ -9,8 +9,11 @@ at it and commit files to it over the legacy LFS protocol (run the client with H
     POST /[<type>s/]<id>.git/info/lfs/objects/batch   LFS batch: where to PUT each object not stored yet
     PUT  /_lfs/<sha256>                            the LFS object itself (checked against its sha256)
     POST /api/<type>s/<id>/commit/<rev>            the ndjson commit (header, file, lfsFile, deletedFile)
+    GET  /api/whoami-v2                            whoami: the token's user, orgs and role
+    HEAD, GET /[<type>s/]<id>/resolve/<rev>/<path> file metadata and download (hf_hub_download, snapshot_download)
 
-Tokens map to the namespaces they may write to; a missing or unknown token gets 401, writing elsewhere 403,
+Tokens map to the namespaces they may write to (`roles` may make a token read-only); a missing or unknown
+token gets 401, writing elsewhere 403,
 a private repo of another namespace reads as 404 (as on the Hub). `fail(...)` makes chosen requests answer an
 error status, drop the connection (before or after doing the work), or stall. Started on 127.0.0.1 with an ephemeral port, one thread a request.
 """
@@ -22,6 +25,7 @@ import hashlib
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -110,8 +114,10 @@ class HubError(Exception):
 
 
 class FakeHub:
-    def __init__(self, tokens: dict[str, list[str]], names_unique_across_types: bool = True):
+    def __init__(self, tokens: dict[str, list[str]], names_unique_across_types: bool = True,
+                 roles: dict[str, str] | None = None):
         self.tokens = tokens  # token → namespaces it may write to (the first is its user)
+        self.roles = roles or {}  # token → its role as whoami reports it (default "write"); "read" may not write
         # The Hub refuses a model repo whose name a dataset or Space of the same owner already has (409).
         self.names_unique_across_types = names_unique_across_types
         self.repos: dict[tuple[str, str], Repo] = {}
@@ -120,7 +126,7 @@ class FakeHub:
         self.validated_readmes: list[str] = []
         self.rules: list[FailureRule] = []
         self.lock = threading.RLock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self.server = _QuietServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
@@ -188,7 +194,9 @@ class FakeHub:
         return repo
 
     def _writable(self, repo_type: str, repo_id: str, headers) -> Repo:
-        _, namespaces = self._user(headers)
+        token, namespaces = self._user(headers)
+        if self.roles.get(token, "write") == "read":
+            raise HubError(403, "This token is read-only")
         repo = self._readable(repo_type, repo_id, headers)
         if repo_id.split("/")[0] not in namespaces:
             raise HubError(403, f"You don't have the rights to write to {repo_id}")
@@ -200,6 +208,12 @@ class FakeHub:
             return self.create_repo(headers, json.loads(body))
         if method == "POST" and path == "/api/validate-yaml":
             return self.validate_yaml(json.loads(body))
+        if method == "GET" and path == "/api/whoami-v2":
+            return self.whoami(headers)
+        resolve = re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if method in ("GET", "HEAD") and (m := resolve):
+            repo_type = TYPES[m.group(1)] if m.group(1) else "model"
+            return self.resolve(self._readable(repo_type, m.group(2), headers), m.group(4), method)
         if method == "PUT" and (m := re.fullmatch(r"/_lfs/([0-9a-f]{64})", path)):
             return self.store_lfs_object(m.group(1), body)
         if method == "POST" and (m := re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)):
@@ -221,7 +235,9 @@ class FakeHub:
         raise HubError(404, f"no such endpoint: {method} {path}")
 
     def create_repo(self, headers, payload: dict):
-        _, namespaces = self._user(headers)
+        token, namespaces = self._user(headers)
+        if self.roles.get(token, "write") == "read":
+            raise HubError(403, "This token is read-only")
         namespace = payload.get("organization") or namespaces[0]
         repo_id = f"{namespace}/{payload['name']}"
         repo_type = payload.get("type") or "model"
@@ -235,6 +251,24 @@ class FakeHub:
         private = payload.get("private") is True or payload.get("visibility") == "private"
         self.add_repo(repo_id, repo_type, private=private)
         return 200, {"url": f"{self.url}/{PREFIX[repo_type]}{repo_id}", "name": repo_id}, {}
+
+    def whoami(self, headers):
+        token, namespaces = self._user(headers)
+        orgs = [{"name": name, "roleInOrg": "write"} for name in namespaces[1:]]
+        return 200, {"type": "user", "name": namespaces[0], "orgs": orgs,
+                     "auth": {"type": "access_token",
+                              "accessToken": {"displayName": "test", "role": self.roles.get(token, "write")}}}, {}
+
+    def resolve(self, repo: Repo, path: str, method: str):
+        stored = repo.files.get(path)
+        if stored is None:
+            raise HubError(404, f"{path} not found", code="EntryNotFound")
+        etag = f'"{hashlib.sha256(stored.content).hexdigest() if stored.lfs else git_sha1(stored.content)}"'
+        headers = {"ETag": etag, "X-Repo-Commit": repo.sha, "Content-Type": "application/octet-stream"}
+        if stored.lfs:
+            headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(len(stored.content))})
+        headers["X-Content-Length"] = str(len(stored.content))  # what Content-Length says, HEAD or GET
+        return 200, (b"" if method == "HEAD" else stored.content), headers
 
     def repo_info(self, repo: Repo):
         return 200, {"id": repo.repo_id, "sha": repo.sha, "private": repo.private,
@@ -320,6 +354,12 @@ class FakeHub:
                      "commitOid": commit.oid, "pullRequestUrl": None}, {}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client that hung up is no news
+            super().handle_error(request, client_address)
+
+
 def _handler_for(hub: FakeHub):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -341,11 +381,12 @@ def _handler_for(hub: FakeHub):
 
         def _send(self, status: int, payload, extra: dict) -> None:
             data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            length = extra.pop("X-Content-Length", None) or str(len(data))  # a HEAD answer: the length of the GET's
             self.send_response(status)
             self.send_header("Content-Type", extra.pop("Content-Type", "application/json"))
             for key, value in extra.items():
                 self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", length)
             try:
                 self.end_headers()
                 self.wfile.write(data)
@@ -394,5 +435,8 @@ def _handler_for(hub: FakeHub):
 
         def do_PUT(self):
             self._serve("PUT")
+
+        def do_HEAD(self):
+            self._serve("HEAD")
 
     return Handler

@@ -259,26 +259,26 @@ def test_a_failing_job_exits_with_its_code_and_its_log_is_written(stubbed):
 def test_logs_are_uploaded_and_the_pod_terminates_even_when_the_job_fails(stubbed):
     result = stubbed.run("train", T2S_CONFIG_YAML="run_id: r1\n", STUB_T2S_RC="1", RUNPOD_POD_ID="pod-123")
     assert result.returncode == 1
-    assert stubbed.calls("infra") == ["upload-logs runs/r1", "self-terminate --exit-code 1"]
+    assert stubbed.calls("infra") == ["upload-logs runs/r1 --exit-code 1", "self-terminate --exit-code 1"]
 
 
 def test_logs_are_uploaded_and_the_pod_terminates_after_success(stubbed):
     result = stubbed.run("eval", T2S_CONFIG_YAML="run_id: r1\n", RUNPOD_POD_ID="pod-123")
     assert result.returncode == 0, result.stderr
-    assert stubbed.calls("infra") == ["upload-logs runs/r1", "self-terminate --exit-code 0"]
+    assert stubbed.calls("infra") == ["upload-logs runs/r1 --exit-code 0", "self-terminate --exit-code 0"]
 
 
 def test_T2S_KEEP_POD_keeps_the_pod(stubbed):
     result = stubbed.run("train", T2S_CONFIG_YAML="run_id: r1\n", STUB_T2S_RC="1", RUNPOD_POD_ID="pod-123",
                          T2S_KEEP_POD="1")
     assert result.returncode == 1
-    assert stubbed.calls("infra") == ["upload-logs runs/r1"]
+    assert stubbed.calls("infra") == ["upload-logs runs/r1 --exit-code 1"]
 
 
 def test_off_runpod_there_is_nothing_to_terminate(stubbed):
     result = stubbed.run("train", T2S_CONFIG_YAML="run_id: r1\n")
     assert result.returncode == 0, result.stderr
-    assert stubbed.calls("infra") == ["upload-logs runs/r1"]
+    assert stubbed.calls("infra") == ["upload-logs runs/r1 --exit-code 0"]
 
 
 def test_the_summary_line_is_the_one_infra_follows(stubbed):
@@ -338,7 +338,8 @@ def test_sigterm_is_forwarded_and_the_jobs_code_returned(stubbed, term_rc):
     log = stubbed.log(stubbed.work / "runs/r1", "train")
     assert "SIGTERM, checkpointing" in log
     assert f"t2s train exited with code {term_rc}" in log
-    assert stubbed.calls("infra") == ["upload-logs runs/r1", f"self-terminate --exit-code {term_rc}"]
+    assert stubbed.calls("infra") == [f"upload-logs runs/r1 --exit-code {term_rc}",
+                                      f"self-terminate --exit-code {term_rc}"]
 
 
 def test_a_process_left_behind_by_the_job_cannot_keep_the_pod_alive(stubbed):
@@ -351,7 +352,7 @@ def test_a_process_left_behind_by_the_job_cannot_keep_the_pod_alive(stubbed):
         os.kill(int((stubbed.stubs / "sleeper").read_text()), signal.SIGKILL)
     assert result.returncode == 5
     assert time.monotonic() - started < 20
-    assert stubbed.calls("infra") == ["upload-logs runs/r1", "self-terminate --exit-code 5"]
+    assert stubbed.calls("infra") == ["upload-logs runs/r1 --exit-code 5", "self-terminate --exit-code 5"]
     assert "left a sleeper behind" in stubbed.log(stubbed.work / "runs/r1", "train")
 
 
@@ -499,7 +500,8 @@ def test_real_t2s_rejects_a_bad_config_with_one_line_and_exit_2_and_logs_it(box)
     assert "unknown config key 'trian'" in result.stderr
     log = (box.root / "runs/e2e-bad/logs/entrypoint-prep.log").read_text()
     assert "unknown config key 'trian'" in log and "exited with code 2" in log
-    assert box.calls("infra") == [f"upload-logs {box.root / 'runs/e2e-bad'}", "self-terminate --exit-code 2"]
+    assert box.calls("infra") == [f"upload-logs {box.root / 'runs/e2e-bad'} --exit-code 2",
+                                  "self-terminate --exit-code 2"]
     assert FAKE_HF_TOKEN not in result.stdout + result.stderr + log
 
 
@@ -529,6 +531,6 @@ def test_real_pipeline_through_the_entrypoint(box):
     log = (run_dir / "logs/entrypoint-pipeline.log").read_text()
     assert "dry run:" in log  # push.dry_run writes no push.done
     assert "exited with code 0" in log
-    assert box.calls("infra") == [f"upload-logs {run_dir}", "self-terminate --exit-code 0"]
+    assert box.calls("infra") == [f"upload-logs {run_dir} --exit-code 0", "self-terminate --exit-code 0"]
     texts = [result.stdout, result.stderr] + [p.read_text(errors="replace") for p in (run_dir / "logs").rglob("*") if p.is_file()]
     assert not any(FAKE_HF_TOKEN in text for text in texts)

@@ -9,11 +9,12 @@ import pytest
 from jobs.config import Config
 from jobs.errors import T2SError
 from infra import records
-from infra.launch import Timing, capacity_plan, graphql_string_content, pod_env, pod_request
-from infra.logs import LogCursor, exit_code_of, exit_line
+from infra.launch import capacity_plan, graphql_string_content, pod_env, pod_request
+from infra.logs import LogCursor, exit_code_of, exit_line, exit_reason_of
 from infra.records import Launch
 from infra.runpod_api import sse_events
 from infra.settings import InfraSettings, load_infra_settings, redact
+from infra.timing import Timing
 from infra.watchdog import limit_exceeded
 from tests.fake_runpod import parse_root_fields
 
@@ -24,7 +25,8 @@ def settings(**infra) -> InfraSettings:
 
 def test_settings_defaults_and_one_line_errors_naming_the_key():
     default = settings()
-    assert (default.gpu_types, default.gpu_count, default.cloud_type) == (["NVIDIA L4"], 2, "SECURE")
+    assert (default.gpu_types, default.gpu_count, default.cloud_type) == (["NVIDIA L4"], None, "SECURE")
+    assert default.image is None and default.logs_repo is None  # derived at launch (infra.preflight)
     with pytest.raises(T2SError, match=r"^unknown config key 'infra.gpu' in run.yaml: .*allowed here: image, "):
         settings(gpu="NVIDIA L4")
     with pytest.raises(T2SError, match=r"^config key 'infra.cloud_type' in run.yaml: .*'SECURE'.*\(got 'cheap'\)$"):
@@ -56,10 +58,15 @@ def test_capacity_plan_walks_the_fallback_list_with_exponential_backoff_between_
 def test_pod_request_carries_the_env_contract_escaped_for_the_sdk_graphql():
     config_text = 'run_id: demo\n# "quoted" \\ backslash, tab\there, ünïcode\n'
     infra = settings(logs_repo="me/runs", env={"EXTRA": "1"}, network_volume_id="vol1")
-    env = pod_env(infra, run_id="demo", job="train", config_text=config_text, gpu="NVIDIA L4", price_per_hr=0.86,
-                  hf_token="hf_t", runpod_api_key="rpa_k")
+    infra = infra.model_copy(update={"gpu_count": 2, "image": "ghcr.io/t2s/t2s:pipeline-cu12"})
+    env = pod_env(infra, job="train", config_text=config_text, price_per_hr=0.86, hf_token="hf_t")
     assert env["T2S_CONFIG_YAML"] == config_text and env["EXTRA"] == "1"
-    assert env["T2S_HARDWARE"] == "2x NVIDIA L4 (RunPod secure cloud)" and env["T2S_COST_PER_HOUR_USD"] == "0.86"
+    assert (env["T2S_COST_PER_HOUR_USD"], env["T2S_MAX_RUNTIME_MIN"], env["T2S_MAX_COST_USD"]) == ("0.86", "240", "10")
+    # Every T2S_* variable is read on the pod (entrypoints/, infra/caps.py, upload-logs); your RunPod key stays home.
+    assert sorted(k for k in env if k.startswith("T2S_")) == [
+        "T2S_CONFIG_YAML", "T2S_COST_PER_HOUR_USD", "T2S_JOB", "T2S_KEEP_POD", "T2S_LOGS_REPO", "T2S_MAX_COST_USD",
+        "T2S_MAX_RUNTIME_MIN", "T2S_WORKDIR"]
+    assert "RUNPOD_API_KEY" not in env
     request = pod_request(infra, name="t2s-demo-train-abcd", gpu="NVIDIA L4", env=env)
     assert request["volume_in_gb"] == 0 and request["network_volume_id"] == "vol1"
     # What the SDK builds from it must parse as GraphQL and give back the exact text.
@@ -112,7 +119,11 @@ def test_log_cursor_orders_timestamps_by_time_not_by_text():
 
 
 def test_exit_lines_of_t2s_infra_and_of_the_entrypoint_are_recognised():
-    assert exit_code_of(exit_line(3) + "; pod abc") == 3
+    assert exit_code_of(exit_line(3) + "; terminating pod abc") == 3
+    assert exit_reason_of(exit_line(3) + "; terminating pod abc") is None
+    capped = exit_line(143, "stopped by the pod's runtime cap (infra.max_runtime_min=2)") + "; terminating pod abc"
+    assert (exit_code_of(capped), exit_reason_of(capped)) == (143, "stopped by the pod's runtime cap "
+                                                                   "(infra.max_runtime_min=2)")
     assert exit_code_of("== entrypoint train: t2s train exited with code 0 after 12s") == 0
     assert exit_code_of("step 3 exited with code 1") is None
 
@@ -129,6 +140,16 @@ def test_limits_stop_runtime_first_then_cost():
     assert limit_exceeded(launch(cost_per_hr=3.0), "2025-01-01T10:20:00+00:00") == (
         "cost $1.00, past infra.max_cost_usd=1")
     assert limit_exceeded(launch(cost_per_hr=None), "2025-01-01T11:59:00+00:00") is None
+
+
+def test_the_watchdog_leaves_the_pod_its_grace_to_stop_itself_first():
+    # The pod stops itself at the limit; the watchdog, the second line, only after the grace.
+    assert limit_exceeded(launch(max_cost_usd=100), "2025-01-01T12:04:00+00:00", grace_s=300) is None
+    assert limit_exceeded(launch(max_cost_usd=100), "2025-01-01T12:05:00+00:00", grace_s=300).startswith(
+        "ran 125.0 min")
+    assert limit_exceeded(launch(cost_per_hr=3.0), "2025-01-01T10:24:00+00:00", grace_s=300) is None
+    assert limit_exceeded(launch(cost_per_hr=3.0), "2025-01-01T10:25:00+00:00", grace_s=300) == (
+        "cost $1.25, past infra.max_cost_usd=1")
 
 
 def test_records_keep_the_latest_state_of_each_pod_and_print_a_table(tmp_path, monkeypatch):

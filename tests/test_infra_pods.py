@@ -14,10 +14,13 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
+import yaml
+
 from tests.fake_runpod import FakeRunPod, LocalHub
 from infra import launch as launching
 from infra import logs as infra_logs
 from infra import records
+from infra import timing as timing_module
 from infra.cli import app
 
 API_KEY = "rpa_SECRETKEY0123456789"
@@ -25,12 +28,16 @@ HF_TOKEN = "hf_SECRETTOKEN0123456789"
 
 CONFIG = """\
 run_id: demo
-# a comment, a colon: and "quotes" must reach the pod unchanged
+# two processes: two GPUs per pod (infra.gpu_count follows train.accelerate_config)
 train:
   learning_rate: 1e-4
+  accelerate_config: ddp
+eval:
+  prompt_variants: [plain]
+push:
+  hardware: 'a "quoted": colon'
 infra:
   gpu_types: ["NVIDIA L4", "NVIDIA RTX A5000"]
-  gpu_count: 2
   logs_repo: someone/t2s-runs
   provision_timeout_s: 2
   capacity_rounds: 2
@@ -38,8 +45,9 @@ infra:
   max_cost_usd: 5
 """
 
-FAST = launching.Timing(poll_s=0.01, backoff_s=0.01, backoff_max_s=0.02, reconnect_s=0.01, reconnect_max_s=0.02,
-                        stream_read_timeout_s=2.0, watch_every_s=0.05, exit_grace_s=1.0)
+FAST = timing_module.Timing(poll_s=0.01, backoff_s=0.01, backoff_max_s=0.02, reconnect_s=0.01,
+                            reconnect_max_s=0.02, stream_read_timeout_s=2.0, watch_every_s=0.05, exit_grace_s=1.0,
+                            watchdog_grace_s=0.0, system_log_s=0.05)
 
 
 @pytest.fixture
@@ -52,7 +60,7 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setenv("T2S_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.delenv("RUNPOD_POD_ID", raising=False)
     monkeypatch.delenv("T2S_LOGS_REPO", raising=False)
-    monkeypatch.setattr(launching, "TIMING", FAST)
+    monkeypatch.setattr(timing_module, "TIMING", FAST)
     hub = LocalHub(tmp_path / "hub")  # never the real Hub
     monkeypatch.setattr(infra_logs, "HfApi", hub.client)
     monkeypatch.setattr(infra_logs, "snapshot_download", hub.snapshot_download)
@@ -68,6 +76,8 @@ def write_config(text: str = CONFIG, **infra_lines: str) -> Path:
 
 
 def t2s_infra(*args: str):
+    if args and args[0] == "launch":
+        args = (*args, "--yes")  # CliRunner's stdin is no terminal: a launch asks nothing without --yes
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
@@ -97,10 +107,17 @@ def test_launch_follows_the_job_to_its_end_and_leaves_nothing_running(fake):
     assert fake.live_pods() == []
     pod = next(iter(fake.pods.values()))
     assert pod.name.startswith("t2s-demo-train-") and pod.gpu == "NVIDIA L4" and pod.gpu_count == 2
-    assert pod.env["T2S_CONFIG_YAML"] == config.read_text()  # multi-line, quotes and all, through GraphQL
-    assert pod.env["T2S_JOB"] == "train" and pod.env["T2S_RUN_ID"] == "demo"
-    assert pod.env["HF_TOKEN"] == HF_TOKEN and pod.env["RUNPOD_API_KEY"] == API_KEY
+    # The resolved config, multi-line, quotes and all, through GraphQL; the derived names filled in.
+    sent = yaml.safe_load(pod.env["T2S_CONFIG_YAML"])
+    assert (sent["run_id"], sent["train"]["learning_rate"], sent["runs_dir"]) == ("demo", 1e-4, "runs")
+    assert sent["push"]["hardware"] == 'a "quoted": colon' and sent["push"]["cost_per_hour_usd"] == 0.86
+    assert sent["push"]["repo_id"] == "someone/t2s-demo" and sent["infra"]["logs_repo"] == "someone/t2s-runs"
+    assert sent["infra"]["gpu_count"] == 2 and sent["infra"]["image"] == "ghcr.io/t2s/t2s:pipeline-cu12"
+    assert pod.env["T2S_JOB"] == "train" and pod.env["HF_TOKEN"] == HF_TOKEN
+    assert "RUNPOD_API_KEY" not in pod.env  # RunPod gives the pod its own, pod-scoped key
     assert pod.env["T2S_LOGS_REPO"] == "someone/t2s-runs" and pod.env["T2S_KEEP_POD"] == "0"
+    assert (pod.env["T2S_MAX_RUNTIME_MIN"], pod.env["T2S_MAX_COST_USD"], pod.env["T2S_COST_PER_HOUR_USD"]) == (
+        "5", "5", "0.86")
     [launch] = records.load_all()
     assert (launch.status, launch.pod_id, launch.gpu_count, launch.cost_per_hr) == ("succeeded", pod.id, 2, 0.86)
     assert launch.note == "exit 0"  # the pod terminated itself, as the entrypoint does
@@ -319,16 +336,27 @@ def test_self_terminate_does_nothing_off_runpod_or_when_the_pod_is_kept(fake, mo
     fake.faults.job_lines = 10_000
     result = t2s_infra("self-terminate", "--exit-code", "0")
     assert result.exit_code == 0 and "nothing to terminate" in result.stderr
-    monkeypatch.setenv("RUNPOD_POD_ID", fake.add_pod("t2s-x-train-0000"))
+    pod_id, other = fake.add_pod("t2s-x-train-0000"), fake.add_pod("t2s-y-train-0000")
+    monkeypatch.setenv("RUNPOD_POD_ID", pod_id)
+    monkeypatch.setenv("RUNPOD_API_KEY", fake.pods[pod_id].api_key)  # the pod's own, as RunPod gives it
     monkeypatch.setenv("T2S_KEEP_POD", "1")
     kept = t2s_infra("self-terminate", "--exit-code", "1")
-    assert kept.exit_code == 0 and "leaving pod" in kept.stderr
-    assert kept.stdout.startswith("t2s-infra: job exited with code 1")
-    assert len(fake.live_pods()) == 1
+    assert kept.exit_code == 0
+    assert kept.stdout == f"t2s-infra: job exited with code 1; leaving pod {pod_id} running (T2S_KEEP_POD=1)\n"
+    assert len(fake.live_pods()) == 2
     monkeypatch.setenv("T2S_KEEP_POD", "0")
-    done = t2s_infra("self-terminate")
-    assert done.exit_code == 0, done.output
-    assert fake.live_pods() == [] and fake.operations()[-1] == "podTerminate"
+    # The pod-scoped key terminates its own pod and nothing else.
+    monkeypatch.setenv("RUNPOD_POD_ID", other)
+    refused = t2s_infra("self-terminate")
+    assert refused.exit_code == 2 and "RunPod refused the API key" in refused.stderr
+    assert len(fake.live_pods()) == 2 and fake.refused[0] == "podTerminate"
+    monkeypatch.setenv("RUNPOD_POD_ID", pod_id)
+    capped = t2s_infra("self-terminate", "--exit-code", "143", "--reason", "stopped by the pod's runtime cap (x)")
+    assert capped.exit_code == 0, capped.output
+    assert capped.stdout.splitlines()[-1] == (
+        f"t2s-infra: job exited with code 143 — stopped by the pod's runtime cap (x); terminating pod {pod_id}")
+    assert [pod.id for pod in fake.live_pods()] == [other] and fake.operations()[-1] == "podTerminate"
+    fake.pods[other].terminated = True
 
 
 def test_config_problems_are_one_line_and_reach_no_api(fake, monkeypatch):
@@ -338,8 +366,6 @@ def test_config_problems_are_one_line_and_reach_no_api(fake, monkeypatch):
     secret_in_env = write_config(CONFIG.replace("infra:\n", "infra:\n  env: {HF_TOKEN: x}\n"))
     assert_one_message(t2s_infra("launch", "--job", "train", "--config", str(secret_in_env)),
                        "'infra.env' in run.yaml: HF_TOKEN is a secret")
-    no_repo = write_config(CONFIG.replace("  logs_repo: someone/t2s-runs\n", ""))
-    assert_one_message(t2s_infra("launch", "--job", "train", "--config", str(no_repo)), "infra.logs_repo is not set")
     assert_one_message(t2s_infra("launch", "--job", "trian", "--config", str(write_config())),
                        "--job 'trian' is not a job")
     assert_one_message(t2s_infra("launch", "--job", "train", "--config", str(write_config()), "--gpu", "NVIDIA L5"),
@@ -359,7 +385,7 @@ def test_secrets_never_reach_any_output_or_file(fake, monkeypatch, tmp_path):
     outputs.append(t2s_infra("launch", "--job", "train", "--config", str(write_config())))
     outputs += [t2s_infra("ls"), t2s_infra("down", "demo"), t2s_infra("logs", "--follow", "demo", "--repo", "x/y")]
     fake.faults.never_start = True
-    outputs.append(t2s_infra("launch", "--job", "eval", "--config",
+    outputs.append(t2s_infra("launch", "--job", "prep", "--config",
                              str(write_config(CONFIG.replace("provision_timeout_s: 2", "provision_timeout_s: 0.1")))))
     monkeypatch.setenv("RUNPOD_API_KEY", "rpa_OTHERSECRET999")
     outputs.append(t2s_infra("launch", "--job", "train", "--config", str(write_config())))
@@ -371,4 +397,32 @@ def test_secrets_never_reach_any_output_or_file(fake, monkeypatch, tmp_path):
         assert secret not in text
         for path in files:
             assert secret not in path.read_text(errors="replace"), path
+    assert fake.live_pods() == []
+
+
+def test_an_image_runpod_cannot_pull_is_caught_when_runpod_stops_the_pod(fake):
+    fake.faults.pullable = set()  # RunPod fetches, gives up and stops the pod, naming no reason
+    config = write_config(CONFIG.replace("provision_timeout_s: 2", "provision_timeout_s: 60"))
+    started = time.monotonic()
+    result = t2s_infra("launch", "--job", "train", "--config", str(config))
+    assert result.exit_code == 2
+    message = assert_one_message(result, "pod pod001fake cannot start: RunPod stopped the pod before its container "
+                                         'started ("Exited by Runpod:', "ghcr.io/t2s/t2s:pipeline-cu12",
+                                 "terminated it so it stops billing: check infra.image")
+    assert "Traceback" not in message and time.monotonic() - started < 10  # not the provisioning timeout
+    assert "RunPod: create container: still fetching image ghcr.io/t2s/t2s:pipeline-cu12" in result.stderr
+    assert fake.live_pods() == [] and "podTerminate" in fake.operations()
+    assert records.load_all()[0].status == "stopped"
+    assert len(fake.pods) == 1  # no retry on another GPU type: the image, not the GPU, is the problem
+
+
+def test_a_pull_error_in_runpods_system_log_ends_the_wait_at_once(fake):
+    fake.faults.pullable = set()
+    fake.faults.stop_unpullable_after_s = 3600  # RunPod would keep trying; its log already says why
+    fake.faults.pull_error_line = ("create container: error pulling image: Error response from daemon: manifest for "
+                                   "ghcr.io/t2s/t2s:pipeline-cu12 not found: manifest unknown")
+    result = t2s_infra("launch", "--job", "train", "--config", str(write_config()))
+    assert result.exit_code == 2
+    assert_one_message(result, "cannot start: RunPod cannot pull image ghcr.io/t2s/t2s:pipeline-cu12 (its log: "
+                               "create container: error pulling image", "manifest unknown")
     assert fake.live_pods() == []

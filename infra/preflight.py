@@ -1,0 +1,260 @@
+"""Everything a launch checks before any pod exists, the defaults it derives, and the plan it shows.
+
+Pure functions on the run config, the accelerate config it names, the image's requirement set and the Hub's
+`whoami` answer; `infra/cli.py` calls them in order (local checks, then the Hub, then RunPod's prices) and stops
+at the first check that fails, each failure one line. The one place infra reads training settings: only to
+know which packages and how many GPUs the run needs, never to change them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from jobs.config import Config, dump_config, names_local_path
+from jobs.errors import T2SError
+from jobs.push import check_repo_id
+from jobs.train import accelerate_config_path
+from infra.settings import IMAGE_REFERENCE, InfraSettings, default_image, image_flavor
+
+REQUIREMENTS = Path(__file__).resolve().parent.parent / "images"
+# Installed from a pinned wheel in every real flavor (images/Dockerfile), so not in the requirement files.
+WHEEL_PACKAGES = {"flash-attn"}
+# Names t2s derives when the config sets none: the model repo per run, one logs dataset for every run.
+MODEL_REPO = "{user}/t2s-{run_id}"
+LOGS_REPO = "{user}/t2s-runs"
+WRITE_ROLES = ("write", "admin", "contributor")
+
+
+@dataclass(frozen=True)
+class Accelerate:
+    name: str  # as the config names it
+    processes: int  # in total
+    machines: int
+    deepspeed: bool
+
+
+def read_accelerate(cfg: Config) -> Accelerate:
+    """The accelerate config the run trains with (a shipped one, or a file: the pod has only the shipped ones)."""
+    name = cfg.train.accelerate_config
+    path = accelerate_config_path(name)
+    if path.parent != accelerate_config_path("single").parent:
+        raise T2SError(f"train.accelerate_config {name} is a file on this machine, which the pod does not have: "
+                       "use one shipped in configs/accelerate/ (single, ddp, zero3) or add yours there and rebuild "
+                       "the image")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return Accelerate(name=name, processes=int(data.get("num_processes", 1)),
+                          machines=int(data.get("num_machines", 1)),
+                          deepspeed=data.get("distributed_type") == "DEEPSPEED")
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        raise T2SError(f"accelerate config {path} does not parse as an accelerate config: fix it") from None
+
+
+def gpu_count_for(settings: InfraSettings, accelerate: Accelerate) -> int:
+    """One GPU per training process, on one machine: derived unless the user set it, and then it must agree."""
+    if accelerate.machines > 1:
+        raise T2SError(f"train.accelerate_config {accelerate.name} spans {accelerate.machines} machines, but a pod "
+                       "is one machine: use single, ddp or zero3")
+    if settings.gpu_count is not None and settings.gpu_count != accelerate.processes:
+        raise T2SError(f"infra.gpu_count is {settings.gpu_count} but train.accelerate_config {accelerate.name} starts "
+                       f"{accelerate.processes} process(es), one per GPU (a process that sees several GPUs is refused "
+                       "by trl, and unused GPUs bill): drop infra.gpu_count / --gpus, or pick an accelerate config "
+                       "with that many processes")
+    return accelerate.processes
+
+
+def needed_packages(cfg: Config, accelerate: Accelerate) -> list[tuple[str, str]]:
+    """(package, the setting that needs it) for every optional package the run imports."""
+    needs = []
+    if cfg.train.liger_kernel:
+        needs.append(("liger-kernel", "train.liger_kernel"))
+    if cfg.train.method == "qlora":
+        needs.append(("bitsandbytes", "train.method: qlora"))
+    if accelerate.deepspeed:
+        needs.append(("deepspeed", f"train.accelerate_config: {accelerate.name}"))
+    if cfg.model.attn_implementation == "flash_attention_2":
+        needs.append(("flash-attn", "model.attn_implementation: flash_attention_2"))
+    if cfg.model.gguf_file:
+        needs.append(("gguf", "model.gguf_file"))
+    return needs
+
+
+def image_packages(flavor: str) -> set[str] | None:
+    """The package names images/requirements-<flavor>.txt installs (plus the wheels), or None for no such flavor."""
+    path = REQUIREMENTS / f"requirements-{flavor}.txt"
+    if not path.is_file():
+        return None
+    names = set(WHEEL_PACKAGES)
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if match := re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)", line):
+            names.add(_normalized(match.group(1)))
+    return names
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
+
+
+def package_problem(cfg: Config, accelerate: Accelerate, image: str) -> str | None:
+    flavor = image_flavor(image)
+    if flavor is None:
+        return None  # an image of your own: its packages are yours to know (the plan says so)
+    installed = image_packages(flavor)
+    if installed is None:
+        known = ", ".join(sorted(p.stem.removeprefix("requirements-") for p in REQUIREMENTS.glob("requirements-*.txt")))
+        return f"infra.image {image} names flavor {flavor}, which images/ does not build (flavors: {known})"
+    missing = [(package, why) for package, why in needed_packages(cfg, accelerate) if package not in installed]
+    if not missing:
+        return None
+    listed = ", ".join(f"{package} (for {why})" for package, why in missing)
+    return (f"the image {image} does not install {listed}: images/requirements-{flavor}.txt lacks it; turn the "
+            f"setting off, or add the package there and publish the image again (make push-images)")
+
+
+def local_path_problem(cfg: Config) -> str | None:
+    """The pod sees the Hub, not this machine: a model or dataset given as a local path cannot reach it."""
+    sources = [("model.name_or_path", cfg.model.name_or_path, "tiny"), ("model.tokenizer", cfg.model.tokenizer, None),
+               ("data.source", cfg.data.source, "synthetic")]
+    for key, value, built_in in sources:
+        if value and value != built_in and (names_local_path(value) or Path(value).expanduser().exists()):
+            return (f"{key} is {value}, a path on this machine, which the pod cannot see: use a Hub id "
+                    "(upload it with `huggingface-cli upload`), or a network volume (infra.network_volume_id)")
+    return None
+
+
+def job_problem(job: str, settings: InfraSettings) -> str | None:
+    """A job that needs an earlier job's output cannot run alone on a pod whose volume starts empty."""
+    if job in ("merge", "eval", "push") and not settings.network_volume_id:
+        return (f"--job {job} needs the output of the jobs before it, but a pod's own volume starts empty and "
+                "goes with the pod: launch the pipeline (the default), or keep runs on a network volume "
+                "(infra.network_volume_id) where the earlier jobs ran")
+    return None
+
+
+def check_locally(cfg: Config, settings: InfraSettings, job: str = "pipeline") -> tuple[InfraSettings, Accelerate]:
+    """The checks that need no network: job, image, GPU count, packages, paths. Returns the settings with image
+    and gpu_count filled in."""
+    if problem := job_problem(job, settings):
+        raise T2SError(problem)
+    image = settings.image or default_image()
+    if not IMAGE_REFERENCE.match(image):
+        raise T2SError(f"infra.image {image!r} is not an image reference (registry/name:tag): set infra.image, or "
+                       "REGISTRY in .env for the default <REGISTRY>/t2s:pipeline-cu12")
+    accelerate = read_accelerate(cfg)
+    settings = settings.model_copy(update={"image": image, "gpu_count": gpu_count_for(settings, accelerate)})
+    for problem in (package_problem(cfg, accelerate, image), local_path_problem(cfg)):
+        if problem:
+            raise T2SError(problem)
+    return settings, accelerate
+
+
+# ---------------------------------------------------------------- the Hub token
+
+
+@dataclass(frozen=True)
+class HubIdentity:
+    user: str
+    orgs: tuple[str, ...]  # organisations where the user may write
+    role: str  # the token's: read, write, fineGrained, ...
+    scoped: tuple[str, ...] | None  # for a fine-grained token: the namespaces it may write to
+
+    def may_write(self, namespace: str) -> bool:
+        if self.role == "fineGrained":
+            return namespace in (self.scoped or ())
+        return self.role in WRITE_ROLES and namespace in (self.user, *self.orgs)
+
+
+def hub_identity(whoami: dict) -> HubIdentity:
+    """The Hub's `whoami-v2` answer, reduced to what a launch needs."""
+    token = (whoami.get("auth") or {}).get("accessToken") or {}
+    orgs = tuple(org["name"] for org in whoami.get("orgs") or []
+                 if org.get("name") and org.get("roleInOrg", "write") in WRITE_ROLES)
+    scoped = None
+    if token.get("role") == "fineGrained":
+        scoped = tuple(entry.get("entity", {}).get("name", "")
+                       for entry in (token.get("fineGrained") or {}).get("scoped") or []
+                       if "repo.write" in (entry.get("permissions") or []))
+    return HubIdentity(user=str(whoami.get("name") or ""), orgs=orgs, role=str(token.get("role") or "unknown"),
+                       scoped=scoped)
+
+
+def resolve_repos(cfg: Config, settings: InfraSettings, identity: HubIdentity) -> tuple[str, str]:
+    """(model repo, logs dataset): the config's, else derived from the token's user; both must be writable."""
+    if identity.role not in (*WRITE_ROLES, "fineGrained"):
+        raise T2SError(f"HF_TOKEN is a {identity.role} token of {identity.user}: the pod pushes the model and its "
+                       "logs with it, so it needs write access: make a write token at "
+                       "https://huggingface.co/settings/tokens and put it in .env")
+    model_repo = cfg.push.repo_id or MODEL_REPO.format(user=identity.user, run_id=cfg.run_id)
+    logs_repo = settings.logs_repo or LOGS_REPO.format(user=identity.user)
+    check_repo_id(model_repo, dry_run=False)
+    for key, repo in (("push.repo_id", model_repo), ("infra.logs_repo", logs_repo)):
+        namespace = repo.split("/")[0]
+        if not identity.may_write(namespace):
+            raise T2SError(f"HF_TOKEN ({identity.user}, {identity.role} token) may not write to {repo} ({key}): "
+                           f"set {key} under a namespace it may write to, or use a token that may write to "
+                           f"{namespace}")
+    return model_repo, logs_repo
+
+
+def pod_config(cfg: Config, settings: InfraSettings, *, model_repo: str, logs_repo: str) -> Config:
+    """The config the pod runs, resolved: defaults + file + overrides + the derived names. The run lives in
+    runs/ under the pod's volume, whatever runs_dir is on this machine."""
+    infra = settings.model_copy(update={"logs_repo": logs_repo}).model_dump(mode="json")
+    return cfg.model_copy(update={"runs_dir": "runs", "push": cfg.push.model_copy(update={"repo_id": model_repo}),
+                                  "infra": infra})
+
+
+def config_for_gpu(cfg: Config, gpu: str, gpu_count: int, cloud: str, price_per_hr: float | None) -> str:
+    """The YAML text sent to the pod for one GPU type: the card's hardware and $/h, unless the config set them."""
+    push = cfg.push.model_copy(update={
+        "hardware": cfg.push.hardware or f"{gpu_count}x {gpu} (RunPod {cloud.lower()} cloud)",
+        "cost_per_hour_usd": cfg.push.cost_per_hour_usd if cfg.push.cost_per_hour_usd is not None else price_per_hr,
+    })
+    return dump_config(cfg.model_copy(update={"push": push}))
+
+
+def secret_in(text: str, secrets: list[str]) -> bool:
+    return any(value and value in text for value in secrets)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def plan_lines(*, run_id: str, job: str, settings: InfraSettings, prices: dict[str, float | None],
+               model_repo: str, logs_repo: str, private: bool) -> list[str]:
+    """What the launch will do and may cost, for the user to confirm."""
+    jobs = "prep → train → merge → eval → push" if job == "pipeline" else job
+    count, cloud = settings.gpu_count, settings.cloud_type
+    gpus = ", then ".join(f"{count}x {gpu} ({_price(prices[gpu])})" for gpu in settings.gpu_types)
+    price = next((p for p in (prices[g] for g in settings.gpu_types) if p is not None), None)
+    lines = [
+        f"plan for run {run_id}: {jobs} on one pod",
+        f"  GPUs      {gpus}; {cloud} cloud",
+        f"  image     {settings.image}",
+        f"  model     {model_repo} ({'private' if private else 'public'})   logs  {logs_repo} (private dataset)",
+    ]
+    if settings.expected_min is not None:
+        cost = "" if price is None else f", ≈ ${price * settings.expected_min / 60:.2f}"
+        lines.append(f"  expected  ≈ {settings.expected_min:g} min{cost} (infra.expected_min)")
+    else:
+        lines.append("  expected  no estimate (set infra.expected_min; bench/RESULTS.md has figures): "
+                     "at most the caps below")
+    if price is None:
+        lines.append(f"  caps      {settings.max_runtime_min:g} min; RunPod lists no price for it, so "
+                     f"max_cost_usd={settings.max_cost_usd:g} cannot be enforced")
+    else:
+        worst = min(settings.max_cost_usd, price * settings.max_runtime_min / 60)
+        lines.append(f"  caps      {settings.max_runtime_min:g} min or ${settings.max_cost_usd:g}, whichever comes "
+                     f"first (at most ≈ ${worst:.2f}); the pod stops itself, the launcher is the second line")
+    if image_flavor(settings.image or "") is None:
+        lines.append("  note      the image's tag names no flavor (-cu12, -cu118): its packages were not checked")
+    return lines
+
+
+def _price(per_hr: float | None) -> str:
+    return "price not listed" if per_hr is None else f"${per_hr:.2f}/h"
