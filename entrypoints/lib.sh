@@ -221,10 +221,11 @@ t2s_on_exit() {
   fi
   t2s_stop_caps
   t2s_give_to_owner
+  # The job's own error last (`docker logs` ends with it); on a pod, only the line of how the pod ends follows.
+  t2s_repeat_error "$rc"
   if [ -n "${RUNPOD_POD_ID:-}" ] && [ "${T2S_KEEP_POD:-}" != "1" ]; then
     t2s_infra self-terminate "${ending[@]}"
   fi
-  t2s_repeat_error "$rc"
   exit "$rc"
 }
 
