@@ -399,12 +399,20 @@ def _run_merged(box: Box, *args: str, **env: str) -> subprocess.CompletedProcess
 def test_a_failing_jobs_one_line_error_is_the_last_line_after_the_clean_up(stubbed):
     _write_exe(stubbed.stubs / "t2s", '#!/usr/bin/env bash\necho "t2s merge: error: no adapter in runs/r1" >&2\n'
                                       'echo "a later line that is not the error"\nexit 2\n')
-    # t2s-infra's output (upload-logs, self-terminate) comes after the job's and must not end the log.
-    result = _run_merged(stubbed, "merge", T2S_CONFIG_YAML="run_id: r1\n", RUNPOD_POD_ID="pod-123")
+    # t2s-infra's output (upload-logs) comes after the job's and must not end the log.
+    result = _run_merged(stubbed, "merge", T2S_CONFIG_YAML="run_id: r1\n")
     assert result.returncode == 2
     lines = result.stdout.splitlines()
     assert lines[-1] == "t2s merge: error: no adapter in runs/r1"
-    assert any("stub t2s-infra self-terminate" in line for line in lines[:-1])
+    assert any("stub t2s-infra upload-logs" in line for line in lines[:-1])
+
+
+def test_on_a_pod_the_error_comes_just_before_the_line_of_how_the_pod_ends(stubbed):
+    _write_exe(stubbed.stubs / "t2s", '#!/usr/bin/env bash\necho "t2s merge: error: no adapter in runs/r1" >&2\nexit 2\n')
+    result = _run_merged(stubbed, "merge", T2S_CONFIG_YAML="run_id: r1\n", RUNPOD_POD_ID="pod-123")
+    assert result.returncode == 2
+    lines = result.stdout.splitlines()
+    assert lines[-2:] == ["t2s merge: error: no adapter in runs/r1", "stub t2s-infra self-terminate --exit-code 2"]
 
 
 def test_an_error_from_an_earlier_attempt_is_not_repeated(stubbed):
