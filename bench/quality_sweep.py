@@ -35,17 +35,19 @@ from queue import Queue
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2.yaml"
-# Variants for issue 17's sweep; a name=sets given with --variant is added to (or replaces) them.
+# Issue 17's sweep, four variants a preset (one GPU's worth at --per-gpu 4); --variant name=sets adds or replaces one.
 PRESETS = {
     "precision": {
-        "fp32_master": "",  # the default: fp32 master weights, bf16 autocast
+        "fp32_master": "",  # the default: fp32 master weights, bf16 autocast (lr 2e-4, 3 epochs, batch 64)
         "bf16": "train.precision=bf16",  # the old default: bf16 weights, plain AdamW
         "bf16_kahan": "train.precision=bf16_kahan",
+        "lr4e-4": "train.learning_rate=4e-4",  # seen never to stop (issue 17): how answers end tells
     },
     "lr": {
         "lr1e-4": "train.learning_rate=1e-4",
-        "lr4e-4": "train.learning_rate=4e-4",
+        "lr3e-4": "train.learning_rate=3e-4",
         "kahan_lr1e-4": "train.precision=bf16_kahan,train.learning_rate=1e-4",
+        "kahan_lr4e-4": "train.precision=bf16_kahan,train.learning_rate=4e-4",
     },
     "schedule": {
         "epochs2": "train.epochs=2",
@@ -55,7 +57,9 @@ PRESETS = {
     },
     "lora": {
         "lora_r64": "train.method=lora,train.lora.r=64,train.lora.alpha=128,train.learning_rate=5e-4",
+        "lora_r64_lr1e-3": "train.method=lora,train.lora.r=64,train.lora.alpha=128,train.learning_rate=1e-3",
         "lora_r256": "train.method=lora,train.lora.r=256,train.lora.alpha=512,train.learning_rate=2e-4",
+        "lora_r256_lr5e-4": "train.method=lora,train.lora.r=256,train.lora.alpha=512,train.learning_rate=5e-4",
     },
 }
 SHARED_BY_PREP = re.compile(r"^(data\.|model\.(name_or_path|tokenizer|gguf_file)$|run_id$|runs_dir$)")

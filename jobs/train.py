@@ -80,11 +80,18 @@ class PrecisionPlan(NamedTuple):
     autocast_bf16: bool  # matmuls in bf16 autocast (the Trainer's bf16=True)
     kahan: bool  # AdamW with Kahan summation (torch-optimi) instead of torch's AdamW
 
+    @property
+    def compute(self) -> str:
+        return "bfloat16 autocast" if self.autocast_bf16 else self.weights
+
+    @property
+    def optimizer(self) -> str:
+        return "AdamW with Kahan summation (torch-optimi)" if self.kahan else "AdamW (torch)"
+
     def describe(self) -> str:
-        compute = "bfloat16 autocast" if self.autocast_bf16 else self.weights
-        optimizer = "AdamW with Kahan summation (torch-optimi)" if self.kahan else "AdamW (torch)"
         base = f" · frozen base {self.base}" if self.base != self.weights else ""
-        return f"precision {self.precision}: trainable weights {self.weights}{base} · compute {compute} · {optimizer}"
+        return (f"precision {self.precision}: trainable weights {self.weights}{base} · compute {self.compute} · "
+                f"{self.optimizer}")
 
 
 def precision_plan(train: TrainConfig, model_dtype: str, on_gpu: bool) -> PrecisionPlan:
@@ -361,13 +368,14 @@ def load_base_for_training(cfg: Config, run: RunDir, on_gpu: bool):
     return model, peft_config
 
 
-def kahan_adamw(args, learning_rate: float, weight_decay: float):
-    """(optimizer class, kwargs) for the Trainer: torch-optimi's AdamW with Kahan summation, with the Trainer's own
-    betas and epsilon (optimi's defaults differ), so that it differs from the default AdamW in that alone."""
+def kahan_adamw(args):
+    """(optimizer class, kwargs) for the Trainer: torch-optimi's AdamW with Kahan summation, with the training
+    arguments' learning rate, betas and epsilon (optimi's defaults differ), so that it differs from the default AdamW
+    in that alone. (The Trainer gives each parameter group its own weight decay.)"""
     from optimi import AdamW
 
-    return AdamW, {"lr": learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
-                   "weight_decay": weight_decay, "kahan_sum": True}
+    return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+                   "kahan_sum": True}
 
 
 def keep_trainable_in_fp32(model) -> None:
@@ -456,7 +464,7 @@ def worker(config_path: str) -> int:
     if has_eval and cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
-    optimizer = kahan_adamw(args, cfg.train.learning_rate, cfg.train.weight_decay) if plan.kahan else None
+    optimizer = kahan_adamw(args) if plan.kahan else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
                          optimizer_cls_and_kwargs=optimizer)
@@ -497,8 +505,8 @@ def worker(config_path: str) -> int:
             method=cfg.train.method,
             precision=plan.precision,
             weights_dtype="float32 (DeepSpeed master weights)" if deepspeed else plan.weights,
-            compute_dtype="bfloat16 autocast" if plan.autocast_bf16 else plan.weights,
-            optimizer="AdamW with Kahan summation (torch-optimi)" if plan.kahan else "AdamW (torch)",
+            compute_dtype=plan.compute,
+            optimizer=plan.optimizer,
             global_step=state.global_step,
             examples_seen=int(len(train_data) * min(state.epoch or 0, cfg.train.epochs)),
             tokens_seen=int(state.num_input_tokens_seen or 0),

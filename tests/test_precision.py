@@ -94,7 +94,7 @@ def test_kahan_adamw_keeps_the_steps_that_bf16_adamw_rounds_away():
     AdamW with Kahan summation ends within a bf16 ulp of the fp32 run."""
     start = torch.linspace(0.016, 0.03, 512)
     grad = torch.linspace(-1, 1, 512).sign()  # a constant direction, so 100 steps move a weight by ~2e-3
-    args = SimpleNamespace(adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+    args = SimpleNamespace(learning_rate=2e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
 
     def train(dtype, make_optimizer):
         weight = torch.nn.Parameter(start.to(dtype, copy=True))
@@ -105,7 +105,7 @@ def test_kahan_adamw_keeps_the_steps_that_bf16_adamw_rounds_away():
         return weight.detach().float()
 
     adamw = lambda params: torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)  # noqa: E731
-    optimi_cls, kwargs = kahan_adamw(args, learning_rate=2e-5, weight_decay=0.0)
+    optimi_cls, kwargs = kahan_adamw(args)
     reference = train(torch.float32, adamw)
     lost = train(torch.bfloat16, adamw)
     kept = train(torch.bfloat16, lambda params: optimi_cls(params, **kwargs))
