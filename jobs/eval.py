@@ -120,13 +120,14 @@ def answer_endings(generations) -> dict:
 
 
 def render_endings(report: dict) -> list[str]:
+    """The report's "How answers end" section; none for a report from before answers' endings were recorded."""
+    rows = [f"| {label} | {r['ended_at_eos']:.1%} | {r['hit_token_limit']:.1%} |"
+            for label, r in report["results"].items() if "ended_at_eos" in r]
+    if not rows:
+        return []
     limit = report["config"].get("max_new_tokens")
-    lines = ["## How answers end", "", f"| model | end-of-turn token | cut at the token limit ({limit}) |",
-             "|---|---:|---:|"]
-    for label, r in report["results"].items():
-        if "ended_at_eos" in r:
-            lines.append(f"| {label} | {r['ended_at_eos']:.1%} | {r['hit_token_limit']:.1%} |")
-    return lines + [""]
+    return ["## How answers end", "", f"| model | end-of-turn token | cut at the token limit ({limit}) |",
+            "|---|---:|---:|", *rows, ""]
 
 
 def plot(results: dict[str, dict], path: Path, title: str) -> None:

@@ -40,6 +40,7 @@ def test_answer_endings_and_their_report_section():
     assert render_endings(report) == ["## How answers end", "",
                                       "| model | end-of-turn token | cut at the token limit (24) |", "|---|---:|---:|",
                                       "| merged | 75.0% | 25.0% |", ""]  # a report from before: no row
+    assert render_endings({"config": {}, "results": {"old": {}}}) == []
 
 
 def test_pipeline_ends_with_the_failed_gate_not_an_upload(copy_run):
