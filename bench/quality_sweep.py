@@ -81,7 +81,8 @@ def parse_variants(presets: list[str], variants: list[str]) -> dict[str, list[st
     for spec in variants:
         name, sep, sets = spec.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise SystemExit(f"quality_sweep: --variant {spec!r} is not name=key=value,... (name: letters, digits, ._-)")
+            raise SystemExit(f"quality_sweep: --variant {spec!r} is not name=key=value,... "
+                             "(name: letters, digits, ._-)")
         chosen[name] = parse_sets(sets)
     for name, sets in chosen.items():
         shared = [s for s in sets if SHARED_BY_PREP.match(s.partition("=")[0])]

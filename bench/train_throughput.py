@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=6000)
     parser.add_argument("--timeout", type=float, default=240, help="seconds per variant's train job")
     parser.add_argument("--variant", action="append", required=True, help="name=config.yaml[:k=v,k=v]")
-    parser.add_argument("--smoke", action="store_true", help="CPU, the tiny model, 300 rows, a few steps (--model tiny)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, 300 rows, a few steps (with --model tiny)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,8 @@ def main() -> None:
             "precision": done.get("precision"), "weights_dtype": done.get("weights_dtype"),
             "optimizer": done.get("optimizer"),
         }
-        results[name]["val_completion_loss"] = completion_loss(base, run / "adapter", run / "data" / "tokenized" / "validation")
+        results[name]["val_completion_loss"] = completion_loss(base, run / "adapter",
+                                                               run / "data" / "tokenized" / "validation")
         print(json.dumps({name: results[name]}), flush=True)
         (out / "train_throughput.json").write_text(json.dumps(
             {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

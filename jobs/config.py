@@ -104,7 +104,7 @@ class TrainConfig(Section):
 
 
 class MergeConfig(Section):
-    # The dtype the merged model is saved in: what users deploy. Training (and the merge itself) run in higher precision.
+    # The dtype the merged model is saved in: what users deploy. Training and the merge itself run in higher precision.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     verify: bool = True
     verify_prompts: int = Field(default=4, gt=0)

@@ -87,9 +87,9 @@ def run(cfg: Config, run: RunDir) -> str:
     if prompts:
         rounding_error = max(relative_error(m, r) for m, r in zip(prompt_logits(model, tokenizer, prompts), reference))
         if rounding_error > ROUNDING_TOLERANCE[save_dtype]:
-            raise T2SError(f"the weights rounded to {cfg.merge.dtype} give logits {rounding_error:.2e} away from fp32's "
-                           f"(> {ROUNDING_TOLERANCE[save_dtype]:.0e}): set merge.dtype: float32, or check the "
-                           "trained weights for values out of that dtype's range")
+            raise T2SError(f"the weights rounded to {cfg.merge.dtype} give logits {rounding_error:.2e} away from "
+                           f"fp32's (> {ROUNDING_TOLERANCE[save_dtype]:.0e}): set merge.dtype: float32, or check "
+                           "the trained weights for values out of that dtype's range")
         checks.append(f"{cfg.merge.dtype} weights within {rounding_error:.1e} of fp32's logits")
     model = model.to(save_dtype)
 

@@ -405,7 +405,8 @@ def check_gates(cfg: Config, report: dict | None) -> None:
         raise T2SError(f"not publishing run {cfg.run_id}: {'; '.join(failures)} ({measured}): improve the model or "
                        "change push.gates, or --set push.enforce_gates=false to publish it anyway")
     else:
-        print(f"note: publishing although {'; '.join(failures)} (push.enforce_gates=false)", file=sys.stderr, flush=True)
+        print(f"note: publishing although {'; '.join(failures)} (push.enforce_gates=false)", file=sys.stderr,
+              flush=True)
 
 
 def check_repo_id(repo_id: str | None, dry_run: bool) -> str | None:

@@ -234,8 +234,8 @@ def run(cfg: Config, run: RunDir) -> str:
                        "rerun the same command to resume from the last checkpoint")
     summary = json.loads(run.marker("train").read_text())
     return (f"{summary['global_step']} steps, {summary['examples_seen']} examples in "
-            f"{summary['train_runtime_s']:.0f}s ({summary['precision']}: {summary['weights_dtype']} weights); "
-            f"adapter in {run.adapter}")
+            f"{summary['train_runtime_s']:.0f}s ({summary['precision']}: trainable weights "
+            f"{summary['weights_dtype']}); adapter in {run.adapter}")
 
 
 def _stream(command: list[str]) -> int:

@@ -384,7 +384,8 @@ def test_unfinished_eval_is_refused_unless_gates_are_off_then_pushes_as_not_eval
     files = hub.repo(REPO).files
     assert not any(p.startswith("eval/") for p in files)
     assert "Not evaluated" in files["README.md"].content.decode()
-    assert "eval did not finish" in result.stderr and "publishing although the run has no finished eval" in result.stderr
+    assert "eval did not finish" in result.stderr
+    assert "publishing although the run has no finished eval" in result.stderr
 
 
 def _report(merged: dict | None = None, base: dict | None = None, **rest) -> dict:

@@ -34,7 +34,7 @@ def test_generation_records_whether_the_model_stopped_itself(prepared_run):
 
 
 def test_answer_endings_and_their_report_section():
-    generations = [Generation("SELECT 1", 3, 0.1, ended_at_eos=True)] * 3 + [Generation("SELECT 1 SELECT", 24, 0.1, False)]
+    generations = [Generation("SELECT 1", 3, 0.1, ended_at_eos=True)] * 3 + [Generation("SELECT 1 SEL", 24, 0.1, False)]
     assert answer_endings(generations) == {"ended_at_eos": 0.75, "hit_token_limit": 0.25}
     report = {"config": {"max_new_tokens": 24}, "results": {"merged": answer_endings(generations), "old": {}}}
     assert render_endings(report) == ["## How answers end", "",
@@ -49,10 +49,12 @@ def test_pipeline_ends_with_the_failed_gate_not_an_upload(copy_run):
         nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
     run, config = copy_run("gated", push={"repo_id": "someone/t2s-test", "dry_run": False,
                                           "gates": {"min_execution_accuracy": 1.0}})
-    result = t2s("pipeline", "--config", str(config), env={"HF_TOKEN": "hf_NOTAREALTOKEN0123456789", "HF_ENDPOINT": nowhere})
+    result = t2s("pipeline", "--config", str(config),
+                 env={"HF_TOKEN": "hf_NOTAREALTOKEN0123456789", "HF_ENDPOINT": nowhere})
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("t2s pipeline: error: not publishing run t: ") and "push.gates.min_execution_accuracy 100.0%" in last
+    assert last.startswith("t2s pipeline: error: not publishing run t: ")
+    assert "push.gates.min_execution_accuracy 100.0%" in last
     assert "Hub" not in result.stdout + result.stderr and not (run / "push.done").exists()
     assert all((run / f"{job}.done").is_file() for job in ("train", "merge", "eval"))
 
