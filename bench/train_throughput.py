@@ -7,6 +7,10 @@ validation loss is measured the same way, so the seed (loss on the prompt too) a
     python bench/train_throughput.py --model /tmp/tinyllama --shared ../shared --out $OUT \
         --variant seed=configs/seed.yaml --variant default=configs/default.yaml \
         --variant full=configs/default.yaml:train.method=full,train.learning_rate=2e-5
+
+Precision variants (train.precision) compare the same way: speed and peak memory on TinyLlama's architecture,
+and each one's precision as train.done recorded it. --smoke runs it all on the CPU with the tiny model and a slice
+of the rows (to try the script before a GPU call); its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def versions() -> dict:
 
     found = {}
     for package in ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes", "liger-kernel",
-                    "flash-attn"):
+                    "flash-attn", "torch-optimi"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
@@ -76,27 +80,31 @@ def examples_per_step(cfg, mean_tokens: float, processes: int) -> float:
 
 @torch.no_grad()
 def completion_loss(base: str, adapter: Path, rows_path: Path, n: int = 512) -> float:
-    """Mean loss over answer tokens only, on the first n validation rows (the same rows for every variant)."""
+    """Mean loss over answer tokens only, on the first n validation rows (the same rows for every variant), in bf16
+    whatever the weights trained in (what a deployed model runs in)."""
     from datasets import load_from_disk
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).cuda()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(device)
     if (adapter / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(model, str(adapter))
     else:
-        model = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.bfloat16).cuda()
+        model = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.bfloat16).to(device)
     model.eval()
-    data = load_from_disk(str(rows_path)).select(range(n))
+    data = load_from_disk(str(rows_path))
+    data = data.select(range(min(n, len(data))))
     total, count = 0.0, 0
     for row in data:
-        ids = torch.tensor([row["input_ids"]], device="cuda")
-        labels = torch.tensor([row["labels"]], device="cuda")
+        ids = torch.tensor([row["input_ids"]], device=device)
+        labels = torch.tensor([row["labels"]], device=device)
         out = model(input_ids=ids, labels=labels)
         k = int((labels[:, 1:] != -100).sum())
         total, count = total + float(out.loss) * k, count + k
     del model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return total / count
 
 
@@ -109,6 +117,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=6000)
     parser.add_argument("--timeout", type=float, default=240, help="seconds per variant's train job")
     parser.add_argument("--variant", action="append", required=True, help="name=config.yaml[:k=v,k=v]")
+    parser.add_argument("--smoke", action="store_true", help="CPU, 300 rows, a few steps (with --model tiny)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +126,8 @@ def main() -> None:
     common = [f"runs_dir={runs}", f"model.name_or_path={args.model}", f"data.source={data}",
               "data.max_length=512", "train.early_stopping_patience=null", "train.logging_steps=5",
               "eval.models=[merged]"]
+    if args.smoke:  # GPU-only kernels off; the tiny model's base is built by prep into each run
+        common += ["data.max_rows=300", "train.liger_kernel=false", "train.logging_steps=1"]
 
     # prep once (same rows, same tokenizer for every variant), then copy into each variant's run
     prep_cfg_path = out / "prep.yaml"
@@ -146,6 +157,7 @@ def main() -> None:
         if not t2s("train", "--config", str(ROOT / config_file), *sum((["--set", s] for s in overrides), []),
                    env={"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(processes))}, timeout=args.timeout):
             continue
+        base = str(runs / "prep" / "base") if args.model == "tiny" else args.model
         wall = time.monotonic() - started
         done = json.loads((run / "train.done").read_text())
         metrics = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -162,19 +174,23 @@ def main() -> None:
             "mfu": multiplier * PARAMS * tokens_per_s / (processes * HOPPER_BF16_DENSE),
             "train_runtime_s": done["train_runtime_s"], "wall_s": wall,
             "epoch_full_dataset_s_78577_rows": 78577 * mean_tokens / tokens_per_s,
+            "precision": done.get("precision"), "weights_dtype": done.get("weights_dtype"),
+            "optimizer": done.get("optimizer"),
         }
-        results[name]["val_completion_loss"] = completion_loss(args.model, run / "adapter", run / "data" / "tokenized" / "validation")
+        results[name]["val_completion_loss"] = completion_loss(base, run / "adapter",
+                                                               run / "data" / "tokenized" / "validation")
         print(json.dumps({name: results[name]}), flush=True)
         (out / "train_throughput.json").write_text(json.dumps(
-            {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "versions": versions(),
+            {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+             "gpus": torch.cuda.device_count(), "versions": versions(),
              "mean_tokens_per_example": mean_tokens, "results": results}, indent=2))
 
-    print(f"\n{'variant':<12} {'procs':>5} {'ex/s/GPU':>9} {'tok/s/GPU':>10} {'peak GB':>8} {'MFU':>6} "
-          f"{'val loss':>9} {'epoch@78.6K s':>13}")
+    print(f"\n{'variant':<12} {'precision':<12} {'procs':>5} {'ex/s/GPU':>9} {'tok/s/GPU':>10} {'peak GiB':>8} "
+          f"{'MFU':>6} {'val loss':>9} {'epoch@78.6K s':>13}")
     for name, r in results.items():
-        print(f"{name:<12} {r['processes']:>5} {r['examples_per_s_per_gpu']:>9.1f} {r['tokens_per_s_per_gpu']:>10.0f} "
-              f"{r['peak_gpu_mem_gb_rank0'] or 0:>8.1f} {r['mfu']:>6.1%} {r['val_completion_loss']:>9.3f} "
-              f"{r['epoch_full_dataset_s_78577_rows']:>13.0f}")
+        print(f"{name:<12} {r['precision'] or '-':<12} {r['processes']:>5} {r['examples_per_s_per_gpu']:>9.1f} "
+              f"{r['tokens_per_s_per_gpu']:>10.0f} {r['peak_gpu_mem_gb_rank0'] or 0:>8.1f} {r['mfu']:>6.1%} "
+              f"{r['val_completion_loss']:>9.3f} {r['epoch_full_dataset_s_78577_rows']:>13.0f}")
 
 
 if __name__ == "__main__":

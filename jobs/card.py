@@ -201,6 +201,7 @@ def _training_section(cfg: Config, train_done: dict | None, dataset_md: str) -> 
         ("batch", batch),
         ("packing / max sequence length", f"{t.packing} / {t.max_seq_length}"),
         ("loss", "completion only (prompt tokens masked)" if t.completion_only_loss else "whole text"),
+        ("precision", _precision(cfg, done)),
         ("optimizer steps", _count(done.get("global_step"))),
         ("examples seen", _count(done.get("examples_seen"))),
         ("final training loss", _number(done.get("train_loss"))),
@@ -208,6 +209,16 @@ def _training_section(cfg: Config, train_done: dict | None, dataset_md: str) -> 
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     return ("## Training\n\nSettings from the run's config (`run/config.resolved.yaml`); progress from "
             f"`run/train.done`.\n\n| | |\n|---|---|\n{table}")
+
+
+def _precision(cfg: Config, done: dict) -> str:
+    """How training kept its weights (train.done records what ran) and the dtype the published weights are in."""
+    if done.get("precision"):
+        trained = (f"`{done['precision']}`: trainable weights {done.get('weights_dtype', 'not recorded')}, compute "
+                   f"{done.get('compute_dtype', 'not recorded')}, {done.get('optimizer', 'optimizer not recorded')}")
+    else:
+        trained = f"`{cfg.train.precision}` (from the config; this run's train did not record it)"
+    return trained if cfg.push.artifact == "adapter" else f"{trained}; merged weights published in {cfg.merge.dtype}"
 
 
 def _cost_section(cfg: Config, train_done: dict | None) -> str:

@@ -32,7 +32,9 @@ class ModelConfig(Section):
     tokenizer: str | None = None  # defaults to name_or_path
     gguf_file: str | None = None  # for models shipped as GGUF (the SmolLM2 stand-in)
     attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # What the model runs in for merge's check, eval and ask, and the frozen base of LoRA / QLoRA (auto: bf16 on a
+    # GPU that has it, fp32 otherwise). Full fine-tunes keep their trainable weights as train.precision says.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
 
 class DataConfig(Section):
@@ -58,8 +60,19 @@ class LoraSettings(Section):
     modules_to_save: list[str] | None = None
 
 
+# How the trainable weights are kept (bf16 keeps 8 bits of mantissa, so small AdamW steps round away in bf16 weights):
+#   fp32_master  fp32 weights and optimizer states, matmuls in bf16 autocast (on a GPU)
+#   bf16_kahan   bf16 weights, AdamW with Kahan summation (torch-optimi): the bits a step loses are carried over
+#   bf16         bf16 weights, plain AdamW: small updates are lost (the old default; kept for comparison)
+#   fp32         fp32 throughout, no autocast (GPUs without bf16)
+# LoRA / QLoRA adapters always train in fp32 (fp32_master or fp32). On CPU nothing is autocast: bf16 means bf16
+# weights (so they keep what they would on a GPU; torch emulates what the CPU lacks), and a LoRA base is fp32 there.
+PRECISIONS = ("fp32_master", "bf16_kahan", "bf16", "fp32")
+
+
 class TrainConfig(Section):
     method: Literal["lora", "qlora", "full"] = "lora"
+    precision: Literal[PRECISIONS] = "fp32_master"
     lora: LoraSettings = LoraSettings()
     # accelerate config: a file, or one shipped in configs/accelerate/ by name (single, ddp, zero3, multinode).
     accelerate_config: str = "single"
@@ -91,6 +104,8 @@ class TrainConfig(Section):
 
 
 class MergeConfig(Section):
+    # The dtype the merged model is saved in: what users deploy. Training and the merge itself run in higher precision.
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     verify: bool = True
     verify_prompts: int = Field(default=4, gt=0)
 
@@ -110,6 +125,13 @@ class EvalConfig(Section):
     row_limit: int = Field(default=10_000, gt=0)
 
 
+class PushGates(Section):
+    """What the evaluated model must reach before push publishes it (the artifact's row in eval/report.json)."""
+    min_sql_only: float = Field(default=0.9, ge=0, le=1)
+    min_execution_accuracy: float = Field(default=0.5, ge=0, le=1)
+    not_worse_than_base: bool = True  # execution accuracy at least the base model's (plain prompt)
+
+
 class PushConfig(Section):
     repo_id: str | None = None  # "user/name"; required unless dry_run
     artifact: Literal["merged", "adapter"] = "merged"
@@ -117,6 +139,9 @@ class PushConfig(Section):
     dry_run: bool = False
     license: str = "apache-2.0"
     retries: int = Field(default=4, ge=0)
+    # A model below the gates, or not evaluated, is not published unless enforce_gates is false.
+    enforce_gates: bool = True
+    gates: PushGates = PushGates()
     # Hardware, time and cost for the model card; filled in by infra when it launched the run.
     hardware: str | None = None
     cost_per_hour_usd: float | None = Field(default=None, ge=0)

@@ -108,7 +108,26 @@ def render_markdown(report: dict) -> str:
               "and a trailing semicolon do not count). Execution accuracy runs gold and prediction on "
               f"{report['config']['databases_per_example']} generated SQLite databases per example, read-only, "
               f"with a {report['config']['query_timeout_s']} s limit per query.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + render_endings(report))
+
+
+def answer_endings(generations) -> dict:
+    """How answers ended: the model's own end-of-turn token, or cut at eval.max_new_tokens (a model that never stops
+    repeats itself until then, which SQL-only alone does not explain)."""
+    n = len(generations)
+    eos = sum(bool(g.ended_at_eos) for g in generations)
+    return {"ended_at_eos": eos / n if n else 0.0, "hit_token_limit": (n - eos) / n if n else 0.0}
+
+
+def render_endings(report: dict) -> list[str]:
+    """The report's "How answers end" section; none for a report from before answers' endings were recorded."""
+    rows = [f"| {label} | {r['ended_at_eos']:.1%} | {r['hit_token_limit']:.1%} |"
+            for label, r in report["results"].items() if "ended_at_eos" in r]
+    if not rows:
+        return []
+    limit = report["config"].get("max_new_tokens")
+    return ["## How answers end", "", f"| model | end-of-turn token | cut at the token limit ({limit}) |",
+            "|---|---:|---:|", *rows, ""]
 
 
 def plot(results: dict[str, dict], path: Path, title: str) -> None:
@@ -232,14 +251,14 @@ def evaluate_model(generations: list[Generation], elapsed: float, rows: list[dic
                    sandbox: Sandbox) -> tuple[list[dict], dict]:
     scored = score_answers(rows, [g.text for g in generations], cfg.eval, sandbox)
     for s, g in zip(scored, generations):
-        s.update(response=g.text, new_tokens=g.new_tokens, latency_ms=g.latency_s * 1000)
+        s.update(response=g.text, new_tokens=g.new_tokens, latency_ms=g.latency_s * 1000, ended_at_eos=g.ended_at_eos)
     speed = {
         "queries_per_s": len(rows) / elapsed,
         "tokens_per_s": sum(g.new_tokens for g in generations) / elapsed,
         "latency_ms_mean": sum(g.latency_s for g in generations) / len(generations) * 1000,
         "generation_s": elapsed,
     }
-    return scored, speed
+    return scored, {**speed, **answer_endings(generations)}
 
 
 def scoring_workers() -> int:
@@ -269,7 +288,8 @@ def run(cfg: Config, run: RunDir) -> str:
                 predictions[i][label] = s
             r = results[label]
             print(f"  {label}: SQL-only {r['sql_only']:.1%} · exact {r['exact_match']:.1%} · "
-                  f"execution {r['execution_accuracy']:.1%} · {r['queries_per_s']:.1f} queries/s", flush=True)
+                  f"execution {r['execution_accuracy']:.1%} · ended at EOS {r['ended_at_eos']:.1%} · "
+                  f"{r['queries_per_s']:.1f} queries/s", flush=True)
 
     report = {
         "run_id": cfg.run_id,

@@ -17,6 +17,7 @@ class Generation:
     text: str
     new_tokens: int
     latency_s: float  # the batch's wall time: what a caller of that batch waited
+    ended_at_eos: bool | None = None  # True: the model stopped itself; False: cut at max_new_tokens
 
 
 def device_for() -> str:
@@ -45,7 +46,9 @@ def generate_batched(model, tokenizer, prompts: list[str], batch_size: int, max_
         new = output[:, inputs["input_ids"].shape[1]:]
         for row, index in enumerate(batch):
             ids = new[row].tolist()
-            length = next((k + 1 for k, t in enumerate(ids) if t == tokenizer.eos_token_id), len(ids))
+            eos_at = next((k for k, t in enumerate(ids) if t == tokenizer.eos_token_id), None)
+            length = len(ids) if eos_at is None else eos_at + 1
             text = tokenizer.decode(ids[:length], skip_special_tokens=True)
-            results[index] = Generation(text=text.strip(), new_tokens=length, latency_s=elapsed)
+            results[index] = Generation(text=text.strip(), new_tokens=length, latency_s=elapsed,
+                                        ended_at_eos=eos_at is not None)
     return results

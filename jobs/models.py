@@ -67,9 +67,19 @@ def honour_non_legacy_spm(tokenizer) -> None:
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
 
 
+def gpu_has_bf16() -> bool:
+    """Whether the GPU computes bf16 natively (Ampere and newer); torch >= 2.3 would also count emulation."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 (the cu118 set) counts native support only
+        return torch.cuda.is_bf16_supported()
+
+
 def pick_dtype(requested: str) -> torch.dtype:
     if requested == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if gpu_has_bf16() else torch.float32
     return getattr(torch, requested)
 
 

@@ -10,8 +10,10 @@ Hugging Face Hub model repo (private unless push.private=false).
     logs/...                      ← logs/, except push.log: this job's own log, still being written
     run/...                       ← config.resolved.yaml, data/manifest.json and the jobs' .done markers
 
-Needs a finished merge (merged) or train (adapter). Eval is optional: a model may be shared before, or
-without, a long evaluation, and the card then says so instead of showing numbers.
+Needs a finished merge (merged) or train (adapter), and a finished eval whose scores for the fine-tuned model pass
+push.gates (SQL-only, execution accuracy, not worse than the base): a broken model is never published. A model
+below the gates, or not evaluated, goes up only with push.enforce_gates=false (the card then says "not evaluated"
+where there is no report). Dry runs check the gates too: they show what a real push would do.
 The token comes only from HF_TOKEN and goes only into huggingface_hub's request headers: it is never
 printed, logged or written, and every Hub failure becomes a one-line message of our own (the library's
 messages carry URLs and server text). Local files are only read, so a failed push loses nothing.
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from jobs.card import HUB_ID, read_chat_template, render_model_card, trained_prompt_suffix
-from jobs.config import Config, secret
+from jobs.config import Config, PushGates, secret
 from jobs.errors import T2SError
 from jobs.rundir import RunDir, read_json, write_atomic
 
@@ -349,13 +351,62 @@ def read_eval_report(run: RunDir) -> dict | None:
     report_path = run.eval / "report.json"
     if not run.is_done("eval"):
         if report_path.is_file():
-            print(f"note: {report_path} exists but eval did not finish (no eval.done): pushing as not evaluated",
+            print(f"note: {report_path} exists but eval did not finish (no eval.done): taken as not evaluated",
                   file=sys.stderr, flush=True)
         return None
     report = read_json(report_path)
     if report is None:
         raise T2SError(f"eval finished but {report_path} is missing: rerun `t2s eval --force`")
     return report
+
+
+def gate_failures(report: dict | None, gates: PushGates, artifact: str) -> tuple[list[str], str]:
+    """(what fails push.gates, what was measured) for the fine-tuned model's row of the eval report."""
+    if report is None:
+        return ["the run has no finished eval (`t2s eval`)"], "not evaluated"
+    results = report.get("results") or {}
+    # merged and adapter are the same model (merge checks their logits agree): either row speaks for the artifact
+    label = next((name for name in (artifact, "merged", "adapter") if isinstance(results.get(name), dict)), None)
+    if label is None:
+        return ["the eval report has no score for the fine-tuned model (add merged to eval.models)"], "no score"
+    model, base, failures = results[label], results.get("base"), []
+    rows = {label: model, **({"base": base} if gates.not_worse_than_base and isinstance(base, dict) else {})}
+    for name, row in rows.items():
+        if not (_is_rate(row.get("sql_only")) and _is_rate(row.get("execution_accuracy"))):
+            return [f"the eval report's {name} row lacks SQL-only or execution accuracy (rerun `t2s eval --force`)"], \
+                "unreadable report"
+    measured = (f"{label}: SQL-only {model['sql_only']:.1%}, execution accuracy {model['execution_accuracy']:.1%} on "
+                f"{report.get('n_examples', '?')} {report.get('split', '?')} examples")
+    if model["sql_only"] < gates.min_sql_only:
+        failures.append(f"SQL-only {model['sql_only']:.1%} < push.gates.min_sql_only {gates.min_sql_only:.1%}")
+    if model["execution_accuracy"] < gates.min_execution_accuracy:
+        failures.append(f"execution accuracy {model['execution_accuracy']:.1%} < push.gates.min_execution_accuracy "
+                        f"{gates.min_execution_accuracy:.1%}")
+    if gates.not_worse_than_base:
+        if not isinstance(base, dict):
+            failures.append("no base model score to compare with (add base to eval.models, or set "
+                            "push.gates.not_worse_than_base=false)")
+        elif model["execution_accuracy"] < base["execution_accuracy"]:
+            failures.append(f"execution accuracy {model['execution_accuracy']:.1%} < the base model's "
+                            f"{base['execution_accuracy']:.1%} (push.gates.not_worse_than_base)")
+    return failures, measured
+
+
+def _is_rate(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def check_gates(cfg: Config, report: dict | None) -> None:
+    """Refuses, in one line, to publish a model below push.gates, unless push.enforce_gates is false."""
+    failures, measured = gate_failures(report, cfg.push.gates, cfg.push.artifact)
+    if not failures:
+        print(f"push.gates passed ({measured})", flush=True)
+    elif cfg.push.enforce_gates:
+        raise T2SError(f"not publishing run {cfg.run_id}: {'; '.join(failures)} ({measured}): improve the model or "
+                       "change push.gates, or --set push.enforce_gates=false to publish it anyway")
+    else:
+        print(f"note: publishing although {'; '.join(failures)} (push.enforce_gates=false)", file=sys.stderr,
+              flush=True)
 
 
 def check_repo_id(repo_id: str | None, dry_run: bool) -> str | None:
@@ -382,6 +433,7 @@ def run(cfg: Config, run: RunDir) -> str:
                            "(HF_TOKEN=...), or use --set push.dry_run=true")
 
     report = read_eval_report(run)
+    check_gates(cfg, report)
     template, special_tokens = read_chat_template(folder)
     suffix = trained_prompt_suffix(template, special_tokens) if template else None
     shown_id = repo_id or f"your-name/{cfg.run_id}"

@@ -72,6 +72,66 @@ def check_setup(train: TrainConfig, accelerate: dict, gpus_present: int, have_bi
         raise T2SError("QLoRA under ZeRO-3 needs zero3_init_flag: true in the accelerate config")
 
 
+class PrecisionPlan(NamedTuple):
+    """How a run keeps and computes its weights (train.precision resolved for this method and machine)."""
+    precision: str
+    weights: str  # dtype of the trainable weights (and of the optimizer states): what keeps the updates
+    base: str  # dtype the model is loaded in (the frozen base of LoRA / QLoRA; the weights themselves for full)
+    autocast_bf16: bool  # matmuls in bf16 autocast (the Trainer's bf16=True)
+    kahan: bool  # AdamW with Kahan summation (torch-optimi) instead of torch's AdamW
+
+    @property
+    def compute(self) -> str:
+        return "bfloat16 autocast" if self.autocast_bf16 else self.weights
+
+    @property
+    def optimizer(self) -> str:
+        return "AdamW with Kahan summation (torch-optimi)" if self.kahan else "AdamW (torch)"
+
+    def describe(self) -> str:
+        base = f" · frozen base {self.base}" if self.base != self.weights else ""
+        return (f"precision {self.precision}: trainable weights {self.weights}{base} · compute {self.compute} · "
+                f"{self.optimizer}")
+
+
+def precision_plan(train: TrainConfig, model_dtype: str, on_gpu: bool) -> PrecisionPlan:
+    """train.precision for this method and machine. LoRA / QLoRA adapters train in fp32 whatever the base's dtype.
+    On CPU nothing is autocast: bf16 means bf16 weights (as on a GPU, so what they keep is the same), and the frozen
+    base of LoRA / QLoRA is fp32 there (bf16 buys no speed on a CPU, and torch 2.1 cannot mix the two in attention)."""
+    p = train.precision
+    autocast = on_gpu and p != "fp32"
+    if train.method == "full":
+        weights = "float32" if p in ("fp32_master", "fp32") else "bfloat16"
+        return PrecisionPlan(p, weights, weights, autocast, kahan=p == "bf16_kahan")
+    base = "bfloat16" if autocast else "float32"  # QLoRA: the 4-bit compute and storage dtype
+    if train.method == "lora" and on_gpu and model_dtype != "auto":
+        base = model_dtype
+    return PrecisionPlan(p, "float32", base, autocast, kahan=False)
+
+
+def check_precision(train: TrainConfig, model_dtype: str, accelerate: dict, on_gpu: bool, gpu_bf16: bool,
+                    have_optimi: bool) -> None:
+    """What the machine or the installed packages cannot do for train.precision, as one line, before loading."""
+    p = train.precision
+    if p in ("bf16", "bf16_kahan") and train.method != "full":
+        raise T2SError(f"train.precision {p} keeps trainable weights in bf16, but LoRA / QLoRA adapters always train "
+                       "in fp32: use train.precision: fp32_master (or fp32)")
+    if on_gpu and not gpu_bf16 and (p != "fp32" or model_dtype == "bfloat16"):
+        what = f"train.precision {p}" if p != "fp32" else "model.dtype bfloat16"
+        raise T2SError(f"{what} computes in bf16, which this GPU lacks (bf16 needs compute capability >= 8.0): "
+                       "set train.precision: fp32 and model.dtype: auto")
+    deepspeed = accelerate.get("distributed_type") == "DEEPSPEED"
+    if deepspeed and p in ("bf16", "bf16_kahan"):
+        raise T2SError(f"train.precision {p} under DeepSpeed: DeepSpeed keeps fp32 master weights of its own and wraps "
+                       "the optimizer, so use train.precision: fp32_master")
+    if deepspeed and on_gpu and p == "fp32" and accelerate.get("mixed_precision") == "bf16":
+        raise T2SError("train.precision fp32, but the accelerate config says mixed_precision: bf16: set it to 'no' "
+                       "there, or use train.precision: fp32_master")
+    if p == "bf16_kahan" and not have_optimi:
+        raise T2SError("train.precision bf16_kahan needs torch-optimi (its AdamW with Kahan summation): "
+                       "pip install torch-optimi, or use train.precision: fp32_master")
+
+
 class Stack(NamedTuple):
     """What the installed packages can do that the cu118 set's (torch 2.1, bitsandbytes 0.45) cannot."""
     masks_packed_examples: bool  # keeps padding-free examples apart without flash-attn (torch >= 2.6)
@@ -153,7 +213,9 @@ def run(cfg: Config, run: RunDir) -> str:
     accelerate = yaml.safe_load(accel_path.read_text()) or {}
     gpus = torch.cuda.device_count()
     check_setup(cfg.train, accelerate, gpus, _has("bitsandbytes"))
-    from jobs.models import base_model_path, check_source, pick_attention
+    from jobs.models import base_model_path, check_source, gpu_has_bf16, pick_attention
+    on_gpu = gpus > 0 and not accelerate.get("use_cpu")
+    check_precision(cfg.train, cfg.model.dtype, accelerate, on_gpu, gpu_has_bf16(), _has("optimi"))
     attention = pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
     check_stack(cfg.train, accelerate, attention, gpus, last_checkpoint(run), installed_stack())
     check_source(base_model_path(cfg, run), "model")
@@ -172,7 +234,8 @@ def run(cfg: Config, run: RunDir) -> str:
                        "rerun the same command to resume from the last checkpoint")
     summary = json.loads(run.marker("train").read_text())
     return (f"{summary['global_step']} steps, {summary['examples_seen']} examples in "
-            f"{summary['train_runtime_s']:.0f}s; adapter in {run.adapter}")
+            f"{summary['train_runtime_s']:.0f}s ({summary['precision']}: trainable weights "
+            f"{summary['weights_dtype']}); adapter in {run.adapter}")
 
 
 def _stream(command: list[str]) -> int:
@@ -232,7 +295,7 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": True} if t.gradient_checkpointing else None,
-        bf16=on_gpu,
+        bf16=precision_plan(cfg.train, cfg.model.dtype, on_gpu).autocast_bf16,
         use_cpu=not on_gpu,
         logging_steps=t.logging_steps,
         eval_strategy=strategy if has_eval else "no",
@@ -276,23 +339,22 @@ def load_base_for_training(cfg: Config, run: RunDir, on_gpu: bool):
     import torch
     from peft import LoraConfig
 
-    from jobs.models import base_model_path, load_model, pick_attention, pick_dtype
+    from jobs.models import base_model_path, load_model, pick_attention
 
     t = cfg.train
-    dtype = pick_dtype(cfg.model.dtype)
+    plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
+    dtype = getattr(torch, plan.base)
     attention = pick_attention(cfg.model.attn_implementation)
     extra = {}
     if t.method == "qlora":
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if on_gpu else torch.float32
         # quant_storage = compute dtype, so ZeRO-3 can shard the 4-bit weights like any other bf16 tensor.
         extra["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
         )
-        dtype = compute
-    print(f"attention: {attention} · dtype: {dtype} · method: {t.method}", flush=True)
+    print(f"attention: {attention} · method: {t.method} · {plan.describe()}", flush=True)
     model = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=dtype,
                        attn_implementation=attention, **extra)
     model.config.use_cache = False
@@ -304,6 +366,30 @@ def load_base_for_training(cfg: Config, run: RunDir, on_gpu: bool):
                                  target_modules=t.lora.target_modules,
                                  modules_to_save=t.lora.modules_to_save, task_type="CAUSAL_LM")
     return model, peft_config
+
+
+def kahan_adamw(args):
+    """(optimizer class, kwargs) for the Trainer: torch-optimi's AdamW with Kahan summation, with the training
+    arguments' learning rate, betas and epsilon (optimi's defaults differ), so that it differs from the default AdamW
+    in that alone. (The Trainer gives each parameter group its own weight decay.)"""
+    from optimi import AdamW
+
+    return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+                   "kahan_sum": True}
+
+
+def keep_trainable_in_fp32(model) -> None:
+    """Adapters train in fp32 whatever the base's dtype: peft upcasts LoRA A/B but not modules_to_save copies, and
+    trl casts QLoRA adapters to bf16. (Not under DeepSpeed: it keeps fp32 master weights itself and needs one dtype.)"""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def trainable_dtypes(model) -> set[str]:
+    return {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
 
 
 def make_callbacks(cfg: Config, run: RunDir):
@@ -377,8 +463,20 @@ def worker(config_path: str) -> int:
     callbacks = make_callbacks(cfg, run)
     if has_eval and cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
+    optimizer = kahan_adamw(args) if plan.kahan else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                         optimizer_cls_and_kwargs=optimizer)
+    deepspeed = trainer.is_deepspeed_enabled
+    if peft_config is not None and not deepspeed:
+        keep_trainable_in_fp32(trainer.model)
+    kept = trainable_dtypes(trainer.model)
+    if not deepspeed and kept != {plan.weights}:  # a library changed what the plan promised: say so, do not train
+        raise T2SError(f"trainable weights are {', '.join(sorted(kept))}, not {plan.weights} as train.precision "
+                       f"{plan.precision} requires: this is a bug in t2s's handling of this package set")
+    if deepspeed:
+        print("DeepSpeed keeps fp32 master weights of the trainable parameters", flush=True)
     resume = last_checkpoint(run)
     if resume:
         print(f"resuming from {resume}", flush=True)
@@ -405,6 +503,10 @@ def worker(config_path: str) -> int:
         run.mark_done(
             "train",
             method=cfg.train.method,
+            precision=plan.precision,
+            weights_dtype="float32 (DeepSpeed master weights)" if deepspeed else plan.weights,
+            compute_dtype=plan.compute,
+            optimizer=plan.optimizer,
             global_step=state.global_step,
             examples_seen=int(len(train_data) * min(state.epoch or 0, cfg.train.epochs)),
             tokens_seen=int(state.num_input_tokens_seen or 0),

@@ -24,8 +24,9 @@ import pytest
 import yaml
 
 from tests.fake_hub import FakeHub
-from jobs.config import load_config
+from jobs.config import PushGates, load_config
 from jobs.card import render_model_card, trained_prompt_suffix
+from jobs.push import gate_failures
 
 # huggingface_hub's own LFS upload passes data= to httpx2, which warns about it
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -233,6 +234,8 @@ def test_card_metadata_eval_table_training_and_cost(tmp_path):
     assert "| fine-tuned (merged) | 36 | 1,000 | not measured |" in card  # no latency in the report
     assert "| train | 70,000 |" in card and "| test | 3,900 |" in card and "content hash `abc123`" in card
     assert "r=16, alpha=32" in card and "| learning rate | 0.0002, cosine" in card
+    assert ("| precision | `fp32_master` (from the config; this run's train did not record it); merged weights "
+            "published in bfloat16 |") in card  # TRAIN_DONE predates train.precision
     assert "16 per device × 1 accumulation × 2 processes = 32 per step" in card
     assert "| hardware | 2 × H100 (RunPod) |" in card
     assert "1 h 30 min (5,400 s of training)" in card
@@ -250,6 +253,16 @@ def test_card_without_eval_or_train_facts_claims_nothing(tmp_path):
     assert "| hardware | unknown |" in card and "| training time | unknown |" in card and "| cost | unknown |" in card
     assert "| optimizer steps | not measured |" in card
     assert 'text.index("@@SQL@@")' in card  # no checked prefix: the safe recipe
+
+
+def test_card_shows_the_precision_train_recorded(tmp_path):
+    config, _ = make_run(tmp_path)
+    done = {**TRAIN_DONE, "precision": "bf16_kahan", "weights_dtype": "bfloat16", "compute_dtype": "bfloat16 autocast",
+            "optimizer": "AdamW with Kahan summation (torch-optimi)"}
+    card = render_model_card(load_config(config, ["merge.dtype=float16"]), REPO, report=REPORT, train_done=done,
+                             prompt_suffix="\n")
+    assert ("| precision | `bf16_kahan`: trainable weights bfloat16, compute bfloat16 autocast, AdamW with Kahan "
+            "summation (torch-optimi); merged weights published in float16 |") in card
 
 
 def test_card_for_an_adapter_and_for_a_local_base(tmp_path):
@@ -298,6 +311,7 @@ def test_dry_run_lists_files_and_sizes_without_token_or_network(workdir, hub, pu
     config, root = make_run(workdir)
     result = push_here(config, "push.dry_run=true", token=None)
     assert result.returncode == 0, result.stderr
+    assert "push.gates passed (merged: SQL-only 99.0%, execution accuracy 81.0% on 300 test examples)" in result.stdout
     assert "dry run: " in result.stdout and f"would go to {REPO} (private)" in result.stdout
     for path in ("README.md", "model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json",
                  "eval/report.json", "logs/train.log", "run/train.done"):
@@ -358,14 +372,73 @@ def test_adapter_push_replaces_peft_readme_with_the_card(workdir, hub, push_here
     assert (root / "adapter" / "README.md").read_text().startswith("---\nlibrary_name: peft")  # untouched
 
 
-def test_unfinished_eval_pushes_as_not_evaluated(workdir, hub, push_here):
-    config, _ = make_run(workdir, evaluated=False)
+def test_unfinished_eval_is_refused_unless_gates_are_off_then_pushes_as_not_evaluated(workdir, hub, push_here):
+    config, root = make_run(workdir, evaluated=False)
     result = push_here(config)
+    assert result.returncode == 2 and hub.requests == [] and not (root / "push.done").exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "t2s push: error: not publishing run r1: the run has no finished eval (`t2s eval`) (not evaluated): improve "
+        "the model or change push.gates, or --set push.enforce_gates=false to publish it anyway")
+    result = push_here(config, "push.enforce_gates=false")
     assert result.returncode == 0, result.stderr
     files = hub.repo(REPO).files
     assert not any(p.startswith("eval/") for p in files)
     assert "Not evaluated" in files["README.md"].content.decode()
     assert "eval did not finish" in result.stderr
+    assert "publishing although the run has no finished eval" in result.stderr
+
+
+def _report(merged: dict | None = None, base: dict | None = None, **rest) -> dict:
+    results = {"base": {**REPORT["results"]["base"], **(base or {})},
+               "merged": {**REPORT["results"]["merged"], **(merged or {})}}
+    return {**REPORT, "results": results, **rest}
+
+
+@pytest.mark.parametrize("report, gates, artifact, expected", [
+    (_report(), {}, "merged", []),
+    (_report(), {}, "adapter", []),  # no adapter row: the merged row is the same model
+    (_report(merged={"sql_only": 0.006, "execution_accuracy": 0.004}), {}, "merged",
+     ["SQL-only 0.6% < push.gates.min_sql_only 90.0%",
+      "execution accuracy 0.4% < push.gates.min_execution_accuracy 50.0%",
+      "execution accuracy 0.4% < the base model's 1.0% (push.gates.not_worse_than_base)"]),
+    (_report(merged={"execution_accuracy": 0.6}, base={"execution_accuracy": 0.62}), {}, "merged",
+     ["execution accuracy 60.0% < the base model's 62.0% (push.gates.not_worse_than_base)"]),
+    (_report(merged={"execution_accuracy": 0.6}, base={"execution_accuracy": 0.62}),
+     {"not_worse_than_base": False}, "merged", []),
+    (_report(merged={"execution_accuracy": 0.81}), {"min_execution_accuracy": 0.9}, "merged",
+     ["execution accuracy 81.0% < push.gates.min_execution_accuracy 90.0%"]),
+    ({**REPORT, "results": {"merged": REPORT["results"]["merged"]}}, {}, "merged",
+     ["no base model score to compare with (add base to eval.models, or set push.gates.not_worse_than_base=false)"]),
+    ({**REPORT, "results": {"base": REPORT["results"]["base"]}}, {}, "merged",
+     ["the eval report has no score for the fine-tuned model (add merged to eval.models)"]),
+    (_report(merged={"sql_only": "high"}), {}, "merged",
+     ["the eval report's merged row lacks SQL-only or execution accuracy (rerun `t2s eval --force`)"]),
+    (None, {}, "merged", ["the run has no finished eval (`t2s eval`)"]),
+])
+def test_push_gates(report, gates, artifact, expected):
+    failures, measured = gate_failures(report, PushGates(**gates), artifact)
+    assert failures == expected
+    if report is not None and not failures:
+        assert measured.startswith("merged: SQL-only 99.0%, execution accuracy ")
+
+
+def test_a_model_below_the_gates_is_not_published_unless_told_to(workdir, hub, push_here):
+    broken = _report(merged={"sql_only": 0.006, "execution_accuracy": 0.004})
+    config, root = make_run(workdir)
+    (root / "eval" / "report.json").write_text(json.dumps(broken))
+    for sets in ((), ("push.dry_run=true",)):  # a dry run says what a real push would do
+        result = push_here(config, *sets)
+        assert result.returncode == 2 and hub.requests == [] and not (root / "push.done").exists()
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("t2s push: error: not publishing run r1: SQL-only 0.6% < push.gates.min_sql_only 90.0%; "
+                               "execution accuracy 0.4% < push.gates.min_execution_accuracy 50.0%; execution accuracy "
+                               "0.4% < the base model's 1.0% (push.gates.not_worse_than_base) (merged: SQL-only 0.6%, "
+                               "execution accuracy 0.4% on 300 test examples)")
+        assert "--set push.enforce_gates=false" in line
+    result = push_here(config, "push.enforce_gates=false")
+    assert result.returncode == 0, result.stderr
+    assert "note: publishing although SQL-only 0.6% < push.gates.min_sql_only" in result.stderr
+    assert "model.safetensors" in hub.repo(REPO).files
 
 
 def test_unfinished_merge_is_a_one_line_error(workdir, hub, push_here):
