@@ -17,6 +17,7 @@ import typer
 
 from jobs.config import load_config
 from jobs.errors import T2SError
+from jobs.secrets import find_secret
 from jobs.rundir import JOBS, read_json, write_atomic
 from infra import preflight, records, watchdog
 from infra import runpod_api as api
@@ -136,9 +137,10 @@ def launch(
 
         def config_text(gpu_type: str, price_per_hr: float | None) -> str:
             text = preflight.config_for_gpu(pod_cfg, gpu_type, settings.gpu_count, settings.cloud_type, price_per_hr)
-            if preflight.secret_in(text, [hf_token, runpod_key]):
-                raise T2SError("the config holds the value of HF_TOKEN or RUNPOD_API_KEY: secrets go in .env, never "
-                               "in a config or --set (the pod's config is stored with the run)")
+            # load_config refused secrets in what the user wrote; this holds for what the launcher derived too.
+            if (found := find_secret(text)) is not None:
+                raise T2SError(f"the pod's config would hold {found.what}: secrets go in .env, never in a config "
+                               "(the pod's config is stored with the run and uploaded with its logs)")
             return text
 
         config_text(settings.gpu_types[0], prices[settings.gpu_types[0]])

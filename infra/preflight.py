@@ -218,10 +218,6 @@ def config_for_gpu(cfg: Config, gpu: str, gpu_count: int, cloud: str, price_per_
     return dump_config(cfg.model_copy(update={"push": push}))
 
 
-def secret_in(text: str, secrets: list[str]) -> bool:
-    return any(value and value in text for value in secrets)
-
-
 # ---------------------------------------------------------------- the plan
 
 
