@@ -17,7 +17,7 @@ import typer
 
 from jobs.config import load_config
 from jobs.errors import T2SError
-from jobs.secrets import find_secret
+from jobs.credentials import find_secret
 from jobs.rundir import JOBS, read_json, write_atomic
 from infra import preflight, records, watchdog
 from infra import runpod_api as api
@@ -328,7 +328,7 @@ def upload_logs(
                 "job": os.environ.get("T2S_JOB"), "pod_id": os.environ.get("RUNPOD_POD_ID"), "exit_code": exit_code,
                 "reason": reason, "ended_at": records.now_iso()}) + "\n")
         repo = repo or _logs_repo_of(run_dir)
-        count = upload_run_logs(run_dir, repo, require_secret("HF_TOKEN", "to write to the logs dataset"))
+        count = upload_run_logs(run_dir, repo, require_secret("HF_TOKEN", "to write to the logs dataset"), say)
         say(f"uploaded {count} files of {run_dir} to Hub dataset {repo}")
     except T2SError as exc:
         fail("upload-logs", str(exc))

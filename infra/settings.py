@@ -2,7 +2,7 @@
 
 The jobs ignore `infra:`; this module validates it with the same rules as the rest of the config
 (unknown keys are errors, no silent coercion) and turns every problem into a one-line T2SError.
-Secrets come only from the environment or .env (jobs.secrets) and never appear in any output: `redact` is the
+Secrets come only from the environment or .env (jobs.credentials) and never appear in any output: `redact` is the
 last line of defence for anything printed.
 """
 
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jobs.config import Config
 from jobs.errors import T2SError
-from jobs.secrets import is_secret_name, redact, redactor, secret  # noqa: F401 (redact, redactor: infra's names)
+from jobs.credentials import is_secret_name, redact, redactor, secret  # noqa: F401 (redact, redactor: infra's names)
 
 # Environment names infra sets on the pod itself; the config's infra.env must not shadow them.
 RESERVED_ENV_PREFIXES = ("T2S_", "RUNPOD_")

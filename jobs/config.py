@@ -3,7 +3,7 @@
 Defaults live here and only here. `load_config` merges defaults + file + `--set key=value` overrides,
 validates the result before any work starts, and turns every problem into a one-line T2SError.
 Secrets never live in the config: `secret()` reads them from the environment or `.env`, and a config that
-holds one (a known secret's value, or anything token-shaped: jobs/secrets.py) is refused without echoing it.
+holds one (a known secret's value, or anything token-shaped: jobs/credentials.py) is refused without echoing it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.errors import T2SError
-from jobs.secrets import SECRET_NAMES, find_secret_in_config, redact, secret  # noqa: F401 (secret: re-exported)
+from jobs.credentials import SECRET_NAMES, find_secret_in_config, redact, secret  # noqa: F401 (secret: re-exported)
 
 
 class Section(BaseModel):

@@ -1,4 +1,5 @@
-"""Secrets: where they come from (the environment or .env, never a config), how to spot one, how to hide one.
+"""Secrets (credentials): where they come from (the environment or .env, never a config), how to spot one,
+how to hide one.
 
 Three questions, one place:
 - `secret(name)`: the value of a secret, from the environment, else .env.
