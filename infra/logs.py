@@ -131,7 +131,7 @@ def follow(launch: Launch, api_key: str, write_line: Callable[[str], None], say:
     while True:
         try:
             for event in api.stream_logs(launch.pod_id, api_key, cursor.last_id, BACKFILL_LINES,
-                                         timing.stream_read_timeout_s):
+                                         timing.stream_read_timeout_s, tick_s=timing.stream_tick_s):
                 delay = timing.reconnect_s
                 if event.line is not None and cursor.is_new(event.id):
                     write_line(redact(event.line))

@@ -46,7 +46,8 @@ class InfraSettings(BaseModel):
     # A CUDA image of several GB can take minutes to pull; RunPod reports RUNNING meanwhile.
     provision_timeout_s: float = Field(default=900, gt=0)
     max_runtime_min: float = Field(default=240, gt=0)
-    max_cost_usd: float = Field(default=10.0, gt=0)
+    # null: no cost cap, the runtime cap alone (the one way to launch a GPU type RunPod lists no price for).
+    max_cost_usd: float | None = Field(default=10.0, gt=0)
     # Wall time you expect (bench/RESULTS.md has figures), for the plan's expected cost; None: the plan shows the caps.
     expected_min: float | None = Field(default=None, gt=0)
     keep_pod: bool = False  # leave the pod up after the job (debugging); you stop it with `t2s-infra down`

@@ -47,7 +47,7 @@ infra:
 
 FAST = timing_module.Timing(poll_s=0.01, backoff_s=0.01, backoff_max_s=0.02, reconnect_s=0.01,
                             reconnect_max_s=0.02, stream_read_timeout_s=2.0, watch_every_s=0.05, exit_grace_s=1.0,
-                            watchdog_grace_s=0.0, system_log_s=0.05)
+                            watchdog_grace_s=0.0, system_log_s=0.05, stream_tick_s=0.05, api_retry_s=0.01)
 
 
 @pytest.fixture
