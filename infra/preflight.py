@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from rich.table import Table
 
 from jobs.config import Config, dump_config, names_local_path
 from jobs.errors import T2SError
 from jobs.push import check_repo_id
 from jobs.train import accelerate_config_path
+from infra import tables
 from infra.settings import IMAGE_REFERENCE, InfraSettings, default_image, image_flavor
 
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "images"
@@ -240,34 +242,36 @@ def plan_lines(*, run_id: str, job: str, settings: InfraSettings, prices: dict[s
     count, cloud = settings.gpu_count, settings.cloud_type
     gpus = ", then ".join(f"{count}x {gpu} ({_price(prices[gpu])})" for gpu in settings.gpu_types)
     listed = [p for p in (prices[g] for g in settings.gpu_types) if p is not None]
-    lines = [
-        f"plan for run {run_id}: {jobs} on one pod",
-        f"  GPUs      {gpus}; {cloud} cloud",
-        f"  image     {settings.image}",
-        f"  model     {model_repo} ({'private' if private else 'public'})   logs  {logs_repo} (private dataset)",
+    plan = Table.grid(padding=(0, 2))
+    rows = [
+        ("GPUs", f"{gpus}; {cloud} cloud"),
+        ("image", settings.image or ""),
+        ("model", f"{model_repo} ({'private' if private else 'public'})   logs  {logs_repo} (private dataset)"),
     ]
     if settings.expected_min is not None:
         first = prices[settings.gpu_types[0]]
         cost = "" if first is None else f", ≈ ${first * settings.expected_min / 60:.2f}"
-        lines.append(f"  expected  ≈ {settings.expected_min:g} min{cost} (infra.expected_min)")
+        rows.append(("expected", f"≈ {settings.expected_min:g} min{cost} (infra.expected_min)"))
     else:
-        lines.append("  expected  no estimate (set infra.expected_min; bench/RESULTS.md has figures): "
-                     "at most the caps below")
+        rows.append(("expected", "no estimate (set infra.expected_min; bench/RESULTS.md has figures): at most the "
+                                 "caps below"))
     runtime_cap = max(listed, default=0) * settings.max_runtime_min / 60  # on the dearest type it may get
     if settings.max_cost_usd is None:
         worst = f"; at most ≈ ${runtime_cap:.2f} at the listed price" if listed else ""
-        lines.append(f"  caps      {settings.max_runtime_min:g} min; no cost cap (infra.max_cost_usd: null){worst}; "
-                     "the pod stops itself, the launcher is the second line")
+        rows.append(("caps", f"{settings.max_runtime_min:g} min; no cost cap (infra.max_cost_usd: null){worst}; "
+                             "the pod stops itself, the launcher is the second line"))
     elif len(listed) < len(settings.gpu_types):
-        lines.append(f"  caps      {settings.max_runtime_min:g} min; RunPod lists no price for some of these GPUs, "
-                     f"so max_cost_usd={settings.max_cost_usd:g} cannot be enforced on them")
+        rows.append(("caps", f"{settings.max_runtime_min:g} min; RunPod lists no price for some of these GPUs, so "
+                             f"max_cost_usd={settings.max_cost_usd:g} cannot be enforced on them"))
     else:
         worst = min(settings.max_cost_usd, runtime_cap)
-        lines.append(f"  caps      {settings.max_runtime_min:g} min or ${settings.max_cost_usd:g}, whichever comes "
-                     f"first (at most ≈ ${worst:.2f}); the pod stops itself, the launcher is the second line")
+        rows.append(("caps", f"{settings.max_runtime_min:g} min or ${settings.max_cost_usd:g}, whichever comes first "
+                             f"(at most ≈ ${worst:.2f}); the pod stops itself, the launcher is the second line"))
     if image_flavor(settings.image or "") is None:
-        lines.append("  note      the image's tag names no flavor (-cu12, -cu118): its packages were not checked")
-    return lines
+        rows.append(("note", "the image's tag names no flavor (-cu12, -cu118): its packages were not checked"))
+    for label, value in rows:
+        tables.add_row(plan, label, value)
+    return [f"plan for run {run_id}: {jobs} on one pod", *tables.plain(plan, indent=2)]
 
 
 def _price(per_hr: float | None) -> str:

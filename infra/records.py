@@ -17,9 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+
+from infra import tables
 
 # Statuses a record moves through; these three mean a pod may be billing (creating: asked for, its id not
 # known yet). Then one of: succeeded / failed: the job reported its exit code; stopped: the pod's own cap,
@@ -174,27 +173,22 @@ def latest_of(run_id: str, warn: Callable[[str], None] | None = None) -> Launch 
 
 def format_table(launches: list[Launch], at_iso: str) -> str:
     """`t2s-infra ls`: one row per pod; cost of live pods is counted up to now."""
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="", padding=(0, 2, 0, 0))
-    for column in ("RUN", "JOB", "POD", "GPU", "$/H", "STARTED (UTC)", "ENDED (UTC)", "STATUS", "COST $"):
-        table.add_column(column, no_wrap=True)
+    table = tables.columns("RUN", "JOB", "POD", "GPU", "$/H", "STARTED (UTC)", "ENDED (UTC)", "STATUS", "COST $")
     for launch in launches:
         cost = launch.cost_usd if not launch.is_live else cost_so_far(launch, at_iso)
-        table.add_row(*(Text(cell) for cell in (
+        tables.add_row(
+            table,
             launch.run_id,
             launch.job,
-            launch.pod_id or f"({launch.pod_name})",
+            launch.pod_id or f"({launch.pod_name})",  # asked for, its id not known yet
             f"{launch.gpu_count}x {launch.gpu}",
             "?" if launch.cost_per_hr is None else f"{launch.cost_per_hr:.2f}",
             _short_time(launch.started_at),
             _short_time(launch.ended_at) if launch.ended_at else "-",
             launch.status + (f" ({launch.note})" if launch.note else ""),
             "?" if cost is None else f"{cost:.2f}",
-        )))
-    # Rendered at its natural width whatever the terminal (or pipe): rows are for reading and for grep.
-    console = Console(width=10_000, color_system=None, force_terminal=False, highlight=False)
-    with console.capture() as captured:
-        console.print(table)
-    return "\n".join(line.rstrip() for line in captured.get().splitlines())
+        )
+    return "\n".join(tables.plain(table))
 
 
 def _short_time(iso: str) -> str:
