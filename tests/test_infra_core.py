@@ -280,3 +280,19 @@ def test_redact_replaces_known_secret_values(monkeypatch, tmp_path):
     monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
     (tmp_path / ".env").write_text("RUNPOD_API_KEY=rpa_fromdotenv\n")
     assert redact("a hf_abcdefgh b rpa_fromdotenv") == "a <HF_TOKEN> b <RUNPOD_API_KEY>"
+
+
+def test_records_skip_every_line_that_is_not_a_record_and_say_which(tmp_path, monkeypatch):
+    from tests.fake_runpod import JUNK_RECORD_LINES
+
+    monkeypatch.setenv("T2S_STATE_DIR", str(tmp_path))
+    records.save(launch(pod_id="", pod_name="t2s-r-train-abcd", status="creating"))
+    (tmp_path / "launches.jsonl").open("a").write("\n".join(JUNK_RECORD_LINES) + "\n")
+    records.save(launch(pod_id="p1", pod_name="t2s-r-train-abcd", status="running"))  # the same pod, now known
+    warnings: list[str] = []
+    [current] = records.load_all(warnings.append)
+    assert (current.pod_id, current.status) == ("p1", "running")
+    assert len(warnings) == len(JUNK_RECORD_LINES) and all("warning: skipped line" in w for w in warnings)
+    assert "JSON null, not a record" in warnings[0] and "'yesterday' is not an ISO 8601 time" in warnings[5]
+    records.not_created(current, "no capacity")
+    assert records.load_all() == []  # a request that made no pod is no longer listed
