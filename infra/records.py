@@ -110,8 +110,8 @@ def parse_record(line: str) -> Launch:
     except json.JSONDecodeError:
         raise ValueError("not JSON") from None
     if not isinstance(row, dict):
-        kind = {type(None): "null", list: "an array", str: "a string", bool: "a boolean"}.get(type(row), "a number")
-        raise ValueError(f"JSON {kind}, not a record")
+        kind = {type(None): "JSON null", list: "a JSON array", str: "a JSON string", bool: "a JSON boolean"}
+        raise ValueError(f"{kind.get(type(row), 'a JSON number')}, not a record")
     known = {f.name for f in fields(Launch)}
     try:
         launch = _LAUNCH.validate_python({k: v for k, v in row.items() if k in known})

@@ -14,6 +14,7 @@ text (which holds both).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import threading
@@ -43,6 +44,8 @@ CAPACITY_MESSAGES = (
 )
 
 T = TypeVar("T")
+# httpx logs every request at INFO, and the runpod SDK's import turns INFO on: a URL per reconnect is noise.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class NoCapacity(T2SError):

@@ -33,7 +33,7 @@ def settle_creating(launch: Launch, pods: list[api.Pod], at_iso: str) -> Launch:
         return records.update(launch, pod_id=pod.id, status="running" if pod.started else "provisioning",
                               cost_per_hr=pod.cost_per_hr or launch.cost_per_hr)
     if records.minutes_between(launch.started_at, at_iso) * 60 >= CREATING_GRACE_S:
-        return records.not_created(launch, "RunPod made no pod of this name")
+        return records.not_created(launch, "no pod of this name exists")
     return launch
 
 

@@ -293,6 +293,6 @@ def test_records_skip_every_line_that_is_not_a_record_and_say_which(tmp_path, mo
     [current] = records.load_all(warnings.append)
     assert (current.pod_id, current.status) == ("p1", "running")
     assert len(warnings) == len(JUNK_RECORD_LINES) and all("warning: skipped line" in w for w in warnings)
-    assert "JSON null, not a record" in warnings[0] and "'yesterday' is not an ISO 8601 time" in warnings[5]
+    assert "JSON null, not a record" in warnings[0] and "a JSON array, not a record" in warnings[1] and "'yesterday' is not an ISO 8601 time" in warnings[5]
     records.not_created(current, "no capacity")
     assert records.load_all() == []  # a request that made no pod is no longer listed
