@@ -206,7 +206,7 @@ def logs(
                 latest = watchdog.check(latest, say)
             if latest.status == "creating":
                 raise T2SError(f"pod {latest.pod_name} of run {run} is still being created (or RunPod cannot say "
-                               "whether it was): try again in a minute; `t2s-infra down {run}` stops it")
+                               f"whether it was): try again in a minute; `t2s-infra down {run}` stops it")
             if latest.is_live:
                 say(f"following run {run} (job {latest.job}) on pod {latest.pod_id}; Ctrl-C detaches")
                 _follow_and_report("logs", latest, runpod_key, runs_dir)

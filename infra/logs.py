@@ -241,7 +241,7 @@ def _stage_redacted(run_dir: Path, files: list[Path], staging: Path, say: Say) -
     """Copies the files to upload into staging, each text file with its secrets hidden (a job may have printed
     one into its log); a binary file holding a known secret stays behind, with a line saying so."""
     known = known_secrets()
-    hide = redactor()
+    hide = redactor(known)
     sent = 0
     for path in files:
         target = staging / path.relative_to(run_dir)

@@ -100,6 +100,11 @@ def end(launch: Launch, status: str, note: str = "", at_iso: str | None = None) 
     return save(replace(ended, cost_usd=cost_so_far(ended, ended.ended_at)))
 
 
+def not_created(launch: Launch, note: str) -> Launch:
+    """The pod asked for was not made: nothing bills, and the record is no longer listed."""
+    return save(replace(launch, status=NOT_CREATED, ended_at=now_iso(), note=note, cost_usd=0.0))
+
+
 _LAUNCH = TypeAdapter(Launch)
 
 
@@ -124,21 +129,16 @@ def parse_record(line: str) -> Launch:
         raise ValueError("no pod id or name")
     for name in ("started_at", "ended_at"):
         value = getattr(launch, name)
-        if value is not None and not _is_utc_time(value):
+        if value is not None and not _has_zone(value):
             raise ValueError(f"{name} {value[:40]!r} is not an ISO 8601 time with a zone")
     return launch
 
 
-def _is_utc_time(value: str) -> bool:
+def _has_zone(value: str) -> bool:
     try:
         return datetime.fromisoformat(value).tzinfo is not None
     except ValueError:
         return False
-
-
-def not_created(launch: Launch, note: str) -> Launch:
-    """The pod asked for was not made: nothing bills, and the record is no longer listed."""
-    return save(replace(launch, status=NOT_CREATED, ended_at=now_iso(), note=note, cost_usd=0.0))
 
 
 def load_all(warn: Callable[[str], None] | None = None) -> list[Launch]:

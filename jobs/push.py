@@ -102,7 +102,8 @@ def _folder_files(folder: Path, prefix: str, skip: tuple[str, ...] = ()) -> list
 def without_secrets(files: list[FileToUpload], staging: Path) -> list[FileToUpload]:
     """The files with every secret hidden: a text file holding one (a log a library printed a token into) is
     replaced by a redacted copy under staging; a binary file holding a known secret value is refused."""
-    known, hide = known_secrets(), redactor()
+    known = known_secrets()
+    hide = redactor(known)
     clean = []
     for file in files:
         try:
