@@ -177,9 +177,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise T2SError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
         if not isinstance(data, dict):
             raise T2SError(f"config file {path} must be a mapping of keys to values, not {type(data).__name__}")
+        refuse_secrets(data, f"in {path}")
     for item in overrides:
         _apply_override(data, item)
-    refuse_secrets(data, path)
+    refuse_secrets(data, "in a --set")
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -203,14 +204,13 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         node[leaf] = raw
 
 
-def refuse_secrets(data: dict[str, Any], path: Path | None) -> None:
+def refuse_secrets(data: dict[str, Any], place: str) -> None:
     """A secret in a config would be written to config.resolved.yaml, sent to the pod, uploaded with the model
     and the logs: refused, naming the key and what it looks like, never the value."""
     found = find_secret_in_config(data)
     if found is None:
         return
     where, what = found
-    place = f"in {path} or a --set" if path else "in a --set"
     hint = " (a token or password? if not, break it up with '-' or '_')" if "random" in what.what else ""
     raise T2SError(f"{where} {place} holds {what.what}{hint}: secrets go in the environment or .env "
                    "(HF_TOKEN, RUNPOD_API_KEY), never in a config, a --set or infra.env")

@@ -141,14 +141,14 @@ def smuggle_a_second_token_as_the_hub_token(world: World) -> None:
 def smuggle_a_known_secret_under_an_innocent_name(world: World) -> None:
     """.env's WANDB_API_KEY (hex: no shape gives it away) under an innocent infra.env name, through --set."""
     result = world.infra("launch", "--config", world.config(), "--set", f"infra.env.TRACKING={WANDB_KEY}")
-    assert "config key 'infra.env.TRACKING' in run.yaml or a --set holds the value of WANDB_API_KEY" in (
+    assert "config key 'infra.env.TRACKING' in a --set holds the value of WANDB_API_KEY" in (
         one_error(result))
 
 
 def smuggle_an_old_style_runpod_key_into_the_model_card(world: World) -> None:
     """push.hardware goes onto the public model card; an old RunPod key has no prefix, only its randomness."""
     result = world.infra("launch", "--config", world.config(), "--set", f"push.hardware={OLD_RUNPOD_KEY}")
-    assert "config key 'push.hardware' in run.yaml or a --set holds a random-looking key" in one_error(result)
+    assert "config key 'push.hardware' in a --set holds a random-looking key" in one_error(result)
 
 
 def make_a_job_echo_the_token_in_its_config_error(world: World) -> None:

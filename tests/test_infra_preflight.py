@@ -328,7 +328,7 @@ def test_repos_the_token_may_not_write_to_are_refused(world):
 def test_a_secret_in_the_config_is_refused_without_being_echoed(world):
     runpod, _ = world
     result = launch("--set", f"push.license={HF_TOKEN}", "--yes")
-    assert "config key 'push.license' in run.yaml or a --set holds the value of HF_TOKEN" in one_error(result)
+    assert "config key 'push.license' in a --set holds the value of HF_TOKEN" in one_error(result)
     assert HF_TOKEN not in result.output and "podFindAndDeployOnDemand" not in runpod.operations()
 
 
