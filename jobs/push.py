@@ -115,8 +115,8 @@ def without_secrets(files: list[FileToUpload], staging: Path) -> list[FileToUplo
             continue
         copy = staging / file.path_in_repo
         copy.parent.mkdir(parents=True, exist_ok=True)
-        copy.write_bytes(hidden)
-        clean.append(FileToUpload(file.path_in_repo, copy, len(hidden)))
+        write_atomic(copy, hidden.decode("utf-8"))
+        clean.append(FileToUpload(file.path_in_repo, copy, copy.stat().st_size))
     return clean
 
 
