@@ -68,7 +68,8 @@ def stop_token_ids(tokenizer) -> list[int]:
     _, completion = render_chat(tokenizer, "CREATE TABLE t (a INTEGER)", "How many rows?", "")
     tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if tail and tail[0] in tokenizer.all_special_ids and tail[0] not in stops:
+    end_of_turn = tokenizer.added_tokens_decoder.get(tail[0]) if tail else None  # all_special_ids may omit it
+    if end_of_turn is not None and end_of_turn.special and tail[0] not in stops:
         stops.append(tail[0])
     return stops
 
