@@ -7,8 +7,12 @@ greedy answers for a split in length-sorted batches and scores every answer on
   execution_accuracy   same rows as the gold query on several generated SQLite databases (jobs.scoring, run in
                        jobs.sandbox's worker processes); examples whose gold query fails to run (gold_error) or
                        whose tables SQLite cannot hold (build_error) are counted apart with their reason, not as misses
-plus latency and throughput. Writes eval/report.json, report.md, predictions.jsonl and metrics.png. Each model's
-answers are saved (eval.partial/generations/) as soon as they exist, so a rerun after a crash or kill only scores.
+  fails_to_execute     the share of predictions that do not run at all (not SQL, an SQLite error, refused, timed out)
+plus latency and throughput. With eval.decoding: checked, each fine-tuned model is also scored with checked decoding
+(jobs.checked), as its own row "<model>+checked" beside the greedy one, in every table and bucket; its queries/s
+count the greedy answers it starts from, the checks and the beam search. Writes eval/report.json, report.md,
+predictions.jsonl and metrics.png. Each model's answers are saved (eval.partial/generations/) as soon as they exist,
+so a rerun after a crash or kill only scores.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable
 
 from sqlglot import exp
 from tqdm.auto import tqdm
 
-from jobs import scoring, sqlcheck
+from jobs import checked, scoring, sqlcheck
 from jobs.chat import render_prompt
 from jobs.config import Config
 from jobs.errors import T2SError
@@ -36,6 +41,8 @@ from jobs.sandbox import Sandbox
 
 METRICS = ("sql_only", "exact_match", "execution_accuracy")
 NOT_SCORED = ("gold_error", "build_error")  # left out of execution accuracy: the example's fault, not the model's
+FAILS_TO_EXECUTE = ("not_sql", "pred_error", "pred_timeout", "pred_refused")  # the prediction does not run at all
+CHECKED = "+checked"  # the label suffix of a model's checked-decoding row
 GENERATIONS = "generations"  # the staging's folder of saved answers, kept when an interrupted eval reruns
 
 
@@ -51,6 +58,8 @@ def summarize(scored: list[dict]) -> dict:
         "sql_only": sum(s["sql_only"] for s in scored) / n if n else 0.0,
         "exact_match": sum(s["exact_match"] for s in scored) / n if n else 0.0,
         "execution_accuracy": sum(s["execution"] == "match" for s in runnable) / len(runnable) if runnable else 0.0,
+        "fails_to_execute": (sum(s["execution"] in FAILS_TO_EXECUTE for s in runnable) / len(runnable)
+                             if runnable else 0.0),
         "gold_error": outcomes["gold_error"],
         "build_error": outcomes["build_error"],
         "execution_outcomes": dict(outcomes),
@@ -88,16 +97,18 @@ def render_markdown(report: dict) -> str:
     lines = [f"# t2s eval · run {report['run_id']} · {report['split']} split, {report['n_examples']} examples", "",
              f"Base model: `{report['models']['base']}` · fine-tuned: `{report['models'].get('finetuned')}` · "
              f"dataset `{report['dataset']['source']}` (hash {report['dataset']['hash'][:12]})", "",
-             "| model | SQL-only | exact match | execution accuracy | gold fails to run | tables cannot be built "
-             "| queries/s | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | gold fails to run "
+             "| tables cannot be built | queries/s | tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         r = report["results"][label]
-        lines.append(f"| {label} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | {r['execution_accuracy']:.1%} | "
-                     f"{r['gold_error']} | {r['build_error']} | {r['queries_per_s']:.1f} | {r['tokens_per_s']:.0f} |")
+        lines.append(f"| {label} | {decoding_name(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
+                     f"{r['execution_accuracy']:.1%} | {_share(r.get('fails_to_execute'))} | {r['gold_error']} | "
+                     f"{r['build_error']} | {r['queries_per_s']:.1f} | {r['tokens_per_s']:.0f} |")
     if report["build_errors"]:
         lines += ["", "Examples whose tables SQLite cannot hold (left out of execution accuracy): "
                   + "; ".join(f"{reason} ({count})" for reason, count in report["build_errors"].items()) + "."]
+    lines += render_decodings(report)
     lines += ["", "## By bucket (execution accuracy · SQL-only)", "",
               "| bucket | n | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
     for name in report["buckets"][labels[0]]:
@@ -109,6 +120,42 @@ def render_markdown(report: dict) -> str:
               f"{report['config']['databases_per_example']} generated SQLite databases per example, read-only, "
               f"with a {report['config']['query_timeout_s']} s limit per query.", ""]
     return "\n".join(lines + render_endings(report))
+
+
+def decoding_name(result: dict) -> str:
+    """How a row's answers were decoded, in a few words (a report from before decodings were recorded: greedy)."""
+    if result.get("decoding") == "checked":
+        return f"checked, up to {result.get('candidates', '?')} candidates"
+    return "greedy"
+
+
+def _share(value) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "not measured"
+
+
+def render_decodings(report: dict) -> list[str]:
+    """The report's greedy vs checked section: each model's two rows side by side, with what the checks did."""
+    results = report["results"]
+    pairs = [(label[:-len(CHECKED)], label) for label in results if label.endswith(CHECKED)
+             and label[:-len(CHECKED)] in results]
+    if not pairs:
+        return []
+    lines = ["", "## Greedy vs checked decoding", "",
+             "Checked decoding answers with the first candidate that finishes, parses, resolves against the schema and "
+             "runs on databases built from it: the greedy answer, else a beam search's, best-scored first; when none "
+             "passes, the best-scored one (unchecked). Its queries/s include the greedy answers, the checks and the "
+             "search.", "",
+             "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | queries/s "
+             "| passed the checks | needed the search |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for greedy, checked_label in pairs:
+        for label in (greedy, checked_label):
+            r = results[label]
+            lines.append(f"| {greedy} | {decoding_name(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
+                         f"{r['execution_accuracy']:.1%} | {_share(r.get('fails_to_execute'))} | "
+                         f"{r['queries_per_s']:.1f} | {_share(r.get('passed_checks')) if label == checked_label else ''}"
+                         f" | {_share(r.get('searched')) if label == checked_label else ''} |")
+    return lines
 
 
 def answer_endings(generations) -> dict:
@@ -201,26 +248,38 @@ def saved_generations(path: Path, key: dict) -> tuple[list[Generation], float] |
         return None
 
 
-def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
-                     variant: str) -> tuple[list[Generation], float]:
-    """The model's greedy answers to the split's questions, and the seconds generation took."""
+def model_loader(cfg: Config, run: RunDir, which: str) -> Callable[[], tuple]:
+    """(model, tokenizer) on the device, loaded on the first call only: greedy and checked decoding share one load."""
+
+    @functools.cache
+    def load():
+        model, tokenizer = load_run_model(cfg, run, which)
+        return model.to(device_for()).eval(), tokenizer
+
+    return load
+
+
+def free(load: Callable) -> None:
+    """Drops a model_loader's model (and the GPU memory it held)."""
     import torch
 
-    model, tokenizer = load_run_model(cfg, run, which)
-    model = model.to(device_for()).eval()
+    load.cache_clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate_answers(cfg: Config, rows: list[dict], load: Callable, variant: str) -> tuple[list[Generation], float]:
+    """The model's greedy answers to the split's questions, and the seconds generation took."""
+    model, tokenizer = load()
     prompts = [render_prompt(tokenizer, r["context"], r["question"], variant) for r in rows]
     started = time.perf_counter()
     generations = generate_batched(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
                                    progress=True)
-    elapsed = time.perf_counter() - started
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return generations, elapsed
+    return generations, time.perf_counter() - started
 
 
 def answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: str, variant: str,
-                folder: Path) -> tuple[list[Generation], float]:
+                folder: Path, load: Callable) -> tuple[list[Generation], float]:
     """The model's answers: those an interrupted eval saved in `folder` with the same key, else generated now and
     saved there at once, so that a crash or kill while scoring never costs the generation again."""
     path = folder / f"{label.replace(':', '-')}.json"
@@ -230,10 +289,56 @@ def answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: s
         print(f"  {label}: reusing the {len(saved[0])} answers an interrupted eval saved in {path}; scoring only",
               flush=True)
         return saved
-    generations, elapsed = generate_answers(cfg, run, rows, which, variant)
+    generations, elapsed = generate_answers(cfg, rows, load, variant)
     write_atomic(path, json.dumps({"key": key, "generation_s": elapsed,
                                    "generations": [dataclasses.asdict(g) for g in generations]}, ensure_ascii=False))
     return generations, elapsed
+
+
+def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: str, variant: str,
+                        folder: Path, load: Callable, greedy: list[Generation], greedy_s: float,
+                        sandbox: Sandbox) -> tuple[list[Generation], float, list[dict]]:
+    """Checked decoding's answers (jobs.checked), starting from the model's greedy ones: as Generations to score,
+    the seconds they took in all (greedy_s, the checks and the search), and what the checks said of each. Saved in
+    `folder` as answers_for saves, and reused the same way."""
+    path = folder / f"{label.replace(':', '-')}{CHECKED}.json"
+    key = {**generation_key(cfg, run, rows, which, variant), "decoding": "checked",
+           "candidates": cfg.eval.candidates, "greedy_s": greedy_s,
+           "checks": [checked.CHECK_ROWS_PER_TABLE, cfg.eval.query_timeout_s, cfg.eval.row_limit]}
+    key = json.loads(json.dumps(key))
+    saved = saved_generations(path, key)
+    if saved is not None:
+        print(f"  {label}{CHECKED}: reusing the {len(saved[0])} answers an interrupted eval saved in {path}; "
+              "scoring only", flush=True)
+        return (*saved, json.loads(path.read_text())["checks"])
+
+    def search(indices: list[int]) -> list[list]:
+        model, tokenizer = load()
+        prompts = [render_prompt(tokenizer, rows[i]["context"], rows[i]["question"], variant) for i in indices]
+        return checked.search_with_model(model, tokenizer, prompts, [greedy[i] for i in indices],
+                                         cfg.eval.candidates, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+
+    if cfg.eval.candidates > 1:
+        load()  # before the clock: a rerun that reuses the greedy answers loads the model here, not in the search
+    started = time.perf_counter()
+    choices = checked.choose_answers([row["context"] for row in rows], greedy, search, sandbox,
+                                     candidates=cfg.eval.candidates, timeout_s=cfg.eval.query_timeout_s,
+                                     row_limit=cfg.eval.row_limit)
+    extra_s = time.perf_counter() - started
+    generations = [Generation(c.text, c.candidate.new_tokens, g.latency_s + extra_s, c.candidate.ended == "eos")
+                   for c, g in zip(choices, greedy)]
+    checks = [{"checked": c.checked, "candidates_tried": len(c.tried), "greedy_failed_checks": not c.tried[0][1].passed,
+               "why_unchecked": c.why_unchecked} for c in choices]
+    write_atomic(path, json.dumps({"key": key, "generation_s": greedy_s + extra_s, "checks": checks,
+                                   "generations": [dataclasses.asdict(g) for g in generations]}, ensure_ascii=False))
+    return generations, greedy_s + extra_s, checks
+
+
+def check_summary(checks: list[dict]) -> dict:
+    """What the checks did for a model's checked answers: shares of questions."""
+    n = len(checks) or 1
+    return {"passed_checks": sum(c["checked"] for c in checks) / n,
+            "searched": sum(c["greedy_failed_checks"] for c in checks) / n}
 
 
 def score_answers(rows: list[dict], responses: list[str], eval_cfg, sandbox: Sandbox) -> list[dict]:
@@ -280,16 +385,28 @@ def run(cfg: Config, run: RunDir) -> str:
     with Sandbox(workers=scoring_workers()) as sandbox:
         for label, which, variant in plan:
             print(f"evaluating {label} on {len(rows)} {cfg.eval.split} examples", flush=True)
-            generations, elapsed = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS)
-            scored, speed = evaluate_model(generations, elapsed, rows, cfg, sandbox)
-            results[label] = {**summarize(scored), **speed}
-            by_bucket[label] = buckets(rows, scored)
-            for i, s in enumerate(scored):
-                predictions[i][label] = s
-            r = results[label]
-            print(f"  {label}: SQL-only {r['sql_only']:.1%} · exact {r['exact_match']:.1%} · "
-                  f"execution {r['execution_accuracy']:.1%} · ended at EOS {r['ended_at_eos']:.1%} · "
-                  f"{r['queries_per_s']:.1f} queries/s", flush=True)
+            load = model_loader(cfg, run, which)
+            generations, elapsed = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS, load)
+            decodings = [(label, generations, elapsed, None)]
+            if cfg.eval.decoding == "checked" and which != "base":
+                decodings.append((label + CHECKED, *checked_answers_for(
+                    cfg, run, rows, label, which, variant, staging / GENERATIONS, load, generations, elapsed,
+                    sandbox)))
+            free(load)
+            for name, answers, seconds, checks in decodings:
+                scored, speed = evaluate_model(answers, seconds, rows, cfg, sandbox)
+                decoding = {"decoding": "greedy"} if checks is None else {
+                    "decoding": "checked", "candidates": cfg.eval.candidates, **check_summary(checks)}
+                for s, check in zip(scored, checks or [{}] * len(scored)):
+                    s.update(check)
+                results[name] = {**summarize(scored), **speed, **decoding}
+                by_bucket[name] = buckets(rows, scored)
+                for i, s in enumerate(scored):
+                    predictions[i][name] = s
+                r = results[name]
+                print(f"  {name}: SQL-only {r['sql_only']:.1%} · exact {r['exact_match']:.1%} · "
+                      f"execution {r['execution_accuracy']:.1%} · fails to execute {r['fails_to_execute']:.1%} · "
+                      f"ended at EOS {r['ended_at_eos']:.1%} · {r['queries_per_s']:.1f} queries/s", flush=True)
 
     report = {
         "run_id": cfg.run_id,

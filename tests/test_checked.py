@@ -343,3 +343,17 @@ def test_the_checks_load_no_torch_in_a_sandbox_worker():
     probe = "import sys, jobs.checked; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("eval.candidates=0", "config key 'eval.candidates' in the config: Input should be greater than or equal to 1"),
+    ("eval.candidates=2.5", "config key 'eval.candidates'"),
+    ("eval.decoding=beam", "config key 'eval.decoding' in the config: Input should be 'greedy' or 'checked'"),
+])
+def test_eval_settings_of_checked_decoding_are_one_line(override, expected):
+    from jobs.config import load_config
+
+    assert (load_config(None).eval.decoding, load_config(None).eval.candidates) == ("checked", 4)
+    with pytest.raises(T2SError, match=expected) as caught:
+        load_config(None, [override])
+    assert "\n" not in str(caught.value)
