@@ -367,9 +367,10 @@ def evaluate_model(generations: list[Generation], elapsed: float, rows: list[dic
 
 
 def scoring_workers() -> int:
-    """Sandbox workers for scoring: one per CPU core this process may use, at most 4."""
+    """Sandbox workers for scoring and checked decoding's checks: one per CPU core this process may use, at most 8
+    (a GPU machine's cores otherwise idle while checks hold up the next generation step)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, 4))
+    return max(1, min(cores, 8))
 
 
 def run(cfg: Config, run: RunDir) -> str:
