@@ -203,7 +203,8 @@ def verdict_after_kill(task: tuple, error: QueryError) -> Verdict:
     what = "timed out" if isinstance(error, QueryTimeout) else "failed"
     if error.role == "candidate":
         return Verdict(False, "runs", f"{what} and its worker was killed: {error}")
-    return Verdict(False, "runs", f"{what} while {error.role or 'checking'}: {error}")
+    doing = {"databases": "building the check databases"}.get(error.role, "checking it")
+    return Verdict(False, "runs", f"{what} while {doing}: {error}")
 
 
 def first_candidate(generation: Generation) -> Candidate:

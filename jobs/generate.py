@@ -155,7 +155,7 @@ def answer_scores(model, tokenizer, prompts: list[str], answers: list[Candidate]
 
 @torch.inference_mode()
 def sequence_scores(model, prompt_ids: list[list[int]], answer_ids: list[list[int]],
-                    batch_size: int = 64) -> list[float]:
+                    batch_size: int = 32) -> list[float]:
     """Mean log-probability per token of each answer after its prompt (an empty answer scores -inf). Left-padded
     batches, with the positions the unpadded sequence would have, and logits kept for the answers' tokens only."""
     scores = []
@@ -168,14 +168,19 @@ def sequence_scores(model, prompt_ids: list[list[int]], answer_ids: list[list[in
         for row, (p, a) in enumerate(zip(prompts, answers)):
             ids[row, length - len(p) - len(a):] = torch.tensor(p + a)
             mask[row, length - len(p) - len(a):] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                       position_ids=positions.to(model.device), logits_to_keep=keep).logits[:, -keep:-1]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        inputs = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device),
+                  "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0).to(model.device)}
+        try:
+            logits = model(**inputs, logits_to_keep=keep).logits
+        except TypeError:  # a model whose forward cannot keep only the last logits
+            logits = model(**inputs).logits
+        logits = logits[:, -keep:-1].float()
+        normalizer = logits.logsumexp(dim=-1)  # log-probabilities without a second vocabulary-sized tensor
         for row, a in enumerate(answers):
             if not a:
                 scores.append(float("-inf"))
                 continue
-            taken = log_probs[row, keep - 1 - len(a):].gather(-1, torch.tensor(a, device=log_probs.device)[:, None])
-            scores.append(taken.mean().item())
+            tail = slice(keep - 1 - len(a), None)
+            taken = logits[row, tail].gather(-1, torch.tensor(a, device=logits.device)[:, None])[:, 0]
+            scores.append((taken - normalizer[row, tail]).mean().item())
     return scores
