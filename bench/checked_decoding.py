@@ -34,7 +34,7 @@ from jobs import checked  # noqa: E402
 from jobs.chat import render_prompt  # noqa: E402
 from jobs.config import EvalConfig  # noqa: E402
 from jobs.eval import score_answers, scoring_workers, summarize  # noqa: E402
-from jobs.generate import Generation, device_for, generate_batched  # noqa: E402
+from jobs.generate import device_for, generate_batched  # noqa: E402
 from jobs.models import load_model, load_tokenizer, pick_dtype  # noqa: E402
 from jobs.sandbox import Sandbox  # noqa: E402
 
@@ -179,8 +179,9 @@ def render_table(results: dict) -> str:
         time_split = (f"{r['greedy_s']:.1f} + {r['checks_s']:.1f} + {r['search_s']:.1f} s" if "greedy_s" in r
                       else f"{r['seconds']:.1f} s")
         lines.append(f"| {name} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | {r['execution_accuracy']:.1%} | "
-                     f"{r['fails_to_execute']:.1%} | {r['queries_per_s']:.1f} | {r['queries_per_s'] / greedy_qps:.2f} | "
-                     f"{_share(r.get('searched'))} | {_share(r.get('passed_checks'))} | {time_split} |")
+                     f"{r['fails_to_execute']:.1%} | {r['queries_per_s']:.1f} | "
+                     f"{r['queries_per_s'] / greedy_qps:.2f} | {_share(r.get('searched'))} | "
+                     f"{_share(r.get('passed_checks'))} | {time_split} |")
     return "\n".join(lines)
 
 

@@ -25,7 +25,6 @@ import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable
 
 from sqlglot import exp
 from tqdm.auto import tqdm
@@ -102,13 +101,13 @@ def render_markdown(report: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         r = report["results"][label]
-        lines.append(f"| {label} | {decoding_name(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
+        lines.append(f"| {label} | {decoding_mode(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
                      f"{r['execution_accuracy']:.1%} | {_share(r.get('fails_to_execute'))} | {r['gold_error']} | "
                      f"{r['build_error']} | {r['queries_per_s']:.1f} | {r['tokens_per_s']:.0f} |")
     if report["build_errors"]:
         lines += ["", "Examples whose tables SQLite cannot hold (left out of execution accuracy): "
                   + "; ".join(f"{reason} ({count})" for reason, count in report["build_errors"].items()) + "."]
-    lines += render_decodings(report)
+    lines += render_greedy_vs_checked(report)
     lines += ["", "## By bucket (execution accuracy · SQL-only)", "",
               "| bucket | n | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
     for name in report["buckets"][labels[0]]:
@@ -122,7 +121,7 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines + render_endings(report))
 
 
-def decoding_name(result: dict) -> str:
+def decoding_mode(result: dict) -> str:
     """How a row's answers were decoded, in a few words (a report from before decodings were recorded: greedy)."""
     if result.get("decoding") == "checked":
         return f"checked, up to {result.get('candidates', '?')} candidates"
@@ -133,7 +132,7 @@ def _share(value) -> str:
     return f"{value:.1%}" if isinstance(value, (int, float)) else "not measured"
 
 
-def render_decodings(report: dict) -> list[str]:
+def render_greedy_vs_checked(report: dict) -> list[str]:
     """The report's greedy vs checked section: each model's two rows side by side, with what the checks did."""
     results = report["results"]
     pairs = [(label[:-len(CHECKED)], label) for label in results if label.endswith(CHECKED)
@@ -151,10 +150,11 @@ def render_decodings(report: dict) -> list[str]:
     for greedy, checked_label in pairs:
         for label in (greedy, checked_label):
             r = results[label]
-            lines.append(f"| {greedy} | {decoding_name(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
+            checks = (f"{_share(r.get('passed_checks'))} | {_share(r.get('searched'))}" if label == checked_label
+                      else " | ")
+            lines.append(f"| {greedy} | {decoding_mode(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
                          f"{r['execution_accuracy']:.1%} | {_share(r.get('fails_to_execute'))} | "
-                         f"{r['queries_per_s']:.1f} | {_share(r.get('passed_checks')) if label == checked_label else ''}"
-                         f" | {_share(r.get('searched')) if label == checked_label else ''} |")
+                         f"{r['queries_per_s']:.1f} | {checks} |")
     return lines
 
 
@@ -248,38 +248,26 @@ def saved_generations(path: Path, key: dict) -> tuple[list[Generation], float] |
         return None
 
 
-def model_loader(cfg: Config, run: RunDir, which: str) -> Callable[[], tuple]:
-    """(model, tokenizer) on the device, loaded on the first call only: greedy and checked decoding share one load."""
-
-    @functools.cache
-    def load():
-        model, tokenizer = load_run_model(cfg, run, which)
-        return model.to(device_for()).eval(), tokenizer
-
-    return load
-
-
-def free(load: Callable) -> None:
-    """Drops a model_loader's model (and the GPU memory it held)."""
+def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
+                     variant: str) -> tuple[list[Generation], float]:
+    """The model's greedy answers to the split's questions, and the seconds generation took."""
     import torch
 
-    load.cache_clear()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def generate_answers(cfg: Config, rows: list[dict], load: Callable, variant: str) -> tuple[list[Generation], float]:
-    """The model's greedy answers to the split's questions, and the seconds generation took."""
-    model, tokenizer = load()
+    model, tokenizer = load_run_model(cfg, run, which)
+    model = model.to(device_for()).eval()
     prompts = [render_prompt(tokenizer, r["context"], r["question"], variant) for r in rows]
     started = time.perf_counter()
     generations = generate_batched(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
                                    progress=True)
-    return generations, time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return generations, elapsed
 
 
 def answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: str, variant: str,
-                folder: Path, load: Callable) -> tuple[list[Generation], float]:
+                folder: Path) -> tuple[list[Generation], float]:
     """The model's answers: those an interrupted eval saved in `folder` with the same key, else generated now and
     saved there at once, so that a crash or kill while scoring never costs the generation again."""
     path = folder / f"{label.replace(':', '-')}.json"
@@ -289,18 +277,18 @@ def answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: s
         print(f"  {label}: reusing the {len(saved[0])} answers an interrupted eval saved in {path}; scoring only",
               flush=True)
         return saved
-    generations, elapsed = generate_answers(cfg, rows, load, variant)
+    generations, elapsed = generate_answers(cfg, run, rows, which, variant)
     write_atomic(path, json.dumps({"key": key, "generation_s": elapsed,
                                    "generations": [dataclasses.asdict(g) for g in generations]}, ensure_ascii=False))
     return generations, elapsed
 
 
 def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: str, variant: str,
-                        folder: Path, load: Callable, greedy: list[Generation], greedy_s: float,
+                        folder: Path, greedy: list[Generation], greedy_s: float,
                         sandbox: Sandbox) -> tuple[list[Generation], float, list[dict]]:
     """Checked decoding's answers (jobs.checked), starting from the model's greedy ones: as Generations to score,
-    the seconds they took in all (greedy_s, the checks and the search), and what the checks said of each. Saved in
-    `folder` as answers_for saves, and reused the same way."""
+    the seconds they took in all (greedy_s, the checks and the search; loading the model for the search left out, as
+    greedy's load is), and what the checks said of each. Saved in `folder` as answers_for saves, reused the same way."""
     path = folder / f"{label.replace(':', '-')}{CHECKED}.json"
     key = {**generation_key(cfg, run, rows, which, variant), "decoding": "checked",
            "candidates": cfg.eval.candidates, "greedy_s": greedy_s,
@@ -312,19 +300,27 @@ def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, 
               "scoring only", flush=True)
         return (*saved, json.loads(path.read_text())["checks"])
 
+    loaded, load_s = [], 0.0
+
     def search(indices: list[int]) -> list[list]:
-        model, tokenizer = load()
+        nonlocal load_s
+        if not loaded:  # only when some greedy answer failed its checks
+            clock = time.perf_counter()
+            model, tokenizer = load_run_model(cfg, run, which)
+            loaded.extend((model.to(device_for()).eval(), tokenizer))
+            load_s = time.perf_counter() - clock
+        model, tokenizer = loaded
         prompts = [render_prompt(tokenizer, rows[i]["context"], rows[i]["question"], variant) for i in indices]
         return checked.search_with_model(model, tokenizer, prompts, [greedy[i] for i in indices],
                                          cfg.eval.candidates, cfg.eval.batch_size, cfg.eval.max_new_tokens)
 
-    if cfg.eval.candidates > 1:
-        load()  # before the clock: a rerun that reuses the greedy answers loads the model here, not in the search
     started = time.perf_counter()
     choices = checked.choose_answers([row["context"] for row in rows], greedy, search, sandbox,
                                      candidates=cfg.eval.candidates, timeout_s=cfg.eval.query_timeout_s,
                                      row_limit=cfg.eval.row_limit)
-    extra_s = time.perf_counter() - started
+    extra_s = time.perf_counter() - started - load_s
+    loaded.clear()
+    free_gpu_memory()
     generations = [Generation(c.text, c.candidate.new_tokens, g.latency_s + extra_s, c.candidate.ended == "eos")
                    for c, g in zip(choices, greedy)]
     checks = [{"checked": c.checked, "candidates_tried": len(c.tried), "greedy_failed_checks": not c.tried[0][1].passed,
@@ -332,6 +328,13 @@ def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, 
     write_atomic(path, json.dumps({"key": key, "generation_s": greedy_s + extra_s, "checks": checks,
                                    "generations": [dataclasses.asdict(g) for g in generations]}, ensure_ascii=False))
     return generations, greedy_s + extra_s, checks
+
+
+def free_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def check_summary(checks: list[dict]) -> dict:
@@ -386,14 +389,11 @@ def run(cfg: Config, run: RunDir) -> str:
     with Sandbox(workers=scoring_workers()) as sandbox:
         for label, which, variant in plan:
             print(f"evaluating {label} on {len(rows)} {cfg.eval.split} examples", flush=True)
-            load = model_loader(cfg, run, which)
-            generations, elapsed = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS, load)
+            generations, elapsed = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS)
             decodings = [(label, generations, elapsed, None)]
             if cfg.eval.decoding == "checked" and which != "base":
                 decodings.append((label + CHECKED, *checked_answers_for(
-                    cfg, run, rows, label, which, variant, staging / GENERATIONS, load, generations, elapsed,
-                    sandbox)))
-            free(load)
+                    cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox)))
             for name, answers, seconds, checks in decodings:
                 scored, speed = evaluate_model(answers, seconds, rows, cfg, sandbox)
                 decoding = {"decoding": "greedy"} if checks is None else {
