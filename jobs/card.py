@@ -167,7 +167,7 @@ def _eval_section(report: dict | None, artifact: str, base: str) -> str:
         lines.append("| (no results in the report) | not measured | not measured | not measured | | | |")
     checked_rows = any(scores.get("decoding") == "checked" for scores in results.values())
     lines += ["", "Decoding: each row says how its answers were decoded. Greedy: the model's most likely token at each "
-              "step, as the usage example below does." + (
+              "step, as the usage example above does." + (
                   " Checked (t2s's checked decoding, `t2s ask --decoding checked`): the first of up to N candidate "
                   "answers — the greedy one, then a beam search's, best-scored first — that parses, whose tables and "
                   "columns resolve against the schema and that runs on databases built from it; when none does, the "
