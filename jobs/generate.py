@@ -103,12 +103,13 @@ class RepetitionGuard:
         return looping
 
 
-def _answer_ids(ids: list[int], tokenizer) -> tuple[list[int], str]:
-    """The generated ids up to and including the end-of-turn token (padding after it dropped), and how they ended."""
-    eos_at = next((k for k, t in enumerate(ids) if t == tokenizer.eos_token_id), None)
-    if eos_at is not None:
-        return ids[:eos_at + 1], "eos"
-    while ids and ids[-1] == tokenizer.pad_token_id:  # a beam stopped early, padded to the longest one
+def _answer_ids(ids: list[int], stops: list[int], pad_token_id: int | None) -> tuple[list[int], str]:
+    """The generated ids up to and including the first stop token (jobs.chat.stop_token_ids; padding after it
+    dropped), and how they ended."""
+    stop_at = next((k for k, t in enumerate(ids) if t in stops), None)
+    if stop_at is not None:
+        return ids[:stop_at + 1], "eos"
+    while ids and ids[-1] == pad_token_id:  # a beam stopped early, padded to the longest one
         ids = ids[:-1]
     return ids, "repeats" if repeats_itself(ids) else "limit"
 
@@ -121,6 +122,7 @@ def generate_candidates(model, tokenizer, prompts: list[str], n: int, batch_size
     from transformers import StoppingCriteriaList
 
     tokenizer.padding_side = "left"
+    stops = stop_token_ids(tokenizer)  # every one: eos alone may not be the token that ends the model's turn
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     per_call = max(1, batch_size // n)
@@ -132,9 +134,9 @@ def generate_candidates(model, tokenizer, prompts: list[str], n: int, batch_size
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=n,
                                 num_return_sequences=n, early_stopping=True, length_penalty=1.0,
                                 stopping_criteria=StoppingCriteriaList([RepetitionGuard(prompt_length)]),
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         for row, ids in enumerate(output[:, prompt_length:].tolist()):
-            found[batch[row // n]].append(_answer_ids(ids, tokenizer))
+            found[batch[row // n]].append(_answer_ids(ids, stops, tokenizer.pad_token_id))
     results = []
     for prompt_ids, answers in zip(encoded, found):
         distinct: dict[str, tuple[list[int], str]] = {}
@@ -150,9 +152,10 @@ def generate_candidates(model, tokenizer, prompts: list[str], n: int, batch_size
 def answer_scores(model, tokenizer, prompts: list[str], answers: list[Candidate]) -> list[float]:
     """The model's score of answers it gave before (e.g. greedily): mean log-probability per token of the answer's
     text, and of the end-of-turn token when it ended there; the same scale as generate_candidates' scores."""
+    end_of_turn = stop_token_ids(tokenizer)[-1]  # the template's end of turn when it has one (listed last), else eos
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     answer_ids = [tokenizer(a.text, add_special_tokens=False)["input_ids"]
-                  + ([tokenizer.eos_token_id] if a.ended == "eos" else []) for a in answers]
+                  + ([end_of_turn] if a.ended == "eos" else []) for a in answers]
     return sequence_scores(model, prompt_ids, answer_ids)
 
 

@@ -12,8 +12,8 @@ import torch
 from jobs import checked
 from jobs.checked import Choice, Verdict, check_candidate, choose_answers, resolution_problem, verdict_after_kill
 from jobs.errors import T2SError
-from jobs.generate import (Candidate, Generation, RepetitionGuard, _answer_ids, generate_candidates, repeats_itself,
-                           sequence_scores)
+from jobs.generate import (Candidate, Generation, RepetitionGuard, _answer_ids, answer_scores, generate_candidates,
+                           repeats_itself, sequence_scores)
 from jobs.sandbox import Sandbox
 from jobs.sqlcheck import parse_schema, single_query
 from tests.conftest import shared_path
@@ -280,16 +280,53 @@ def test_the_guard_ends_a_looping_candidate_in_generate(prepared_run, beams):
     assert unguarded.shape[1] == 60
     assert guarded.shape[1] == 4 + 12  # 4 free tokens, then 4 copies of the 3-token block: stopped there
     for ids in guarded.tolist():
-        assert _answer_ids(ids, tokenizer)[1] == "repeats" and ids[-12:] == block * 4
+        assert _answer_ids(ids, [tokenizer.eos_token_id], 0)[1] == "repeats" and ids[-12:] == block * 4
 
 
 def test_answer_ids_say_how_a_candidate_ended():
-    class Tokenizer:
-        eos_token_id, pad_token_id = 2, 0
+    stops, pad = [2, 4], 0  # eos and the template's end of turn
+    assert _answer_ids([5, 6, 2, 0, 0], stops, pad) == ([5, 6, 2], "eos")
+    assert _answer_ids([5, 6, 4, 2, 0], stops, pad) == ([5, 6, 4], "eos")  # the end of turn ends it too
+    assert _answer_ids([5, 6, 7, 0, 0], stops, pad) == ([5, 6, 7], "limit")
+    assert _answer_ids([9] + [7] * 12 + [0], stops, pad) == ([9] + [7] * 12, "repeats")
 
-    assert _answer_ids([5, 6, 2, 0, 0], Tokenizer) == ([5, 6, 2], "eos")
-    assert _answer_ids([5, 6, 7, 0, 0], Tokenizer) == ([5, 6, 7], "limit")
-    assert _answer_ids([9] + [7] * 12 + [0], Tokenizer) == ([9] + [7] * 12, "repeats")
+
+class _WrittenBeams:
+    """A model stand-in whose every beam 'writes' fixed tokens and whose logits are flat: what generate_candidates
+    asks generate to stop at, and where it cuts each candidate, are tested on their own."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, new_tokens: list[int], vocabulary: int):
+        self.new_tokens, self.vocabulary, self.scored = new_tokens, vocabulary, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, num_return_sequences, eos_token_id, **_):
+        self.eos_token_id = eos_token_id
+        rows = input_ids.repeat_interleave(num_return_sequences, dim=0)
+        return torch.cat([rows, torch.tensor([self.new_tokens[:max_new_tokens]] * len(rows))], dim=1)
+
+    def __call__(self, input_ids, logits_to_keep, **_):
+        self.scored.extend(input_ids.tolist())
+        return type("Output", (), {"logits": torch.zeros(len(input_ids), logits_to_keep, self.vocabulary)})
+
+
+def test_candidates_end_at_the_templates_end_of_turn_even_when_the_tokenizer_names_another_eos():
+    from tests.test_stopping import _chatml_tokenizer_with_the_wrong_eos
+
+    tokenizer = _chatml_tokenizer_with_the_wrong_eos()  # eos <s>, turns end in </s>, as SmolLM2 on transformers 5.17
+    end_of_turn = tokenizer.convert_tokens_to_ids("</s>")
+    sql = tokenizer("SELECT 1", add_special_tokens=False)["input_ids"]
+    model = _WrittenBeams(sql + [end_of_turn] + tokenizer("\nSELECT 2", add_special_tokens=False)["input_ids"] * 5,
+                          len(tokenizer))
+    (candidates,) = generate_candidates(model, tokenizer, ["<|user|>\nq</s>\n<|assistant|>\n"], n=2, batch_size=2,
+                                        max_new_tokens=30)
+    assert [(c.text, c.ended, c.new_tokens) for c in candidates] == [("SELECT 1", "eos", len(sql) + 1)]
+    assert end_of_turn in model.eos_token_id  # the beam search itself stops there, not only the bookkeeping
+    assert model.scored[-1][-len(sql) - 1:] == sql + [end_of_turn]
+    # a greedy answer that ended itself is scored with the end of turn, as the beam search's candidates are
+    model.scored.clear()
+    answer_scores(model, tokenizer, ["<|user|>\nq</s>\n<|assistant|>\n"], [Candidate("SELECT 1", "eos")])
+    assert model.scored[0][-len(sql) - 1:] == sql + [end_of_turn]
 
 
 # ---------- the model's scores and candidates, on the tiny model ----------
