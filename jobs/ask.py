@@ -4,34 +4,42 @@
     t2s ask --model runs/<id> --db shop.sqlite --run "Which product sold most?"
     t2s ask --model org/name --schema-file schema.sql --json - < questions.txt
 
-The model sees exactly the prompt it was trained on (jobs.chat.render_prompt) and answers greedily. An answer
-that is not one SQL query is refused (NotSQLError, carrying the raw text); with --run the query is executed on
-the SQLite file read-only in a jobs.sandbox worker (reading only, time, memory and row limits, nothing written
-beside the file).
+The model sees exactly the prompt it was trained on (jobs.chat.render_prompt) and answers greedily, or, with
+`--decoding checked`, with the first of up to --candidates answers that passes its checks (jobs.checked: it parses,
+its tables and columns resolve against the schema, it runs read-only on databases built from the schema; with --db,
+that file's schema). An answer that is not one SQL query is refused (NotSQLError, carrying the raw text); with --run
+the query is executed on the SQLite file read-only in a jobs.sandbox worker (reading only, time, memory and row
+limits, nothing written beside the file). What reaches the terminal cannot drive it: control characters in the
+model's SQL, in database values and in error lines are printed as escapes (printable).
 
 Python:
     from jobs import ask
-    generator = ask.load("runs/<id>")
+    generator = ask.load("runs/<id>")                   # or ask.load("runs/<id>", decoding="checked", candidates=4)
     generator.sql("CREATE TABLE t (a INTEGER)", "How many rows are there?")
+    generator.answers([(schema, question), ...])       # Answer objects: .text, .sql_only, .checked (checked decoding)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from jobs import sandbox, sqlcheck
+from jobs import checked, sandbox, sqlcheck
 from jobs.config import names_local_path
 from jobs.errors import T2SError, first_line
 from jobs.rundir import RunDir
 from jobs.sandbox import QueryRows
 
 MAX_NEW_TOKENS = 128
+CANDIDATES = 4  # checked decoding: the greedy answer, then up to three more from a beam search of four
 PREVIEW_CHARS = 120  # of a refused answer, in its one-line error
 
 
@@ -50,7 +58,10 @@ class Answer:
     question: str
     text: str  # what the model said, stripped: the SQL when sql_only
     sql_only: bool
-    latency_ms: float  # wall time of the generation batch it was in
+    latency_ms: float  # wall time of the generation batch it was in (checked decoding: of the whole call)
+    checked: bool | None = None  # checked decoding: whether the answer passed every check; None when greedy
+    why_unchecked: str = ""  # checked decoding, when no candidate passed: why, in one line
+    candidates_tried: int = 0  # checked decoding: candidates checked for it
 
 
 # ---------- pure core ----------
@@ -119,9 +130,58 @@ def questions_from_jsonl(text: str, where: str, default_context: str | None) -> 
     return pairs
 
 
+def printable(text: str, multiline: bool = False) -> str:
+    """Text that cannot drive a terminal: control characters (ESC, CR, DEL, C1 controls...) and invisible format
+    characters (bidirectional overrides, zero-width marks, line separators) become escapes such as \\x1b or \\u202e.
+    Line feeds and tabs stay when `multiline`, and are escaped otherwise."""
+    return "".join(_escape(ch) if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+                   and not (multiline and ch in "\n\t") else ch for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch) or (
+        f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
+def answer_line(sql: str) -> str:
+    """An answer as exactly one line, for batches ("line N answers question N"): backslashes doubled, then line
+    breaks and control characters written as backslash escapes (\\n, \\x1b), so the exact text can be read back."""
+    return printable(sql.replace("\\", "\\\\"))
+
+
+def json_line(record: dict) -> str:
+    """One JSON object on one line that strict parsers accept and that cannot drive a terminal: numbers JSON cannot
+    write (SQLite's Inf) become the strings "Infinity" / "-Infinity" / "NaN"; DEL, C1 controls and invisible format
+    characters are written as \\u escapes (JSON itself escapes the other control characters)."""
+    text = json.dumps(_finite(record), ensure_ascii=False, allow_nan=False, default=str)
+    return "".join(_json_escape(ch) if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in text)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _json_escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # as a UTF-16 surrogate pair, the only way JSON writes a character beyond the BMP
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 def format_table(result: QueryRows) -> str:
-    """Rows as aligned text columns (NULL for None) under a header when names are known, then a row count."""
-    cells = [["NULL" if value is None else str(value) for value in row] for row in result.rows]
+    """Rows as aligned text columns (NULL for None) under a header when names are known, then a row count. Values
+    and names are printable: a line break or an escape sequence in a value cannot break the table or the terminal."""
+    cells = [["NULL" if value is None else printable(str(value)) for value in row] for row in result.rows]
+    columns = [printable(str(name)) for name in result.columns] if result.columns else None
+    result = QueryRows(columns, result.rows)
     lines = [*([result.columns] if result.columns else []), *cells]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))] if lines else []
 
@@ -138,6 +198,10 @@ def answer_record(answer: Answer, result: QueryRows | None = None, error: str | 
     """The --json object of one answer."""
     record = {"question": answer.question, "sql": answer.text, "sql_only": answer.sql_only,
               "latency_ms": round(answer.latency_ms, 1)}
+    if answer.checked is not None:
+        record.update(checked=answer.checked, candidates_tried=answer.candidates_tried)
+        if not answer.checked:
+            record["why_unchecked"] = answer.why_unchecked
     if result is not None:
         record["columns"] = result.columns
         record["rows"] = [list(row) for row in result.rows]
@@ -189,10 +253,14 @@ def resolve_model(source: str) -> ModelSource:
 
 
 class SQLGenerator:
-    """A loaded chat model that answers (schema, question) pairs with one SQL query each, greedily."""
+    """A loaded chat model that answers (schema, question) pairs with one SQL query each: greedily, or with checked
+    decoding (jobs.checked: the first of up to `candidates` answers that passes its checks)."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = MAX_NEW_TOKENS):
+    def __init__(self, model, tokenizer, max_new_tokens: int = MAX_NEW_TOKENS, decoding: str = "greedy",
+                 candidates: int = CANDIDATES):
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.decoding = checked.check_decoding(decoding)
+        self.candidates = checked.check_candidates_count(candidates)
 
     def respond(self, pairs: list[tuple[str, str]], batch_size: int):
         """The model's raw generations (jobs.generate.Generation), in order: the only step that runs the model."""
@@ -203,13 +271,32 @@ class SQLGenerator:
         return generate_batched(self.model, self.tokenizer, prompts, batch_size, self.max_new_tokens,
                                 progress=len(pairs) > batch_size and sys.stderr.isatty())
 
+    def search(self, pairs: list[tuple[str, str]], greedy: list, batch_size: int) -> list[list]:
+        """Checked decoding's further candidates (jobs.generate.Candidate) for each pair: its greedy answer, scored,
+        then a beam search's answers, best-scored first. Only questions whose greedy answer failed get here."""
+        from jobs.chat import render_prompt
+
+        prompts = [render_prompt(self.tokenizer, context, question) for context, question in pairs]
+        return checked.search_with_model(self.model, self.tokenizer, prompts, greedy, self.candidates, batch_size,
+                                         self.max_new_tokens)
+
     def answers(self, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[Answer]:
-        """Every answer, SQL or not, with its SQL-only verdict: for callers that report refusals themselves."""
+        """Every answer, SQL or not, with its SQL-only verdict (and with checked decoding, whether it passed its
+        checks): for callers that report refusals themselves."""
         for context, _ in pairs:
             checked_schema(context, "the schema")
+        started = time.perf_counter()
         generations = self.respond(pairs, batch_size)
-        return [Answer(question, g.text, sqlcheck.is_sql_only(g.text), g.latency_s * 1000)
-                for (_, question), g in zip(pairs, generations)]
+        if self.decoding == "greedy":
+            return [Answer(question, g.text, sqlcheck.is_sql_only(g.text), g.latency_s * 1000)
+                    for (_, question), g in zip(pairs, generations)]
+        choices = checked.choose_answers(
+            [context for context, _ in pairs], generations,
+            lambda indices: self.search([pairs[i] for i in indices], [generations[i] for i in indices], batch_size),
+            sandbox.shared(), candidates=self.candidates)
+        latency_ms = (time.perf_counter() - started) * 1000
+        return [Answer(question, choice.text, sqlcheck.is_sql_only(choice.text), latency_ms, choice.checked,
+                       choice.why_unchecked, len(choice.tried)) for (_, question), choice in zip(pairs, choices)]
 
     def sql_many(self, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[str]:
         """One SQL query per (schema, question); NotSQLError for the first answer that is not one."""
@@ -219,9 +306,12 @@ class SQLGenerator:
         return self.sql_many([(schema, question)], batch_size=1)[0]
 
 
-def load(model: str | ModelSource, device: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> SQLGenerator:
+def load(model: str | ModelSource, device: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+         decoding: str = "greedy", candidates: int = CANDIDATES) -> SQLGenerator:
     """A SQLGenerator for a run directory (its merged model, or base + adapter before the merge), a model folder
-    or a Hub id, on `device` (the GPU when there is one)."""
+    or a Hub id, on `device` (the GPU when there is one), decoding greedily or "checked" (up to `candidates`)."""
+    checked.check_decoding(decoding)  # before the slow load
+    checked.check_candidates_count(candidates)
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     from jobs.chat import check_chat_template
     from jobs.config import load_config
@@ -239,7 +329,7 @@ def load(model: str | ModelSource, device: str | None = None, max_new_tokens: in
     except (RuntimeError, AssertionError, ValueError) as error:  # no such device, or torch built without it
         raise T2SError(f"cannot put the model on device {device!r} ({first_line(error)}): pass --device cpu, or "
                        "leave --device out to use the GPU when there is one") from None
-    return SQLGenerator(loaded, tokenizer, max_new_tokens)
+    return SQLGenerator(loaded, tokenizer, max_new_tokens, decoding, candidates)
 
 
 # ---------- database ----------
@@ -263,7 +353,11 @@ def run_on_database(db: Path, sql: str, timeout_s: float, row_limit: int) -> Que
 # ---------- CLI shell ----------
 
 def _error(message: str) -> None:
-    print(f"t2s ask: error: {message}", file=sys.stderr, flush=True)
+    print(f"t2s ask: error: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def _warn(message: str) -> None:
+    print(f"t2s ask: warning: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _read_file(path: Path, what: str) -> str:
@@ -314,7 +408,8 @@ def read_pairs(question: str | None, questions_file: Path | None, context: str |
 
 def answer_all(generator: SQLGenerator, pairs: list[tuple[str, str]], batch: bool, *, batch_size: int,
                db: Path | None, execute: bool, as_json: bool, timeout_s: float, row_limit: int) -> bool:
-    """Prints every answer (one line each, or SQL and its rows with --run); True when all went through."""
+    """Prints every answer (one line each, or SQL and its rows with --run); True when all went through. In a batch,
+    line N is the answer to question N (answer_line: one line, whatever the model wrote)."""
     ok = True
     for number, answer in enumerate(generator.answers(pairs, batch_size), start=1):
         where = f"question {number}: " if batch else ""
@@ -327,12 +422,14 @@ def answer_all(generator: SQLGenerator, pairs: list[tuple[str, str]], batch: boo
             except T2SError as failure:
                 error = str(failure)
         if as_json:
-            print(json.dumps(answer_record(answer, result, error), ensure_ascii=False, default=str), flush=True)
+            print(json_line(answer_record(answer, result, error)), flush=True)
             continue
         if answer.sql_only:
-            print(answer.text, flush=True)
+            print(answer_line(answer.text) if batch else printable(answer.text, multiline=True), flush=True)
         elif batch:
             print(flush=True)  # keeps line N the answer to question N
+        if answer.checked is False and answer.sql_only:
+            _warn(f"{where}the answer is unchecked: {answer.why_unchecked}")
         if result is not None:
             print(format_table(result) + ("\n" if batch else ""), flush=True)
         if error is not None:
@@ -350,8 +447,11 @@ def ask_command(
     db: Optional[Path] = typer.Option(None, "--db", help="A SQLite file: its tables are the schema."),
     run: bool = typer.Option(False, "--run", help="Execute the SQL on --db, read-only, and print the rows."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object a question: question, sql, sql_only, "
-                                                       "latency_ms (columns, rows with --run; error). Problems "
-                                                       "with an answer go in its object, exit code 0."),
+                                                       "latency_ms (columns, rows with --run; error; checked, "
+                                                       "candidates_tried, why_unchecked with checked decoding). "
+                                                       "Problems with an answer go in its object, exit code 0. "
+                                                       "SQLite's infinite numbers are the strings \"Infinity\" and "
+                                                       "\"-Infinity\"."),
     questions_file: Optional[Path] = typer.Option(None, "--questions",
                                                   help="JSONL of {\"question\", optional \"context\"|\"schema\"}."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Questions generated together."),
@@ -359,11 +459,21 @@ def ask_command(
     timeout_s: float = typer.Option(5.0, "--timeout-s", min=0.01, help="Time limit of one query with --run."),
     row_limit: int = typer.Option(1000, "--row-limit", min=1, help="Most rows a query may return with --run."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: GPU if any)."),
+    decoding: str = typer.Option("greedy", "--decoding", help="greedy, or checked: the first of up to --candidates "
+                                 "answers that parses, resolves against the schema and runs on databases built "
+                                 "from it (with --db, that file's schema); when none does, the best-scored one, "
+                                 "with a warning."),
+    candidates: int = typer.Option(CANDIDATES, "--candidates", help="Checked decoding: the most candidates a "
+                                   "question gets (the greedy answer, then a beam search's)."),
 ):
-    """Answer a question about some tables with one SQL query (and, with --db --run, its rows)."""
+    """Answer a question about some tables with one SQL query (and, with --db --run, its rows). In a batch, line N
+    of the output is the answer to question N: an answer's line breaks, backslashes and control characters are
+    written as backslash escapes (\\n, \\\\, \\x1b); --json gives the exact text."""
     try:
         if not model:
             raise T2SError("no model given: pass --model a run directory, a merged model folder or a Hub id")
+        checked.check_decoding(decoding)
+        checked.check_candidates_count(candidates)
         if run and db is None:
             raise T2SError("--run executes the SQL on a database: pass --db file.sqlite")
         source = resolve_model(model)  # every input is checked before the slow imports and the load
@@ -373,7 +483,7 @@ def ask_command(
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()
-        generator = load(source, device, max_new_tokens)
+        generator = load(source, device, max_new_tokens, decoding=decoding, candidates=candidates)
         ok = answer_all(generator, pairs, batch, batch_size=batch_size, db=db, execute=run, as_json=as_json,
                         timeout_s=timeout_s, row_limit=row_limit)
     except T2SError as exc:

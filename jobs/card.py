@@ -16,6 +16,8 @@ from typing import Any
 from jobs.config import Config
 from jobs.rundir import read_json
 
+CHECKED = "+checked"  # the label suffix of a checked-decoding row in eval's report (jobs.eval.CHECKED)
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 EXAMPLE = {"context": "CREATE TABLE head (age INTEGER)",
            "question": "How many heads of the departments are older than 56 ?"}
@@ -154,26 +156,33 @@ def _eval_section(report: dict | None, artifact: str, base: str) -> str:
     lines.append(f"On the held-out **{split}** split ({_count(report.get('n_examples'))} examples) of "
                  f"`{dataset.get('source', 'not recorded')}` as this run prepared it (content hash "
                  f"`{dataset.get('hash', 'not recorded')}`):")
-    lines += ["", "| model | SQL-only | exact match | execution accuracy | examples | gold SQL errors |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| model | SQL-only | exact match | execution accuracy | examples | gold SQL errors | decoding |",
+              "|---|---|---|---|---|---|---|"]
     for label, scores in results.items():
-        name = _model_label(label, base) + (" — **this repo**" if label == artifact else "")
+        name = _model_label(label, base) + (" — **this repo**" if label.removesuffix(CHECKED) == artifact else "")
         lines.append(f"| {name} | {_percent(scores.get('sql_only'))} | {_percent(scores.get('exact_match'))} | "
                      f"{_percent(scores.get('execution_accuracy'))} | {_count(scores.get('n'))} | "
-                     f"{_count(scores.get('gold_error'))} |")
+                     f"{_count(scores.get('gold_error'))} | {_decoding(scores)} |")
     if not results:
-        lines.append("| (no results in the report) | not measured | not measured | not measured | | |")
-    lines += ["", "Greedy answers. SQL-only: one SQL query and nothing else (checked with a SQL parser). Exact match: "
+        lines.append("| (no results in the report) | not measured | not measured | not measured | | | |")
+    checked_rows = any(scores.get("decoding") == "checked" for scores in results.values())
+    lines += ["", "Decoding: each row says how its answers were decoded. Greedy: the model's most likely token at each "
+              "step, as the usage example above does." + (
+                  " Checked (t2s's checked decoding, `t2s ask --decoding checked`): the first of up to N candidate "
+                  "answers — the greedy one, then a beam search's, best-scored first — that parses, whose tables and "
+                  "columns resolve against the schema and that runs on databases built from it; when none does, the "
+                  "best-scored one." if checked_rows else "") +
+              " SQL-only: one SQL query and nothing else (checked with a SQL parser). Exact match: "
               "the reference query, up to whitespace, keyword case, quoting and a trailing semicolon. Execution "
               "accuracy: the same rows as the reference query on generated SQLite databases, over the examples whose "
               "reference query runs (the others are the gold SQL errors). Per-bucket scores and every prediction: "
               "`eval/report.md`, `eval/report.json`, `eval/predictions.jsonl`."]
-    lines += ["", "| model | queries/s | tokens/s | mean latency |", "|---|---|---|---|"]
+    lines += ["", "| model | queries/s | tokens/s | mean latency | decoding |", "|---|---|---|---|---|"]
     for label, scores in results.items():
         latency = scores.get("latency_ms_mean")
         lines.append(f"| {_model_label(label, base)} | {_number(scores.get('queries_per_s'))} | "
                      f"{_number(scores.get('tokens_per_s'))} | "
-                     f"{_number(latency) + ' ms' if _is_number(latency) else 'not measured'} |")
+                     f"{_number(latency) + ' ms' if _is_number(latency) else 'not measured'} | {_decoding(scores)} |")
     splits = dataset.get("splits") or {}
     lines += ["", "Dataset splits:", "", "| split | rows |", "|---|---|"]
     lines += [f"| {name} | {_count(splits.get(name))} |" for name in ("train", "validation", "test")]
@@ -254,7 +263,15 @@ def _files_section(adapter: bool, evaluated: bool) -> str:
     return "\n".join(lines)
 
 
+def _decoding(scores: dict) -> str:
+    """How a row's answers were decoded; a report from before decodings were recorded decoded greedily."""
+    if scores.get("decoding") == "checked":
+        return f"checked, up to {_count(scores.get('candidates'))} candidates"
+    return "greedy"
+
+
 def _model_label(label: str, base: str) -> str:
+    label = label.removesuffix(CHECKED)  # the decoding has its own column
     if label == "base":
         return f"base (`{base}`)"
     if label.startswith("base:"):

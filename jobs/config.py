@@ -121,6 +121,11 @@ class EvalConfig(Section):
     rows_per_table: int = Field(default=8, gt=0)
     query_timeout_s: float = Field(default=1.0, gt=0)
     row_limit: int = Field(default=10_000, gt=0)
+    # greedy: greedy answers only. checked: each fine-tuned model is also evaluated with checked decoding (jobs.checked:
+    # the first of up to `candidates` answers that parses, resolves against the schema and runs), side by side with
+    # its greedy answers. Base models answer greedily only: they chat, and every answer would go to the beam search.
+    decoding: Literal["greedy", "checked"] = "checked"
+    candidates: int = Field(default=4, ge=1)  # checked decoding: the greedy answer, then a beam search's
 
 
 class PushGates(Section):

@@ -7,8 +7,12 @@ greedy answers for a split in length-sorted batches and scores every answer on
   execution_accuracy   same rows as the gold query on several generated SQLite databases (jobs.scoring, run in
                        jobs.sandbox's worker processes); examples whose gold query fails to run (gold_error) or
                        whose tables SQLite cannot hold (build_error) are counted apart with their reason, not as misses
-plus latency and throughput. Writes eval/report.json, report.md, predictions.jsonl and metrics.png. Each model's
-answers are saved (eval.partial/generations/) as soon as they exist, so a rerun after a crash or kill only scores.
+  fails_to_execute     the share of predictions that do not run at all (not SQL, an SQLite error, refused, timed out)
+plus latency and throughput. With eval.decoding: checked, each fine-tuned model is also scored with checked decoding
+(jobs.checked), as its own row "<model>+checked" beside the greedy one, in every table and bucket; its queries/s
+count the greedy answers it starts from, the checks and the beam search. Writes eval/report.json, report.md,
+predictions.jsonl and metrics.png. Each model's answers are saved (eval.partial/generations/) as soon as they exist,
+so a rerun after a crash or kill only scores.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 from sqlglot import exp
 from tqdm.auto import tqdm
 
-from jobs import scoring, sqlcheck
+from jobs import checked, scoring, sqlcheck
 from jobs.chat import render_prompt
 from jobs.config import Config
 from jobs.errors import T2SError
@@ -36,6 +40,8 @@ from jobs.sandbox import Sandbox
 
 METRICS = ("sql_only", "exact_match", "execution_accuracy")
 NOT_SCORED = ("gold_error", "build_error")  # left out of execution accuracy: the example's fault, not the model's
+FAILS_TO_EXECUTE = ("not_sql", "pred_error", "pred_timeout", "pred_refused")  # the prediction does not run at all
+CHECKED = "+checked"  # the label suffix of a model's checked-decoding row
 GENERATIONS = "generations"  # the staging's folder of saved answers, kept when an interrupted eval reruns
 
 
@@ -51,6 +57,8 @@ def summarize(scored: list[dict]) -> dict:
         "sql_only": sum(s["sql_only"] for s in scored) / n if n else 0.0,
         "exact_match": sum(s["exact_match"] for s in scored) / n if n else 0.0,
         "execution_accuracy": sum(s["execution"] == "match" for s in runnable) / len(runnable) if runnable else 0.0,
+        "fails_to_execute": (sum(s["execution"] in FAILS_TO_EXECUTE for s in runnable) / len(runnable)
+                             if runnable else 0.0),
         "gold_error": outcomes["gold_error"],
         "build_error": outcomes["build_error"],
         "execution_outcomes": dict(outcomes),
@@ -88,16 +96,18 @@ def render_markdown(report: dict) -> str:
     lines = [f"# t2s eval · run {report['run_id']} · {report['split']} split, {report['n_examples']} examples", "",
              f"Base model: `{report['models']['base']}` · fine-tuned: `{report['models'].get('finetuned')}` · "
              f"dataset `{report['dataset']['source']}` (hash {report['dataset']['hash'][:12]})", "",
-             "| model | SQL-only | exact match | execution accuracy | gold fails to run | tables cannot be built "
-             "| queries/s | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | gold fails to run "
+             "| tables cannot be built | queries/s | tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         r = report["results"][label]
-        lines.append(f"| {label} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | {r['execution_accuracy']:.1%} | "
-                     f"{r['gold_error']} | {r['build_error']} | {r['queries_per_s']:.1f} | {r['tokens_per_s']:.0f} |")
+        lines.append(f"| {label} | {decoding_mode(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
+                     f"{r['execution_accuracy']:.1%} | {_share(r.get('fails_to_execute'))} | {r['gold_error']} | "
+                     f"{r['build_error']} | {r['queries_per_s']:.1f} | {r['tokens_per_s']:.0f} |")
     if report["build_errors"]:
         lines += ["", "Examples whose tables SQLite cannot hold (left out of execution accuracy): "
                   + "; ".join(f"{reason} ({count})" for reason, count in report["build_errors"].items()) + "."]
+    lines += render_greedy_vs_checked(report)
     lines += ["", "## By bucket (execution accuracy · SQL-only)", "",
               "| bucket | n | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
     for name in report["buckets"][labels[0]]:
@@ -109,6 +119,43 @@ def render_markdown(report: dict) -> str:
               f"{report['config']['databases_per_example']} generated SQLite databases per example, read-only, "
               f"with a {report['config']['query_timeout_s']} s limit per query.", ""]
     return "\n".join(lines + render_endings(report))
+
+
+def decoding_mode(result: dict) -> str:
+    """How a row's answers were decoded, in a few words (a report from before decodings were recorded: greedy)."""
+    if result.get("decoding") == "checked":
+        return f"checked, up to {result.get('candidates', '?')} candidates"
+    return "greedy"
+
+
+def _share(value) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "not measured"
+
+
+def render_greedy_vs_checked(report: dict) -> list[str]:
+    """The report's greedy vs checked section: each model's two rows side by side, with what the checks did."""
+    results = report["results"]
+    pairs = [(label[:-len(CHECKED)], label) for label in results if label.endswith(CHECKED)
+             and label[:-len(CHECKED)] in results]
+    if not pairs:
+        return []
+    lines = ["", "## Greedy vs checked decoding", "",
+             "Checked decoding answers with the first candidate that finishes, parses, resolves against the schema and "
+             "runs on databases built from it: the greedy answer, else a beam search's, best-scored first; when none "
+             "passes, the best-scored one (unchecked). Its queries/s include the greedy answers, the checks and the "
+             "search.", "",
+             "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | queries/s "
+             "| passed the checks | needed the search |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for greedy, checked_label in pairs:
+        for label in (greedy, checked_label):
+            r = results[label]
+            checks = (f"{_share(r.get('passed_checks'))} | {_share(r.get('searched'))}" if label == checked_label
+                      else " | ")
+            lines.append(f"| {greedy} | {decoding_mode(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
+                         f"{r['execution_accuracy']:.1%} | {_share(r.get('fails_to_execute'))} | "
+                         f"{r['queries_per_s']:.1f} | {checks} |")
+    return lines
 
 
 def answer_endings(generations) -> dict:
@@ -236,6 +283,67 @@ def answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: s
     return generations, elapsed
 
 
+def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: str, variant: str,
+                        folder: Path, greedy: list[Generation], greedy_s: float,
+                        sandbox: Sandbox) -> tuple[list[Generation], float, list[dict]]:
+    """Checked decoding's answers (jobs.checked), starting from the model's greedy ones: as Generations to score,
+    the seconds they took in all (greedy_s, the checks and the search; loading the model for the search left out, as
+    greedy's load is), and what the checks said of each. Saved in `folder` as answers_for saves, reused the same way."""
+    path = folder / f"{label.replace(':', '-')}{CHECKED}.json"
+    key = {**generation_key(cfg, run, rows, which, variant), "decoding": "checked",
+           "candidates": cfg.eval.candidates, "greedy_s": greedy_s,
+           "checks": [checked.CHECK_ROWS_PER_TABLE, cfg.eval.query_timeout_s, cfg.eval.row_limit]}
+    key = json.loads(json.dumps(key))
+    saved = saved_generations(path, key)
+    if saved is not None:
+        print(f"  {label}{CHECKED}: reusing the {len(saved[0])} answers an interrupted eval saved in {path}; "
+              "scoring only", flush=True)
+        return (*saved, json.loads(path.read_text())["checks"])
+
+    loaded, load_s = [], 0.0
+
+    def search(indices: list[int]) -> list[list]:
+        nonlocal load_s
+        if not loaded:  # only when some greedy answer failed its checks
+            clock = time.perf_counter()
+            model, tokenizer = load_run_model(cfg, run, which)
+            loaded.extend((model.to(device_for()).eval(), tokenizer))
+            load_s = time.perf_counter() - clock
+        model, tokenizer = loaded
+        prompts = [render_prompt(tokenizer, rows[i]["context"], rows[i]["question"], variant) for i in indices]
+        return checked.search_with_model(model, tokenizer, prompts, [greedy[i] for i in indices],
+                                         cfg.eval.candidates, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+
+    started = time.perf_counter()
+    choices = checked.choose_answers([row["context"] for row in rows], greedy, search, sandbox,
+                                     candidates=cfg.eval.candidates, timeout_s=cfg.eval.query_timeout_s,
+                                     row_limit=cfg.eval.row_limit)
+    extra_s = time.perf_counter() - started - load_s
+    loaded.clear()
+    free_gpu_memory()
+    generations = [Generation(c.text, c.candidate.new_tokens, g.latency_s + extra_s, c.candidate.ended == "eos")
+                   for c, g in zip(choices, greedy)]
+    checks = [{"checked": c.checked, "candidates_tried": len(c.tried), "greedy_failed_checks": not c.tried[0][1].passed,
+               "why_unchecked": c.why_unchecked} for c in choices]
+    write_atomic(path, json.dumps({"key": key, "generation_s": greedy_s + extra_s, "checks": checks,
+                                   "generations": [dataclasses.asdict(g) for g in generations]}, ensure_ascii=False))
+    return generations, greedy_s + extra_s, checks
+
+
+def free_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def check_summary(checks: list[dict]) -> dict:
+    """What the checks did for a model's checked answers: shares of questions."""
+    n = len(checks) or 1
+    return {"passed_checks": sum(c["checked"] for c in checks) / n,
+            "searched": sum(c["greedy_failed_checks"] for c in checks) / n}
+
+
 def score_answers(rows: list[dict], responses: list[str], eval_cfg, sandbox: Sandbox) -> list[dict]:
     """Every answer's scores (jobs.scoring.score_answer), computed in the sandbox's workers."""
     score = functools.partial(scoring.score_answer, databases=eval_cfg.databases_per_example,
@@ -262,9 +370,10 @@ def evaluate_model(generations: list[Generation], elapsed: float, rows: list[dic
 
 
 def scoring_workers() -> int:
-    """Sandbox workers for scoring: one per CPU core this process may use, at most 4."""
+    """Sandbox workers for scoring and checked decoding's checks: one per CPU core this process may use, at most 8
+    (a GPU machine's cores otherwise idle while checks hold up the next generation step)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, 4))
+    return max(1, min(cores, 8))
 
 
 def run(cfg: Config, run: RunDir) -> str:
@@ -281,15 +390,24 @@ def run(cfg: Config, run: RunDir) -> str:
         for label, which, variant in plan:
             print(f"evaluating {label} on {len(rows)} {cfg.eval.split} examples", flush=True)
             generations, elapsed = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS)
-            scored, speed = evaluate_model(generations, elapsed, rows, cfg, sandbox)
-            results[label] = {**summarize(scored), **speed}
-            by_bucket[label] = buckets(rows, scored)
-            for i, s in enumerate(scored):
-                predictions[i][label] = s
-            r = results[label]
-            print(f"  {label}: SQL-only {r['sql_only']:.1%} · exact {r['exact_match']:.1%} · "
-                  f"execution {r['execution_accuracy']:.1%} · ended at EOS {r['ended_at_eos']:.1%} · "
-                  f"{r['queries_per_s']:.1f} queries/s", flush=True)
+            decodings = [(label, generations, elapsed, None)]
+            if cfg.eval.decoding == "checked" and which != "base":
+                decodings.append((label + CHECKED, *checked_answers_for(
+                    cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox)))
+            for name, answers, seconds, checks in decodings:
+                scored, speed = evaluate_model(answers, seconds, rows, cfg, sandbox)
+                decoding = {"decoding": "greedy"} if checks is None else {
+                    "decoding": "checked", "candidates": cfg.eval.candidates, **check_summary(checks)}
+                for s, check in zip(scored, checks or [{}] * len(scored)):
+                    s.update(check)
+                results[name] = {**summarize(scored), **speed, **decoding}
+                by_bucket[name] = buckets(rows, scored)
+                for i, s in enumerate(scored):
+                    predictions[i][name] = s
+                r = results[name]
+                print(f"  {name}: SQL-only {r['sql_only']:.1%} · exact {r['exact_match']:.1%} · "
+                      f"execution {r['execution_accuracy']:.1%} · fails to execute {r['fails_to_execute']:.1%} · "
+                      f"ended at EOS {r['ended_at_eos']:.1%} · {r['queries_per_s']:.1f} queries/s", flush=True)
 
     report = {
         "run_id": cfg.run_id,

@@ -17,7 +17,7 @@ from jobs import ask
 from jobs.cli import app
 from jobs.config import load_config
 from jobs.errors import T2SError
-from jobs.generate import Generation
+from jobs.generate import Candidate, Generation
 from jobs.models import load_run_model
 from jobs.rundir import RunDir
 from tests.conftest import ROOT, t2s, tiny_config, write_config
@@ -70,12 +70,30 @@ class FakeGenerator(ask.SQLGenerator):
     def respond(self, pairs, batch_size):
         self.asked += pairs
         return [Generation(text=self.replies[(len(self.asked) - len(pairs) + i) % len(self.replies)],
-                           new_tokens=3, latency_s=0.002) for i in range(len(pairs))]
+                           new_tokens=3, latency_s=0.002, ended_at_eos=True) for i in range(len(pairs))]
+
+
+class FakeChecked(FakeGenerator):
+    """A FakeGenerator whose checked decoding's search gives hand-made candidates: {greedy reply: [(text, score)]}."""
+
+    def __init__(self, *replies: str, more: dict[str, list[tuple[str, float]]]):
+        super().__init__(*replies)
+        self.more, self.searched = more, []
+
+    def search(self, pairs, greedy, batch_size):
+        self.searched += [g.text for g in greedy]
+        return [[Candidate(g.text, "eos", -1.0, 3), *[Candidate(text, "eos", score, 3) for text, score in
+                                                       self.more.get(g.text, [])]] for g in greedy]
 
 
 def ask_with(monkeypatch, generator, *args: str, input: str | None = None):
-    """`t2s ask` in-process with `generator` in place of the model."""
-    monkeypatch.setattr(ask, "load", lambda model, device=None, max_new_tokens=128: generator)
+    """`t2s ask` in-process with `generator` in place of the model; --decoding and --candidates reach it."""
+
+    def load(model, device=None, max_new_tokens=128, decoding="greedy", candidates=ask.CANDIDATES):
+        generator.decoding, generator.candidates = decoding, candidates
+        return generator
+
+    monkeypatch.setattr(ask, "load", load)
     return CliRunner().invoke(app, ["ask", "--model", "fake", *args], input=input)
 
 
@@ -234,6 +252,13 @@ def test_no_such_model_path_in_a_real_process():
     (["q"], None, "no tables given"),
     (["--schema", SONGS_SCHEMA, "--run", "q"], None, "--run executes the SQL on a database: pass --db"),
     (["--schema", SONGS_SCHEMA, "--questions", "{text}"], None, "line 1: not JSON"),
+    (["--schema", SONGS_SCHEMA, "--decoding", "checked", "--candidates", "0", "q"], None,
+     "the candidate count must be a whole number of at least 1 (got 0)"),
+    (["--schema", SONGS_SCHEMA, "--decoding", "beam", "q"], None,
+     "unknown decoding 'beam': use one of greedy, checked"),
+    (["--schema", "CREATE TABLE songs (title", "--decoding", "checked", "q"], None,
+     "--schema does not parse as CREATE TABLE statements"),
+    (["--db", "{text}", "--decoding", "checked", "--run", "q"], None, "not a readable SQLite database"),
 ])
 def test_bad_inputs_fail_in_one_line(tmp_path, songs_db, args, input, expected):
     (tmp_path / "empty.sql").write_text("  \n")
@@ -287,3 +312,133 @@ def test_format_table_without_column_names():
 def test_a_device_that_is_not_there_is_one_line(merged_run):
     with pytest.raises(T2SError, match="cannot put the model on device 'nope'.*--device cpu"):
         ask.load(str(merged_run), device="nope")
+
+
+# ---------- checked decoding ----------
+
+def test_checked_decoding_answers_with_the_first_candidate_that_passes(monkeypatch):
+    fake = FakeChecked("SELECT name FROM songs", "SELECT COUNT(*) FROM songs",
+                       more={"SELECT name FROM songs": [("SELECT titel FROM songs", -0.2), ("SELECT title FROM songs",
+                                                                                           -0.3)]})
+    result = ask_with(monkeypatch, fake, "--schema", SONGS_SCHEMA, "--decoding", "checked", "-", input="q1\nq2\n")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert result.stdout == "SELECT title FROM songs\nSELECT COUNT(*) FROM songs\n"
+    assert fake.searched == ["SELECT name FROM songs"]  # the second greedy answer passed: no search for it
+
+    result = ask_with(monkeypatch, fake, "--schema", SONGS_SCHEMA, "--decoding", "checked", "--json", "-",
+                      input="q1\nq2\n")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["sql"], r["checked"], r["candidates_tried"]) for r in records] == [
+        ("SELECT title FROM songs", True, 3), ("SELECT COUNT(*) FROM songs", True, 1)]
+    assert all("why_unchecked" not in r for r in records)
+
+
+def test_checked_decoding_returns_the_best_scored_unchecked_answer_with_a_warning(monkeypatch):
+    fake = FakeChecked("SELECT name FROM songs", more={"SELECT name FROM songs": [("SELECT titel FROM songs", -0.2),
+                                                                                 ("SELECT nme FROM songs", -1.5)]})
+    result = ask_with(monkeypatch, fake, "--schema", SONGS_SCHEMA, "--decoding", "checked", "How many?")
+    assert result.exit_code == 0 and result.stdout == "SELECT titel FROM songs\n"
+    assert result.stderr == ("t2s ask: warning: the answer is unchecked: none of 3 candidate(s) passed the checks "
+                             "(the first fails 'runs': no such column: name)\n")
+    result = ask_with(monkeypatch, fake, "--schema", SONGS_SCHEMA, "--decoding", "checked", "--candidates", "1",
+                      "--json", "How many?")
+    record = json.loads(result.stdout)
+    assert (record["sql"], record["checked"], record["candidates_tried"]) == ("SELECT name FROM songs", False, 1)
+    assert record["why_unchecked"] == "it fails 'runs': no such column: name"
+
+
+def test_checked_decoding_on_a_sqlite_file_checks_its_schema_and_leaves_it_untouched(monkeypatch, tmp_path):
+    db = tmp_path / "shop.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER, customer VARCHAR, total REAL)")
+        conn.executemany("INSERT INTO orders VALUES (?, ?, ?)", [(1, "ann", 9.5), (2, "bob", 20.0)])
+        conn.execute("PRAGMA journal_mode = WAL")  # SQLite would write -wal and -shm beside a WAL file it opens
+    conn.close()
+    before, listing = digest(db), sorted(p.name for p in tmp_path.iterdir())
+    greedy = "SELECT customer FROM orders ORDER BY amount DESC LIMIT 1"  # the songs schema has no amount either
+    fake = FakeChecked(greedy, more={greedy: [("SELECT title FROM songs", -0.1),
+                                              ("SELECT customer FROM orders ORDER BY total DESC LIMIT 1", -0.4)]})
+    result = ask_with(monkeypatch, fake, "--db", str(db), "--run", "--decoding", "checked", "Who spent most?")
+    assert result.exit_code == 0, result.stderr
+    assert fake.asked == [("CREATE TABLE orders (id INTEGER, customer VARCHAR, total REAL)", "Who spent most?")]
+    assert result.stdout == ("SELECT customer FROM orders ORDER BY total DESC LIMIT 1\n"
+                             "customer\n--------\nbob\n(1 row)\n")
+    assert digest(db) == before and sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_checked_decoding_on_the_tiny_model_and_its_python_api(merged_run):
+    with pytest.raises(T2SError, match="candidate count"):
+        ask.load("org/never-loaded", decoding="checked", candidates=0)  # before any load
+    generator = ask.load(str(merged_run), device="cpu", max_new_tokens=12, decoding="checked", candidates=3)
+    pairs = [(SONGS_SCHEMA, "What is the title when the genre is jazz?"), (SONGS_SCHEMA, "How many songs?")]
+    answers = generator.answers(pairs, batch_size=2)
+    assert [a.question for a in answers] == [q for _, q in pairs]
+    for answer in answers:
+        assert isinstance(answer.checked, bool) and 1 <= answer.candidates_tried <= 3
+        assert (answer.why_unchecked == "") == answer.checked
+    greedy = ask.load(str(merged_run), device="cpu", max_new_tokens=12).answers(pairs, batch_size=2)
+    assert all(a.checked is None and a.candidates_tried == 0 for a in greedy)
+    for g, c in zip(greedy, answers):
+        if c.candidates_tried == 1:  # the greedy answer passed, or failed with no other candidate: it is the answer
+            assert c.text == g.text
+
+
+# ---------- what reaches the terminal (issue 16) ----------
+
+OSC52 = "\x1b]52;c;cm0gLXJmIH4=\x07"  # writes "rm -rf ~" to the clipboard in terminals that allow it
+
+
+def test_a_batch_prints_one_line_per_answer_whatever_the_model_wrote(monkeypatch):
+    fake = FakeGenerator("SELECT title\nFROM songs\r\nWHERE year > 2000", "SELECT 'a\\nb' FROM songs",
+                         "SELECT 3 FROM songs")
+    result = ask_with(monkeypatch, fake, "--schema", SONGS_SCHEMA, "-", input="q1\nq2\nq3\n")
+    assert result.exit_code == 0
+    assert result.stdout.split("\n") == ["SELECT title\\nFROM songs\\r\\nWHERE year > 2000",
+                                         "SELECT 'a\\\\nb' FROM songs", "SELECT 3 FROM songs", ""]
+    decoded = [line.encode().decode("unicode_escape") for line in result.stdout.splitlines()]
+    assert decoded == fake.replies  # the escapes read back to exactly what the model wrote
+    # one question alone: its SQL as written, line breaks and all
+    result = ask_with(monkeypatch, FakeGenerator("SELECT title\nFROM songs"), "--schema", SONGS_SCHEMA, "q")
+    assert result.stdout == "SELECT title\nFROM songs\n"
+
+
+def test_escape_sequences_never_reach_the_terminal(monkeypatch, songs_db):
+    sql = f"SELECT '{OSC52}' || title || char(27) || '[2J' || char(155) || '31m' AS \"x\u202ey\" FROM songs LIMIT 1"
+    result = ask_with(monkeypatch, FakeGenerator(sql), "--db", str(songs_db), "--run", "Show me")
+    assert result.exit_code == 0, result.stderr
+    for raw in ("\x1b", "\x07", "\x9b", "\u202e"):
+        assert raw not in result.stdout
+    assert result.stdout.splitlines()[0].startswith("SELECT '\\x1b]52;c;cm0gLXJmIH4=\\x07' || title")
+    shown = "\\x1b]52;c;cm0gLXJmIH4=\\x07blue\\x1b[2J\\x9b31m"
+    assert result.stdout.splitlines()[1:] == ["x\\u202ey", "-" * len(shown), shown, "(1 row)"]
+    multi_line_value = "SELECT 'one' || char(10) || 'two' AS v, 1 AS n FROM songs LIMIT 1"
+    result = ask_with(monkeypatch, FakeGenerator(multi_line_value), "--db", str(songs_db), "--run", "Show me")
+    assert result.stdout.splitlines()[1:] == ["v         n", "--------  -", "one\\ntwo  1", "(1 row)"]
+    # an error line that quotes the model's words
+    result = ask_with(monkeypatch, FakeGenerator(f"Sure{OSC52}\x9b2J"), "--schema", SONGS_SCHEMA, "q")
+    line = one_error_line(result)
+    assert not any(raw in result.stderr for raw in ("\x1b", "\x07", "\x9b")) and "\\x9b2J" in line
+
+
+def test_json_output_is_strict_json_without_terminal_controls(monkeypatch, songs_db):
+    def strict(line: str):
+        return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    sql = "SELECT 1e999 AS up, -1e999 AS down, title || char(155) || char(127) AS t FROM songs LIMIT 1"
+    result = ask_with(monkeypatch, FakeGenerator(sql + f" -- {OSC52}"), "--db", str(songs_db), "--run", "--json",
+                      "Show me")
+    assert result.exit_code == 0, result.stderr
+    assert not any(raw in result.stdout for raw in ("\x1b", "\x07", "\x9b", "\x7f", "Infinity,"))
+    record = strict(result.stdout)
+    assert record["rows"] == [["Infinity", "-Infinity", "blue\x9b\x7f"]]
+    assert record["sql"] == sql + f" -- {OSC52}"  # the exact text, escaped only in JSON's own way
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("plain SELECT 1", "plain SELECT 1"), ("tab\there", "tab\\there"), ("\x1b[31mred", "\\x1b[31mred"),
+    ("bell\x07", "bell\\x07"), ("del\x7f", "del\\x7f"), ("csi\x9b", "csi\\x9b"), ("rtl\u202eevil", "rtl\\u202eevil"),
+    ("line\u2028sep", "line\\u2028sep"), ("tag\U000e0041", "tag\\U000e0041"), ("naïve ünïcode 表", "naïve ünïcode 表"),
+])
+def test_printable(text, shown):
+    assert ask.printable(text) == shown
+    assert ask.printable("a\nb\tc\x1b", multiline=True) == "a\nb\tc\\x1b"

@@ -40,11 +40,18 @@ UNBUILDABLE = [
 
 def test_summarize_leaves_the_examples_fault_out_of_execution_accuracy():
     assert eval_job.summarize([MATCH, MISMATCH, PROSE, GOLD_FAILS, NO_TABLES]) == {
-        "n": 5, "sql_only": 0.8, "exact_match": 0.4, "execution_accuracy": 1 / 3, "gold_error": 1, "build_error": 1,
+        "n": 5, "sql_only": 0.8, "exact_match": 0.4, "execution_accuracy": 1 / 3, "fails_to_execute": 1 / 3,
+        "gold_error": 1, "build_error": 1,
         "execution_outcomes": {"match": 1, "mismatch": 1, "not_sql": 1, "gold_error": 1, "build_error": 1}}
     assert eval_job.summarize([GOLD_FAILS, NO_TABLES])["execution_accuracy"] == 0.0
     assert eval_job.summarize([]) == {"n": 0, "sql_only": 0.0, "exact_match": 0.0, "execution_accuracy": 0.0,
-                                      "gold_error": 0, "build_error": 0, "execution_outcomes": {}}
+                                      "fails_to_execute": 0.0, "gold_error": 0, "build_error": 0,
+                                      "execution_outcomes": {}}
+
+
+def test_fails_to_execute_counts_every_way_a_prediction_does_not_run():
+    ways = [{**MISMATCH, "execution": outcome} for outcome in ("pred_error", "pred_timeout", "pred_refused")]
+    assert eval_job.summarize([*ways, PROSE, MATCH, MISMATCH, GOLD_FAILS])["fails_to_execute"] == 4 / 6
 
 
 @pytest.mark.parametrize("row, names", [
@@ -76,30 +83,49 @@ def test_build_error_reasons_count_each_reason():
 
 def test_render_markdown():
     result = {**eval_job.summarize([MATCH, MISMATCH, NO_TABLES]), "queries_per_s": 12.345, "tokens_per_s": 987.6}
+    checked = {**result, "queries_per_s": 6.0, "decoding": "checked", "candidates": 4, "execution_accuracy": 1.0,
+               "fails_to_execute": 0.0, "passed_checks": 0.9, "searched": 0.25}
     report = {"run_id": "r1", "split": "test", "n_examples": 3,
               "models": {"base": "tiny", "finetuned": "runs/r1/merged"},
               "dataset": {"source": "synthetic", "hash": "0123456789abcdef"},
-              "results": {"base": result, "merged": {**result, "sql_only": 1.0}},
+              "results": {"base": result, "merged": {**result, "sql_only": 1.0, "decoding": "greedy"},
+                          "merged+checked": checked},
               "buckets": {"base": {"tables=1": eval_job.summarize([MATCH])},
-                          "merged": {"tables=1": eval_job.summarize([MISMATCH])}},
+                          "merged": {"tables=1": eval_job.summarize([MISMATCH])},
+                          "merged+checked": {"tables=1": eval_job.summarize([MATCH])}},
               "build_errors": {"SQLite cannot create table t (incomplete input)": 1},
               "config": {"databases_per_example": 3, "query_timeout_s": 1.0}}
     assert eval_job.render_markdown(report) == "\n".join([
         "# t2s eval · run r1 · test split, 3 examples", "",
         "Base model: `tiny` · fine-tuned: `runs/r1/merged` · dataset `synthetic` (hash 0123456789ab)", "",
-        "| model | SQL-only | exact match | execution accuracy | gold fails to run | tables cannot be built "
-        "| queries/s | tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        "| base | 100.0% | 66.7% | 50.0% | 0 | 1 | 12.3 | 988 |",
-        "| merged | 100.0% | 66.7% | 50.0% | 0 | 1 | 12.3 | 988 |", "",
+        "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | gold fails to run "
+        "| tables cannot be built | queries/s | tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| base | greedy | 100.0% | 66.7% | 50.0% | 0.0% | 0 | 1 | 12.3 | 988 |",  # no decoding recorded: greedy
+        "| merged | greedy | 100.0% | 66.7% | 50.0% | 0.0% | 0 | 1 | 12.3 | 988 |",
+        "| merged+checked | checked, up to 4 candidates | 100.0% | 66.7% | 100.0% | 0.0% | 0 | 1 | 6.0 | 988 |", "",
         "Examples whose tables SQLite cannot hold (left out of execution accuracy): "
         "SQLite cannot create table t (incomplete input) (1).", "",
+        "## Greedy vs checked decoding", "",
+        "Checked decoding answers with the first candidate that finishes, parses, resolves against the schema and "
+        "runs on databases built from it: the greedy answer, else a beam search's, best-scored first; when none "
+        "passes, the best-scored one (unchecked). Its queries/s include the greedy answers, the checks and the "
+        "search.", "",
+        "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | queries/s "
+        "| passed the checks | needed the search |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| merged | greedy | 100.0% | 66.7% | 50.0% | 0.0% | 12.3 |  |  |",
+        "| merged | checked, up to 4 candidates | 100.0% | 66.7% | 100.0% | 0.0% | 6.0 | 90.0% | 25.0% |", "",
         "## By bucket (execution accuracy · SQL-only)", "",
-        "| bucket | n | base | merged |", "|---|---:|---:|---:|",
-        "| tables=1 | 1 | 100% · 100% | 0% · 100% |", "",
+        "| bucket | n | base | merged | merged+checked |", "|---|---:|---:|---:|---:|",
+        "| tables=1 | 1 | 100% · 100% | 0% · 100% | 100% · 100% |", "",
         "Exact match compares sqlglot's re-printing of both queries (whitespace, keyword case, quote style and a "
         "trailing semicolon do not count). Execution accuracy runs gold and prediction on 3 generated SQLite "
         "databases per example, read-only, with a 1.0 s limit per query.", ""])
+    older = {**report, "results": {"merged": {k: v for k, v in result.items() if k != "fails_to_execute"}},
+             "buckets": {"merged": report["buckets"]["merged"]}}
+    assert "| merged | greedy | 100.0% | 66.7% | 50.0% | not measured | 0 | 1 |" in eval_job.render_markdown(older)
+    assert "## Greedy vs checked" not in eval_job.render_markdown(older)
 
 
 def test_saved_generations_are_reused_only_under_the_same_key(tmp_path):
@@ -174,3 +200,58 @@ def test_a_crash_while_scoring_never_costs_the_generation_again(copy_run, monkey
     assert [p["predictions"]["base"]["response"] for p in predictions] == [g.text for g in generated[0]]
     assert [p["predictions"]["base:instructed"]["response"] for p in predictions] == [g.text for g in generated[1]]
     assert (run / "eval.done").is_file() and not (run / "eval.partial").exists()
+
+
+def test_checked_decoding_beside_greedy_and_a_crash_costs_neither_again(copy_run, monkeypatch):
+    """eval.decoding: checked scores the fine-tuned model twice, greedy and checked, side by side; a kill while scoring
+    the checked answers costs neither the generation nor the search again."""
+    run, config = copy_run("checked", eval={"models": ["adapter"], "candidates": 3, "decoding": "checked"})
+    result = t2s("train", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-2000:]
+    searched, real_search, real_summarize = [], eval_job.checked.search_with_model, eval_job.summarize
+    monkeypatch.setattr(eval_job.checked, "search_with_model",
+                        lambda *args, **kwargs: searched.append(real_search(*args, **kwargs)) or searched[-1])
+    summaries = []
+
+    def killed_while_scoring_the_checked_answers(scored):
+        summaries.append(scored)
+        if len(summaries) == 2:
+            raise KeyboardInterrupt
+        return real_summarize(scored)
+
+    monkeypatch.setattr(eval_job, "summarize", killed_while_scoring_the_checked_answers)
+    result = CliRunner().invoke(app, ["eval", "--config", str(config)])
+    assert result.exit_code == 130 and not (run / "eval.done").exists(), result.output
+    assert len(searched) == 1  # the tiny model's greedy answers fail their checks: the beam search ran once
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the rerun generated or searched again")
+
+    monkeypatch.setattr(eval_job, "summarize", real_summarize)
+    for name in ("generate_batched", "load_run_model"):
+        monkeypatch.setattr(eval_job, name, must_not_run)
+    monkeypatch.setattr(eval_job.checked, "search_with_model", must_not_run)
+    result = CliRunner().invoke(app, ["eval", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "adapter+checked: reusing the 12 answers an interrupted eval saved in" in result.output
+
+    report = json.loads((run / "eval" / "report.json").read_text())
+    greedy, checked = report["results"]["adapter"], report["results"]["adapter+checked"]
+    assert (greedy["decoding"], checked["decoding"], checked["candidates"]) == ("greedy", "checked", 3)
+    assert 0 <= checked["passed_checks"] <= 1 and checked["searched"] == 1 - greedy_passed(run)
+    assert checked["queries_per_s"] < greedy["queries_per_s"]  # it starts from the greedy answers, then does more
+    assert set(report["buckets"]["adapter+checked"]) == set(report["buckets"]["adapter"])
+    predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    for p in predictions:
+        answer = p["predictions"]["adapter+checked"]
+        assert isinstance(answer["checked"], bool) and 1 <= answer["candidates_tried"] <= 3
+        assert (answer["why_unchecked"] == "") == answer["checked"]
+        assert "checked" not in p["predictions"]["adapter"]
+    markdown = (run / "eval" / "report.md").read_text()
+    assert "## Greedy vs checked decoding" in markdown and "| adapter | checked, up to 3 candidates |" in markdown
+
+
+def greedy_passed(run) -> float:
+    """The share of the adapter's greedy answers that passed their checks, from the saved checked answers."""
+    saved = json.loads((run / "eval" / "generations" / "adapter+checked.json").read_text())
+    return 1 - sum(c["greedy_failed_checks"] for c in saved["checks"]) / len(saved["checks"])

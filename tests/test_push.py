@@ -245,6 +245,26 @@ def test_card_metadata_eval_table_training_and_cost(tmp_path):
     assert "do_sample=False" in card and '{"role": "system", "content": schema}' in card
 
 
+
+def test_card_shows_the_decoding_each_row_came_from_and_gates_read_the_greedy_row(tmp_path):
+    config, _ = make_run(tmp_path)
+    greedy_only = render_model_card(load_config(config), REPO, report=REPORT, train_done=TRAIN_DONE, prompt_suffix="\n")
+    assert "| fine-tuned (merged) — **this repo** | 99.0% | 73.5% | 81.0% | 300 | 3 | greedy |" in greedy_only
+    assert "| fine-tuned (merged) | 36 | 1,000 | not measured | greedy |" in greedy_only
+    assert "Checked (" not in greedy_only
+    checked = {**REPORT["results"]["merged"], "exact_match": 0.75, "execution_accuracy": 0.84, "queries_per_s": 20.0,
+               "decoding": "checked", "candidates": 4}
+    report = {**REPORT, "results": {**REPORT["results"], "merged": {**REPORT["results"]["merged"], "decoding": "greedy"},
+                                    "merged+checked": checked}}
+    card = render_model_card(load_config(config), REPO, report=report, train_done=TRAIN_DONE, prompt_suffix="\n")
+    assert "| fine-tuned (merged) — **this repo** | 99.0% | 73.5% | 81.0% | 300 | 3 | greedy |" in card
+    assert ("| fine-tuned (merged) — **this repo** | 99.0% | 75.0% | 84.0% | 300 | 3 | checked, up to 4 candidates |"
+            in card)
+    assert "| fine-tuned (merged) | 20 | 1,000 | not measured | checked, up to 4 candidates |" in card
+    assert "Checked (t2s's checked decoding, `t2s ask --decoding checked`)" in card
+    assert gate_failures(report, PushGates(min_execution_accuracy=0.82), "merged")[0] == [
+        "execution accuracy 81.0% < push.gates.min_execution_accuracy 82.0%"]  # the greedy row, as the usage shows
+
 def test_card_without_eval_or_train_facts_claims_nothing(tmp_path):
     config, _ = make_run(tmp_path, push={"hardware": None, "cost_per_hour_usd": None})
     card = render_model_card(load_config(config), REPO, report=None, train_done=None, prompt_suffix=None)
