@@ -1,0 +1,163 @@
+"""jobs.generate and jobs.static_decoding: the static-cache decoder gives transformers' greedy answers token for token.
+
+On a CPU the static decoder runs its steps eagerly (the CUDA graphs replay the very same step on a GPU), in fp32,
+with the built-in tiny Llama: batches with left padding, rows padded up to a bucket, rows ending at EOS mid-batch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from jobs import generate, static_decoding, tiny
+from jobs.chat import render_prompt
+from jobs.errors import T2SError
+from jobs.generate import generate_batched
+from jobs.synthetic import synthetic_rows
+from tests.conftest import shared_path
+
+
+# ---------- pure core ----------
+
+def test_batches_and_lengths_are_padded_to_few_buckets():
+    assert [static_decoding.batch_bucket(n) for n in (1, 2, 3, 5, 33, 64, 65, 128, 1090)] == \
+        [1, 2, 4, 8, 64, 64, 128, 128, 1152]
+    assert static_decoding.length_bucket(100, rows=1) == 512  # a few rows: one bucket for most questions
+    assert static_decoding.length_bucket(600, rows=1) == 640
+    assert static_decoding.length_bucket(100, rows=64) == 128
+    assert static_decoding.length_bucket(129, rows=64) == 256
+
+
+def test_prefill_mask_and_positions_follow_left_padding():
+    attention = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    mask = static_decoding.prefill_mask(attention, length=6)
+    assert mask.shape == (2, 1, 4, 6) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],  # a pad token sees only itself
+                                         [0, 1, 0, 0, 0, 0],
+                                         [0, 0, 1, 0, 0, 0],  # the first real token: itself, no pads
+                                         [0, 0, 1, 1, 0, 0]]
+    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                                         [1, 1, 1, 1, 0, 0]]
+    assert static_decoding.position_ids_for(attention).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+def test_generation_settings_the_loop_does_not_apply_are_named():
+    from transformers import GenerationConfig
+
+    assert static_decoding.unsupported_options(GenerationConfig()) == []
+    assert static_decoding.unsupported_options(GenerationConfig(temperature=0.7, top_p=0.9)) == []  # sampling: unused
+    assert static_decoding.unsupported_options(GenerationConfig(repetition_penalty=1.3, no_repeat_ngram_size=3)) == \
+        ["repetition_penalty", "no_repeat_ngram_size"]
+
+
+# ---------- the tiny model, both decoders ----------
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    rows = synthetic_rows(300, seed=7)
+    tokenizer = tiny.build_tokenizer([r["context"] + " " + r["question"] + " " + r["answer"] for r in rows])
+    model = tiny.build_model(len(tokenizer), seed=3).eval()
+    # prompts of several lengths (left padding within each batch), as eval renders them
+    prompts = [render_prompt(tokenizer, r["context"], r["question"]) for r in synthetic_rows(23, seed=11)]
+    return model, tokenizer, prompts
+
+
+def with_eos(tokenizer, token_id: int):
+    """The tokenizer with `token_id` as its end of turn: the random model then ends rows at different steps."""
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(token_id)
+    return tokenizer
+
+
+def often_generated_token(model, tokenizer, prompts: list[str]) -> int:
+    """A token that some answers contain and others do not, at different steps: EOS mid-batch once it is EOS."""
+    tokenizer.padding_side = "left"
+    inputs = tokenizer.pad({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]}, return_tensors="pt")
+    with torch.inference_mode():
+        new = generate.generate_dynamic(model, inputs, 20, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    rows_with = {token: {row for row in range(len(prompts)) if token in new[row].tolist()}
+                 for token in set(new.flatten().tolist()) - set(tokenizer.all_special_ids)}
+    return max((t for t, rows in rows_with.items() if len(rows) < len(prompts)), key=lambda t: len(rows_with[t]))
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 8])
+def test_static_decoder_answers_token_for_token_as_transformers_generate(tiny_model, batch_size):
+    model, tokenizer, prompts = tiny_model
+    original_eos = tokenizer.eos_token
+    try:
+        with_eos(tokenizer, often_generated_token(model, tokenizer, prompts))
+        reference = generate_batched(model, tokenizer, prompts, batch_size, 20, decoder="dynamic")
+        static = generate_batched(model, tokenizer, prompts, batch_size, 20, decoder="static")
+    finally:
+        tokenizer.eos_token = original_eos
+    assert [(g.text, g.new_tokens, g.ended_at_eos) for g in static] == \
+        [(g.text, g.new_tokens, g.ended_at_eos) for g in reference]
+    ended = [g.new_tokens for g in reference if g.ended_at_eos]
+    assert ended and len(ended) < len(prompts) and len(set(ended)) > 1  # rows end mid-batch, at different steps
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 3  # batches hold prompts of several lengths
+
+
+def test_buckets_and_their_caches_are_reused_across_batches_and_calls(tiny_model):
+    _, tokenizer, prompts = tiny_model
+    model = tiny.build_model(len(tokenizer), seed=3).eval()  # a decoder of its own
+    generate_batched(model, tokenizer, prompts[:8], 4, 6, decoder="static")
+    decoder = generate.decoder_for(model, "static")
+    assert list(decoder.buckets) == [(4, 512)]
+    cache = decoder.buckets[(4, 512)].cache
+    generate_batched(model, tokenizer, prompts[8:11], 3, 9, decoder="static")  # 3 rows: padded to the 4-row bucket
+    assert list(decoder.buckets) == [(4, 512)] and decoder.buckets[(4, 512)].cache is cache
+    assert generate.decoding_info(model) == {"backend": "static", "compile_s": 0.0, "graphs": 0, "fallback": None}
+
+
+def test_a_failing_decoder_falls_back_with_one_line_and_the_same_answers(tiny_model, monkeypatch, capsys):
+    model, tokenizer, prompts = tiny_model
+    reference = generate_batched(model, tokenizer, prompts[:6], 3, 8, decoder="dynamic")
+    fresh = tiny.build_model(len(tokenizer), seed=3).eval()  # the same weights, a decoder of its own
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(static_decoding.StaticDecoder, "generate", broken)
+    answers = generate_batched(fresh, tokenizer, prompts[:6], 3, 8, decoder="static")
+    assert [g.text for g in answers] == [g.text for g in reference]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fast decoding (static) is off for this model (operation not permitted when " \
+        "stream is capturing); decoding with transformers' generate instead" in err
+    assert generate.decoding_info(fresh)["fallback"] == "operation not permitted when stream is capturing"
+    generate_batched(fresh, tokenizer, prompts[:6], 3, 8, decoder="static")  # stays on generate, says nothing more
+    assert capsys.readouterr().err == ""
+
+
+def test_settings_the_loop_does_not_apply_send_the_model_to_generate(tiny_model, capsys):
+    model, tokenizer, prompts = tiny_model
+    penalised = tiny.build_model(len(tokenizer), seed=3).eval()
+    penalised.generation_config.repetition_penalty = 1.5
+    answers = generate_batched(penalised, tokenizer, prompts[:4], 4, 12, decoder="static")
+    assert "its generation_config sets repetition_penalty" in capsys.readouterr().err
+    unpenalised = generate_batched(model, tokenizer, prompts[:4], 4, 12, decoder="dynamic")
+    assert [g.text for g in answers] != [g.text for g in unpenalised]  # the penalty was applied, by generate
+
+
+def test_decoder_choice_and_its_errors(tiny_model, monkeypatch):
+    model, tokenizer, prompts = tiny_model
+    assert generate.decoder_for(model) is None  # auto on a CPU: transformers' generate
+    monkeypatch.setenv("T2S_DECODER", "static")
+    assert isinstance(generate.decoder_for(model), static_decoding.StaticDecoder)
+    monkeypatch.setenv("T2S_DECODER", "cudagraph")
+    with pytest.raises(T2SError, match="needs the model on a GPU"):
+        generate_batched(model, tokenizer, prompts[:1], 1, 4)
+    monkeypatch.setenv("T2S_DECODER", "turbo")
+    with pytest.raises(T2SError, match="T2S_DECODER='turbo' is not a decoder: use one of auto, cudagraph"):
+        generate_batched(model, tokenizer, prompts[:1], 1, 4)
+
+
+def test_validation_rows_token_for_token(tiny_model):
+    """The real dataset's prompts (longer schemas, more padding), 64 validation rows, batch 16."""
+    model, tokenizer, _ = tiny_model
+    path = shared_path("data", "sql-create-context", "validation.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:64]]
+    prompts = [render_prompt(tokenizer, r["context"], r["question"]) for r in rows]
+    reference = generate_batched(model, tokenizer, prompts, 16, 24, decoder="dynamic")
+    static = generate_batched(model, tokenizer, prompts, 16, 24, decoder="static")
+    assert [(g.text, g.new_tokens) for g in static] == [(g.text, g.new_tokens) for g in reference]
