@@ -6,6 +6,8 @@ trained on (jobs.chat.render_prompt).
 Two ways to decode, the same answers (chosen once per model in a process; T2S_DECODER overrides the choice):
   cudagraph  a static KV cache, each decode step a CUDA graph replayed per token (jobs.static_decoding): the default
              on a GPU, where transformers' generate is bound by its per-step host time
+  compiled   cudagraph with the decode step's forward compiled by torch.compile (T2S_DECODER=compiled): fewer,
+             fused kernels per token, for a compilation of tens of seconds per shape (so not the default)
   static     the same loop with eager steps (T2S_DECODER=static): how the CPU tests check it against generate
   dynamic    transformers' generate with its dynamic cache: the default on a CPU, and the fallback wherever the
              static decoder fails (one line says why) or does not apply
@@ -23,7 +25,7 @@ import torch
 
 from jobs.errors import T2SError, first_line
 
-DECODERS = ("auto", "cudagraph", "static", "dynamic")
+DECODERS = ("auto", "cudagraph", "compiled", "static", "dynamic")
 
 
 @dataclass
@@ -66,7 +68,7 @@ def decoder_for(model, decoder: str | None = None):
         raise T2SError(f"T2S_DECODER=cudagraph needs the model on a GPU (it is on {model.device}): use static or "
                        "dynamic on a CPU")
     reason = static_decoding.why_not_static(model)
-    fresh = static_decoding.StaticDecoder(model, use_graphs=wanted == "cudagraph")
+    fresh = static_decoding.StaticDecoder(model, wanted)
     _decoders[model] = fresh
     if reason:
         give_up(fresh, reason)

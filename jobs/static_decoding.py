@@ -88,7 +88,7 @@ def full_attention_only(config) -> bool:
 class DecoderInfo:
     """What a model's decoder did so far in this process."""
     backend: str  # "dynamic" (transformers' generate), "static" (static cache, eager steps) or "cudagraph"
-    compile_s: float = 0.0  # seconds spent on CUDA graph captures and their eager warm-up steps, all buckets
+    compile_s: float = 0.0  # seconds of CUDA graph captures with their eager warm-up steps (and torch.compile)
     graphs: int = 0  # (batch, cache length) buckets captured
     fallback: str | None = None  # why the faster backend was given up, when it was
 
@@ -121,17 +121,26 @@ class Bucket:
         self.eager_steps = 0
 
 
-class StaticDecoder:
-    """Greedy decoding of one model with static caches, in CUDA graphs when `use_graphs` (the model on a GPU)."""
+def forward_logits(model, **inputs) -> torch.Tensor:
+    """The model's next-token logits [rows, vocabulary]: the function that "compiled" hands to torch.compile (the
+    model is an argument, not a closure, so that a decoder keeps no reference to its model)."""
+    return model(**inputs).logits[:, -1]
 
-    def __init__(self, model, use_graphs: bool):
-        self.use_graphs = use_graphs
-        self.info = DecoderInfo("cudagraph" if use_graphs else "static")
+
+class StaticDecoder:
+    """Greedy decoding of one model with static caches. backend: "static" (eager steps), "cudagraph" (steps replayed
+    as CUDA graphs) or "compiled" (the decode step's forward compiled by torch.compile, replayed as CUDA graphs on a
+    GPU: fewer, fused kernels, for a compilation of tens of seconds per shape bucket)."""
+
+    def __init__(self, model, backend: str):
+        self.use_graphs = backend == "cudagraph" or (backend == "compiled" and model.device.type == "cuda")
+        self.compiled_forward = torch.compile(forward_logits) if backend == "compiled" else None
+        self.info = DecoderInfo(backend)
         self.buckets: dict[tuple[int, int], Bucket] = {}  # in order of last use
-        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None  # one memory pool for all the graphs
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one memory pool for all the graphs
         # two pinned flags and events, used in turn: whether every row had ended, read without stalling the GPU
-        self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=True) for _ in range(2)] if use_graphs else []
-        self.events = [torch.cuda.Event() for _ in range(2)] if use_graphs else []
+        self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=True) for _ in range(2)] if self.use_graphs else []
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.use_graphs else []
         self.flag_turn = 0
         forward = inspect.signature(type(base_model(model)).forward).parameters
         self.cache_argument = "cache" if "cache" in forward else "past_key_values"  # renamed in transformers 5.2x
@@ -171,13 +180,13 @@ class StaticDecoder:
 
     # ---------- steps ----------
 
-    def call_model(self, model, bucket: Bucket, input_ids, mask, position_ids, cache_position):
+    def call_model(self, model, bucket: Bucket, input_ids, mask, position_ids, cache_position, forward=forward_logits):
         kwargs = {self.cache_argument: bucket.cache, "use_cache": True}
         if self.takes_cache_position:
             kwargs["cache_position"] = cache_position
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs).logits[:, -1]
+        return forward(model, input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
 
     def prefill(self, model, bucket: Bucket, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """The prompts into the cache (eager: their length varies), and the first new token."""
@@ -197,7 +206,7 @@ class StaticDecoder:
         """One token for every row, reading and writing only the bucket's tensors (so it can be a CUDA graph)."""
         bucket.mask.index_fill_(3, bucket.cache_position, True)  # the new token sees itself
         logits = self.call_model(model, bucket, bucket.input_ids, bucket.mask, bucket.position_ids,
-                                 bucket.cache_position)
+                                 bucket.cache_position, self.compiled_forward or forward_logits)
         self.take(bucket, logits, bucket.cache_position)
         bucket.position_ids.add_(1)
         bucket.cache_position.add_(1)
@@ -215,7 +224,11 @@ class StaticDecoder:
         if bucket.graph is not None:
             bucket.graph.replay()
         elif not self.use_graphs:
+            started = time.perf_counter()
             self.decode_step(model, bucket)
+            if self.compiled_forward is not None and not bucket.eager_steps:  # torch.compile ran for this shape
+                self.info.compile_s += time.perf_counter() - started
+            bucket.eager_steps += 1
         elif bucket.eager_steps < WARMUP_STEPS:
             started = time.perf_counter()
             side = torch.cuda.Stream()
