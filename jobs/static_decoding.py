@@ -223,31 +223,39 @@ class StaticDecoder:
     def step(self, model, bucket: Bucket) -> None:
         if bucket.graph is not None:
             bucket.graph.replay()
-        elif not self.use_graphs:
-            started = time.perf_counter()
+            return
+        started = time.perf_counter()
+        if not self.use_graphs:
             self.decode_step(model, bucket)
-            if self.compiled_forward is not None and not bucket.eager_steps:  # torch.compile ran for this shape
-                self.info.compile_s += time.perf_counter() - started
-            bucket.eager_steps += 1
+            compiling = self.compiled_forward is not None and not bucket.eager_steps  # torch.compile, this shape
         elif bucket.eager_steps < WARMUP_STEPS:
-            started = time.perf_counter()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.decode_step(model, bucket)
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            bucket.eager_steps += 1
-            self.info.compile_s += time.perf_counter() - started
+            self.warmup_step(model, bucket)
+            compiling = True
         else:
-            started = time.perf_counter()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.decode_step(model, bucket)  # recorded, not run
-            bucket.graph = graph
+            bucket.graph = self.capture(lambda: self.decode_step(model, bucket))
             self.info.graphs += 1
+            compiling = True
+        bucket.eager_steps += 1
+        if compiling:
             self.info.compile_s += time.perf_counter() - started
-            graph.replay()
+        if bucket.graph is not None:
+            bucket.graph.replay()  # the step just captured (capturing records a step, it does not run it)
+
+    def warmup_step(self, model, bucket: Bucket) -> None:
+        """A real decode step, eager, on a side stream: what a capture needs first (cuBLAS workspaces, lazy inits)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.decode_step(model, bucket)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+
+    def capture(self, decode_step) -> torch.cuda.CUDAGraph:
+        """`decode_step` recorded as a CUDA graph (not run), its temporaries in the decoder's memory pool."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            decode_step()
+        return graph
 
     def finished_flag(self, bucket: Bucket):
         """A function that waits for the steps queued so far and says whether every row had ended by then."""
@@ -271,12 +279,18 @@ class StaticDecoder:
             self.buckets[key] = self.buckets.pop(key)  # most recently used last
             return self.buckets[key]
         bucket = Bucket(model, rows, length)
-        if self.use_graphs:
-            budget = CACHE_SHARE_OF_GPU * torch.cuda.get_device_properties(model.device).total_memory
-            while self.buckets and sum(b.cache_bytes for b in self.buckets.values()) + bucket.cache_bytes > budget:
-                self.buckets.pop(next(iter(self.buckets)))
+        budget = cache_budget(model)
+        while self.buckets and sum(b.cache_bytes for b in self.buckets.values()) + bucket.cache_bytes > budget:
+            self.buckets.pop(next(iter(self.buckets)))  # its cache and graph are freed with it
         self.buckets[key] = bucket
         return bucket
+
+
+def cache_budget(model) -> float:
+    """Bytes the caches of all of a decoder's buckets may take: a share of the GPU's memory; no limit on a CPU."""
+    if model.device.type != "cuda":
+        return float("inf")
+    return CACHE_SHARE_OF_GPU * torch.cuda.get_device_properties(model.device).total_memory
 
 
 def base_model(model):

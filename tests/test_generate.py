@@ -98,6 +98,49 @@ def test_static_decoder_answers_token_for_token_as_transformers_generate(tiny_mo
     assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 3  # batches hold prompts of several lengths
 
 
+class ReplayedStep:
+    """A stand-in for a CUDA graph on a CPU: replaying runs the captured step again on the same tensors, which is
+    what a graph does (same kernels, same addresses)."""
+
+    def __init__(self, step):
+        self.step, self.replays = step, 0
+
+    def replay(self):
+        self.replays += 1
+        self.step()
+
+
+def test_the_cuda_graph_loop_on_a_cpu_gives_the_same_answers(tiny_model, monkeypatch):
+    """The cudagraph backend's own logic (warm-up steps, one capture per bucket, replays, the step queued before the
+    previous one's all-finished flag is read), with a CPU stand-in for the graph, the side stream and the flag."""
+    model, tokenizer, prompts = tiny_model
+    fresh = tiny.build_model(len(tokenizer), seed=3).eval()
+    decoder = generate.decoder_for(fresh, "static")
+    decoder.use_graphs = True
+    captured = []
+    monkeypatch.setattr(decoder, "warmup_step", decoder.decode_step)
+    monkeypatch.setattr(decoder, "capture", lambda step: captured.append(ReplayedStep(step)) or captured[-1])
+
+    def finished_flag(bucket):  # the value when the step was queued, read later
+        value = bool(bucket.all_finished)
+        return lambda: value
+
+    monkeypatch.setattr(decoder, "finished_flag", finished_flag)
+    original_eos = tokenizer.eos_token
+    try:
+        with_eos(tokenizer, often_generated_token(model, tokenizer, prompts))
+        reference = generate_batched(model, tokenizer, prompts, 5, 20, decoder="dynamic")
+        graphed = generate_batched(fresh, tokenizer, prompts, 5, 20, decoder="static")
+        again = generate_batched(fresh, tokenizer, prompts, 5, 20, decoder="static")  # every bucket captured now
+    finally:
+        tokenizer.eos_token = original_eos
+    expected = [(g.text, g.new_tokens, g.ended_at_eos) for g in reference]
+    assert [(g.text, g.new_tokens, g.ended_at_eos) for g in graphed] == expected
+    assert [(g.text, g.new_tokens, g.ended_at_eos) for g in again] == expected
+    assert len(captured) == len(decoder.buckets) == decoder.info.graphs == 2  # 5-row batches, then the 3 left
+    assert all(step.replays > 10 for step in captured)
+
+
 def test_buckets_and_their_caches_are_reused_across_batches_and_calls(tiny_model):
     _, tokenizer, prompts = tiny_model
     model = tiny.build_model(len(tokenizer), seed=3).eval()  # a decoder of its own
@@ -108,6 +151,19 @@ def test_buckets_and_their_caches_are_reused_across_batches_and_calls(tiny_model
     generate_batched(model, tokenizer, prompts[8:11], 3, 9, decoder="static")  # 3 rows: padded to the 4-row bucket
     assert list(decoder.buckets) == [(4, 512)] and decoder.buckets[(4, 512)].cache is cache
     assert generate.decoding_info(model) == {"backend": "static", "compile_s": 0.0, "graphs": 0, "fallback": None}
+
+
+def test_least_recently_used_buckets_are_freed_over_the_memory_budget(tiny_model, monkeypatch):
+    _, tokenizer, prompts = tiny_model
+    model = tiny.build_model(len(tokenizer), seed=3).eval()
+    decoder = generate.decoder_for(model, "static")
+    one_bucket = static_decoding.Bucket(model, 2, 512).cache_bytes
+    monkeypatch.setattr(static_decoding, "cache_budget", lambda model: 2.4 * one_bucket)  # two 2-row caches fit
+    for rows in (2, 1, 2, 4):  # buckets (2, 512), (1, 512), (2, 512) again, then (4, 512): twice the size
+        generate_batched(model, tokenizer, prompts[:rows], rows, 4, decoder="static")
+    assert list(decoder.buckets) == [(4, 512)]  # (1, 512), then (2, 512), made room
+    generate_batched(model, tokenizer, prompts[:1], 1, 4, decoder="static")
+    assert list(decoder.buckets) == [(1, 512)]
 
 
 def test_a_failing_decoder_falls_back_with_one_line_and_the_same_answers(tiny_model, monkeypatch, capsys):
