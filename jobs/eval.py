@@ -202,7 +202,7 @@ def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, varia
     key = {"model": cfg.model.model_dump(mode="json"), "which": which, "variant": variant, "split": cfg.eval.split,
            "questions_sha256": hashlib.sha256(questions.encode()).hexdigest(),
            "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size, "device": device_for(),
-           "decoder": requested_decoder(),  # bf16 answers may differ between kernels (bench/RESULTS.md §7)
+           "decoder": requested_decoder(),  # in bf16 another decoder may flip a near-tie (README: fast decoding)
            "finished": {job: read_json(run.marker(job)) for job in jobs}}  # a retrained model is another model
     return json.loads(json.dumps(key))  # as it reads back from the file
 
