@@ -14,6 +14,7 @@ real token, the argmax of the last logits, a finished row fed the pad token. Off
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -80,6 +81,44 @@ def full_attention_only(config) -> bool:
     layer_types = getattr(config, "layer_types", None) or []
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     return all(kind == "full_attention" for kind in layer_types) and not sliding
+
+
+# ---------- attention for one new token ----------
+
+PACKED_SDPA = "t2s_sdpa_packed_gqa"  # the name it is registered under with transformers' AttentionInterface
+
+
+def sdpa_packed_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, except for one new token a row: the query heads that share a key/value head
+    become that head's queries, so each head of the cache is read once; transformers copies the keys and values
+    for each query head instead (repeat_kv), moving the whole cache several times a step. Same as transformers 5.2x
+    does itself (pack_gqa); 4.x and 5.1x do not."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows, heads, new_tokens, dim = query.shape
+    groups = heads // key.shape[1]
+    if new_tokens != 1 or groups == 1 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    packed = query.reshape(rows, key.shape[1], groups, dim)  # query head h reads key/value head h // groups
+    output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask,
+                                                              scale=scaling)
+    return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def packed_gqa_attention(model):
+    """The model's SDPA layers use sdpa_packed_gqa while inside (a CUDA graph keeps what its capture used)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_SDPA, sdpa_packed_gqa)  # idempotent: a process-wide name -> function map
+    config = base_model(model).config
+    before = config._attn_implementation
+    config._attn_implementation = PACKED_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 # ---------- the decoder ----------
@@ -186,7 +225,8 @@ class StaticDecoder:
             kwargs["cache_position"] = cache_position
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        return forward(model, input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+        with packed_gqa_attention(model):
+            return forward(model, input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
 
     def prefill(self, model, bucket: Bucket, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """The prompts into the cache (eager: their length varies), and the first new token."""
@@ -305,6 +345,8 @@ def why_not_static(model) -> str | None:
         return "it is an encoder-decoder model"
     if not full_attention_only(config):
         return "it has sliding-window attention"
+    if config._attn_implementation != "sdpa":  # eager attention adds its mask (float), flash-attn takes none
+        return f"its attention is {config._attn_implementation}, not sdpa"
     options = unsupported_options(getattr(model, "generation_config", None))
     if options:
         return f"its generation_config sets {', '.join(options)}"

@@ -52,6 +52,23 @@ def test_generation_settings_the_loop_does_not_apply_are_named():
         ["repetition_penalty", "no_repeat_ngram_size"]
 
 
+def test_packed_gqa_attention_is_sdpa_over_repeated_keys():
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 6, 1, 8), torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
+    mask = torch.rand(3, 1, 1, 10) > 0.3
+    mask[:, :, :, 0] = True
+    output, _ = static_decoding.sdpa_packed_gqa(SimpleNamespace(num_key_value_groups=3, is_causal=True), query, key,
+                                                value, mask, scaling=0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, repeat_kv(key, 3), repeat_kv(value, 3),
+                                                                attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert output.shape == (3, 1, 6, 8)
+    torch.testing.assert_close(output, expected)
+
+
 # ---------- the tiny model, both decoders ----------
 
 @pytest.fixture(scope="module")
@@ -193,6 +210,19 @@ def test_settings_the_loop_does_not_apply_send_the_model_to_generate(tiny_model,
     assert "its generation_config sets repetition_penalty" in capsys.readouterr().err
     unpenalised = generate_batched(model, tokenizer, prompts[:4], 4, 12, decoder="dynamic")
     assert [g.text for g in answers] != [g.text for g in unpenalised]  # the penalty was applied, by generate
+
+
+def test_models_the_static_decoder_does_not_take(tiny_model):
+    model, tokenizer, prompts = tiny_model
+    assert static_decoding.why_not_static(model) is None
+    generate_batched(model, tokenizer, prompts[:2], 2, 4, decoder="static")
+    assert model.config._attn_implementation == "sdpa"  # packed attention only while the decoder runs the model
+    eager = tiny.build_model(len(tokenizer), seed=3).eval()
+    eager.config._attn_implementation = "eager"
+    assert static_decoding.why_not_static(eager) == "its attention is eager, not sdpa"
+    sliding = tiny.build_model(len(tokenizer), seed=3).eval()
+    sliding.config.layer_types = ["sliding_attention", "full_attention"]
+    assert static_decoding.why_not_static(sliding) == "it has sliding-window attention"
 
 
 def test_decoder_choice_and_its_errors(tiny_model, monkeypatch):
