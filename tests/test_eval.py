@@ -134,6 +134,22 @@ def test_saved_generations_are_reused_only_under_the_same_key(tmp_path):
     assert eval_job.saved_generations(path, key) is None
 
 
+def test_eval_through_the_static_decoder_scores_the_same_answers_and_names_its_decoder(copy_run):
+    predictions, reports = {}, {}
+    for decoder in ("dynamic", "static"):
+        run, config = copy_run(decoder, eval={"models": ["base"]})
+        result = t2s("eval", "--config", str(config), env={"T2S_DECODER": decoder})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert f"queries/s ({decoder} decoder)" in result.stdout
+        reports[decoder] = json.loads((run / "eval" / "report.json").read_text())["results"]["base"]
+        predictions[decoder] = [json.loads(line)["predictions"]["base"]["response"]
+                                for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+        assert f"base: {decoder}." in (run / "eval" / "report.md").read_text()
+    assert predictions["static"] == predictions["dynamic"] and len(predictions["static"]) == 12
+    assert (reports["dynamic"]["decoder"], reports["static"]["decoder"]) == ("dynamic", "static")
+    assert reports["static"]["compile_s"] == 0.0  # nothing is captured or compiled on a CPU
+
+
 # ---------- a hostile dataset, a crash ----------
 
 def test_rows_sqlite_cannot_build_are_counted_with_their_reason_not_a_traceback(copy_run):
