@@ -1,4 +1,5 @@
-"""Batched greedy generation with the model's chat template: left padding, length-sorted batches, stop at EOS.
+"""Batched greedy generation with the model's chat template: left padding, length-sorted batches, stop at the end of
+turn.
 
 Shared by eval (a whole split) and ask (a few questions). Prompts are exactly the prefix the model was
 trained on (jobs.chat.render_prompt).
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from jobs.chat import stop_token_ids
 from jobs.errors import T2SError, first_line
 
 DECODERS = ("auto", "cudagraph", "compiled", "static", "dynamic")
@@ -96,23 +98,23 @@ def decoding_info(model) -> dict:
             "fallback": info.fallback}
 
 
-def generate_dynamic(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """transformers' greedy generate (dynamic cache): [rows, new tokens]."""
+def generate_dynamic(model, inputs, max_new_tokens: int, stop_ids: list[int], pad_token_id: int) -> torch.Tensor:
+    """transformers' greedy generate (dynamic cache): [rows, new tokens], a row ending at any of stop_ids."""
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+                            pad_token_id=pad_token_id, eos_token_id=stop_ids)
     return output[:, inputs["input_ids"].shape[1]:]
 
 
-def generate_tokens(model, decoder, inputs, max_new_tokens: int, eos_token_id: int,
+def generate_tokens(model, decoder, inputs, max_new_tokens: int, stop_ids: list[int],
                     pad_token_id: int) -> torch.Tensor:
     """New token ids per row, by the model's decoder; by generate when there is none or it fails."""
     if decoder is not None and not decoder.info.fallback:
         try:
             return decoder.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens,
-                                    eos_token_id, pad_token_id)
+                                    stop_ids, pad_token_id)
         except Exception as error:  # a failed capture or an unsupported model never fails the job
             give_up(decoder, first_line(error) or type(error).__name__)
-    return generate_dynamic(model, inputs, max_new_tokens, eos_token_id, pad_token_id)
+    return generate_dynamic(model, inputs, max_new_tokens, stop_ids, pad_token_id)
 
 
 @torch.inference_mode()
@@ -123,6 +125,7 @@ def generate_batched(model, tokenizer, prompts: list[str], batch_size: int, max_
     from tqdm.auto import tqdm
 
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    stops = stop_token_ids(tokenizer)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[Generation | None] = [None] * len(prompts)
@@ -131,13 +134,13 @@ def generate_batched(model, tokenizer, prompts: list[str], batch_size: int, max_
     for batch in tqdm(batches, desc="generating", disable=not progress, mininterval=2):
         inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
         started = time.perf_counter()
-        new = generate_tokens(model, chosen, inputs, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        new = generate_tokens(model, chosen, inputs, max_new_tokens, stops, tokenizer.pad_token_id)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         for row, index in enumerate(batch):
             ids = new[row].tolist()
-            eos_at = next((k for k, t in enumerate(ids) if t == tokenizer.eos_token_id), None)
+            eos_at = next((k for k, t in enumerate(ids) if t in stops), None)
             length = len(ids) if eos_at is None else eos_at + 1
             text = tokenizer.decode(ids[:length], skip_special_tokens=True)
             results[index] = Generation(text=text.strip(), new_tokens=length, latency_s=elapsed,

@@ -40,6 +40,7 @@ from jobs.card import HUB_ID, read_chat_template, render_model_card, trained_pro
 from jobs.config import Config, PushGates, secret
 from jobs.errors import T2SError
 from jobs.rundir import RunDir, read_json, write_atomic
+from jobs.credentials import known_secrets, redacted_bytes, redactor
 
 RUN_FILES = ("config.resolved.yaml", "data/manifest.json", "prep.done", "train.done", "merge.done", "eval.done")
 TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
@@ -96,6 +97,27 @@ def _folder_files(folder: Path, prefix: str, skip: tuple[str, ...] = ()) -> list
         if path.is_file() and not hidden and relative.as_posix() not in skip and path.suffix != ".tmp":
             files.append(FileToUpload(prefix + relative.as_posix(), path, path.stat().st_size))
     return files
+
+
+def without_secrets(files: list[FileToUpload], staging: Path) -> list[FileToUpload]:
+    """The files with every secret hidden: a text file holding one (a log a library printed a token into) is
+    replaced by a redacted copy under staging; a binary file holding a known secret value is refused."""
+    known = known_secrets()
+    hide = redactor(known)
+    clean = []
+    for file in files:
+        try:
+            hidden = redacted_bytes(file.local_path, hide, known)
+        except ValueError as exc:
+            raise T2SError(f"{exc}: nothing was pushed; remove the secret from that file and push again") from None
+        if hidden is None:
+            clean.append(file)
+            continue
+        copy = staging / file.path_in_repo
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(copy, hidden.decode("utf-8"))
+        clean.append(FileToUpload(file.path_in_repo, copy, copy.stat().st_size))
+    return clean
 
 
 def describe_files(files: list[FileToUpload]) -> str:
@@ -444,7 +466,7 @@ def run(cfg: Config, run: RunDir) -> str:
     card_path = staging / "README.md"
     write_atomic(card_path, card)
 
-    files = files_to_upload(run, folder, card_path, evaluated=report is not None)
+    files = without_secrets(files_to_upload(run, folder, card_path, evaluated=report is not None), staging / "redacted")
     total = human_size(sum(f.size for f in files))
     visibility = "private" if push.private else "public"
     print(f"{push.artifact} model from {folder}{'' if report else ' (not evaluated)'} → {shown_id} ({visibility}):",

@@ -26,6 +26,7 @@ BATCH_STEP = 64  # batches are padded to a power of two up to this, then to a mu
 LENGTH_STEP = 128  # cache lengths are multiples of this
 FEW_ROWS = 8  # at most this many rows: the cache is at least MIN_LENGTH_FEW_ROWS long
 MIN_LENGTH_FEW_ROWS = 512  # one bucket then covers most single questions: one capture per `t2s ask` process
+MAX_STOP_IDS = 8  # slots for the ids that end an answer (eos, end of turn): a captured step reads a fixed shape
 CACHE_SHARE_OF_GPU = 0.4  # caches of all buckets together stay below this share of the GPU's memory
 
 # generation_config settings that change greedy answers and that this loop does not apply: with any of them set,
@@ -154,7 +155,7 @@ class Bucket:
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.all_finished = torch.zeros((), dtype=torch.bool, device=device)
         self.tokens = torch.zeros(rows, length, dtype=torch.long, device=device)  # generated ids at their positions
-        self.eos = torch.zeros((), dtype=torch.long, device=device)
+        self.stop_ids = torch.full((MAX_STOP_IDS,), -1, dtype=torch.long, device=device)  # -1: an unused slot
         self.pad = torch.zeros((), dtype=torch.long, device=device)
         self.graph = None
         self.eager_steps = 0
@@ -187,16 +188,19 @@ class StaticDecoder:
         self.takes_logits_to_keep = "logits_to_keep" in forward
 
     def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-        """[rows, new tokens] greedy ids after the left-padded prompts, pad after a row's EOS, up to max_new_tokens
-        (fewer when every row has ended)."""
+                 stop_ids: list[int], pad_token_id: int) -> torch.Tensor:
+        """[rows, new tokens] greedy ids after the left-padded prompts, pad after the first of a row's stop_ids (eos,
+        end of turn), up to max_new_tokens (fewer when every row has ended)."""
+        if len(stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"{len(stop_ids)} ids end an answer; the static decoder holds at most {MAX_STOP_IDS}")
         rows, prompt = input_ids.shape
         bucket = self.bucket(model, batch_bucket(rows), length_bucket(prompt + max_new_tokens, rows))
         extra = bucket.rows - rows  # rows that pad the batch to its bucket: finished from the start
         if extra:
             input_ids = torch.cat([input_ids, input_ids.new_full((extra, prompt), pad_token_id)])
             attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(extra, prompt)])
-        bucket.eos.fill_(eos_token_id)
+        bucket.stop_ids.fill_(-1)
+        bucket.stop_ids[:len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.long)
         bucket.pad.fill_(pad_token_id)
         bucket.finished.copy_(torch.arange(bucket.rows, device=bucket.finished.device) >= rows)
         self.prefill(model, bucket, input_ids, attention_mask)
@@ -256,7 +260,7 @@ class StaticDecoder:
         """The greedy token after `position` (pad for a finished row), written to tokens and to the next input."""
         token = torch.where(bucket.finished, bucket.pad, logits.argmax(-1))
         bucket.tokens.index_copy_(1, position + 1, token[:, None])
-        bucket.finished.logical_or_(token == bucket.eos)
+        bucket.finished.logical_or_((token[:, None] == bucket.stop_ids).any(-1))
         torch.all(bucket.finished, out=bucket.all_finished)
         bucket.input_ids.copy_(token[:, None])
 

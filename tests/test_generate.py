@@ -92,7 +92,7 @@ def often_generated_token(model, tokenizer, prompts: list[str]) -> int:
     tokenizer.padding_side = "left"
     inputs = tokenizer.pad({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]}, return_tensors="pt")
     with torch.inference_mode():
-        new = generate.generate_dynamic(model, inputs, 20, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        new = generate.generate_dynamic(model, inputs, 20, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     rows_with = {token: {row for row in range(len(prompts)) if token in new[row].tolist()}
                  for token in set(new.flatten().tolist()) - set(tokenizer.all_special_ids)}
     return max((t for t, rows in rows_with.items() if len(rows) < len(prompts)), key=lambda t: len(rows_with[t]))
@@ -113,6 +113,42 @@ def test_static_decoder_answers_token_for_token_as_transformers_generate(tiny_mo
     ended = [g.new_tokens for g in reference if g.ended_at_eos]
     assert ended and len(ended) < len(prompts) and len(set(ended)) > 1  # rows end mid-batch, at different steps
     assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 3  # batches hold prompts of several lengths
+
+
+def test_static_decoder_stops_at_the_end_of_turn_when_the_tokenizer_names_another_eos(tiny_model):
+    """As transformers 5.17 reads SmolLM2's GGUF: eos is one token, the chat template ends a turn with another. The
+    model is made to write the end-of-turn token where it wrote a common token (their output rows swapped), so rows
+    end at it mid-batch; a decoder that stopped at eos alone would run every row to max_new_tokens."""
+    import copy
+
+    from jobs.chat import stop_token_ids
+
+    model, tokenizer, prompts = tiny_model
+    tokenizer = copy.deepcopy(tokenizer)
+    common = often_generated_token(model, tokenizer, prompts)
+    end_of_turn = tokenizer.convert_tokens_to_ids("</s>")
+    tokenizer.chat_template = tiny.TINYLLAMA_CHAT_TEMPLATE.replace("+ eos_token", "+ '</s>'")
+    tokenizer.eos_token = "<s>"
+    assert stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<s>"), end_of_turn]
+    swapped = tiny.build_model(len(tokenizer), seed=3).eval()
+    with torch.no_grad():
+        head = swapped.lm_head.weight
+        head[[common, end_of_turn]] = head[[end_of_turn, common]].clone()
+    prompts = [render_prompt(tokenizer, r["context"], r["question"]) for r in synthetic_rows(23, seed=11)]
+    reference = generate_batched(swapped, tokenizer, prompts, 8, 20, decoder="dynamic")
+    static = generate_batched(swapped, tokenizer, prompts, 8, 20, decoder="static")
+    assert [(g.text, g.new_tokens, g.ended_at_eos) for g in static] == \
+        [(g.text, g.new_tokens, g.ended_at_eos) for g in reference]
+    ended = [g.new_tokens for g in static if g.ended_at_eos]
+    assert ended and len(ended) < len(prompts) and len(set(ended)) > 1  # at the end of turn, mid-batch
+    # the decoder itself stops there (pad after it, as generate writes), not only generate_batched's bookkeeping
+    tokenizer.padding_side = "left"
+    inputs = tokenizer.pad({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]}, return_tensors="pt")
+    with torch.inference_mode():
+        expected = generate.generate_dynamic(swapped, inputs, 20, stop_token_ids(tokenizer), tokenizer.pad_token_id)
+        raw = generate.decoder_for(swapped, "static").generate(swapped, inputs["input_ids"], inputs["attention_mask"],
+                                                               20, stop_token_ids(tokenizer), tokenizer.pad_token_id)
+    assert torch.equal(raw, expected)
 
 
 class ReplayedStep:
