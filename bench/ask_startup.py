@@ -1,12 +1,14 @@
 """Where a fresh `t2s ask` process spends its time before the first answer: each stage timed in new processes.
 
-    python bench/ask_startup.py --model runs/<id> [--device cuda] [--processes 3] [--decoders dynamic,cudagraph]
+    python bench/ask_startup.py --model runs/<id> [--device cuda] [--processes 1] [--decoders dynamic,auto]
 
 Each process does what `t2s ask --model M --schema S QUESTION` does, in the same order, with a clock reading (since
 the process started, from /proc) after each stage: Python and t2s's CLI imports, torch, CUDA's start, transformers,
 the tokenizer, the model's weights, the move to the device, the first answer (with the CUDA graph capture, reported
 apart) and a second answer. One more process runs under `python -X importtime` and names the slowest imports.
 Prints one JSON object (and writes it to --out when given).
+
+On one H200 with SmolLM2-135M: ~40 s (three processes of ~12 s: one per decoder and the -X importtime one).
 """
 
 import argparse
@@ -91,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, help="run directory or model folder, as `t2s ask --model`")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=1, help="processes per decoder (medians over them)")
     parser.add_argument("--decoders", default="dynamic,auto", help="T2S_DECODER values to compare")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
