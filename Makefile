@@ -47,11 +47,11 @@ test: test-cu12 test-cu118
 
 test-cu12: install
 	@echo "== tests on the cu12 set (.venv: torch 2.13.0 CPU, images/requirements-cu12.txt)"
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=8
 
 test-cu118: install-cu118
 	@echo "== tests on the cu118 set (.venv-cu118: Python 3.10, torch 2.1.2, images/requirements-cu118.txt)"
-	$(VENV_CU118)/bin/pytest -q
+	$(VENV_CU118)/bin/pytest -q --durations=8
 
 pipeline: install
 	$(BIN)/t2s pipeline --config $(CONFIG)
