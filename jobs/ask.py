@@ -22,7 +22,9 @@ Python:
 from __future__ import annotations
 
 import json
+import json
 import math
+import os
 import sys
 import time
 import unicodedata
@@ -261,15 +263,20 @@ class SQLGenerator:
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
         self.decoding = checked.check_decoding(decoding)
         self.candidates = checked.check_candidates_count(candidates)
+        self.load_s: float | None = None  # seconds `load` took (imports of torch and transformers included)
+        self.answer_s: list[float] = []  # seconds of each call that ran the model
 
     def respond(self, pairs: list[tuple[str, str]], batch_size: int):
         """The model's raw generations (jobs.generate.Generation), in order: the only step that runs the model."""
         from jobs.chat import render_prompt
         from jobs.generate import generate_batched
 
+        started = time.perf_counter()
         prompts = [render_prompt(self.tokenizer, context, question) for context, question in pairs]
-        return generate_batched(self.model, self.tokenizer, prompts, batch_size, self.max_new_tokens,
-                                progress=len(pairs) > batch_size and sys.stderr.isatty())
+        generations = generate_batched(self.model, self.tokenizer, prompts, batch_size, self.max_new_tokens,
+                                       progress=len(pairs) > batch_size and sys.stderr.isatty())
+        self.answer_s.append(time.perf_counter() - started)
+        return generations
 
     def search(self, pairs: list[tuple[str, str]], greedy: list, batch_size: int) -> list[list]:
         """Checked decoding's further candidates (jobs.generate.Candidate) for each pair: its greedy answer, scored,
@@ -313,6 +320,7 @@ def load(model: str | ModelSource, device: str | None = None, max_new_tokens: in
     checked.check_decoding(decoding)  # before the slow load
     checked.check_candidates_count(candidates)
     source = model if isinstance(model, ModelSource) else resolve_model(model)
+    started = time.perf_counter()
     from jobs.chat import check_chat_template
     from jobs.config import load_config
     from jobs.generate import device_for
@@ -329,7 +337,9 @@ def load(model: str | ModelSource, device: str | None = None, max_new_tokens: in
     except (RuntimeError, AssertionError, ValueError) as error:  # no such device, or torch built without it
         raise T2SError(f"cannot put the model on device {device!r} ({first_line(error)}): pass --device cpu, or "
                        "leave --device out to use the GPU when there is one") from None
-    return SQLGenerator(loaded, tokenizer, max_new_tokens, decoding, candidates)
+    generator = SQLGenerator(loaded, tokenizer, max_new_tokens, decoding, candidates)
+    generator.load_s = time.perf_counter() - started
+    return generator
 
 
 # ---------- database ----------
@@ -351,6 +361,31 @@ def run_on_database(db: Path, sql: str, timeout_s: float, row_limit: int) -> Que
 
 
 # ---------- CLI shell ----------
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (from Linux's /proc), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+            return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def timing_line(generator: SQLGenerator, started_s: float | None, answered_s: float | None) -> str:
+    """--verbose: where the time to the first answer went (start-up, model load, decoding, graph capture)."""
+    from jobs.generate import decoding_info
+
+    decoding = decoding_info(generator.model)
+    answers = sum(generator.answer_s)
+    captured = (f"; {decoding['graphs']} CUDA graph{'' if decoding['graphs'] == 1 else 's'} captured in "
+                f"{decoding['compile_s']:.2f} s" if decoding["graphs"] else "")
+    fallback = f"; fell back: {decoding['fallback']}" if decoding["fallback"] else ""
+    parts = [f"ready to load after {started_s:.2f} s" if started_s is not None else None,
+             f"model loaded in {generator.load_s:.2f} s (torch, transformers, weights, {generator.model.device})",
+             f"answered in {answers:.2f} s by the {decoding['backend']} decoder{captured}{fallback}",
+             f"first answer {answered_s:.2f} s after the process started" if answered_s is not None else None]
+    return "timing: " + "; ".join(part for part in parts if part)
 
 def _error(message: str) -> None:
     print(f"t2s ask: error: {printable(message)}", file=sys.stderr, flush=True)
@@ -407,11 +442,16 @@ def read_pairs(question: str | None, questions_file: Path | None, context: str |
 
 
 def answer_all(generator: SQLGenerator, pairs: list[tuple[str, str]], batch: bool, *, batch_size: int,
-               db: Path | None, execute: bool, as_json: bool, timeout_s: float, row_limit: int) -> bool:
+               db: Path | None, execute: bool, as_json: bool, timeout_s: float, row_limit: int,
+               verbose: bool = False, started_s: float | None = None) -> bool:
     """Prints every answer (one line each, or SQL and its rows with --run); True when all went through. In a batch,
-    line N is the answer to question N (answer_line: one line, whatever the model wrote)."""
+    line N is the answer to question N (answer_line: one line, whatever the model wrote). `verbose` adds where the
+    time went on stderr (`started_s`: the process's age when loading the model began)."""
     ok = True
-    for number, answer in enumerate(generator.answers(pairs, batch_size), start=1):
+    answers = generator.answers(pairs, batch_size)
+    if verbose:
+        print(f"t2s ask: {timing_line(generator, started_s, process_age_s())}", file=sys.stderr, flush=True)
+    for number, answer in enumerate(answers, start=1):
         where = f"question {number}: " if batch else ""
         result = error = None
         if not answer.sql_only:
@@ -465,6 +505,8 @@ def ask_command(
                                  "with a warning."),
     candidates: int = typer.Option(CANDIDATES, "--candidates", help="Checked decoding: the most candidates a "
                                    "question gets (the greedy answer, then a beam search's)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say on stderr where the time went: start-up, model "
+                                 "load, answering, CUDA graph capture."),
 ):
     """Answer a question about some tables with one SQL query (and, with --db --run, its rows). In a batch, line N
     of the output is the answer to question N: an answer's line breaks, backslashes and control characters are
@@ -483,9 +525,10 @@ def ask_command(
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()
+        started_s = process_age_s()  # Python, t2s's imports, the inputs read and checked
         generator = load(source, device, max_new_tokens, decoding=decoding, candidates=candidates)
         ok = answer_all(generator, pairs, batch, batch_size=batch_size, db=db, execute=run, as_json=as_json,
-                        timeout_s=timeout_s, row_limit=row_limit)
+                        timeout_s=timeout_s, row_limit=row_limit, verbose=verbose, started_s=started_s)
     except T2SError as exc:
         _error(str(exc))
         raise typer.Exit(2)

@@ -33,7 +33,7 @@ from jobs import checked, scoring, sqlcheck
 from jobs.chat import render_prompt
 from jobs.config import Config
 from jobs.errors import T2SError
-from jobs.generate import Generation, device_for, generate_batched
+from jobs.generate import Generation, decoding_info, device_for, generate_batched, requested_decoder
 from jobs.models import load_run_model
 from jobs.rundir import RunDir, fresh_staging, read_json, replace_dir, write_atomic
 from jobs.sandbox import Sandbox
@@ -104,6 +104,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {label} | {decoding_mode(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
                      f"{r['execution_accuracy']:.1%} | {_share(r.get('fails_to_execute'))} | {r['gold_error']} | "
                      f"{r['build_error']} | {r['queries_per_s']:.1f} | {r['tokens_per_s']:.0f} |")
+    lines += render_decoding(report)
     if report["build_errors"]:
         lines += ["", "Examples whose tables SQLite cannot hold (left out of execution accuracy): "
                   + "; ".join(f"{reason} ({count})" for reason, count in report["build_errors"].items()) + "."]
@@ -156,6 +157,21 @@ def render_greedy_vs_checked(report: dict) -> list[str]:
                          f"{r['execution_accuracy']:.1%} | {_share(r.get('fails_to_execute'))} | "
                          f"{r['queries_per_s']:.1f} | {checks} |")
     return lines
+
+
+def compile_note(result: dict) -> str:
+    """", 1.2 s of CUDA graph capture" when there was any; and why a faster decoder was given up, when it was."""
+    note = f", {result['compile_s']:.1f} s of CUDA graph capture" if result.get("compile_s") else ""
+    return note + (f"; fell back: {result['decoder_fallback']}" if result.get("decoder_fallback") else "")
+
+
+def render_decoding(report: dict) -> list[str]:
+    """Which decoder answered for each model, and its one-time compile cost (none for a report from before)."""
+    parts = [f"{label}: {r['decoder']}{compile_note(r)}" for label, r in report["results"].items() if "decoder" in r]
+    if not parts:
+        return []
+    return ["", "Decoding (jobs.generate; queries/s leave out the one-time CUDA graph captures): " + "; ".join(parts)
+            + "."]
 
 
 def answer_endings(generations) -> dict:
@@ -233,24 +249,27 @@ def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, varia
     key = {"model": cfg.model.model_dump(mode="json"), "which": which, "variant": variant, "split": cfg.eval.split,
            "questions_sha256": hashlib.sha256(questions.encode()).hexdigest(),
            "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size, "device": device_for(),
+           "decoder": requested_decoder(),  # in bf16 another decoder may flip a near-tie (README: fast decoding)
            "finished": {job: read_json(run.marker(job)) for job in jobs}}  # a retrained model is another model
     return json.loads(json.dumps(key))  # as it reads back from the file
 
 
-def saved_generations(path: Path, key: dict) -> tuple[list[Generation], float] | None:
-    """The answers saved at `path` under `key`, and the seconds they took; None when there are none to reuse."""
+def saved_generations(path: Path, key: dict) -> tuple[list[Generation], float, dict] | None:
+    """The answers saved at `path` under `key`, the seconds they took and how they were decoded
+    (jobs.generate.decoding_info); None when there are none to reuse."""
     try:
         saved = json.loads(path.read_text())
         if saved["key"] != key:
             return None
-        return [Generation(**g) for g in saved["generations"]], saved["generation_s"]
+        return [Generation(**g) for g in saved["generations"]], saved["generation_s"], saved.get("decoding", {})
     except (OSError, ValueError, KeyError, TypeError):  # none saved, or by another version of t2s: generate again
         return None
 
 
 def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
-                     variant: str) -> tuple[list[Generation], float]:
-    """The model's greedy answers to the split's questions, and the seconds generation took."""
+                     variant: str) -> tuple[list[Generation], float, dict]:
+    """The model's greedy answers to the split's questions, the seconds generation took (CUDA graph captures
+    included) and how they were decoded (jobs.generate.decoding_info: backend, compile_s, fallback)."""
     import torch
 
     model, tokenizer = load_run_model(cfg, run, which)
@@ -260,14 +279,15 @@ def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
     generations = generate_batched(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
                                    progress=True)
     elapsed = time.perf_counter() - started
+    decoding = decoding_info(model)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return generations, elapsed
+    return generations, elapsed, decoding
 
 
 def answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: str, variant: str,
-                folder: Path) -> tuple[list[Generation], float]:
+                folder: Path) -> tuple[list[Generation], float, dict]:
     """The model's answers: those an interrupted eval saved in `folder` with the same key, else generated now and
     saved there at once, so that a crash or kill while scoring never costs the generation again."""
     path = folder / f"{label.replace(':', '-')}.json"
@@ -277,10 +297,10 @@ def answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: s
         print(f"  {label}: reusing the {len(saved[0])} answers an interrupted eval saved in {path}; scoring only",
               flush=True)
         return saved
-    generations, elapsed = generate_answers(cfg, run, rows, which, variant)
-    write_atomic(path, json.dumps({"key": key, "generation_s": elapsed,
+    generations, elapsed, decoding = generate_answers(cfg, run, rows, which, variant)
+    write_atomic(path, json.dumps({"key": key, "generation_s": elapsed, "decoding": decoding,
                                    "generations": [dataclasses.asdict(g) for g in generations]}, ensure_ascii=False))
-    return generations, elapsed
+    return generations, elapsed, decoding
 
 
 def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: str, variant: str,
@@ -298,7 +318,8 @@ def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, 
     if saved is not None:
         print(f"  {label}{CHECKED}: reusing the {len(saved[0])} answers an interrupted eval saved in {path}; "
               "scoring only", flush=True)
-        return (*saved, json.loads(path.read_text())["checks"])
+        generations, seconds, _ = saved
+        return generations, seconds, json.loads(path.read_text())["checks"]
 
     loaded, load_s = [], 0.0
 
@@ -355,17 +376,28 @@ def score_answers(rows: list[dict], responses: list[str], eval_cfg, sandbox: San
                      mininterval=2))
 
 
-def evaluate_model(generations: list[Generation], elapsed: float, rows: list[dict], cfg: Config,
+def decoding_speed(generations: list[Generation], elapsed: float, decoding: dict) -> dict:
+    """Throughput over the decoding time, which leaves out the one-time CUDA graph captures (compile_s, reported
+    apart: paid once per shape bucket per process); generation_s is the whole wall time."""
+    compile_s = decoding.get("compile_s", 0.0)
+    decoding_s = max(elapsed - compile_s, 1e-9)
+    return {
+        "queries_per_s": len(generations) / decoding_s,
+        "tokens_per_s": sum(g.new_tokens for g in generations) / decoding_s,
+        "latency_ms_mean": sum(g.latency_s for g in generations) / len(generations) * 1000,
+        "generation_s": elapsed,
+        "compile_s": compile_s,
+        "decoder": decoding.get("backend", "dynamic"),
+        **({"decoder_fallback": decoding["fallback"]} if decoding.get("fallback") else {}),
+    }
+
+
+def evaluate_model(generations: list[Generation], elapsed: float, decoding: dict, rows: list[dict], cfg: Config,
                    sandbox: Sandbox) -> tuple[list[dict], dict]:
     scored = score_answers(rows, [g.text for g in generations], cfg.eval, sandbox)
     for s, g in zip(scored, generations):
         s.update(response=g.text, new_tokens=g.new_tokens, latency_ms=g.latency_s * 1000, ended_at_eos=g.ended_at_eos)
-    speed = {
-        "queries_per_s": len(rows) / elapsed,
-        "tokens_per_s": sum(g.new_tokens for g in generations) / elapsed,
-        "latency_ms_mean": sum(g.latency_s for g in generations) / len(generations) * 1000,
-        "generation_s": elapsed,
-    }
+    speed = decoding_speed(generations, elapsed, decoding)
     return scored, {**speed, **answer_endings(generations)}
 
 
@@ -389,25 +421,28 @@ def run(cfg: Config, run: RunDir) -> str:
     with Sandbox(workers=scoring_workers()) as sandbox:
         for label, which, variant in plan:
             print(f"evaluating {label} on {len(rows)} {cfg.eval.split} examples", flush=True)
-            generations, elapsed = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS)
-            decodings = [(label, generations, elapsed, None)]
+            generations, elapsed, decoding = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS)
+            decodings = [(label, generations, elapsed, decoding, None)]
             if cfg.eval.decoding == "checked" and which != "base":
-                decodings.append((label + CHECKED, *checked_answers_for(
-                    cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox)))
-            for name, answers, seconds, checks in decodings:
-                scored, speed = evaluate_model(answers, seconds, rows, cfg, sandbox)
-                decoding = {"decoding": "greedy"} if checks is None else {
+                checked_generations, checked_s, checks = checked_answers_for(
+                    cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox)
+                searched = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then beam search"}
+                decodings.append((label + CHECKED, checked_generations, checked_s, searched, checks))
+            for name, answers, seconds, decoder, checks in decodings:
+                scored, speed = evaluate_model(answers, seconds, decoder, rows, cfg, sandbox)
+                mode = {"decoding": "greedy"} if checks is None else {
                     "decoding": "checked", "candidates": cfg.eval.candidates, **check_summary(checks)}
                 for s, check in zip(scored, checks or [{}] * len(scored)):
                     s.update(check)
-                results[name] = {**summarize(scored), **speed, **decoding}
+                results[name] = {**summarize(scored), **speed, **mode}
                 by_bucket[name] = buckets(rows, scored)
                 for i, s in enumerate(scored):
                     predictions[i][name] = s
                 r = results[name]
                 print(f"  {name}: SQL-only {r['sql_only']:.1%} · exact {r['exact_match']:.1%} · "
                       f"execution {r['execution_accuracy']:.1%} · fails to execute {r['fails_to_execute']:.1%} · "
-                      f"ended at EOS {r['ended_at_eos']:.1%} · {r['queries_per_s']:.1f} queries/s", flush=True)
+                      f"ended at EOS {r['ended_at_eos']:.1%} · {r['queries_per_s']:.1f} queries/s "
+                      f"({r['decoder']} decoder{compile_note(r)})", flush=True)
 
     report = {
         "run_id": cfg.run_id,

@@ -136,6 +136,16 @@ def test_python_api_on_the_tiny_model(merged_run):
         generator.sql("DROP TABLE songs", "anything?")
 
 
+def test_verbose_says_where_the_time_to_the_first_answer_went(merged_run):
+    for decoder in ("dynamic", "static"):
+        result = t2s("ask", "--verbose", "--model", str(merged_run), "--schema", SONGS_SCHEMA, "How many songs?",
+                     env={"T2S_DECODER": decoder})
+        assert result.returncode in (0, 2), result.stderr  # 2: the tiny model's answer may not be SQL
+        [line] = [line for line in result.stderr.splitlines() if line.startswith("t2s ask: timing: ")]
+        assert "ready to load after" in line and "model loaded in" in line and "(torch, transformers, weights, cpu)" \
+            in line and f"by the {decoder} decoder" in line and "s after the process started" in line
+
+
 # ---------- exact behaviour, with a fake generator ----------
 
 def test_schema_comes_from_the_sqlite_file_and_run_prints_the_rows(monkeypatch, songs_db):

@@ -128,15 +128,52 @@ def test_render_markdown():
     assert "## Greedy vs checked" not in eval_job.render_markdown(older)
 
 
+def test_throughput_leaves_out_graph_capture_and_the_report_names_the_decoder():
+    answers = [Generation("SELECT 1", 10, 0.5)] * 4
+    speed = eval_job.decoding_speed(answers, 3.0, {"backend": "cudagraph", "compile_s": 1.0, "graphs": 2,
+                                                   "fallback": None})
+    assert speed == {"queries_per_s": 2.0, "tokens_per_s": 20.0, "latency_ms_mean": 500.0, "generation_s": 3.0,
+                     "compile_s": 1.0, "decoder": "cudagraph"}
+    fell_back = eval_job.decoding_speed(answers, 2.0, {"backend": "dynamic", "compile_s": 0.0, "graphs": 0,
+                                                       "fallback": "capture failed"})
+    assert fell_back["queries_per_s"] == 2.0 and fell_back["decoder_fallback"] == "capture failed"
+    assert eval_job.decoding_speed(answers, 2.0, {})["decoder"] == "dynamic"  # answers saved by an older t2s
+    report = {"results": {"base": fell_back, "merged": speed, "old": {"queries_per_s": 1.0}}}
+    assert eval_job.render_decoding(report) == [
+        "", "Decoding (jobs.generate; queries/s leave out the one-time CUDA graph captures): base: dynamic; fell "
+        "back: capture failed; merged: cudagraph, 1.0 s of CUDA graph capture."]
+    assert eval_job.render_decoding({"results": {"old": {"queries_per_s": 1.0}}}) == []
+
+
 def test_saved_generations_are_reused_only_under_the_same_key(tmp_path):
     path, key = tmp_path / "base.json", {"max_new_tokens": 24, "questions_sha256": "ab"}
     answers = [Generation("SELECT 1", 3, 0.5), Generation("no idea", 2, 0.5)]
     path.write_text(json.dumps({"key": key, "generation_s": 1.5, "generations": [vars(g) for g in answers]}))
-    assert eval_job.saved_generations(path, key) == (answers, 1.5)
+    assert eval_job.saved_generations(path, key) == (answers, 1.5, {})  # saved before decoders were recorded
+    decoding = {"backend": "cudagraph", "compile_s": 0.4, "graphs": 1, "fallback": None}
+    path.write_text(json.dumps({"key": key, "generation_s": 1.5, "decoding": decoding,
+                                "generations": [vars(g) for g in answers]}))
+    assert eval_job.saved_generations(path, key) == (answers, 1.5, decoding)
     assert eval_job.saved_generations(path, {**key, "max_new_tokens": 32}) is None
     assert eval_job.saved_generations(tmp_path / "missing.json", key) is None
     path.write_text('{"key": {"max_new_tokens": 24')  # cut short by a kill
     assert eval_job.saved_generations(path, key) is None
+
+
+def test_eval_through_the_static_decoder_scores_the_same_answers_and_names_its_decoder(copy_run):
+    predictions, reports = {}, {}
+    for decoder in ("dynamic", "static"):
+        run, config = copy_run(decoder, eval={"models": ["base"]})
+        result = t2s("eval", "--config", str(config), env={"T2S_DECODER": decoder})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert f"queries/s ({decoder} decoder)" in result.stdout
+        reports[decoder] = json.loads((run / "eval" / "report.json").read_text())["results"]["base"]
+        predictions[decoder] = [json.loads(line)["predictions"]["base"]["response"]
+                                for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+        assert f"base: {decoder}." in (run / "eval" / "report.md").read_text()
+    assert predictions["static"] == predictions["dynamic"] and len(predictions["static"]) == 12
+    assert (reports["dynamic"]["decoder"], reports["static"]["decoder"]) == ("dynamic", "static")
+    assert reports["static"]["compile_s"] == 0.0  # nothing is captured or compiled on a CPU
 
 
 # ---------- a hostile dataset, a crash ----------
