@@ -1,11 +1,39 @@
-"""The one exception users see: a one-line message that says what is wrong and how to fix it."""
+"""The one exception users see, and the shell every command runs in (t2s, t2s-infra, the training worker): a
+T2SError is one line, `<command>: error: <what is wrong and how to fix it>`, and a non-zero exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 
 
 class T2SError(Exception):
-    """A problem with the user's input or environment (not a bug): printed as one line, exit code 2."""
+    """A problem with the user's input or environment (not a bug): printed as one line, exit code 2 (or the one given:
+    t2s-infra exits 1 for a job that failed on its pod)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """A library exception's message cut to one line, for inclusion in a T2SError."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def one_line_errors(command: str, redact: Callable[[str], str] = lambda text: text,
+                    interrupted: str = "interrupted") -> Iterator[None]:
+    """Runs a command's body: a T2SError becomes its one line on stderr and its exit code; Ctrl-C the line
+    `interrupted` says and exit code 130. Anything else is a bug and keeps its traceback. `redact` is applied to the
+    line (t2s-infra hides every known secret)."""
+    try:
+        yield
+    except T2SError as exc:
+        print(f"{command}: error: {redact(str(exc))}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        print(f"{command}: error: {redact(interrupted)}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

@@ -20,10 +20,6 @@ class Generation:
     ended_at_eos: bool | None = None  # True: the model stopped itself; False: cut at max_new_tokens
 
 
-def device_for() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @torch.inference_mode()
 def generate_batched(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
                      progress: bool = False) -> list[Generation]:
