@@ -27,7 +27,7 @@ import typer
 
 from jobs import sandbox, sqlcheck
 from jobs.config import names_local_path
-from jobs.errors import T2SError, first_line
+from jobs.errors import T2SError, first_line, one_line_errors
 from jobs.rundir import RunDir
 from jobs.sandbox import QueryRows
 
@@ -160,7 +160,7 @@ def from_run(run: RunDir) -> ModelSource:
     if run.is_done("merge"):
         return ModelSource(str(run.merged))
     run.require("train", "t2s ask")
-    if (run.adapter / "adapter_config.json").is_file():
+    if run.trained() == "adapter":
         return ModelSource(str(run.adapter), run)
     return ModelSource(str(run.adapter))  # a full fine-tune saves the whole model there
 
@@ -169,12 +169,12 @@ def resolve_model(source: str) -> ModelSource:
     """What to load for --model: a run directory (or its adapter/ folder), a model folder, or a Hub id."""
     path = Path(source).expanduser()
     if path.is_dir():
-        if RunDir(path).resolved_config.is_file():
+        if RunDir(path).settings_file.is_file():
             return from_run(RunDir(path))
         if (path / "config.json").is_file():
             return ModelSource(str(path))
         if (path / "adapter_config.json").is_file():
-            if path.name == "adapter" and RunDir(path.parent).resolved_config.is_file():
+            if path.name == "adapter" and RunDir(path.parent).settings_file.is_file():
                 return from_run(RunDir(path.parent))
             raise T2SError(f"{source} is a LoRA adapter outside a t2s run: pass the run directory it was trained "
                            "in, or a model merged from it")
@@ -225,17 +225,16 @@ def load(model: str | ModelSource, device: str | None = None, max_new_tokens: in
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     from jobs.chat import check_chat_template
     from jobs.config import load_config
-    from jobs.generate import device_for
-    from jobs.models import load_model, load_run_model, load_tokenizer, pick_dtype
+    from jobs.models import default_device, load_model, load_run_model, load_tokenizer, pick_dtype
 
-    if source.run:
-        loaded, tokenizer = load_run_model(load_config(source.run.resolved_config), source.run, "adapter")
+    if source.run:  # base + adapter, loaded with the model settings the run was made with
+        loaded, tokenizer = load_run_model(load_config(source.run.settings_file), source.run, "adapter")
     else:
         tokenizer = load_tokenizer(source.model)
         loaded = load_model(source.model, dtype=pick_dtype("auto"))
     check_chat_template(tokenizer, source.model)
     try:
-        loaded = loaded.to(device or device_for()).eval()
+        loaded = loaded.to(device or default_device()).eval()
     except (RuntimeError, AssertionError, ValueError) as error:  # no such device, or torch built without it
         raise T2SError(f"cannot put the model on device {device!r} ({first_line(error)}): pass --device cpu, or "
                        "leave --device out to use the GPU when there is one") from None
@@ -282,12 +281,30 @@ def default_context(schema: str | None, schema_file: Path | None, db: Path | Non
     if len(given) > 1:
         raise T2SError(f"{' and '.join(given)} both give the tables: pass only one of them")
     if schema is not None:
-        return checked_schema(schema, "--schema")
+        return checked_schema(checked_text(schema, "--schema"), "--schema")
     if schema_file is not None:
         return checked_schema(_read_file(schema_file, "--schema-file"), f"--schema-file {schema_file}")
     if db is not None:
         return checked_schema(sandbox.schema_from_sqlite(db), f"the tables of {db}")
     return None
+
+
+def read_stdin(stdin) -> str:
+    """stdin's text; one line when it is not UTF-8 (Python would otherwise pass the bad bytes on as surrogates)."""
+    data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise T2SError(f"stdin is not UTF-8 text (byte {error.start}): pipe in one question a line, as UTF-8") from None
+
+
+def checked_text(text: str, where: str) -> str:
+    """`text` when it is valid Unicode: an argument that is not UTF-8 reaches Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise T2SError(f"{where} is not UTF-8 text: pass it as UTF-8") from None
+    return text
 
 
 def read_pairs(question: str | None, questions_file: Path | None, context: str | None,
@@ -298,9 +315,10 @@ def read_pairs(question: str | None, questions_file: Path | None, context: str |
     if questions_file is not None:
         return questions_from_jsonl(_read_file(questions_file, "--questions"), str(questions_file), context), True
     if question is not None and question != "-":
+        question = checked_text(question, "the question")
         questions, batch = [question.strip()] if question.strip() else [], False
     elif question == "-" or not stdin.isatty():
-        questions, batch = questions_from_lines(stdin.read()), True
+        questions, batch = questions_from_lines(read_stdin(stdin)), True
     else:
         questions, batch = [], False
     if not questions:
@@ -361,7 +379,7 @@ def ask_command(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: GPU if any)."),
 ):
     """Answer a question about some tables with one SQL query (and, with --db --run, its rows)."""
-    try:
+    with one_line_errors("t2s ask"):
         if not model:
             raise T2SError("no model given: pass --model a run directory, a merged model folder or a Hub id")
         if run and db is None:
@@ -376,11 +394,5 @@ def ask_command(
         generator = load(source, device, max_new_tokens)
         ok = answer_all(generator, pairs, batch, batch_size=batch_size, db=db, execute=run, as_json=as_json,
                         timeout_s=timeout_s, row_limit=row_limit)
-    except T2SError as exc:
-        _error(str(exc))
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        _error("interrupted")
-        raise typer.Exit(130)
     if not ok:
         raise typer.Exit(2)
