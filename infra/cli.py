@@ -18,6 +18,7 @@ import typer
 
 from jobs.config import load_config
 from jobs.errors import T2SError, one_line_errors
+from jobs.credentials import find_secret
 from jobs.rundir import JOBS, RunDir, read_json, write_atomic
 from infra import preflight, records, watchdog
 from infra import runpod_api as api
@@ -39,7 +40,7 @@ def say(message: str) -> None:
 
 def shell(command: str, interrupted: str = "interrupted"):
     """A command's body: its T2SError is one line, `t2s-infra <command>: error: ...`, every secret redacted."""
-    return one_line_errors(f"t2s-infra {command}", redact, interrupted)
+    return one_line_errors(f"t2s-infra {command}", interrupted)
 
 
 def _runpod_key() -> str:
@@ -135,12 +136,15 @@ def launch(
         api.connect(runpod_key)
         prices = {gpu_type: api.gpu_price_per_hr(gpu_type, settings.gpu_count, settings.cloud_type)
                   for gpu_type in settings.gpu_types}
+        if problem := preflight.price_problem(settings, prices):
+            raise T2SError(problem)
 
         def config_text(gpu_type: str, price_per_hr: float | None) -> str:
             text = preflight.config_for_gpu(pod_cfg, gpu_type, settings.gpu_count, settings.cloud_type, price_per_hr)
-            if preflight.secret_in(text, [hf_token, runpod_key]):
-                raise T2SError("the config holds the value of HF_TOKEN or RUNPOD_API_KEY: secrets go in .env, never "
-                               "in a config or --set (the pod's config is stored with the run)")
+            # load_config refused secrets in what the user wrote; this holds for what the launcher derived too.
+            if (found := find_secret(text)) is not None:
+                raise T2SError(f"the pod's config would hold {found.what}: secrets go in .env, never in a config "
+                               "(the pod's config is stored with the run and uploaded with its logs)")
             return text
 
         config_text(settings.gpu_types[0], prices[settings.gpu_types[0]])
@@ -151,8 +155,9 @@ def launch(
         started = launch_pod(settings, run_id=cfg.run_id, job=job, config_text=config_text, prices=prices,
                              hf_token=hf_token, runpod_api_key=runpod_key, say=say)
         price = "" if started.cost_per_hr is None else f" at ${started.cost_per_hr:.2f}/h"
+        cost_cap = "no cost cap" if settings.max_cost_usd is None else f"${settings.max_cost_usd:g}"
         say(f"run {cfg.run_id}: job {job} is running on pod {started.pod_id} ({started.gpu_count}x {started.gpu}"
-            f"{price}; stops at {settings.max_runtime_min:g} min or ${settings.max_cost_usd:g})")
+            f"{price}; stops at {settings.max_runtime_min:g} min or {cost_cap})")
         if not follow_logs:
             say(f"follow: t2s-infra logs --follow {cfg.run_id} · stop: t2s-infra down {cfg.run_id} · "
                 "the pod stops itself at its caps; the launcher's second line while nobody follows: t2s-infra watch")
@@ -189,13 +194,16 @@ def logs(
 ):
     """Fetch a finished run's logs, metrics and eval report from the Hub into runs/<id>/, or --follow a live one."""
     with shell("logs"):
-        latest = records.latest_of(run)
+        latest = records.latest_of(run, say)
         if follow_logs:
             if latest is None:
                 raise T2SError(f"no launch of run {run} in {records.records_path()}: `t2s-infra ls` lists them")
             if latest.is_live:
                 runpod_key = _runpod_key()
                 latest = watchdog.check(latest, say)
+            if latest.status == "creating":
+                raise T2SError(f"pod {latest.pod_name} of run {run} is still being created (or RunPod cannot say "
+                               f"whether it was): try again in a minute; `t2s-infra down {run}` stops it")
             if latest.is_live:
                 say(f"following run {run} (job {latest.job}) on pod {latest.pod_id}; Ctrl-C detaches")
                 _follow_and_report(latest, runpod_key, runs_dir)
@@ -232,20 +240,31 @@ def list_launches(
 ):
     """List every launch recorded on this machine, with its cost (live pods: so far)."""
     with shell("ls"):
-        launches = records.load_all()
+        launches = records.load_all(say)
         if not launches:
             print(f"no launches recorded in {records.records_path()}")
             return
         if not offline and any(launch.is_live for launch in launches):
             _runpod_key()
             try:
-                for launch in launches:
-                    if launch.is_live and api.get_pod(launch.pod_id) is None:
-                        records.end(launch, "gone", "pod no longer exists")
+                _reconcile(launches, api.list_pods())
             except api.ApiUnavailable as exc:
                 say(f"{exc}: showing the local record as it is")
             launches = records.load_all()
         print(records.format_table(launches, records.now_iso()))
+
+
+def _reconcile(launches: list[Launch], pods: list[api.Pod]) -> list[Launch]:
+    """The live launches squared with RunPod's pods: a pod being created found by its name, a pod gone ended."""
+    now, existing = records.now_iso(), {pod.id for pod in pods}
+    settled = []
+    for launch in launches:
+        if launch.status == "creating":
+            launch = watchdog.settle_creating(launch, pods, now)
+        if launch.is_live and launch.status != "creating" and launch.pod_id not in existing:
+            launch = records.end(launch, "gone", "pod no longer exists")
+        settled.append(launch)
+    return settled
 
 
 @app.command()
@@ -257,12 +276,14 @@ def down(
     with shell("down"):
         if bool(run) == all_runs:
             raise T2SError("name one run (t2s-infra down RUN) or pass --all")
-        mine = [launch for launch in records.load_all() if all_runs or launch.run_id == run]
+        mine = [launch for launch in records.load_all(say) if all_runs or launch.run_id == run]
         if run and not mine:
             raise T2SError(f"no launch of run {run} in {records.records_path()}: `t2s-infra ls` lists them")
         _runpod_key()
-        ours = {launch.pod_id: launch for launch in mine}
-        existing = {pod.id: pod for pod in api.list_pods()}
+        pods = api.list_pods()
+        existing = {pod.id: pod for pod in pods}
+        mine = _reconcile(mine, pods)  # a pod whose creation answer was lost is ours too, found by its name
+        ours = {launch.pod_id: launch for launch in mine if launch.pod_id}
         stopped = 0
         for pod_id, launch in ours.items():
             if pod_id in existing:
@@ -271,10 +292,12 @@ def down(
                 # A pod that outlived its job (kept, or a failed self-terminate) keeps its job's status.
                 records.end(launch, "stopped" if launch.is_live else launch.status, "t2s-infra down")
                 say(f"terminated pod {pod_id} ({existing[pod_id].name}) of run {launch.run_id}")
-            elif launch.is_live:
-                records.end(launch, "gone", "pod no longer exists")
+        for launch in mine:
+            if launch.status == "creating":
+                say(f"pod {launch.pod_name} of run {launch.run_id} is being created right now (no pod of that name "
+                    "yet): run `t2s-infra down` again in a minute if its launcher does not follow it")
         if all_runs:
-            for pod in existing.values():
+            for pod in pods:
                 if pod.id not in ours and pod.name.startswith(api.POD_NAME_PREFIX):
                     say(f"left pod {pod.id} ({pod.name}) alone: it is not in {records.records_path()}")
         if not stopped:
@@ -288,7 +311,7 @@ def watch(
     """Terminate pods past their run's infra.max_runtime_min or infra.max_cost_usd."""
     with shell("watch", "stopped watching; the pods keep running (t2s-infra ls shows them)"):
         _runpod_key()
-        live = [launch for launch in records.load_all() if launch.is_live]
+        live = [launch for launch in records.load_all(say) if launch.is_live]
         if not once:
             say(f"watching {len(live)} live run(s); Ctrl-C stops watching, not the pods")
         stopped = watchdog.watch(say, once)
@@ -314,7 +337,7 @@ def upload_logs(
                 "job": os.environ.get("T2S_JOB"), "pod_id": os.environ.get("RUNPOD_POD_ID"), "exit_code": exit_code,
                 "reason": reason, "ended_at": records.now_iso()}) + "\n")
         repo = repo or _logs_repo_of(run_dir)
-        count = upload_run_logs(run_dir, repo, require_secret("HF_TOKEN", "to write to the logs dataset"))
+        count = upload_run_logs(run_dir, repo, require_secret("HF_TOKEN", "to write to the logs dataset"), say)
         say(f"uploaded {count} files of {run_dir} to Hub dataset {repo}")
 
 

@@ -1,8 +1,10 @@
 """Launching a job on a RunPod pod: GPU fallback with backoff, then wait for the container to start.
 
 The decisions are plain functions (`capacity_plan`, `pod_request`, `pod_name`, `start_failure`) that tests
-check exactly; `launch_pod` is the loop that calls RunPod. Once a pod exists, every way out of this module
-other than "its container started" terminates it first: no path leaves a pod billing behind the user's back.
+check exactly; `launch_pod` is the loop that calls RunPod. Each request's pod name is recorded before the
+request goes out, so a pod whose creation answer is lost (a gateway error, a timeout, Ctrl-C) is found by
+that name: here, and later by `ls`, `down` and `watch`. Once a pod exists, every way out of this module other
+than "its container started" terminates it first: no path leaves a pod billing behind the user's back.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def pod_env(settings: InfraSettings, *, job: str, config_text: str, price_per_hr
         "T2S_KEEP_POD": "1" if settings.keep_pod else "0",
         # The pod's own caps (entrypoints/lib.sh); cost = T2S_COST_PER_HOUR_USD × time since the container started.
         "T2S_MAX_RUNTIME_MIN": f"{settings.max_runtime_min:g}",
-        "T2S_MAX_COST_USD": f"{settings.max_cost_usd:g}",
+        "T2S_MAX_COST_USD": "" if settings.max_cost_usd is None else f"{settings.max_cost_usd:g}",
         "T2S_COST_PER_HOUR_USD": "" if price_per_hr is None else f"{price_per_hr:g}",
         "PYTHONUNBUFFERED": "1",  # so the log stream shows lines as they are printed
         "HF_TOKEN": hf_token,
@@ -101,27 +103,36 @@ def launch_pod(settings: InfraSettings, *, run_id: str, job: str, config_text: C
         name = pod_name(run_id, job)
         env = pod_env(settings, job=job, config_text=config_text(gpu, prices[gpu]), price_per_hr=prices[gpu],
                       hf_token=hf_token)
+        # Recorded first: from here on a pod of this name is ours, whatever becomes of the answer.
+        intent = records.save(Launch(
+            run_id=run_id, pod_id="", pod_name=name, job=job, gpu=gpu, gpu_count=settings.gpu_count,
+            cost_per_hr=prices[gpu], started_at=records.now_iso(), status="creating",
+            logs_repo=settings.logs_repo, max_runtime_min=settings.max_runtime_min,
+            max_cost_usd=settings.max_cost_usd, keep_pod=settings.keep_pod,
+        ))
         say(f"asking RunPod for {settings.gpu_count}x {gpu} ({settings.cloud_type} cloud)")
         try:
             pod_id = api.create_pod(pod_request(settings, name=name, gpu=gpu, env=env))
         except api.NoCapacity:
+            records.not_created(intent, "no capacity")
             last_problem = f"no {settings.gpu_count}x {gpu} free"
             say(f"{last_problem} in the {settings.cloud_type} cloud")
             continue
         except api.ApiUnavailable as exc:
-            last_problem = str(exc)
-            say(f"{exc}; will retry")
-            _terminate_pods_named(name, say)  # a request that failed on its way back may still have made one
-            continue
+            # The request may have made the pod on its way, with the answer lost: ask for it by name.
+            pod = _pod_created_anyway(intent, say)
+            if pod is None:
+                last_problem = str(exc)
+                say(f"{exc}; RunPod made no pod ({name}); will retry")
+                continue
+            say(f"{exc}, but RunPod did make pod {pod.id} ({name}): using it")
+            pod_id = pod.id
         except KeyboardInterrupt:
-            _terminate_pods_named(name, say)  # RunPod may have made it just as Ctrl-C came
-            raise T2SError("interrupted while RunPod was creating the pod; any pod it made is terminated") from None
-        launch = records.save(Launch(
-            run_id=run_id, pod_id=pod_id, job=job, gpu=gpu, gpu_count=settings.gpu_count,
-            cost_per_hr=prices[gpu], started_at=records.now_iso(), status="provisioning",
-            logs_repo=settings.logs_repo, max_runtime_min=settings.max_runtime_min,
-            max_cost_usd=settings.max_cost_usd, keep_pod=settings.keep_pod,
-        ))
+            raise T2SError(_interrupted_while_creating(intent, say)) from None
+        except T2SError:
+            records.not_created(intent, "refused by RunPod")  # a refusal (bad request, bad key) makes no pod
+            raise
+        launch = records.update(intent, pod_id=pod_id, status="provisioning")
         say(f"created pod {pod_id} ({name}); waiting for its container to start (image {settings.image})")
         return wait_until_started(launch, settings.image, settings.provision_timeout_s, runpod_api_key, say, timing)
     tries = len(settings.gpu_types) * settings.capacity_rounds
@@ -130,6 +141,42 @@ def launch_pod(settings: InfraSettings, *, run_id: str, job: str, config_text: C
         f"{settings.cloud_type} cloud after {tries} tries (last: {last_problem}): add GPU types to "
         "infra.gpu_types, set infra.cloud_type: ALL, ask for fewer --gpus, or try again later"
     )
+
+
+def _pod_created_anyway(intent: Launch, say: Say) -> api.Pod | None:
+    """The pod a create request whose answer was lost made anyway, or None when RunPod has none of its name.
+    When RunPod cannot even say (its list fails too), the launch stops here: trying again could make a second
+    pod, and the record keeps the name for `down` and `watch` to find it."""
+    try:
+        named = api.pods_named(intent.pod_name)
+    except T2SError as exc:
+        raise T2SError(f"RunPod did not answer whether it created pod {intent.pod_name} ({exc}): nothing else "
+                       f"is launched; `t2s-infra down {intent.run_id}` finds it by name and stops it, or "
+                       f"`t2s-infra ls` shows it once RunPod answers") from None
+    for extra in named[1:]:  # one request makes one pod; should RunPod have made two, the second goes
+        api.terminate_pod(extra.id)
+        say(f"terminated pod {extra.id}, a second pod named {intent.pod_name}")
+    if not named:
+        records.not_created(intent, "the request failed")
+        return None
+    return named[0]
+
+
+def _interrupted_while_creating(intent: Launch, say: Say) -> str:
+    """Ctrl-C while RunPod was creating the pod: any pod it made is terminated, or left findable by name."""
+    try:
+        named = api.pods_named(intent.pod_name)
+        for pod in named:
+            api.terminate_pod(pod.id)
+            say(f"terminated pod {pod.id}, created as Ctrl-C came")
+    except T2SError:
+        return (f"interrupted while RunPod was creating pod {intent.pod_name}, and RunPod did not say whether it "
+                f"did: `t2s-infra down {intent.run_id}` finds it by name and stops it")
+    if named:
+        records.end(records.update(intent, pod_id=named[0].id), "stopped", "interrupted while creating")
+    else:
+        records.not_created(intent, "interrupted")
+    return "interrupted while RunPod was creating the pod; any pod it made is terminated"
 
 
 def start_failure(pod: api.Pod | None, system_lines: list[str], image: str) -> str | None:
@@ -217,13 +264,3 @@ def abandon(launch: Launch, problem: str, note: str, fix: str = "") -> str:
         return f"{problem}, and terminating it failed ({exc}): terminate pod {launch.pod_id} in the RunPod console"
     records.end(launch, "stopped", note)
     return f"{problem}; terminated it so it stops billing" + (f": {fix}" if fix else "")
-
-
-def _terminate_pods_named(name: str, say: Say) -> None:
-    try:
-        for pod in api.list_pods():
-            if pod.name == name:
-                api.terminate_pod(pod.id)
-                say(f"terminated pod {pod.id}, created by the request that failed")
-    except T2SError:
-        pass  # the next attempt reports RunPod's trouble

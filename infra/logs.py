@@ -11,6 +11,8 @@ into runs/<id>/ on any machine, with nothing but HF_TOKEN.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
 from jobs.errors import T2SError
+from jobs.credentials import known_secrets, redacted_bytes
 from jobs.hub import http_status, network_error
 from jobs.rundir import RunDir
 from infra import records, watchdog
@@ -137,7 +140,7 @@ def follow(launch: Launch, api_key: str, write_line: Callable[[str], None], say:
     while True:
         try:
             for event in api.stream_logs(launch.pod_id, api_key, cursor.last_id, BACKFILL_LINES,
-                                         timing.stream_read_timeout_s):
+                                         timing.stream_read_timeout_s, tick_s=timing.stream_tick_s):
                 delay = timing.reconnect_s
                 if event.line is not None and cursor.is_new(event.id):
                     write_line(redact(event.line))
@@ -218,27 +221,51 @@ def hub_whoami(token: str) -> dict:
                        "network (or HF_ENDPOINT) and try again") from None
 
 
-def upload_run_logs(run_dir: Path, repo_id: str, token: str) -> int:
+def upload_run_logs(run_dir: Path, repo_id: str, token: str, say: Say = lambda line: None) -> int:
     """Uploads the run's logs, metrics, report, markers and resolved config to <repo>/<run_id>/ (a private
-    Hub dataset, created if missing); returns how many files were there to upload."""
+    Hub dataset, created if missing), every secret in them redacted; returns how many files went up."""
     run_id = run_dir.resolve().name
     files = [p for p in run_dir.rglob("*") if p.is_file() and _uploaded(p.relative_to(run_dir).as_posix())]
     if not files:
         raise T2SError(f"nothing to upload in {run_dir}: no logs/, metrics.jsonl, eval/report.*, *.done")
     hub = HfApi(token=token)
-    try:
-        hub.create_repo(repo_id, repo_type="dataset", private=True, exist_ok=True)
-        hub.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=run_dir, path_in_repo=run_id,
-                          allow_patterns=UPLOAD_PATTERNS, commit_message=f"logs of run {run_id}")
-    except HfHubHTTPError as exc:
-        raise T2SError(f"uploading the logs of run {run_id} to Hub dataset {repo_id} failed "
-                       f"(HTTP {_status(exc)}): check that HF_TOKEN can write there") from None
-    except Exception as exc:
-        if not _is_network_error(exc):
-            raise
-        raise T2SError(f"cannot reach the Hugging Face Hub to upload the logs of run {run_id} "
-                       f"({type(exc).__name__})") from None
-    return len(files)
+    with tempfile.TemporaryDirectory(prefix="t2s-upload-") as staging:
+        sent = _stage_redacted(run_dir, files, Path(staging), say)
+        try:
+            hub.create_repo(repo_id, repo_type="dataset", private=True, exist_ok=True)
+            hub.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=staging, path_in_repo=run_id,
+                              commit_message=f"logs of run {run_id}")
+        except HfHubHTTPError as exc:
+            raise T2SError(f"uploading the logs of run {run_id} to Hub dataset {repo_id} failed "
+                           f"(HTTP {_status(exc)}): check that HF_TOKEN can write there") from None
+        except Exception as exc:
+            if not _is_network_error(exc):
+                raise
+            raise T2SError(f"cannot reach the Hugging Face Hub to upload the logs of run {run_id} "
+                           f"({type(exc).__name__})") from None
+    return sent
+
+
+def _stage_redacted(run_dir: Path, files: list[Path], staging: Path, say: Say) -> int:
+    """Copies the files to upload into staging, each text file with its secrets hidden (a job may have printed
+    one into its log); a binary file holding a known secret stays behind, with a line saying so."""
+    known = known_secrets()
+    hide = redactor(known)
+    sent = 0
+    for path in files:
+        target = staging / path.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            hidden = redacted_bytes(path, hide, known)
+        except ValueError as exc:
+            say(f"not uploaded: {exc}")
+            continue
+        if hidden is None:
+            shutil.copyfile(path, target)
+        else:
+            target.write_bytes(hidden)
+        sent += 1
+    return sent
 
 
 def fetch_run_logs(run_id: str, repo_id: str, runs_dir: Path, token: str | None) -> list[str]:
@@ -266,8 +293,9 @@ def fetch_run_logs(run_id: str, repo_id: str, runs_dir: Path, token: str | None)
 
 
 def _uploaded(relative: str) -> bool:
-    # The same matching upload_folder applies to allow_patterns.
-    return any(True for _ in filter_repo_objects([relative], allow_patterns=UPLOAD_PATTERNS))
+    # The same matching upload_folder applies; a hidden or .tmp file is a write in progress (rundir.write_atomic).
+    return any(True for _ in filter_repo_objects([relative], allow_patterns=UPLOAD_PATTERNS,
+                                                 ignore_patterns=["*.tmp", ".*", "*/.*"]))
 
 
 def _is_network_error(exc: Exception) -> bool:

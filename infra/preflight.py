@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from rich.table import Table
 
 from jobs.config import Config, dump_config, names_local_path
 from jobs.errors import T2SError
 from jobs.push import check_repo_id
 from jobs.train import accelerate_config_path
+from infra import tables
 from infra.settings import IMAGE_REFERENCE, InfraSettings, default_image, image_flavor
 
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "images"
@@ -218,11 +220,19 @@ def config_for_gpu(cfg: Config, gpu: str, gpu_count: int, cloud: str, price_per_
     return dump_config(cfg.model_copy(update={"push": push}))
 
 
-def secret_in(text: str, secrets: list[str]) -> bool:
-    return any(value and value in text for value in secrets)
-
-
 # ---------------------------------------------------------------- the plan
+
+
+def price_problem(settings: InfraSettings, prices: dict[str, float | None]) -> str | None:
+    """A cost cap cannot hold on a GPU type RunPod lists no price for (the pod's cap and the watchdog both count
+    cost as $/h × time): such a launch is refused, unless the config gives up the cost cap explicitly."""
+    unlisted = [gpu for gpu in settings.gpu_types if prices[gpu] is None]
+    if not unlisted or settings.max_cost_usd is None:
+        return None
+    return (f"RunPod lists no {settings.cloud_type.lower()}-cloud price for {settings.gpu_count}x "
+            f"{', '.join(unlisted)}, so infra.max_cost_usd={settings.max_cost_usd:g} could not be enforced there: "
+            "drop it from infra.gpu_types, try infra.cloud_type: ALL, or set infra.max_cost_usd: null to launch "
+            f"with the runtime cap alone ({settings.max_runtime_min:g} min)")
 
 
 def plan_lines(*, run_id: str, job: str, settings: InfraSettings, prices: dict[str, float | None],
@@ -231,29 +241,37 @@ def plan_lines(*, run_id: str, job: str, settings: InfraSettings, prices: dict[s
     jobs = "prep → train → merge → eval → push" if job == "pipeline" else job
     count, cloud = settings.gpu_count, settings.cloud_type
     gpus = ", then ".join(f"{count}x {gpu} ({_price(prices[gpu])})" for gpu in settings.gpu_types)
-    price = next((p for p in (prices[g] for g in settings.gpu_types) if p is not None), None)
-    lines = [
-        f"plan for run {run_id}: {jobs} on one pod",
-        f"  GPUs      {gpus}; {cloud} cloud",
-        f"  image     {settings.image}",
-        f"  model     {model_repo} ({'private' if private else 'public'})   logs  {logs_repo} (private dataset)",
+    listed = [p for p in (prices[g] for g in settings.gpu_types) if p is not None]
+    plan = Table.grid(padding=(0, 2))
+    rows = [
+        ("GPUs", f"{gpus}; {cloud} cloud"),
+        ("image", settings.image or ""),
+        ("model", f"{model_repo} ({'private' if private else 'public'})   logs  {logs_repo} (private dataset)"),
     ]
     if settings.expected_min is not None:
-        cost = "" if price is None else f", ≈ ${price * settings.expected_min / 60:.2f}"
-        lines.append(f"  expected  ≈ {settings.expected_min:g} min{cost} (infra.expected_min)")
+        first = prices[settings.gpu_types[0]]
+        cost = "" if first is None else f", ≈ ${first * settings.expected_min / 60:.2f}"
+        rows.append(("expected", f"≈ {settings.expected_min:g} min{cost} (infra.expected_min)"))
     else:
-        lines.append("  expected  no estimate (set infra.expected_min; bench/RESULTS.md has figures): "
-                     "at most the caps below")
-    if price is None:
-        lines.append(f"  caps      {settings.max_runtime_min:g} min; RunPod lists no price for it, so "
-                     f"max_cost_usd={settings.max_cost_usd:g} cannot be enforced")
+        rows.append(("expected", "no estimate (set infra.expected_min; bench/RESULTS.md has figures): at most the "
+                                 "caps below"))
+    runtime_cap = max(listed, default=0) * settings.max_runtime_min / 60  # on the dearest type it may get
+    if settings.max_cost_usd is None:
+        worst = f"; at most ≈ ${runtime_cap:.2f} at the listed price" if listed else ""
+        rows.append(("caps", f"{settings.max_runtime_min:g} min; no cost cap (infra.max_cost_usd: null){worst}; "
+                             "the pod stops itself, the launcher is the second line"))
+    elif len(listed) < len(settings.gpu_types):
+        rows.append(("caps", f"{settings.max_runtime_min:g} min; RunPod lists no price for some of these GPUs, so "
+                             f"max_cost_usd={settings.max_cost_usd:g} cannot be enforced on them"))
     else:
-        worst = min(settings.max_cost_usd, price * settings.max_runtime_min / 60)
-        lines.append(f"  caps      {settings.max_runtime_min:g} min or ${settings.max_cost_usd:g}, whichever comes "
-                     f"first (at most ≈ ${worst:.2f}); the pod stops itself, the launcher is the second line")
+        worst = min(settings.max_cost_usd, runtime_cap)
+        rows.append(("caps", f"{settings.max_runtime_min:g} min or ${settings.max_cost_usd:g}, whichever comes first "
+                             f"(at most ≈ ${worst:.2f}); the pod stops itself, the launcher is the second line"))
     if image_flavor(settings.image or "") is None:
-        lines.append("  note      the image's tag names no flavor (-cu12, -cu118): its packages were not checked")
-    return lines
+        rows.append(("note", "the image's tag names no flavor (-cu12, -cu118): its packages were not checked"))
+    for label, value in rows:
+        tables.add_row(plan, label, value)
+    return [f"plan for run {run_id}: {jobs} on one pod", *tables.plain(plan, indent=2)]
 
 
 def _price(per_hr: float | None) -> str:

@@ -2,21 +2,21 @@
 
 The jobs ignore `infra:`; this module validates it with the same rules as the rest of the config
 (unknown keys are errors, no silent coercion) and turns every problem into a one-line T2SError.
-Secrets come only from the environment or .env (jobs.config.secret) and never appear in any output:
-`redact` is the last line of defence for anything printed.
+Secrets come only from the environment or .env (jobs.credentials) and never appear in any output: `redact` is the
+last line of defence for anything printed.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.config import SECRET_NAMES, Config, describe_error, secret
+from jobs.config import Config, describe_error
 from jobs.errors import T2SError
+from jobs.credentials import is_secret_name, redact, redactor, secret  # noqa: F401 (redact, redactor: infra's names)
 from jobs.hub import HUB_ID
 
 # Environment names infra sets on the pod itself; the config's infra.env must not shadow them.
@@ -47,13 +47,14 @@ class InfraSettings(BaseModel):
     # A CUDA image of several GB can take minutes to pull; RunPod reports RUNNING meanwhile.
     provision_timeout_s: float = Field(default=900, gt=0)
     max_runtime_min: float = Field(default=240, gt=0)
-    max_cost_usd: float = Field(default=10.0, gt=0)
+    # null: no cost cap, the runtime cap alone (the one way to launch a GPU type RunPod lists no price for).
+    max_cost_usd: float | None = Field(default=10.0, gt=0)
     # Wall time you expect (bench/RESULTS.md has figures), for the plan's expected cost; None: the plan shows the caps.
     expected_min: float | None = Field(default=None, gt=0)
     keep_pod: bool = False  # leave the pod up after the job (debugging); you stop it with `t2s-infra down`
     # Hub dataset for the run's logs; None: <the HF_TOKEN's user>/t2s-runs (infra.preflight).
     logs_repo: str | None = Field(default=None, pattern=HUB_ID.pattern)
-    env: dict[str, str] = {}  # extra non-secret environment for the job
+    env: dict[str, str] = {}  # extra non-secret environment for the job (values are checked with the whole config)
 
     @field_validator("env")
     @classmethod
@@ -61,8 +62,9 @@ class InfraSettings(BaseModel):
         for key in env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"{key!r} is not an environment variable name (letters, digits, _)")
-            if key in SECRET_NAMES:
-                raise ValueError(f"{key} is a secret: set it in the environment or .env, never in the config")
+            if is_secret_name(key):
+                raise ValueError(f"{key} is a secret's name: secrets never go in the config (the pod gets HF_TOKEN "
+                                 "from the environment or .env, and no other secret)")
             if key.startswith(RESERVED_ENV_PREFIXES):
                 raise ValueError(f"{key} is set by t2s-infra itself; pick another name")
         return env
@@ -96,20 +98,3 @@ def require_secret(name: str, why: str) -> str:
     if not value:
         raise T2SError(f"{name} is not set: put it in the environment or in .env ({why})")
     return value
-
-
-def redact(text: str) -> str:
-    """Replaces every known secret value in text; applied to everything t2s-infra prints."""
-    return redactor()(text)
-
-
-def redactor() -> Callable[[str], str]:
-    """`redact` with the secrets read once (reading .env for every log line would be wasteful)."""
-    known = [(value, f"<{name}>") for name in SECRET_NAMES if (value := secret(name)) and len(value) >= 4]
-
-    def hide(text: str) -> str:
-        for value, placeholder in known:
-            text = text.replace(value, placeholder)
-        return text
-
-    return hide

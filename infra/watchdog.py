@@ -3,7 +3,8 @@
 The pod stops itself at those limits (entrypoints/lib.sh); this steps in `Timing.watchdog_grace_s` later if
 it has not. `limit_exceeded` is the rule (pure); `check` applies it to one recorded launch and RunPod's view
 of its pod; `watch` repeats that for every live launch in the local record. Followers call `check` too, so a
-followed run is guarded without a separate `t2s-infra watch`.
+followed run is guarded without a separate `t2s-infra watch`. A launch recorded while its pod was being
+created, whose answer never came, is looked up by its pod's name (`settle_creating`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,25 @@ from infra import records
 from infra import runpod_api as api
 from infra.records import Launch
 from infra.timing import Say, Timing, current_timing
+
+# A create request still in flight (the SDK gives one 30 s) has its answer long before this: a launch still
+# "creating" after it, with no pod of its name, made no pod.
+CREATING_GRACE_S = 300.0
+
+
+def settle_creating(launch: Launch, pods: list[api.Pod], at_iso: str) -> Launch:
+    """A launch recorded as "creating" squared with RunPod's pods: the pod of its name is adopted (its id
+    recorded), or, past the grace, there is none and the record says so; otherwise it is left as it is."""
+    if launch.status != "creating":
+        return launch
+    named = [pod for pod in pods if pod.name == launch.pod_name]
+    if named:
+        pod = named[0]
+        return records.update(launch, pod_id=pod.id, status="running" if pod.started else "provisioning",
+                              cost_per_hr=pod.cost_per_hr or launch.cost_per_hr)
+    if records.minutes_between(launch.started_at, at_iso) * 60 >= CREATING_GRACE_S:
+        return records.not_created(launch, "no pod of this name exists")
+    return launch
 
 
 def limit_exceeded(launch: Launch, at_iso: str, grace_s: float = 0.0) -> str | None:
@@ -34,6 +54,10 @@ def check(launch: Launch, say: Say, timing: Timing | None = None) -> Launch:
     """Reads the pod once and returns the launch's new state: gone, stopped by a limit, or still live.
     A pod RunPod cannot report right now is left alone until the next check."""
     try:
+        if launch.status == "creating":
+            launch = settle_creating(launch, api.pods_named(launch.pod_name), records.now_iso())
+            if launch.status == "creating" or not launch.is_live:
+                return launch
         pod = api.get_pod(launch.pod_id)
     except api.ApiUnavailable:
         return launch

@@ -2,23 +2,21 @@
 
 Defaults live here and only here. `load_config` merges defaults + file + `--set key=value` overrides,
 validates the result before any work starts, and turns every problem into a one-line T2SError.
-Secrets never live in the config: `secret()` reads them from the environment or `.env`.
+Secrets never live in the config: `secret()` reads them from the environment or `.env`, and a config that
+holds one (a known secret's value, or anything token-shaped: jobs/credentials.py) is refused without echoing it.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jobs.errors import T2SError
-
-SECRET_NAMES = ("HF_TOKEN", "RUNPOD_API_KEY")
+from jobs.credentials import SECRET_NAMES, find_secret_in_config, redact, secret  # noqa: F401 (secret: re-exported)
 
 
 class Section(BaseModel):
@@ -180,8 +178,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
         data = read_yaml_mapping(Path(path), "config file", "e.g. --config configs/demo.yaml")
+        refuse_secrets(data, f"in {path}")
     for item in overrides:
         _apply_override(data, item)
+    refuse_secrets(data, "in a --set")
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -221,13 +221,13 @@ def read_yaml_mapping(path: Path, what: str, example: str) -> dict[str, Any]:
 def _apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise T2SError(f"--set {item!r} is not key=value: write e.g. --set train.learning_rate=1e-4")
+        raise T2SError(f"--set {redact(repr(item))} is not key=value: write e.g. --set train.learning_rate=1e-4")
     node = data
     *parents, leaf = key.split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise T2SError(f"--set {key}: {part} is not a section")
+            raise T2SError(redact(f"--set {key}: {part} is not a section"))
     # YAML typing for the value, so that 1e-4 is a float and true a bool, as in the file.
     try:
         node[leaf] = yaml.load(raw, Loader=_YamlLoader)
@@ -235,25 +235,38 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         node[leaf] = raw
 
 
+def refuse_secrets(data: dict[str, Any], place: str) -> None:
+    """A secret in a config would be written to config.resolved.yaml, sent to the pod, uploaded with the model
+    and the logs: refused, naming the key and what it looks like, never the value."""
+    found = find_secret_in_config(data)
+    if found is None:
+        return
+    where, what = found
+    hint = " (a token or password? if not, break it up with '-' or '_')" if "random" in what.what else ""
+    raise T2SError(f"{where} {place} holds {what.what}{hint}: secrets go in the environment or .env "
+                   "(HF_TOKEN, RUNPOD_API_KEY), never in a config, a --set or infra.env")
+
+
 def describe_error(error: dict[str, Any], where: str, root: type[BaseModel], prefix: str = "") -> str:
     """One line for pydantic's first error: the dotted key, where it was given, and what is wrong. `prefix` names the
-    section `root` validates (infra validates its own section). Values are cut short: an error is one line."""
+    section `root` validates (infra validates its own section). Values are cut short (an error is one line) and every
+    secret in the line is hidden."""
     key = ".".join([*([prefix] if prefix else []), *(str(p) for p in error["loc"])])
     kind = error["type"]
     if kind == "extra_forbidden":
         section = _section_for(root, error["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else ""
-        return f"unknown config key '{key}' {where}: remove it or fix the spelling (allowed here: {allowed})"
+        return redact(f"unknown config key '{key}' {where}: remove it or fix the spelling (allowed here: {allowed})")
     if kind == "missing":
         return f"config key '{key}' is required {where}"
     message = error["msg"].removeprefix("Value error, ")
     if not error["loc"]:  # a rule across keys (Config's model validator): its message names them
-        return f"config {where}: {message}"
+        return redact(f"config {where}: {message}")
     if "secret" in message:  # never echo what may be one
         return f"config key '{key}' {where}: {message}"
-    shown = repr(error.get("input"))
+    shown = redact(repr(error.get("input")))  # hidden before it is cut, so that no part of a secret is left
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return f"config key '{key}' {where}: {message} (got {shown})"
+    return redact(f"config key '{key}' {where}: {message} (got {shown})")
 
 
 def _section_for(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -294,16 +307,6 @@ _YamlLoader.add_implicit_resolver(
 def names_local_path(name: str) -> bool:
     """Whether a model or dataset name is meant as a local path rather than a Hub id ("org/name")."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
-
-
-def secret(name: str, env_file: str | Path = ".env") -> str | None:
-    """A secret from the environment, else from .env; never from the config file, never logged."""
-    if name in os.environ and os.environ[name]:
-        return os.environ[name]
-    env_path = Path(env_file)
-    if env_path.is_file():
-        return dotenv_values(env_path).get(name) or None
-    return None
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,11 +1,14 @@
 """The one exception users see, and the shell every command runs in (t2s, t2s-infra, the training worker): a
-T2SError is one line, `<command>: error: <what is wrong and how to fix it>`, and a non-zero exit code."""
+T2SError is one line, `<command>: error: <what is wrong and how to fix it>`, every secret hidden, and a non-zero
+exit code."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+
+from jobs.credentials import redact
 
 
 class T2SError(Exception):
@@ -24,11 +27,10 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 
 
 @contextlib.contextmanager
-def one_line_errors(command: str, redact: Callable[[str], str] = lambda text: text,
-                    interrupted: str = "interrupted") -> Iterator[None]:
-    """Runs a command's body: a T2SError becomes its one line on stderr and its exit code; Ctrl-C the line
-    `interrupted` says and exit code 130. Anything else is a bug and keeps its traceback. `redact` is applied to the
-    line (t2s-infra hides every known secret)."""
+def one_line_errors(command: str, interrupted: str = "interrupted") -> Iterator[None]:
+    """Runs a command's body: a T2SError becomes its one line on stderr (every known secret and token-shaped word in
+    it hidden) and its exit code; Ctrl-C the line `interrupted` says and exit code 130. Anything else is a bug and
+    keeps its traceback."""
     try:
         yield
     except T2SError as exc:

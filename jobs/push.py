@@ -28,7 +28,6 @@ T2S_PUSH_BACKOFF_S, default 2 s); T2S_PUSH_TIMEOUT_S (default 300 s) bounds a st
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Callable, TypeVar
 from jobs.card import read_chat_template, render_model_card, trained_prompt_suffix
 from jobs.config import Config, PushGates, secret
 from jobs.errors import T2SError
+from jobs.credentials import known_secrets, redact, redacted_bytes, redactor
 from jobs.hub import HUB_ID, causes, http_status, network_error, use_request_timeout
 from jobs.rundir import JOBS, RunDir, read_json, write_atomic
 
@@ -97,6 +97,27 @@ def _folder_files(folder: Path, prefix: str, skip: tuple[str, ...] = ()) -> list
         if path.is_file() and not hidden and relative.as_posix() not in skip and path.suffix != ".tmp":
             files.append(FileToUpload(prefix + relative.as_posix(), path, path.stat().st_size))
     return files
+
+
+def without_secrets(files: list[FileToUpload], staging: Path) -> list[FileToUpload]:
+    """The files with every secret hidden: a text file holding one (a log a library printed a token into) is
+    replaced by a redacted copy under staging; a binary file holding a known secret value is refused."""
+    known = known_secrets()
+    hide = redactor(known)
+    clean = []
+    for file in files:
+        try:
+            hidden = redacted_bytes(file.local_path, hide, known)
+        except ValueError as exc:
+            raise T2SError(f"{exc}: nothing was pushed; remove the secret from that file and push again") from None
+        if hidden is None:
+            clean.append(file)
+            continue
+        copy = staging / file.path_in_repo
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(copy, hidden.decode("utf-8"))
+        clean.append(FileToUpload(file.path_in_repo, copy, copy.stat().st_size))
+    return clean
 
 
 def describe_files(files: list[FileToUpload]) -> str:
@@ -162,7 +183,7 @@ class PushResult:
 
 
 def push_to_hub(api, repo_id: str, files: list[FileToUpload], *, private: bool, message: str,
-                attempts: int, backoff_s: float, token: str) -> PushResult:
+                attempts: int, backoff_s: float) -> PushResult:
     """Creates the repo if needed and commits the files; one-line T2SError on failure."""
     from huggingface_hub import CommitOperationAdd
 
@@ -183,8 +204,7 @@ def push_to_hub(api, repo_id: str, files: list[FileToUpload], *, private: bool, 
     except T2SError:
         raise
     except Exception as exc:
-        raise T2SError(hub_failure(exc, repo_id=repo_id, step=step, attempts=attempts, endpoint=api.endpoint,
-                                   token=token)) from None
+        raise T2SError(hub_failure(exc, repo_id=repo_id, step=step, attempts=attempts, endpoint=api.endpoint)) from None
 
 
 def with_retries(action: Callable[[], T], what: str, attempts: int, backoff_s: float) -> T:
@@ -215,7 +235,7 @@ def transient_reason(exc: BaseException) -> str | None:
     return type(failure).__name__ if failure is not None else None
 
 
-def hub_failure(exc: BaseException, *, repo_id: str, step: str, attempts: int, endpoint: str, token: str) -> str:
+def hub_failure(exc: BaseException, *, repo_id: str, step: str, attempts: int, endpoint: str) -> str:
     """Our own one-line message for a failed Hub call: never the library's text (URLs, headers), never the token."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -235,7 +255,7 @@ def hub_failure(exc: BaseException, *, repo_id: str, step: str, attempts: int, e
         if status == 404:
             return f"{repo_id} was not found while {step} (404): check push.repo_id and that HF_TOKEN can see it"
         http = next((c for c in causes(exc) if isinstance(c, HfHubHTTPError)), None)
-        server = redact(getattr(http, "server_message", None) or "", token)
+        server = _shown(getattr(http, "server_message", None) or "")
         return (f"the Hub refused {step} for {repo_id} (HTTP {status}{': ' + server if server else ''}): "
                 "check push.repo_id and the repo's settings on the Hub")
     transport = network_error(exc)
@@ -243,16 +263,13 @@ def hub_failure(exc: BaseException, *, repo_id: str, step: str, attempts: int, e
         return (f"could not reach the Hub at {endpoint} while {step} after {attempts} attempt(s) "
                 f"({type(transport).__name__}): check the network (or HF_ENDPOINT / proxy settings) and rerun "
                 "`t2s push`; local files are untouched")
-    detail = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "", token)
+    detail = _shown(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
     return f"push to {repo_id} failed while {step}: {type(exc).__name__}{': ' + detail if detail else ''}"
 
 
-def redact(text: str, token: str | None) -> str:
-    if token:
-        text = text.replace(token, "***")
-    text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
-    text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-    return " ".join(text.split())[:200]
+def _shown(text: str) -> str:
+    """A server's or a library's text, fit for our one line: every secret hidden, one line, short."""
+    return " ".join(redact(text).split())[:200]
 
 
 def seconds_from_env(name: str, default: float) -> float:
@@ -399,7 +416,8 @@ def run(cfg: Config, run: RunDir) -> str:
     card_path = run.pushed / "README.md"
     write_atomic(card_path, card)
 
-    files = files_to_upload(run, folder, card_path, evaluated=report is not None)
+    files = without_secrets(files_to_upload(run, folder, card_path, evaluated=report is not None),
+                            run.pushed / "redacted")
     total = human_size(sum(f.size for f in files))
     visibility = "private" if push.private else "public"
     print(f"{push.artifact} model from {folder}{'' if report else ' (not evaluated)'} → {shown_id} ({visibility}):",
@@ -414,7 +432,7 @@ def run(cfg: Config, run: RunDir) -> str:
     token = secret("HF_TOKEN")
     use_request_timeout(seconds_from_env("T2S_PUSH_TIMEOUT_S", 300))
     api = HfApi(token=token)  # endpoint: HF_ENDPOINT, else huggingface.co
-    result = push_to_hub(api, repo_id, files, private=push.private, token=token,
+    result = push_to_hub(api, repo_id, files, private=push.private,
                          message=f"t2s push: run {cfg.run_id} ({push.artifact})",
                          attempts=push.retries + 1, backoff_s=seconds_from_env("T2S_PUSH_BACKOFF_S", 2.0))
     url = f"{api.endpoint}/{repo_id}"

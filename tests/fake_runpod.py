@@ -3,6 +3,7 @@ the v2 SSE log stream (container and system sources), faults to inject, and (`ru
 
     fake = FakeRunPod(api_key="key").start()   # then RUNPOD_API_BASE_URL=fake.url
     fake.faults.capacity["NVIDIA L4"] = 0      # no L4 free
+    fake.faults.no_data["pod"] = 2             # the next two pod reads get a gateway's 502 without `data`
     ...
     fake.live_pods()                           # what would still be billing
     fake.stop()
@@ -64,6 +65,10 @@ class Faults:
     capacity: dict[str, int] = field(default_factory=dict)  # GPU type -> pods it can still create (absent: any)
     http500_on_create: int = 0  # the next N creates answer HTTP 500 with an HTML body
     create_despite_500: bool = False  # ... after creating the pod anyway (a response lost on its way back)
+    # A gateway's answer, HTTP 502 with JSON that has no `data`, for the next N calls of an operation:
+    # "podFindAndDeployOnDemand" (after creating the pod), "pod" (get), "myself" (list), "podTerminate".
+    no_data: dict[str, int] = field(default_factory=dict)
+    unlisted_prices: set[str] = field(default_factory=set)  # GPU types RunPod lists no price for
     start_after_s: float = 0.02  # image pull: `runtime` stays null until then
     never_start: bool = False
     pullable: set[str] | None = None  # images that can be pulled (None: any); the others never start...
@@ -77,6 +82,22 @@ class Faults:
     self_terminate: bool = True  # the entrypoint's `t2s-infra self-terminate` after the exit line
     terminate_after_exit_s: float = 0.3  # the entrypoint uploads the logs between the exit line and that
     cost_per_hr_per_gpu: float = 0.43
+
+
+# Lines a launches.jsonl may hold that are JSON but no launch record (a hand edit, another tool, a bad clock).
+JUNK_RECORD_LINES = (
+    "null",
+    "[]",
+    '"a string"',
+    "{}",
+    '{"run_id": "demo", "pod_id": "p9", "job": "train", "gpu": "NVIDIA L4", "gpu_count": "two", "cost_per_hr": null,'
+    ' "started_at": "2025-01-01T10:00:00+00:00", "status": "running"}',
+    '{"run_id": "demo", "pod_id": "p9", "job": "train", "gpu": "NVIDIA L4", "gpu_count": 2, "cost_per_hr": 0.86,'
+    ' "started_at": "yesterday", "status": "running"}',
+    '{"run_id": "demo", "pod_id": "p9", "job": "train", "gpu": "NVIDIA L4", "gpu_count": 2, "cost_per_hr": 0.86,'
+    ' "started_at": "2025-01-01T10:00:00", "status": "running"}',  # no zone: cannot be compared with now
+    "not json at all",
+)
 
 
 def _ts(at: datetime) -> str:
@@ -336,6 +357,11 @@ class FakeRunPod:
                 for pod in self.pods.values():
                     pod.advance(now)
                 try:
+                    if self.faults.no_data.get(name, 0) > 0:
+                        self.faults.no_data[name] -= 1
+                        if name == "podFindAndDeployOnDemand":
+                            self._create(args["input"], now)  # made, but the answer is a gateway's
+                        return 502, json.dumps({"message": "Bad gateway"})
                     if name == "podFindAndDeployOnDemand" and self.faults.http500_on_create > 0:
                         self.faults.http500_on_create -= 1
                         if self.faults.create_despite_500:
@@ -350,9 +376,11 @@ class FakeRunPod:
         given = args.get("input", {})
         if name == "gpuTypes":
             wanted = [given["id"]] if "id" in given else list(GPU_TYPES)
+            unlisted = {"securePrice": None, "communityPrice": None}
             return [{"id": gpu, "maxGpuCount": 8, "secureCloud": True, "communityCloud": True,
                      "lowestPrice": {"minimumBidPrice": 0.1, "uninterruptablePrice": GPU_TYPES[gpu]["securePrice"]},
-                     **GPU_TYPES[gpu]} for gpu in wanted if gpu in GPU_TYPES]
+                     **GPU_TYPES[gpu], **(unlisted if gpu in self.faults.unlisted_prices else {})}
+                    for gpu in wanted if gpu in GPU_TYPES]
         if name == "podFindAndDeployOnDemand":
             return self._create(given, now)
         if name == "pod":
@@ -476,7 +504,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not authorized:
             return
         status, text = self.runpod.graphql(json.loads(body)["query"], caller=pod)
-        self._reply(status, text, "application/json" if status in (200, 401) else "text/html")
+        self._reply(status, text, "application/json" if text.startswith("{") else "text/html")
 
     def do_GET(self):
         url = urlparse(self.path)

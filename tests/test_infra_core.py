@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -12,7 +16,7 @@ from infra import records
 from infra.launch import capacity_plan, graphql_string_content, pod_env, pod_request
 from infra.logs import LogCursor, exit_code_of, exit_line, exit_reason_of
 from infra.records import Launch
-from infra.runpod_api import sse_events
+from infra.runpod_api import ApiUnavailable, stream_logs
 from infra.settings import InfraSettings, load_infra_settings, redact
 from infra.timing import Timing
 from infra.watchdog import limit_exceeded
@@ -81,19 +85,120 @@ def test_pod_request_carries_the_env_contract_escaped_for_the_sdk_graphql():
     assert graphql_string_content('a"b\nc') == 'a\\"b\\nc'
 
 
-def chunks_of(text: str, size: int):
-    return [text[i:i + size] for i in range(0, len(text), size)]
+class ScriptedStream:
+    """A log stream on 127.0.0.1 that writes a script piece by piece (chunked, as RunPod's is): bytes are sent
+    as they are, a float is a pause, an Event is waited for (at most 5 s); `cut` ends without the closing chunk."""
+
+    def __init__(self, script: list, cut: bool = False, content_type: str = "text/event-stream"):
+        stream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                stream.requests.append((self.path, dict(self.headers)))
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for piece in script:
+                        if isinstance(piece, float):
+                            time.sleep(piece)
+                        elif isinstance(piece, threading.Event):
+                            piece.wait(timeout=5)
+                        else:
+                            self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                            self.wfile.flush()
+                    if cut:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    else:
+                        self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    pass
+                self.close_connection = True
+
+        self.requests: list = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    servers = []
+
+    def start(script: list, **options) -> ScriptedStream:
+        server = ScriptedStream(script, **options)
+        servers.append(server)
+        monkeypatch.setenv("RUNPOD_API_BASE_URL", server.url)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def read_stream(last_id: str | None = None, tick_s: float = 5.0) -> list[tuple[str | None, str | None]]:
+    return [(e.id, e.line) for e in stream_logs("p1", "key", last_id, 100, 5.0, tick_s=tick_s)]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
-def test_sse_events_survive_any_chunking_and_every_line_ending(size):
-    stream = ": hello\r\nid: 1\r\ndata: {\"line\": \"a\"}\r\n\r\nid: 2\rdata: first\rdata: second\r\rdata: no id\n\n"
-    events = [(e.id, e.data) for e in sse_events(iter(chunks_of(stream, size))) if e.data is not None]
-    assert events == [("1", '{"line": "a"}'), ("2", "first\nsecond"), ("2", "no id")]
+def test_the_log_stream_survives_any_chunking_and_every_line_ending(serve, size):
+    text = b": hello\r\nid: 1\r\ndata: {\"line\": \"a\"}\r\n\r\nid: 2\rdata: first\rdata: second\r\rdata: no id\n\n"
+    server = serve([text[i:i + size] for i in range(0, len(text), size)])
+    lines = [(event_id, line) for event_id, line in read_stream(last_id="0") if line is not None]
+    assert lines == [("1", "a"), ("2", "first\nsecond"), ("2", "no id")]
+    [(path, headers)] = server.requests
+    assert path == "/v2/pods/p1/logs?source=container&tail=100"
+    assert headers["Authorization"] == "Bearer key" and headers["Last-Event-ID"] == "0"
 
 
-def test_sse_drops_an_event_cut_off_before_its_blank_line():
-    assert [e.data for e in sse_events(iter(["data: whole\n\n", "data: cut"])) if e.data] == ["whole"]
+def test_the_log_stream_drops_an_event_cut_off_before_its_blank_line(serve):
+    serve([b"data: whole\n\n", b"data: cut"])
+    assert [line for _, line in read_stream() if line] == ["whole"]
+
+
+def test_each_line_shows_as_soon_as_it_is_sent(serve):
+    shown_first = threading.Event()  # the server sends the second line only once the first has been shown
+    serve([b'id: 1\ndata: {"line": "first"}\n\n', shown_first, b'id: 2\ndata: {"line": "second"}\n\n'])
+    lines = []
+    for event in stream_logs("p1", "key", None, 100, 10.0):
+        if event.line:
+            lines.append((event.line, shown_first.is_set()))
+            shown_first.set()
+    assert lines == [("first", False), ("second", True)]
+
+
+def test_heartbeats_come_on_time_whatever_the_server_sends(serve):
+    # Nothing for 0.4 s, then keep-alive comments only (they reset any read timeout) for 0.4 s, then a line.
+    serve([0.4, *[b": ping\n\n", 0.05] * 8, b'id: 1\ndata: {"line": "late"}\n\n'])
+    events = read_stream(tick_s=0.05)
+    assert events[-1] == ("1", "late")
+    assert sum(1 for event in events if event == (None, None)) >= 8
+
+
+def test_a_dropped_or_wrong_stream_is_apiunavailable_after_the_lines_it_gave(serve):
+    serve([b'id: 1\ndata: {"line": "a"}\n\n', b"data: b"], cut=True)
+    lines = []
+    with pytest.raises(ApiUnavailable, match="log stream of pod p1 dropped"):
+        for event in stream_logs("p1", "key", None, 100, 5.0):
+            lines.append(event.line)
+    assert lines == ["a"]
+    serve([b"<html>502 Bad gateway</html>"], content_type="text/html")
+    with pytest.raises(ApiUnavailable, match="log stream of pod p1 dropped"):
+        read_stream()
 
 
 def test_log_cursor_shows_each_line_once_across_an_inclusive_resume():
@@ -175,3 +280,19 @@ def test_redact_replaces_known_secret_values(monkeypatch, tmp_path):
     monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
     (tmp_path / ".env").write_text("RUNPOD_API_KEY=rpa_fromdotenv\n")
     assert redact("a hf_abcdefgh b rpa_fromdotenv") == "a <HF_TOKEN> b <RUNPOD_API_KEY>"
+
+
+def test_records_skip_every_line_that_is_not_a_record_and_say_which(tmp_path, monkeypatch):
+    from tests.fake_runpod import JUNK_RECORD_LINES
+
+    monkeypatch.setenv("T2S_STATE_DIR", str(tmp_path))
+    records.save(launch(pod_id="", pod_name="t2s-r-train-abcd", status="creating"))
+    (tmp_path / "launches.jsonl").open("a").write("\n".join(JUNK_RECORD_LINES) + "\n")
+    records.save(launch(pod_id="p1", pod_name="t2s-r-train-abcd", status="running"))  # the same pod, now known
+    warnings: list[str] = []
+    [current] = records.load_all(warnings.append)
+    assert (current.pod_id, current.status) == ("p1", "running")
+    assert len(warnings) == len(JUNK_RECORD_LINES) and all("warning: skipped line" in w for w in warnings)
+    assert "JSON null, not a record" in warnings[0] and "a JSON array, not a record" in warnings[1] and "'yesterday' is not an ISO 8601 time" in warnings[5]
+    records.not_created(current, "no capacity")
+    assert records.load_all() == []  # a request that made no pod is no longer listed

@@ -47,7 +47,7 @@ infra:
 
 FAST = timing_module.Timing(poll_s=0.01, backoff_s=0.01, backoff_max_s=0.02, reconnect_s=0.01,
                             reconnect_max_s=0.02, stream_read_timeout_s=2.0, watch_every_s=0.05, exit_grace_s=1.0,
-                            watchdog_grace_s=0.0, system_log_s=0.05)
+                            watchdog_grace_s=0.0, system_log_s=0.05, stream_tick_s=0.05, api_retry_s=0.01)
 
 
 @pytest.fixture
@@ -156,15 +156,23 @@ def test_a_rejected_api_key_is_one_line_and_creates_nothing(fake, monkeypatch):
     assert fake.pods == {}
 
 
-def test_a_server_error_on_create_retries_and_terminates_the_pod_it_made_anyway(fake):
+def test_a_server_error_on_create_uses_the_pod_it_made_anyway_or_else_retries(fake):
     fake.faults.http500_on_create = 1
     fake.faults.create_despite_500 = True  # the pod exists, but its id never reached us
     result = t2s_infra("launch", "--job", "train", "--config", str(write_config()))
     assert result.exit_code == 0, result.output
     assert_one_message(result, "succeeded")
-    assert "unreadable response" in result.stderr and "created by the request that failed" in result.stderr
+    assert "unreadable response" in result.stderr and "but RunPod did make pod pod001fake" in result.stderr
+    assert len(fake.pods) == 1 and fake.live_pods() == []  # found by its recorded name, followed, not re-made
+    [launch] = records.load_all()
+    assert (launch.pod_id, launch.status) == ("pod001fake", "succeeded") and launch.pod_name.startswith("t2s-demo-")
+
+    fake.faults.http500_on_create, fake.faults.create_despite_500 = 1, False  # this time no pod was made
+    again = t2s_infra("launch", "--job", "train", "--config", str(write_config()))
+    assert again.exit_code == 0, again.output
+    assert "RunPod made no pod (t2s-demo-train-" in again.stderr and "will retry" in again.stderr
     assert len(fake.pods) == 2 and fake.live_pods() == []
-    assert len(records.load_all()) == 1
+    assert [launch.status for launch in records.load_all()] == ["succeeded", "succeeded"]  # the miss is not listed
 
 
 def test_slow_provisioning_is_waited_for(fake):

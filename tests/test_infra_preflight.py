@@ -18,7 +18,7 @@ from infra import runpod_api as api
 from infra import timing as timing_module
 from infra.caps import cap_from_env, pod_cap
 from infra.cli import app
-from infra.launch import start_failure
+from infra.launch import pod_env, start_failure
 from infra.settings import default_image, image_flavor, load_infra_settings
 from tests.fake_hub import FakeHub
 from tests.fake_runpod import FakeRunPod
@@ -166,21 +166,44 @@ def load_config_text(text: str) -> Config:
 
 
 def test_the_plan_shows_gpus_image_repos_expected_cost_and_caps():
-    cfg = config(run_id="r1", infra={"expected_min": 90, "max_runtime_min": 120, "max_cost_usd": 1,
+    cfg = config(run_id="r1", infra={"expected_min": 90, "max_runtime_min": 120, "max_cost_usd": 5,
                                      "gpu_types": ["NVIDIA L4", "NVIDIA RTX A5000"]})
     settings = settings_of(cfg).model_copy(update={"image": "ghcr.io/t2s/t2s:pipeline-cu12", "gpu_count": 2})
-    lines = preflight.plan_lines(run_id="r1", job="pipeline", settings=settings,
-                                 prices={"NVIDIA L4": 0.86, "NVIDIA RTX A5000": None}, model_repo="alice/t2s-r1",
-                                 logs_repo="alice/t2s-runs", private=True)
+    prices = {"NVIDIA L4": 0.86, "NVIDIA RTX A5000": 2.0}
+    lines = preflight.plan_lines(run_id="r1", job="pipeline", settings=settings, prices=prices,
+                                 model_repo="alice/t2s-r1", logs_repo="alice/t2s-runs", private=True)
     assert lines[0] == "plan for run r1: prep → train → merge → eval → push on one pod"
-    assert lines[1] == "  GPUs      2x NVIDIA L4 ($0.86/h), then 2x NVIDIA RTX A5000 (price not listed); SECURE cloud"
+    assert lines[1] == "  GPUs      2x NVIDIA L4 ($0.86/h), then 2x NVIDIA RTX A5000 ($2.00/h); SECURE cloud"
     assert "  expected  ≈ 90 min, ≈ $1.29 (infra.expected_min)" in lines
-    assert any(line.startswith("  caps      120 min or $1, whichever comes first (at most ≈ $1.00)") for line in lines)
+    # The worst case is the dearest type the fallback may land on: 120 min at $2/h = $4, under the $5 cap.
+    assert any(line.startswith("  caps      120 min or $5, whichever comes first (at most ≈ $4.00)") for line in lines)
+    assert preflight.price_problem(settings, prices) is None
     unknown = preflight.plan_lines(run_id="r1", job="train", settings=settings.model_copy(
         update={"expected_min": None, "image": "t2s:mine", "gpu_types": ["NVIDIA RTX A5000"]}),
         prices={"NVIDIA RTX A5000": None}, model_repo="a/b", logs_repo="a/c", private=False)
     assert "cannot be enforced" in unknown[-2] and "packages were not checked" in unknown[-1]
     assert any(line.startswith("  expected  no estimate") for line in unknown)
+
+
+def test_a_cost_cap_that_cannot_hold_is_refused_unless_given_up_and_the_plan_says_which(tmp_path):
+    """No listed price for a fallback type: the cost cap could not be counted there (the pod's cap and the
+    watchdog both need $/h). The launch is refused, or, with max_cost_usd: null, the plan says there is none."""
+    settings = settings_of(config(infra={"gpu_types": ["NVIDIA L4", "NVIDIA RTX A5000"], "max_runtime_min": 60}))
+    settings = settings.model_copy(update={"image": "ghcr.io/t2s/t2s:pipeline-cu12", "gpu_count": 1})
+    prices = {"NVIDIA L4": 0.43, "NVIDIA RTX A5000": None}
+    problem = preflight.price_problem(settings, prices)
+    assert problem.startswith("RunPod lists no secure-cloud price for 1x NVIDIA RTX A5000, so infra.max_cost_usd=10 "
+                              "could not be enforced there") and "infra.max_cost_usd: null" in problem
+    uncapped = settings.model_copy(update={"max_cost_usd": None})
+    assert preflight.price_problem(uncapped, prices) is None
+    plan = preflight.plan_lines(run_id="r", job="pipeline", settings=uncapped, prices=prices, model_repo="a/b",
+                                logs_repo="a/c", private=True)
+    assert any(line.startswith("  caps      60 min; no cost cap (infra.max_cost_usd: null); at most ≈ $0.43 at the "
+                               "listed price") for line in plan)
+    assert settings_of(config(infra={"max_cost_usd": None})).max_cost_usd is None
+    env = pod_env(uncapped, job="train", config_text="", price_per_hr=None, hf_token="t")
+    assert env["T2S_MAX_COST_USD"] == "" and cap_from_env(env) == (3600, "stopped by the pod's runtime cap "
+                                                                       "(infra.max_runtime_min=60)")
 
 
 def test_the_pods_caps_take_the_first_limit_reached():
@@ -305,7 +328,7 @@ def test_repos_the_token_may_not_write_to_are_refused(world):
 def test_a_secret_in_the_config_is_refused_without_being_echoed(world):
     runpod, _ = world
     result = launch("--set", f"push.license={HF_TOKEN}", "--yes")
-    assert "the config holds the value of HF_TOKEN or RUNPOD_API_KEY" in one_error(result)
+    assert "config key 'push.license' in a --set holds the value of HF_TOKEN" in one_error(result)
     assert HF_TOKEN not in result.output and "podFindAndDeployOnDemand" not in runpod.operations()
 
 

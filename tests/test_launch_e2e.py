@@ -106,11 +106,11 @@ class World:
                                         start_new_session=True), self.outputs)
 
     def records(self) -> dict[str, dict]:
-        """The latest launch record of each pod."""
+        """The latest launch record of each pod (by its name: a launch is recorded before its pod has an id)."""
         latest = {}
         for line in (self.state / "launches.jsonl").read_text().splitlines():
             row = json.loads(line)
-            latest[row["pod_id"]] = row
+            latest[row.get("pod_name") or row["pod_id"]] = row
         return latest
 
     def hub_file(self, repo_id: str, path: str, repo_type: str = "model") -> str:
