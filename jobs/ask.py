@@ -174,8 +174,9 @@ def resolve_model(source: str) -> ModelSource:
         if (path / "config.json").is_file():
             return ModelSource(str(path))
         if (path / "adapter_config.json").is_file():
-            if path.name == "adapter" and RunDir(path.parent).settings_file.is_file():
-                return from_run(RunDir(path.parent))
+            run = RunDir(path.parent)
+            if run.adapter == path and run.settings_file.is_file():
+                return from_run(run)
             raise T2SError(f"{source} is a LoRA adapter outside a t2s run: pass the run directory it was trained "
                            "in, or a model merged from it")
         raise T2SError(f"{source} is neither a run directory nor a model folder (no config.json): pass a run "

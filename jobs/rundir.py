@@ -296,11 +296,10 @@ class RunDir:
         self.mark_done(job, **summary)
 
     def _pin(self, job: str, cfg: Config) -> None:
-        # prep starts the record over (train's settings go with train.done); train adds its own to prep's.
+        # prep starts the record over (what train pinned went with train.done); train adds its sections to prep's.
         pinned = {} if job == "prep" else self.pinned_settings()
+        pinned.update(select(cfg.model_dump(mode="json"), PINNED_BY[job]))
         pinned = {"run_id": cfg.run_id, **{k: v for k, v in pinned.items() if k != "run_id"}}
-        for section, values in select(cfg.model_dump(mode="json"), PINNED_BY[job]).items():
-            pinned[section] = values if job == "train" else {**pinned.get(section, {}), **values}
         header = ("# The settings run {} was made with, pinned by prep and train as they finished. A job whose config "
                   "differs in what it reads\n# stops; `t2s prep --force` or `t2s train --force` makes the run again "
                   "with other settings.\n").format(cfg.run_id)
