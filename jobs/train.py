@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from jobs.config import Config, TrainConfig, load_config, read_yaml_mapping
 from jobs.errors import T2SError, one_line_errors
-from jobs.rundir import RunDir, fresh_staging, run_settings
+from jobs.rundir import RunDir, fresh_staging, read_json, run_settings
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: checkpointed and stopped, rerun to resume
@@ -479,9 +479,19 @@ def make_callbacks(cfg: Config, run: RunDir):
     return [ProgressAndPreemption()]
 
 
+def load_tokenized(run: RunDir, split: str):
+    """prep's tokenized `split`, or None when prep left it empty: datasets saves an empty split as no data files and
+    then cannot load it (IndexError), so the row count comes from prep's manifest."""
+    from datasets import load_from_disk
+
+    rows = (read_json(run.manifest) or {}).get("rows", {})
+    if isinstance(rows, dict) and rows.get(split) == 0:
+        return None
+    return load_from_disk(str(run.tokenized / split))
+
+
 def worker(config_path: str) -> int:
     import torch
-    from datasets import load_from_disk
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
@@ -491,12 +501,14 @@ def worker(config_path: str) -> int:
     run = RunDir(Path(cfg.run_dir))
     on_gpu = torch.cuda.is_available()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs / "tensorboard"))
-    train_data = load_from_disk(str(run.tokenized / "train"))
-    eval_data = load_from_disk(str(run.tokenized / "validation"))
+    train_data = load_tokenized(run, "train")
+    eval_data = load_tokenized(run, "validation")
     if not cfg.train.completion_only_loss:  # the seed's way: loss on the prompt too
         train_data = train_data.map(lambda row: {"labels": row["input_ids"]})
-        eval_data = eval_data.map(lambda row: {"labels": row["input_ids"]})
-    has_eval = len(eval_data) > 0
+        eval_data = eval_data.map(lambda row: {"labels": row["input_ids"]}) if eval_data is not None else None
+    has_eval = eval_data is not None and len(eval_data) > 0
+    if not has_eval:
+        print("no validation rows (data.validation_fraction 0, or none left): training without evaluation", flush=True)
     args = build_sft_config(cfg, run, has_eval, on_gpu)  # before the model: ZeRO-3 init hooks into loading
     model, peft_config = load_base_for_training(cfg, run, on_gpu)
     tokenizer = load_run_tokenizer(cfg, run)

@@ -80,3 +80,19 @@ def test_rerun_to_resume_is_said_only_when_a_rerun_can_resume(copy_run, tmp_path
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 3}')
     assert what_a_rerun_does(RunDir(tmp_path / "runs" / "t")) == "rerun the same command to resume from checkpoint-3"
+
+
+def test_no_validation_split_trains_without_evaluation(tmp_path):
+    # data.validation_fraction=0 leaves prep's validation split empty; datasets cannot load an empty saved split, so
+    # the worker crashed with an IndexError traceback. It trains, without evaluation, and says so.
+    from tests.conftest import tiny_config, write_config
+
+    config = write_config(tmp_path / "config.yaml", tiny_config(
+        tmp_path / "runs", data={"validation_fraction": 0}, train={"max_steps": 2, "early_stopping_patience": 2,
+                                                                  "save_every_steps": 1, "eval_every_steps": 1}))
+    ok(t2s("prep", "--config", str(config)))
+    run = RunDir(tmp_path / "runs" / "t")
+    assert json.loads(run.manifest.read_text())["rows"]["validation"] == 0
+    result = ok(t2s("train", "--config", str(config)))
+    assert "training without evaluation" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert json.loads(run.marker("train").read_text())["global_step"] == 2
