@@ -258,7 +258,7 @@ train: {method: lora, max_steps: $STEPS, per_device_batch_size: 8, packing: none
         learning_rate: 3.0e-3, save_every_steps: 100000, early_stopping_patience: null,
         lora: {r: 8, alpha: 16, dropout: 0.0, modules_to_save: [embed_tokens, lm_head]}}
 eval: {models: [base, merged], max_examples: 20, batch_size: 20, max_new_tokens: 32}
-push: {repo_id: someone/t2s-smoke, dry_run: true}
+push: {repo_id: someone/t2s-smoke, dry_run: true, enforce_gates: false}  # a tiny model is below push.gates
 EOF
 }
 

@@ -60,6 +60,20 @@ def render_chat(tokenizer, context: str, question: str, answer: str, variant: st
     return prompt, answer + rest
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokens that end an answer: the tokenizer's eos and the special token the chat template puts right after
+    the assistant's content (its end of turn). They differ for some tokenizers: SmolLM2's GGUF, read by transformers
+    5.17, names <|im_start|> its eos, while the template ends a turn with <|im_end|>; generation that stopped at the
+    eos alone ran on past every answer to max_new_tokens."""
+    _, completion = render_chat(tokenizer, "CREATE TABLE t (a INTEGER)", "How many rows?", "")
+    tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end_of_turn = tokenizer.added_tokens_decoder.get(tail[0]) if tail else None  # all_special_ids may omit it
+    if end_of_turn is not None and end_of_turn.special and tail[0] not in stops:
+        stops.append(tail[0])
+    return stops
+
+
 def render_prompt(tokenizer, context: str, question: str, variant: str = "plain") -> str:
     """The generation prompt: exactly the prefix the model was trained on."""
     return render_chat(tokenizer, context, question, "", variant)[0]

@@ -1,4 +1,4 @@
-"""Batched greedy generation with the model's chat template: left padding, length-sorted batches, stop at EOS.
+"""Batched greedy generation with the model's chat template: left padding, length-sorted batches, stop at the end of turn.
 
 Shared by eval (a whole split) and ask (a few questions). Prompts are exactly the prefix the model was
 trained on (jobs.chat.render_prompt).
@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from jobs.chat import stop_token_ids
 
 
 @dataclass
@@ -27,6 +29,7 @@ def generate_batched(model, tokenizer, prompts: list[str], batch_size: int, max_
     from tqdm.auto import tqdm
 
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    stops = stop_token_ids(tokenizer)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[Generation | None] = [None] * len(prompts)
@@ -35,14 +38,14 @@ def generate_batched(model, tokenizer, prompts: list[str], batch_size: int, max_
         inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
         started = time.perf_counter()
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         new = output[:, inputs["input_ids"].shape[1]:]
         for row, index in enumerate(batch):
             ids = new[row].tolist()
-            eos_at = next((k for k, t in enumerate(ids) if t == tokenizer.eos_token_id), None)
+            eos_at = next((k for k, t in enumerate(ids) if t in stops), None)
             length = len(ids) if eos_at is None else eos_at + 1
             text = tokenizer.decode(ids[:length], skip_special_tokens=True)
             results[index] = Generation(text=text.strip(), new_tokens=length, latency_s=elapsed,

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from jobs.chat import render_prompt
+from jobs.chat import render_prompt, stop_token_ids
 from jobs.config import Config
 from jobs.errors import T2SError
 from jobs.models import base_model_path, default_device, load_model, load_tokenizer
@@ -37,7 +37,7 @@ def greedy_generation_config(model, tokenizer):
     config.top_p = None
     config.top_k = None
     config.max_new_tokens = 256
-    config.eos_token_id = tokenizer.eos_token_id
+    config.eos_token_id = stop_token_ids(tokenizer)  # so that a plain model.generate stops at the end of turn
     config.pad_token_id = tokenizer.pad_token_id
     return config
 

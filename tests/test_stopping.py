@@ -66,3 +66,50 @@ def test_pipeline_ends_with_the_failed_gate_not_an_upload(copy_run):
     assert "## How answers end" in (run / "eval" / "report.md").read_text()
     predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert all(isinstance(p["predictions"]["merged"]["ended_at_eos"], bool) for p in predictions)
+
+
+class _Written:
+    """A model stand-in that 'generates' fixed tokens, so generate_batched's stopping rule is tested on its own."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, new_tokens: list[int]):
+        self.new_tokens = new_tokens
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, **_):
+        self.eos_token_id = eos_token_id
+        return torch.cat([input_ids, torch.tensor([self.new_tokens[:max_new_tokens]] * len(input_ids))], dim=1)
+
+
+def _chatml_tokenizer_with_the_wrong_eos():
+    """TinyLlama's tokenizer with a template that ends turns in "</s>" written out, and eos_token set to another
+    token, as transformers 5.17 reads SmolLM2's GGUF (eos <|im_start|>, turns end in <|im_end|>)."""
+    from jobs.models import load_tokenizer
+    from tests.conftest import shared_path
+
+    tokenizer = load_tokenizer(str(shared_path("tokenizers", "tinyllama-1.1b-chat")))
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    tokenizer.eos_token = "<s>"
+    return tokenizer
+
+
+def test_an_answer_ends_at_the_templates_end_of_turn_even_when_the_tokenizer_names_another_eos():
+    from jobs.chat import stop_token_ids
+
+    tokenizer = _chatml_tokenizer_with_the_wrong_eos()
+    end_of_turn = tokenizer.convert_tokens_to_ids("</s>")
+    assert stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<s>"), end_of_turn]
+    sql = tokenizer("SELECT 1", add_special_tokens=False)["input_ids"]
+    model = _Written(sql + [end_of_turn] + tokenizer("\nSELECT 1", add_special_tokens=False)["input_ids"] * 5)
+    (answer,) = generate_batched(model, tokenizer, ["<|user|>\nq</s>\n<|assistant|>\n"], 1, max_new_tokens=20)
+    assert (answer.text, answer.ended_at_eos, answer.new_tokens) == ("SELECT 1", True, len(sql) + 1)
+    assert end_of_turn in model.eos_token_id  # generate itself stops there too, not only the bookkeeping
+
+
+def test_a_template_whose_turn_ends_in_plain_text_stops_at_eos_only():
+    from jobs.chat import stop_token_ids
+
+    tokenizer = _chatml_tokenizer_with_the_wrong_eos()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<s>")]  # never "\n": SQL may span lines
