@@ -40,7 +40,8 @@ from jobs.chat import render_prompt  # noqa: E402
 from jobs.config import EvalConfig  # noqa: E402
 from jobs.errors import T2SError  # noqa: E402
 from jobs.eval import score_answers, scoring_workers, summarize  # noqa: E402
-from jobs.generate import device_for, generate_batched  # noqa: E402
+from jobs.generate import generate_batched  # noqa: E402
+from jobs.models import default_device  # noqa: E402
 from jobs.models import load_model, load_tokenizer, pick_dtype  # noqa: E402
 from jobs.sandbox import Sandbox  # noqa: E402
 
@@ -108,7 +109,7 @@ def main() -> None:
     print("command: python " + shlex.join(sys.argv), flush=True)
 
     rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()][:args.max_examples]
-    device = args.device or device_for()
+    device = args.device or default_device()
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=pick_dtype("auto") if device.startswith("cuda") else torch.float32)
     model = model.to(device).eval()

@@ -22,8 +22,8 @@ from torch.profiler import ProfilerActivity, profile, schedule
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from jobs import train  # noqa: E402
-from jobs.config import load_config  # noqa: E402
-from jobs.rundir import open_run  # noqa: E402
+from jobs.config import dump_config, load_config  # noqa: E402
+from jobs.rundir import open_run, write_atomic  # noqa: E402
 
 SKIP, WARMUP, ACTIVE = 4, 1, 5
 
@@ -42,6 +42,7 @@ cfg = load_config(args.config, args.sets + [f"runs_dir={run_dir.parent}", "run_i
                                              f"train.save_every_steps={steps}", "train.eval_every_steps=null",
                                              "train.early_stopping_patience=null", "train.logging_steps=100"])
 run = open_run(cfg)
+write_atomic(run.job_config("train"), dump_config(cfg))  # what `t2s train` hands its worker
 
 
 def callbacks_with_profiler(cfg, run):
@@ -79,4 +80,4 @@ def callbacks_with_profiler(cfg, run):
 
 train_callbacks = train.make_callbacks
 train.make_callbacks = callbacks_with_profiler
-sys.exit(train.worker(str(run.root / "config.resolved.yaml")))
+sys.exit(train.worker(str(run.job_config("train"))))

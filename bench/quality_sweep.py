@@ -34,6 +34,9 @@ from pathlib import Path
 from queue import Queue
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from jobs.rundir import PINNED_BY, RunDir, read_json  # noqa: E402
+
 CONFIG = ROOT / "configs" / "smollm2.yaml"
 # Issue 17's sweep, four variants a preset (one GPU's worth at --per-gpu 4); --variant name=sets adds or replaces one.
 PRESETS = {
@@ -62,7 +65,6 @@ PRESETS = {
         "lora_r256_lr5e-4": "train.method=lora,train.lora.r=256,train.lora.alpha=512,train.learning_rate=5e-4",
     },
 }
-SHARED_BY_PREP = re.compile(r"^(data\.|model\.(name_or_path|tokenizer|gguf_file)$|run_id$|runs_dir$)")
 # A few steps of everything on the CPU: the tiny model, 300 rows per split, short answers.
 SMOKE = ["model.name_or_path=tiny", "model.gguf_file=null", "data.max_rows=300", "data.max_length=256",
          "train.max_steps=4", "train.eval_every_steps=2", "train.save_every_steps=2", "train.logging_steps=2",
@@ -72,6 +74,11 @@ SMOKE = ["model.name_or_path=tiny", "model.gguf_file=null", "data.max_rows=300",
 def parse_sets(text: str) -> list[str]:
     """"a=1,b.c=[x,y]" → ["a=1", "b.c=[x,y]"]: a comma starts a new setting only where a key= follows."""
     return [part for part in re.split(r",(?=[A-Za-z_][\w.]*=)", text) if part]
+
+
+def shared_by_prep(key: str) -> bool:
+    """Whether a setting is the prepped run's (what prep pins, or where the run is), which no variant may change."""
+    return key in ("run_id", "runs_dir") or any(key == k or key.startswith(k + ".") for k in PINNED_BY["prep"])
 
 
 def parse_variants(presets: list[str], variants: list[str]) -> dict[str, list[str]]:
@@ -85,7 +92,7 @@ def parse_variants(presets: list[str], variants: list[str]) -> dict[str, list[st
                              "(name: letters, digits, ._-)")
         chosen[name] = parse_sets(sets)
     for name, sets in chosen.items():
-        shared = [s for s in sets if SHARED_BY_PREP.match(s.partition("=")[0])]
+        shared = [s for s in sets if shared_by_prep(s.partition("=")[0])]
         if shared:
             raise SystemExit(f"quality_sweep: variant {name} sets {', '.join(shared)}, but prep is shared by every "
                              "variant: give data and model settings with --set, for all of them")
@@ -131,9 +138,9 @@ class Sweep:
         return process.returncode == 0
 
     def variant(self, name: str, sets: list[str], gpus: Queue) -> dict:
-        run = self.runs / name
-        if not run.exists():
-            shutil.copytree(self.runs / "prep", run, ignore=shutil.ignore_patterns("logs"))
+        run = RunDir(self.runs / name)
+        if not run.root.exists():
+            shutil.copytree(self.runs / "prep", run.root, ignore=shutil.ignore_patterns("logs"))
         gpu = gpus.get()
         started = time.monotonic()
         env = {"OMP_NUM_THREADS": str(self.args.threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -155,14 +162,10 @@ class Sweep:
         return result
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def collect(run: Path, name: str, sets: list[str], status: str, gpu: str | None, wall: float) -> dict:
-    report = read_json(run / "eval" / "report.json") if (run / "eval.done").is_file() else None
+def collect(run: RunDir, name: str, sets: list[str], status: str, gpu: str | None, wall: float) -> dict:
+    report = read_json(run.report) if run.is_done("eval") else None
     return {"variant": name, "sets": sets, "status": status, "gpu": gpu, "wall_s": wall,
-            "train": read_json(run / "train.done"), "merge": read_json(run / "merge.done"),
+            "train": read_json(run.marker("train")), "merge": read_json(run.marker("merge")),
             "merged": (report or {}).get("results", {}).get("merged"),
             "n_examples": (report or {}).get("n_examples"), "split": (report or {}).get("split")}
 
@@ -235,7 +238,7 @@ def main() -> None:
     with open(runs / "prep.log", "a") as log:
         if not sweep.t2s("prep", ["run_id=prep"], {}, log):
             raise SystemExit(f"quality_sweep: prep failed: see {runs / 'prep.log'}")
-    manifest = read_json(runs / "prep" / "data" / "manifest.json") or {}
+    manifest = read_json(RunDir(runs / "prep").manifest) or {}
     print(f"prep: {manifest.get('rows')} rows in {time.monotonic() - started:.0f}s", flush=True)
 
     free: Queue = Queue()
@@ -257,10 +260,11 @@ def main() -> None:
                                           f"commit {summary['commit']}\n\n{rendered}\n")
     with tarfile.open(out / "quality_sweep_runs.tgz", "w:gz") as tar:
         for name in variants:
-            for rel in ("eval/report.json", "eval/report.md", "eval/predictions.jsonl", "train.done", "merge.done",
-                        "logs/train.log"):
-                if (runs / name / rel).is_file():
-                    tar.add(runs / name / rel, arcname=f"{name}/{rel}")
+            run = RunDir(runs / name)
+            for path in (run.report, run.report_md, run.eval / "predictions.jsonl", run.marker("train"),
+                         run.marker("merge"), run.job_log("train")):
+                if path.is_file():
+                    tar.add(path, arcname=f"{name}/{path.relative_to(run.root)}")
             if (runs / f"{name}.log").is_file():
                 tar.add(runs / f"{name}.log", arcname=f"{name}/jobs.log")
     print(f"\n{len(results)} variants in {summary['wall_s']:.0f}s; train times of variants run side by side are "

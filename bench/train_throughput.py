@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jobs.config import load_config  # noqa: E402
+from jobs.rundir import RunDir  # noqa: E402
+from jobs.train import read_accelerate_config  # noqa: E402
 
 HOPPER_BF16_DENSE = 989e12  # FLOP/s, the datasheet's dense bf16 peak for H100 and H200 SXM (same chip)
 PARAMS = 1.1e9
@@ -79,21 +81,23 @@ def examples_per_step(cfg, mean_tokens: float, processes: int) -> float:
 
 
 @torch.no_grad()
-def completion_loss(base: str, adapter: Path, rows_path: Path, n: int = 512) -> float:
+def completion_loss(base: str, run: RunDir, n: int = 512) -> float:
     """Mean loss over answer tokens only, on the first n validation rows (the same rows for every variant), in bf16
     whatever the weights trained in (what a deployed model runs in)."""
     from datasets import load_from_disk
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from jobs.models import default_device
+
+    device = default_device()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(device)
-    if (adapter / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(model, str(adapter))
+    if run.trained() == "adapter":
+        model = PeftModel.from_pretrained(model, str(run.adapter))
     else:
-        model = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.bfloat16).to(device)
+        model = AutoModelForCausalLM.from_pretrained(run.adapter, dtype=torch.bfloat16).to(device)
     model.eval()
-    data = load_from_disk(str(rows_path))
+    data = load_from_disk(str(run.tokenized / "validation"))
     data = data.select(range(min(n, len(data))))
     total, count = 0.0, 0
     for row in data:
@@ -134,7 +138,8 @@ def main() -> None:
     prep_cfg_path.write_text(yaml.safe_dump({"run_id": "prep"}))
     if not t2s("prep", "--config", str(prep_cfg_path), *sum((["--set", s] for s in common), [])):
         raise SystemExit(1)
-    manifest = json.loads((runs / "prep" / "data" / "manifest.json").read_text())
+    prepped = RunDir(runs / "prep")
+    manifest = json.loads(prepped.manifest.read_text())
     mean_tokens = manifest["tokens"]["train_total"] / manifest["rows"]["train"]
     print(f"prep: {manifest['rows']} rows, mean {mean_tokens:.0f} tokens/example", flush=True)
 
@@ -144,23 +149,22 @@ def main() -> None:
         config_file, _, sets = rest.partition(":")
         overrides = common + [f"run_id={name}"] + [s for s in sets.split(",") if s]
         cfg = load_config(ROOT / config_file, overrides)
-        accel = yaml.safe_load((ROOT / "configs" / "accelerate" / f"{cfg.train.accelerate_config}.yaml").read_text())
-        processes = int(accel.get("num_processes", 1))
+        processes = read_accelerate_config(cfg.train.accelerate_config)[1].get("num_processes", 1)
         steps = math.ceil(args.examples / examples_per_step(cfg, mean_tokens, processes))
         overrides += [f"train.max_steps={steps}", f"train.save_every_steps={steps}", "train.eval_every_steps=null"]
-        run = runs / name
-        if run.exists():
-            shutil.rmtree(run)
-        shutil.copytree(runs / "prep", run)
+        run = RunDir(runs / name)
+        if run.root.exists():
+            shutil.rmtree(run.root)
+        shutil.copytree(prepped.root, run.root)
         print(f"{name}: {config_file} {sets} · {processes} process(es) · {steps} steps", flush=True)
         started = time.monotonic()
         if not t2s("train", "--config", str(ROOT / config_file), *sum((["--set", s] for s in overrides), []),
                    env={"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(processes))}, timeout=args.timeout):
             continue
-        base = str(runs / "prep" / "base") if args.model == "tiny" else args.model
+        base = str(prepped.base) if args.model == "tiny" else args.model
         wall = time.monotonic() - started
-        done = json.loads((run / "train.done").read_text())
-        metrics = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+        done = json.loads(run.marker("train").read_text())
+        metrics = [json.loads(l) for l in run.metrics.read_text().splitlines()]
         rates = [m["tokens_per_s"] for m in metrics if m.get("tokens_per_s")][1:] or \
                 [m["tokens_per_s"] for m in metrics if m.get("tokens_per_s")]
         tokens_per_s = statistics.median(rates) if rates else done["tokens_seen"] / done["train_runtime_s"]
@@ -177,8 +181,7 @@ def main() -> None:
             "precision": done.get("precision"), "weights_dtype": done.get("weights_dtype"),
             "optimizer": done.get("optimizer"),
         }
-        results[name]["val_completion_loss"] = completion_loss(base, run / "adapter",
-                                                               run / "data" / "tokenized" / "validation")
+        results[name]["val_completion_loss"] = completion_loss(base, run)
         print(json.dumps({name: results[name]}), flush=True)
         (out / "train_throughput.json").write_text(json.dumps(
             {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

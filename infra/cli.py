@@ -1,7 +1,8 @@
 """`t2s-infra launch|logs|ls|down|watch|upload-logs|self-terminate`: runs t2s jobs on RunPod pods.
 
 The shell around infra's modules: it loads the config and secrets, prints (job output on stdout, t2s-infra's
-own lines on stderr, every line through `redact`), and turns T2SError into one line and exit code 2.
+own lines on stderr, every line through `redact`), and turns T2SError into one line and its exit code (2, or 1 for a
+job that failed on its pod) through jobs.errors.one_line_errors, as t2s does.
 Ctrl-C while following detaches: the job keeps running and the message says how to come back or stop it.
 """
 
@@ -16,13 +17,13 @@ from typing import Optional
 import typer
 
 from jobs.config import load_config
-from jobs.errors import T2SError
+from jobs.errors import T2SError, one_line_errors
 from jobs.credentials import find_secret
-from jobs.rundir import JOBS, read_json, write_atomic
+from jobs.rundir import JOBS, RunDir, read_json, write_atomic
 from infra import preflight, records, watchdog
 from infra import runpod_api as api
 from infra.launch import launch_pod
-from infra.logs import (POD_END, Outcome, end_note, end_status, exit_line, fetch_run_logs, follow, hub_whoami,
+from infra.logs import (Outcome, end_note, end_status, exit_line, fetch_run_logs, follow, hub_whoami, pod_end_file,
                         upload_run_logs)
 from infra.records import Launch
 from infra.settings import load_infra_settings, redact, require_secret
@@ -37,9 +38,9 @@ def say(message: str) -> None:
     print(f"t2s-infra: {redact(message)}", file=sys.stderr, flush=True)
 
 
-def fail(command: str, message: str, code: int = 2) -> None:
-    print(f"t2s-infra {command}: error: {redact(message)}", file=sys.stderr, flush=True)
-    raise typer.Exit(code)
+def shell(command: str, interrupted: str = "interrupted"):
+    """A command's body: its T2SError is one line, `t2s-infra <command>: error: ...`, every secret redacted."""
+    return one_line_errors(f"t2s-infra {command}", interrupted)
 
 
 def _runpod_key() -> str:
@@ -53,7 +54,7 @@ class _PodLog:
     watchdog never uploads its own logs, so this copy may be the only one."""
 
     def __init__(self, runs_dir: Path, launch: Launch):
-        self.path = runs_dir / launch.run_id / "logs" / f"pod-{launch.pod_id}.log"
+        self.path = RunDir(runs_dir / launch.run_id).logs / f"pod-{launch.pod_id}.log"
 
     def __call__(self, line: str) -> None:
         print(line, flush=True)
@@ -62,7 +63,7 @@ class _PodLog:
             out.write(line + "\n")
 
 
-def _follow_and_report(command: str, launch: Launch, runpod_key: str, runs_dir: Path) -> None:
+def _follow_and_report(launch: Launch, runpod_key: str, runs_dir: Path) -> None:
     pod_log = _PodLog(runs_dir, launch)
     try:
         outcome = follow(launch, runpod_key, pod_log, say)
@@ -70,10 +71,10 @@ def _follow_and_report(command: str, launch: Launch, runpod_key: str, runs_dir: 
         say(f"detached from run {launch.run_id}; its job keeps running on pod {launch.pod_id}. "
             f"Reattach: t2s-infra logs --follow {launch.run_id} · stop it: t2s-infra down {launch.run_id}")
         raise typer.Exit(130)
-    _report(command, outcome, pod_log.path)
+    _report(outcome, pod_log.path)
 
 
-def _report(command: str, outcome: Outcome, pod_log: Path) -> None:
+def _report(outcome: Outcome, pod_log: Path) -> None:
     """One line on how the run ended; exit code 0 only when the job succeeded."""
     launch, code = outcome.launch, outcome.exit_code
     run, pod = launch.run_id, launch.pod_id
@@ -90,16 +91,16 @@ def _report(command: str, outcome: Outcome, pod_log: Path) -> None:
             f"Logs, metrics, report: t2s-infra logs {run}")
         return
     if code is not None and outcome.reason:
-        fail(command, f"run {run}: job {launch.job} {outcome.reason} (exit code {code}, {spent}); pod {pod} is "
-                      f"gone. Logs: t2s-infra logs {run}", code=1)
+        raise T2SError(f"run {run}: job {launch.job} {outcome.reason} (exit code {code}, {spent}); pod {pod} is "
+                       f"gone. Logs: t2s-infra logs {run}", exit_code=1)
     if code is not None:
-        fail(command, f"run {run}: job {launch.job} failed with exit code {code} ({spent}); pod {pod} is gone. "
-                      f"Logs: t2s-infra logs {run}", code=1)
+        raise T2SError(f"run {run}: job {launch.job} failed with exit code {code} ({spent}); pod {pod} is gone. "
+                       f"Logs: t2s-infra logs {run}", exit_code=1)
     if launch.status == "stopped":
-        fail(command, f"run {run}: stopped pod {pod}: {launch.note} ({spent}). Its log as streamed: {pod_log}",
-             code=1)
-    fail(command, f"run {run}: pod {pod} ended without the job reporting its exit (terminated elsewhere, or the "
-                  f"container crashed) ({spent}). Uploaded logs, if any: t2s-infra logs {run}", code=1)
+        raise T2SError(f"run {run}: stopped pod {pod}: {launch.note} ({spent}). Its log as streamed: {pod_log}",
+                       exit_code=1)
+    raise T2SError(f"run {run}: pod {pod} ended without the job reporting its exit (terminated elsewhere, or the "
+                   f"container crashed) ({spent}). Uploaded logs, if any: t2s-infra logs {run}", exit_code=1)
 
 
 @app.command()
@@ -117,7 +118,8 @@ def launch(
 ):
     """Check everything, show the plan and its cost, then create a pod that runs the config's run and (by
     default) follow its log. The pod trains, evaluates, pushes and terminates itself."""
-    try:
+    # (Once a pod exists, launch_pod turns Ctrl-C into a T2SError after terminating it: none exists at a Ctrl-C here.)
+    with shell("launch", "interrupted before any pod was created"):
         if job not in LAUNCHABLE:
             raise T2SError(f"--job {job!r} is not a job: use one of {', '.join(LAUNCHABLE)}")
         cfg = load_config(config, set_)  # every override validated here, before any network call
@@ -160,12 +162,7 @@ def launch(
             say(f"follow: t2s-infra logs --follow {cfg.run_id} · stop: t2s-infra down {cfg.run_id} · "
                 "the pod stops itself at its caps; the launcher's second line while nobody follows: t2s-infra watch")
             return
-        _follow_and_report("launch", started, runpod_key, Path(cfg.runs_dir))
-    except T2SError as exc:
-        fail("launch", str(exc))
-    except KeyboardInterrupt:
-        # Once a pod exists, launch_pod turns Ctrl-C into a T2SError after terminating it: none exists here.
-        fail("launch", "interrupted before any pod was created", code=130)
+        _follow_and_report(started, runpod_key, Path(cfg.runs_dir))
 
 
 def _interactive() -> bool:
@@ -196,7 +193,7 @@ def logs(
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs/<id>/ lives locally."),
 ):
     """Fetch a finished run's logs, metrics and eval report from the Hub into runs/<id>/, or --follow a live one."""
-    try:
+    with shell("logs"):
         latest = records.latest_of(run, say)
         if follow_logs:
             if latest is None:
@@ -209,7 +206,7 @@ def logs(
                                f"whether it was): try again in a minute; `t2s-infra down {run}` stops it")
             if latest.is_live:
                 say(f"following run {run} (job {latest.job}) on pod {latest.pod_id}; Ctrl-C detaches")
-                _follow_and_report("logs", latest, runpod_key, runs_dir)
+                _follow_and_report(latest, runpod_key, runs_dir)
                 return
             say(f"the pod of run {run} has ended ({latest.status}); fetching its uploaded logs")
         repo = repo or (latest.logs_repo if latest else None) or os.environ.get("T2S_LOGS_REPO")
@@ -219,12 +216,10 @@ def logs(
         print(f"fetched {len(fetched)} files of run {run} from Hub dataset {repo} into {runs_dir / run}:")
         for name in fetched:
             print(f"  {name}")
-        report = runs_dir / run / "eval" / "report.md"
+        report = RunDir(runs_dir / run).report_md
         if report.is_file():
             print(f"eval report: {report}")
-        _record_pod_end(latest, runs_dir / run / POD_END)
-    except T2SError as exc:
-        fail("logs", str(exc))
+        _record_pod_end(latest, pod_end_file(runs_dir / run))
 
 
 def _record_pod_end(latest: Launch | None, end_file: Path) -> None:
@@ -244,7 +239,7 @@ def list_launches(
     offline: bool = typer.Option(False, "--offline", help="Do not ask RunPod whether live pods still exist."),
 ):
     """List every launch recorded on this machine, with its cost (live pods: so far)."""
-    try:
+    with shell("ls"):
         launches = records.load_all(say)
         if not launches:
             print(f"no launches recorded in {records.records_path()}")
@@ -257,8 +252,6 @@ def list_launches(
                 say(f"{exc}: showing the local record as it is")
             launches = records.load_all()
         print(records.format_table(launches, records.now_iso()))
-    except T2SError as exc:
-        fail("ls", str(exc))
 
 
 def _reconcile(launches: list[Launch], pods: list[api.Pod]) -> list[Launch]:
@@ -280,7 +273,7 @@ def down(
     all_runs: bool = typer.Option(False, "--all", help="Terminate every pod launched from this machine."),
 ):
     """Terminate the pods of a run (or --all pods t2s-infra launched from here): billing stops."""
-    try:
+    with shell("down"):
         if bool(run) == all_runs:
             raise T2SError("name one run (t2s-infra down RUN) or pass --all")
         mine = [launch for launch in records.load_all(say) if all_runs or launch.run_id == run]
@@ -309,8 +302,6 @@ def down(
                     say(f"left pod {pod.id} ({pod.name}) alone: it is not in {records.records_path()}")
         if not stopped:
             say("nothing to stop: no pod " + (f"of run {run} " if run else "launched from here ") + "is left")
-    except T2SError as exc:
-        fail("down", str(exc))
 
 
 @app.command()
@@ -318,17 +309,13 @@ def watch(
     once: bool = typer.Option(False, "--once", help="Check once (for cron) instead of until no pod is live."),
 ):
     """Terminate pods past their run's infra.max_runtime_min or infra.max_cost_usd."""
-    try:
+    with shell("watch", "stopped watching; the pods keep running (t2s-infra ls shows them)"):
         _runpod_key()
         live = [launch for launch in records.load_all(say) if launch.is_live]
         if not once:
             say(f"watching {len(live)} live run(s); Ctrl-C stops watching, not the pods")
         stopped = watchdog.watch(say, once)
         say(f"done: stopped {stopped} pod(s)")
-    except KeyboardInterrupt:
-        fail("watch", "stopped watching; the pods keep running (t2s-infra ls shows them)", code=130)
-    except T2SError as exc:
-        fail("watch", str(exc))
 
 
 @app.command("upload-logs")
@@ -336,31 +323,35 @@ def upload_logs(
     run_dir: Path = typer.Argument(..., help="The run directory, runs/<run_id>."),
     repo: Optional[str] = typer.Option(None, "--repo", envvar="T2S_LOGS_REPO",
                                        help="Hub dataset (default: $T2S_LOGS_REPO, else the run's infra.logs_repo)."),
-    exit_code: Optional[int] = typer.Option(None, "--exit-code", help=f"The job's exit code, kept in {POD_END}."),
+    exit_code: Optional[int] = typer.Option(None, "--exit-code", help="The job's exit code, kept in "
+                                            "logs/pod-end.json."),
     reason: Optional[str] = typer.Option(None, "--reason", help="Why the pod stopped the job (its caps), if it did."),
 ):
     """Upload a run's logs, metrics, eval report and markers to the Hub (the entrypoint runs this at job end)."""
-    try:
+    with shell("upload-logs"):
         if not run_dir.is_dir():
             raise T2SError(f"run directory {run_dir} not found: pass runs/<run_id> as the job wrote it")
         if exit_code is not None:  # how the job ended, for `t2s-infra logs` on a machine that was not following
-            (run_dir / POD_END).parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(run_dir / POD_END, json.dumps({
+            pod_end_file(run_dir).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(pod_end_file(run_dir), json.dumps({
                 "job": os.environ.get("T2S_JOB"), "pod_id": os.environ.get("RUNPOD_POD_ID"), "exit_code": exit_code,
                 "reason": reason, "ended_at": records.now_iso()}) + "\n")
         repo = repo or _logs_repo_of(run_dir)
         count = upload_run_logs(run_dir, repo, require_secret("HF_TOKEN", "to write to the logs dataset"), say)
         say(f"uploaded {count} files of {run_dir} to Hub dataset {repo}")
-    except T2SError as exc:
-        fail("upload-logs", str(exc))
 
 
 def _logs_repo_of(run_dir: Path) -> str:
-    resolved = run_dir / "config.resolved.yaml"
-    if resolved.is_file():
-        settings = load_infra_settings(load_config(resolved), resolved)
-        if settings.logs_repo:
-            return settings.logs_repo
+    """infra.logs_repo of the configs the run's jobs ran with, the latest first (a run made by an older t2s: of the
+    config it kept as config.resolved.yaml)."""
+    run = RunDir(run_dir)
+    configs = sorted((run.job_config(job) for job in JOBS if run.job_config(job).is_file()),
+                     key=lambda path: path.stat().st_mtime, reverse=True)
+    for config in [*configs, run.settings_file]:
+        if config.is_file():
+            settings = load_infra_settings(load_config(config), config)
+            if settings.logs_repo:
+                return settings.logs_repo
     raise T2SError(f"no logs repo for {run_dir}: set infra.logs_repo in the config, or pass --repo")
 
 
@@ -371,7 +362,7 @@ def self_terminate(
 ):
     """Terminate the pod this runs on (the entrypoint's last step); no-op off RunPod or with T2S_KEEP_POD=1.
     Uses the pod's own RUNPOD_API_KEY, which RunPod scopes to the pod."""
-    try:
+    with shell("self-terminate"):
         pod_id = os.environ.get("RUNPOD_POD_ID")
         if not pod_id:
             say("not on a RunPod pod (RUNPOD_POD_ID is unset): nothing to terminate")
@@ -385,8 +376,6 @@ def self_terminate(
             return
         api.connect(require_secret("RUNPOD_API_KEY", "RunPod sets a pod-scoped key in every pod"))
         api.terminate_pod(pod_id)
-    except T2SError as exc:
-        fail("self-terminate", str(exc))
 
 
 def main() -> None:

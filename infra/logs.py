@@ -25,6 +25,8 @@ from huggingface_hub.utils import filter_repo_objects
 
 from jobs.errors import T2SError
 from jobs.credentials import known_secrets, redacted_bytes
+from jobs.hub import http_status, network_error
+from jobs.rundir import RunDir
 from infra import records, watchdog
 from infra import runpod_api as api
 from infra.records import Launch
@@ -37,10 +39,17 @@ REASON_MARK = " — "  # between the exit code and why the pod stopped it (its c
 _EXIT_LINE = re.compile(r"^(?:t2s-infra: job|== entrypoint \S+: t2s \S+) exited with code (-?\d+)\b"
                         r"(?: — (?P<reason>[^;]+))?")
 BACKFILL_LINES = 5000  # the most RunPod's stream replays on connect
-POD_END = "logs/pod-end.json"  # how the pod's job ended, written by `upload-logs --exit-code N`, read by `logs`
 
-# What a run leaves on the Hub (paths relative to runs/<id>/); checkpoints and models stay out.
-UPLOAD_PATTERNS = ["config.resolved.yaml", "*.done", "logs/**", "metrics.jsonl", "*/metrics.jsonl", "eval/report.*"]
+# What a run leaves on the Hub (paths relative to runs/<id>/): its settings, markers, logs (each job's log and config,
+# metrics) and eval report; checkpoints and models stay out. ("metrics.jsonl" and "*/metrics.jsonl": older layouts.)
+_LAYOUT = RunDir(Path(""))
+UPLOAD_PATTERNS = [_LAYOUT.settings_file.as_posix(), _LAYOUT.marker("*").as_posix(), f"{_LAYOUT.logs.as_posix()}/**",
+                   "metrics.jsonl", "*/metrics.jsonl", _LAYOUT.report.with_suffix(".*").as_posix()]
+
+
+def pod_end_file(run_dir: Path) -> Path:
+    """How the pod's job ended: written by `upload-logs --exit-code N`, read by `logs`."""
+    return RunDir(run_dir).logs / "pod-end.json"
 
 
 def exit_code_of(line: str) -> int | None:
@@ -290,11 +299,8 @@ def _uploaded(relative: str) -> bool:
 
 
 def _is_network_error(exc: Exception) -> bool:
-    # huggingface_hub's HTTP client raises its own connection errors; none of them is a bug here.
-    return isinstance(exc, (OSError, ConnectionError)) or type(exc).__module__.split(".")[0] in (
-        "httpx", "httpx2", "httpcore", "requests", "urllib3")
+    return network_error(exc) is not None
 
 
 def _status(exc: Exception) -> str:
-    response = getattr(exc, "response", None)
-    return str(getattr(response, "status_code", None) or "?")
+    return str(http_status(exc) or "?")

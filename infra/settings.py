@@ -14,9 +14,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.config import Config
+from jobs.config import Config, describe_error
 from jobs.errors import T2SError
 from jobs.credentials import is_secret_name, redact, redactor, secret  # noqa: F401 (redact, redactor: infra's names)
+from jobs.hub import HUB_ID
 
 # Environment names infra sets on the pod itself; the config's infra.env must not shadow them.
 RESERVED_ENV_PREFIXES = ("T2S_", "RUNPOD_")
@@ -52,7 +53,7 @@ class InfraSettings(BaseModel):
     expected_min: float | None = Field(default=None, gt=0)
     keep_pod: bool = False  # leave the pod up after the job (debugging); you stop it with `t2s-infra down`
     # Hub dataset for the run's logs; None: <the HF_TOKEN's user>/t2s-runs (infra.preflight).
-    logs_repo: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+    logs_repo: str | None = Field(default=None, pattern=HUB_ID.pattern)
     env: dict[str, str] = {}  # extra non-secret environment for the job (values are checked with the whole config)
 
     @field_validator("env")
@@ -74,7 +75,8 @@ def load_infra_settings(cfg: Config, path: str | Path | None = None) -> InfraSet
     try:
         return InfraSettings.model_validate(cfg.infra)
     except ValidationError as exc:
-        raise T2SError(describe_error(exc.errors()[0], path)) from None
+        raise T2SError(describe_error(exc.errors()[0], f"in {path}" if path else "in the config", InfraSettings,
+                                      prefix="infra")) from None
 
 
 def default_image() -> str:
@@ -89,17 +91,6 @@ def image_flavor(image: str) -> str | None:
     tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else ""
     match = re.search(r"-(cu\d+)(?:-[0-9a-f]{7,40})?$", tag)
     return match.group(1) if match else None
-
-
-def describe_error(error: dict, path: str | Path | None) -> str:
-    key = ".".join(["infra", *(str(p) for p in error["loc"])])
-    where = f"in {path}" if path else "in the config"
-    if error["type"] == "extra_forbidden":
-        allowed = ", ".join(InfraSettings.model_fields)
-        return f"unknown config key '{key}' {where}: remove it or fix the spelling (allowed here: {allowed})"
-    message = error["msg"].removeprefix("Value error, ")
-    shown = "" if "secret" in message else f" (got {error.get('input')!r})"
-    return redact(f"config key '{key}' {where}: {message}{shown}")
 
 
 def require_secret(name: str, why: str) -> str:

@@ -22,7 +22,6 @@ Python:
 from __future__ import annotations
 
 import json
-import json
 import math
 import os
 import sys
@@ -36,7 +35,7 @@ import typer
 
 from jobs import checked, sandbox, sqlcheck
 from jobs.config import names_local_path
-from jobs.errors import T2SError, first_line
+from jobs.errors import T2SError, first_line, one_line_errors, printable
 from jobs.rundir import RunDir
 from jobs.sandbox import QueryRows
 
@@ -132,20 +131,6 @@ def questions_from_jsonl(text: str, where: str, default_context: str | None) -> 
     return pairs
 
 
-def printable(text: str, multiline: bool = False) -> str:
-    """Text that cannot drive a terminal: control characters (ESC, CR, DEL, C1 controls...) and invisible format
-    characters (bidirectional overrides, zero-width marks, line separators) become escapes such as \\x1b or \\u202e.
-    Line feeds and tabs stay when `multiline`, and are escaped otherwise."""
-    return "".join(_escape(ch) if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
-                   and not (multiline and ch in "\n\t") else ch for ch in text)
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch) or (
-        f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-
-
 def answer_line(sql: str) -> str:
     """An answer as exactly one line, for batches ("line N answers question N"): backslashes doubled, then line
     breaks and control characters written as backslash escapes (\\n, \\x1b), so the exact text can be read back."""
@@ -226,7 +211,7 @@ def from_run(run: RunDir) -> ModelSource:
     if run.is_done("merge"):
         return ModelSource(str(run.merged))
     run.require("train", "t2s ask")
-    if (run.adapter / "adapter_config.json").is_file():
+    if run.trained() == "adapter":
         return ModelSource(str(run.adapter), run)
     return ModelSource(str(run.adapter))  # a full fine-tune saves the whole model there
 
@@ -235,13 +220,14 @@ def resolve_model(source: str) -> ModelSource:
     """What to load for --model: a run directory (or its adapter/ folder), a model folder, or a Hub id."""
     path = Path(source).expanduser()
     if path.is_dir():
-        if RunDir(path).resolved_config.is_file():
+        if RunDir(path).settings_file.is_file():
             return from_run(RunDir(path))
         if (path / "config.json").is_file():
             return ModelSource(str(path))
         if (path / "adapter_config.json").is_file():
-            if path.name == "adapter" and RunDir(path.parent).resolved_config.is_file():
-                return from_run(RunDir(path.parent))
+            run = RunDir(path.parent)
+            if run.adapter == path and run.settings_file.is_file():
+                return from_run(run)
             raise T2SError(f"{source} is a LoRA adapter outside a t2s run: pass the run directory it was trained "
                            "in, or a model merged from it")
         raise T2SError(f"{source} is neither a run directory nor a model folder (no config.json): pass a run "
@@ -323,17 +309,16 @@ def load(model: str | ModelSource, device: str | None = None, max_new_tokens: in
     started = time.perf_counter()
     from jobs.chat import check_chat_template
     from jobs.config import load_config
-    from jobs.generate import device_for
-    from jobs.models import load_model, load_run_model, load_tokenizer, pick_dtype
+    from jobs.models import default_device, load_model, load_run_model, load_tokenizer, pick_dtype
 
-    if source.run:
-        loaded, tokenizer = load_run_model(load_config(source.run.resolved_config), source.run, "adapter")
+    if source.run:  # base + adapter, loaded with the model settings the run was made with
+        loaded, tokenizer = load_run_model(load_config(source.run.settings_file), source.run, "adapter")
     else:
         tokenizer = load_tokenizer(source.model)
         loaded = load_model(source.model, dtype=pick_dtype("auto"))
     check_chat_template(tokenizer, source.model)
     try:
-        loaded = loaded.to(device or device_for()).eval()
+        loaded = loaded.to(device or default_device()).eval()
     except (RuntimeError, AssertionError, ValueError) as error:  # no such device, or torch built without it
         raise T2SError(f"cannot put the model on device {device!r} ({first_line(error)}): pass --device cpu, or "
                        "leave --device out to use the GPU when there is one") from None
@@ -411,12 +396,30 @@ def default_context(schema: str | None, schema_file: Path | None, db: Path | Non
     if len(given) > 1:
         raise T2SError(f"{' and '.join(given)} both give the tables: pass only one of them")
     if schema is not None:
-        return checked_schema(schema, "--schema")
+        return checked_schema(checked_text(schema, "--schema"), "--schema")
     if schema_file is not None:
         return checked_schema(_read_file(schema_file, "--schema-file"), f"--schema-file {schema_file}")
     if db is not None:
         return checked_schema(sandbox.schema_from_sqlite(db), f"the tables of {db}")
     return None
+
+
+def read_stdin(stdin) -> str:
+    """stdin's text; one line when it is not UTF-8 (Python would otherwise pass the bad bytes on as surrogates)."""
+    data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise T2SError(f"stdin is not UTF-8 text (byte {error.start}): pipe in one question a line, as UTF-8") from None
+
+
+def checked_text(text: str, where: str) -> str:
+    """`text` when it is valid Unicode: an argument that is not UTF-8 reaches Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise T2SError(f"{where} is not UTF-8 text: pass it as UTF-8") from None
+    return text
 
 
 def read_pairs(question: str | None, questions_file: Path | None, context: str | None,
@@ -427,9 +430,10 @@ def read_pairs(question: str | None, questions_file: Path | None, context: str |
     if questions_file is not None:
         return questions_from_jsonl(_read_file(questions_file, "--questions"), str(questions_file), context), True
     if question is not None and question != "-":
+        question = checked_text(question, "the question")
         questions, batch = [question.strip()] if question.strip() else [], False
     elif question == "-" or not stdin.isatty():
-        questions, batch = questions_from_lines(stdin.read()), True
+        questions, batch = questions_from_lines(read_stdin(stdin)), True
     else:
         questions, batch = [], False
     if not questions:
@@ -511,7 +515,7 @@ def ask_command(
     """Answer a question about some tables with one SQL query (and, with --db --run, its rows). In a batch, line N
     of the output is the answer to question N: an answer's line breaks, backslashes and control characters are
     written as backslash escapes (\\n, \\\\, \\x1b); --json gives the exact text."""
-    try:
+    with one_line_errors("t2s ask"):
         if not model:
             raise T2SError("no model given: pass --model a run directory, a merged model folder or a Hub id")
         checked.check_decoding(decoding)
@@ -529,11 +533,5 @@ def ask_command(
         generator = load(source, device, max_new_tokens, decoding=decoding, candidates=candidates)
         ok = answer_all(generator, pairs, batch, batch_size=batch_size, db=db, execute=run, as_json=as_json,
                         timeout_s=timeout_s, row_limit=row_limit, verbose=verbose, started_s=started_s)
-    except T2SError as exc:
-        _error(str(exc))
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        _error("interrupted")
-        raise typer.Exit(130)
     if not ok:
         raise typer.Exit(2)

@@ -1,24 +1,24 @@
 """The model card pushed with a model: README.md for the Hub, rendered from the run's own files.
 
-Every number comes from the run (eval/report.json, train.done, the config); what is missing says so. The usage
-example shows the exact prompt the model was trained on (jobs.chat.render_prompt), rendered from the artifact's
-chat template without loading a tokenizer.
+Every number comes from the run (eval/report.json, train.done: what train really ran with, the config); what is
+missing says so. The scores go into the card's metadata too (model-index), which the Hub shows beside the model. The
+usage example shows the exact prompt the model was trained on (jobs.chat.render_prompt), rendered from the
+artifact's chat template without loading a tokenizer.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from jobs.config import Config
+from jobs.hub import is_hub_id
 from jobs.rundir import read_json
 
 CHECKED = "+checked"  # the label suffix of a checked-decoding row in eval's report (jobs.eval.CHECKED)
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 EXAMPLE = {"context": "CREATE TABLE head (age INTEGER)",
            "question": "How many heads of the departments are older than 56 ?"}
 _SENTINEL = "T2S_ANSWER_SENTINEL"
@@ -82,16 +82,19 @@ def render_model_card(cfg: Config, repo_id: str, *, report: dict | None, train_d
     adapter = cfg.push.artifact == "adapter"
     tags = ["text-to-sql", "sql", "t2s"] + (["peft"] if adapter else []) + (
         [cfg.train.method] if cfg.train.method in ("lora", "qlora") else [])
+    scores = eval_results(report, cfg.push.artifact, dataset)
     metadata = ModelCardData(
-        base_model=base if _is_hub_id(base) else None,
-        datasets=[dataset] if _is_hub_id(dataset) else None,
+        base_model=base if is_hub_id(base) else None,
+        datasets=[dataset] if is_hub_id(dataset) else None,
         license=cfg.push.license,
         library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
+        model_name=repo_id.split("/")[-1] if scores else None,
+        eval_results=scores or None,
     )
-    base_md = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}`"
-    dataset_md = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if _is_hub_id(dataset) else f"`{dataset}`"
+    base_md = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}`"
+    dataset_md = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if is_hub_id(dataset) else f"`{dataset}`"
     what = ("a LoRA adapter for " + base_md + " (load it on top of the base model with peft)" if adapter
             else "a fine-tune of " + base_md + (" (the LoRA adapter merged into the base weights; plain transformers "
                                                  "loads it)" if cfg.train.method != "full" else ""))
@@ -106,6 +109,23 @@ def render_model_card(cfg: Config, repo_id: str, *, report: dict | None, train_d
         _files_section(adapter, report is not None),
     ]
     return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+
+
+METRIC_NAMES = {"sql_only": "SQL-only", "exact_match": "Exact match", "execution_accuracy": "Execution accuracy"}
+
+
+def eval_results(report: dict | None, artifact: str, dataset: str) -> list:
+    """The published model's scores as the Hub's model-index (EvalResult), from its row of the eval report (merged and
+    adapter are the same model: merge checks that their logits agree)."""
+    from huggingface_hub import EvalResult
+
+    results = (report or {}).get("results") or {}
+    row = next((results[name] for name in (artifact, "merged", "adapter") if isinstance(results.get(name), dict)), {})
+    split = (report or {}).get("split")
+    return [EvalResult(task_type="text-generation", task_name="Text-to-SQL", dataset_type=dataset,
+                       dataset_name=f"{dataset} ({split} split)", dataset_split=split, metric_type=metric,
+                       metric_name=name, metric_value=round(float(row[metric]), 4))
+            for metric, name in METRIC_NAMES.items() if _is_number(row.get(metric)) and isinstance(split, str)]
 
 
 def _usage_section(repo_id: str, adapter: bool, suffix: str | None, max_new_tokens: int) -> str:
@@ -216,8 +236,9 @@ def _training_section(cfg: Config, train_done: dict | None, dataset_md: str) -> 
         ("final training loss", _number(done.get("train_loss"))),
     ]
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-    return ("## Training\n\nSettings from the run's config (`run/config.resolved.yaml`); progress from "
-            f"`run/train.done`.\n\n| | |\n|---|---|\n{table}")
+    source = ("Settings and progress as train recorded them (`run/train.done`)." if done.get("settings") else
+              "Settings from the run's config (`run/config.resolved.yaml`); progress from `run/train.done`.")
+    return f"## Training\n\n{source}\n\n| | |\n|---|---|\n{table}"
 
 
 def _precision(cfg: Config, done: dict) -> str:
@@ -301,7 +322,3 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
-
-
-def _is_hub_id(name: str) -> bool:
-    return bool(HUB_ID.match(name)) and not Path(name).exists()

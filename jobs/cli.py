@@ -1,24 +1,28 @@
-"""`t2s prep|train|merge|eval|push|pipeline|ask`: one CLI over the jobs, all taking the same config file.
+"""`t2s prep|train|merge|eval|push|pipeline|compare|ask`: one CLI over the jobs, all taking the same config file.
 
-Each job module exposes `run(cfg, run_dir) -> str` (its summary line). This shell loads and validates the
-config, opens the run directory, tees output into runs/<id>/logs/<job>.log, and turns T2SError into one
-line on stderr and exit code 2: tracebacks are for bugs.
+    t2s <job> --config run.yaml [--set key=value ...] [--force]      (also: python -m jobs.cli <job> ...)
+
+Each job module has `check(cfg, run)` (what can be known wrong before the job changes anything) and
+`run(cfg, run) -> str` (its summary line). For a job, this shell loads and validates the config, opens the run
+directory, stops a config that differs from the run's settings in what the job reads, skips a finished job unless
+--force, then checks, starts and runs it, with its output teed into runs/<id>/logs/<job>.log. A T2SError is one line on
+stderr and exit code 2 (jobs.errors.one_line_errors): tracebacks are for bugs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 import typer
 
 from jobs.ask import ask_command
 from jobs.config import Config, load_config
-from jobs.errors import T2SError
+from jobs.errors import T2SError, one_line_errors
 from jobs.rundir import JOBS, RunDir, open_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,7 +30,25 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 ConfigOption = typer.Option(None, "--config", "-c", help="Run config (YAML). Defaults apply to what it leaves out.")
 SetOption = typer.Option([], "--set", "-s", help="Override one key, e.g. --set train.learning_rate=1e-4 (repeatable).")
-ForceOption = typer.Option(False, "--force", help="Redo the job even if its .done marker says it finished.")
+ForceOption = typer.Option(False, "--force", help="Redo the job even if its .done marker says it finished (prep and "
+                           "train: with your settings; train starts over).")
+
+
+def job_module(job: str) -> ModuleType:
+    """The module that does `job`. Imported when the job runs: torch alone takes seconds to import."""
+    if job == "prep":
+        from jobs import prep as module
+    elif job == "train":
+        from jobs import train as module
+    elif job == "merge":
+        from jobs import merge as module
+    elif job == "eval":
+        from jobs import eval as module
+    elif job == "push":
+        from jobs import push as module
+    else:
+        raise ValueError(f"no job {job!r}")
+    return module
 
 
 class _Tee:
@@ -53,7 +75,6 @@ class _Tee:
 
 @contextlib.contextmanager
 def tee_output(log_path: Path):
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", buffering=1) as log:
         old = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(old[0], log), _Tee(old[1], log)
@@ -63,81 +84,74 @@ def tee_output(log_path: Path):
             sys.stdout, sys.stderr = old
 
 
-def fail(prefix: str, message: str, code: int = 2) -> None:
-    print(f"{prefix}: error: {message}", file=sys.stderr)
-    raise typer.Exit(code)
-
-
 def run_job(job: str, cfg: Config, force: bool) -> str:
     """Runs one job (skipping it when finished, unless forced); returns its summary line."""
-    module = importlib.import_module(f"jobs.{job}")
+    module = job_module(job)
     run = open_run(cfg)
+    run.check_settings(job, cfg, force)
     if run.is_done(job) and not force:
         return f"{job}: already finished in {run.root} ({run.marker(job).name}); --force redoes it"
-    run.clear_done(job)
-    with tee_output(run.logs / f"{job}.log"):
+    with tee_output(run.job_log(job)):
         started = time.monotonic()
         print(f"== t2s {job} · run {cfg.run_id} · {run.root}", flush=True)
-        summary = module.run(cfg, run)
+        try:
+            module.check(cfg, run)
+            run.start(job, cfg, force)
+            summary = module.run(cfg, run)
+        except KeyboardInterrupt:
+            raise T2SError(f"interrupted; {what_a_rerun_does(job, run)}", exit_code=130) from None
         print(f"== {job} done in {time.monotonic() - started:.1f}s: {summary}", flush=True)
     return summary
 
 
-def _job_command(job: str):
-    def command(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, force: bool = ForceOption):
-        try:
-            cfg = load_config(config, set_)
-            run_job(job, cfg, force)
-        except T2SError as exc:
-            fail(f"t2s {job}", str(exc))
-        except KeyboardInterrupt:
-            fail(f"t2s {job}", "interrupted; rerun the same command to resume", code=130)
+def what_a_rerun_does(job: str, run: RunDir) -> str:
+    if job == "train":
+        from jobs.train import what_a_rerun_does as train_rerun
 
-    command.__doc__ = {
-        "prep": "Validate, split, render and tokenize the dataset into the run directory.",
-        "train": "Fine-tune (LoRA / QLoRA / full) through accelerate; resumes from the latest checkpoint.",
-        "merge": "Merge the adapter into the bf16 base and verify the logits match.",
-        "eval": "Generate SQL for a split and score SQL-only rate, exact match and execution accuracy.",
-        "push": "Upload the model, card, report and logs to the Hugging Face Hub (or --set push.dry_run=true).",
-    }[job]
+        return train_rerun(run)
+    return "rerun the same command to run it again (nothing it had finished before is lost)"
+
+
+def _job_command(job: str, help_text: str):
+    def command(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, force: bool = ForceOption):
+        with one_line_errors(f"t2s {job}"):
+            run_job(job, load_config(config, set_), force)
+
+    command.__doc__ = help_text
     return command
 
 
+JOB_HELP = {
+    "prep": "Validate, split, render and tokenize the dataset into the run directory.",
+    "train": "Fine-tune (LoRA / QLoRA / full) through accelerate; resumes from the latest complete checkpoint.",
+    "merge": "Merge the adapter into the fp32 base, check the logits, save in merge.dtype.",
+    "eval": "Generate SQL for a split and score SQL-only rate, exact match and execution accuracy.",
+    "push": "Upload the model, card, report and logs to the Hugging Face Hub (or --set push.dry_run=true).",
+}
 for _job in JOBS:
-    if _job != "eval":
-        app.command(name=_job)(_job_command(_job))
-
-
-@app.command(name="eval")
-def eval_command(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, force: bool = ForceOption,
-                 compare: list[Path] = typer.Option([], "--compare", help="Two run folders to put side by side "
-                                                    "(e.g. --compare runs/a --compare runs/b); writes compare.md/png."),
-                 out: Path = typer.Option(Path("runs/compare"), "--out", help="Where --compare writes.")):
-    """Generate SQL for a split and score SQL-only rate, exact match and execution accuracy."""
-    if not compare:
-        return _job_command("eval")(config, set_, force)
-    if len(compare) != 2:
-        fail("t2s eval", "--compare takes two run folders: --compare runs/a --compare runs/b")
-    from jobs.eval import compare as compare_runs
-
-    try:
-        print(compare_runs(compare[0], compare[1], out))
-    except T2SError as exc:
-        fail("t2s eval", str(exc))
+    app.command(name=_job)(_job_command(_job, JOB_HELP[_job]))
 
 
 @app.command()
 def pipeline(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, force: bool = ForceOption):
     """Run prep → train → merge → eval → push in order; finished jobs are skipped unless --force."""
-    try:
+    with one_line_errors("t2s pipeline"):
         cfg = load_config(config, set_)
         for job in JOBS:
             print(run_job(job, cfg, force), flush=True)
-        print(f"report: {RunDir(cfg.run_dir).eval / 'report.md'}")
-    except T2SError as exc:
-        fail("t2s pipeline", str(exc))
-    except KeyboardInterrupt:
-        fail("t2s pipeline", "interrupted; rerun the same command to resume", code=130)
+        print(f"report: {RunDir(cfg.run_dir).report_md}")
+
+
+@app.command()
+def compare(run_a: Path = typer.Argument(..., help="A run folder with a finished eval (runs/<id>)."),
+            run_b: Path = typer.Argument(..., help="Another one."),
+            out: Path = typer.Option(Path("runs/compare"), "--out", help="The folder compare.md and compare.png "
+                                     "are written to.")):
+    """Put two runs' eval reports side by side: one table, one chart."""
+    with one_line_errors("t2s compare"):
+        from jobs.compare import compare as compare_runs
+
+        print(compare_runs(run_a, run_b, out))
 
 
 app.command(name="ask")(ask_command)
@@ -145,12 +159,6 @@ app.command(name="ask")(ask_command)
 
 def main() -> None:
     app()
-
-
-def job_main(job: str) -> None:
-    """`python -m jobs.<job> ...` is `t2s <job> ...`."""
-    sys.argv = [f"t2s {job}", job, *sys.argv[1:]]
-    app(prog_name="t2s")
 
 
 if __name__ == "__main__":

@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jobs.errors import T2SError
 from jobs.credentials import SECRET_NAMES, find_secret_in_config, redact, secret  # noqa: F401 (secret: re-exported)
 
 
 class Section(BaseModel):
-    # Unknown keys are errors (a typo must not silently fall back to a default); types are not coerced.
-    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+    # Unknown keys are errors (a typo must not silently fall back to a default); types are not coerced; a number is
+    # finite (1e400 reads as infinity, which validates against gt=0 but trains or times out forever).
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -151,7 +152,8 @@ class PushConfig(Section):
 
 
 class Config(Section):
-    run_id: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # The run's folder name (runs/<run_id>): a file name, so short, and no path.
+    run_id: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     runs_dir: str = "runs"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -166,22 +168,21 @@ class Config(Section):
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.run_id
 
+    @model_validator(mode="after")
+    def _examples_fit_a_training_sequence(self) -> "Config":
+        # Training truncates to train.max_seq_length; prep keeps examples up to data.max_length tokens, answer last.
+        if self.train.max_seq_length < self.data.max_length:
+            raise ValueError(f"train.max_seq_length {self.train.max_seq_length} is shorter than data.max_length "
+                             f"{self.data.max_length}, the longest example prep keeps: training would cut examples "
+                             "before their answer. Raise train.max_seq_length or lower data.max_length")
+        return self
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `key.sub=value` overrides; validated, or one clear T2SError."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise T2SError(f"config file {path} not found: pass an existing YAML file, e.g. --config configs/demo.yaml")
-        try:
-            data = yaml.load(path.read_text(), Loader=_YamlLoader) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise T2SError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
-        if not isinstance(data, dict):
-            raise T2SError(f"config file {path} must be a mapping of keys to values, not {type(data).__name__}")
+        data = read_yaml_mapping(Path(path), "config file", "e.g. --config configs/demo.yaml")
         refuse_secrets(data, f"in {path}")
     for item in overrides:
         _apply_override(data, item)
@@ -189,7 +190,37 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise T2SError(_describe(exc.errors()[0], path)) from None
+        raise T2SError(describe_error(exc.errors()[0], f"in {path}" if path else "in the config", Config)) from None
+
+
+def read_yaml_mapping(path: Path, what: str, example: str) -> dict[str, Any]:
+    """A YAML file of keys and values (a run config, an accelerate config), or one line saying what is wrong with it.
+    Anchors and aliases are refused: an alias loop or a few hundred bytes of nested aliases (a "billion laughs")
+    would expand without bound when the config is validated or written out."""
+    if not path.is_file():
+        raise T2SError(f"{what} {path} not found: pass an existing YAML file, {example}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise T2SError(f"{what} {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    except OSError as exc:
+        raise T2SError(f"{what} {path} cannot be read ({exc.strerror or exc}): check its permissions") from None
+    try:
+        data = yaml.load(text, Loader=_YamlLoader)
+    except _AliasRefused as exc:
+        raise T2SError(f"{what} {path} uses a YAML alias (*{exc.anchor}) at line {exc.line}: t2s takes no anchors or "
+                       "aliases (they can expand without bound); write the value out") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise T2SError(f"{what} {path} is not valid YAML{where}: fix the syntax") from None
+    except RecursionError:
+        raise T2SError(f"{what} {path} nests too deeply to read: a config is a few levels of keys") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise T2SError(f"{what} {path} must be a mapping of keys to values, not {type(data).__name__}")
+    return data
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
@@ -205,7 +236,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     # YAML typing for the value, so that 1e-4 is a float and true a bool, as in the file.
     try:
         node[leaf] = yaml.load(raw, Loader=_YamlLoader)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not YAML (or nested past reading): the text as given
         node[leaf] = raw
 
 
@@ -221,21 +252,30 @@ def refuse_secrets(data: dict[str, Any], place: str) -> None:
                    "(HF_TOKEN, RUNPOD_API_KEY), never in a config, a --set or infra.env")
 
 
-def _describe(error: dict[str, Any], path: Path | None) -> str:
-    key = ".".join(str(p) for p in error["loc"])
-    where = f"in {path}" if path else "in the config"
+def describe_error(error: dict[str, Any], where: str, root: type[BaseModel], prefix: str = "") -> str:
+    """One line for pydantic's first error: the dotted key, where it was given, and what is wrong. `prefix` names the
+    section `root` validates (infra validates its own section). Values are cut short (an error is one line) and every
+    secret in the line is hidden."""
+    key = ".".join([*([prefix] if prefix else []), *(str(p) for p in error["loc"])])
     kind = error["type"]
     if kind == "extra_forbidden":
-        section = _section_for(error["loc"][:-1])
+        section = _section_for(root, error["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else ""
         return redact(f"unknown config key '{key}' {where}: remove it or fix the spelling (allowed here: {allowed})")
     if kind == "missing":
         return f"config key '{key}' is required {where}"
-    return redact(f"config key '{key}' {where}: {error['msg']} (got {error.get('input')!r})")
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a rule across keys (Config's model validator): its message names them
+        return redact(f"config {where}: {message}")
+    if "secret" in message:  # never echo what may be one
+        return f"config key '{key}' {where}: {message}"
+    shown = redact(repr(error.get("input")))  # hidden before it is cut, so that no part of a secret is left
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return redact(f"config key '{key}' {where}: {message} (got {shown})")
 
 
-def _section_for(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = Config
+def _section_for(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = root
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
@@ -245,8 +285,21 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, anchor: str, line: int):
+        super().__init__(f"alias *{anchor} at line {line}")
+        self.anchor, self.line = anchor, line
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where 1e-4 (no dot) is a string; read it as a float, as YAML 1.2 does."""
+    """PyYAML follows YAML 1.1, where 1e-4 (no dot) is a string; read it as a float, as YAML 1.2 does. Aliases are
+    refused (read_yaml_mapping says why)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
 
 
 _YamlLoader.add_implicit_resolver(

@@ -33,9 +33,9 @@ from jobs import checked, scoring, sqlcheck
 from jobs.chat import render_prompt
 from jobs.config import Config
 from jobs.errors import T2SError
-from jobs.generate import Generation, decoding_info, device_for, generate_batched, requested_decoder
-from jobs.models import load_run_model
-from jobs.rundir import RunDir, fresh_staging, read_json, replace_dir, write_atomic
+from jobs.generate import Generation, decoding_info, generate_batched, requested_decoder
+from jobs.models import default_device, load_run_model
+from jobs.rundir import RunDir, fresh_staging, read_json, write_atomic
 from jobs.sandbox import Sandbox
 
 METRICS = ("sql_only", "exact_match", "execution_accuracy")
@@ -220,7 +220,7 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
 # ---------- I/O shell ----------
 
 def read_split(run: RunDir, split: str, limit: int | None) -> list[dict]:
-    path = run.data / f"{split}.jsonl"
+    path = run.split(split)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows:
         raise T2SError(f"the {split} split in {path} is empty: choose eval.split or give prep more data")
@@ -235,6 +235,9 @@ def models_to_evaluate(cfg: Config, run: RunDir) -> list[tuple[str, str, str]]:
             plan += [("base" if v == "plain" else f"base:{v}", "base", v) for v in cfg.eval.prompt_variants]
         elif which == "adapter":
             run.require("train", "eval of the adapter")
+            if run.trained() != "adapter":
+                raise T2SError(f"eval.models has adapter, but {run.adapter} holds a full fine-tune (no LoRA adapter): "
+                               "evaluate it as merged (`t2s merge`, then eval.models: [base, merged])")
             plan.append(("adapter", "adapter", "plain"))
         else:
             run.require("merge", "eval of the merged model")
@@ -248,7 +251,7 @@ def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, varia
     questions = json.dumps([[row["context"], row["question"]] for row in rows], ensure_ascii=False)
     key = {"model": cfg.model.model_dump(mode="json"), "which": which, "variant": variant, "split": cfg.eval.split,
            "questions_sha256": hashlib.sha256(questions.encode()).hexdigest(),
-           "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size, "device": device_for(),
+           "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size, "device": default_device(),
            "decoder": requested_decoder(),  # in bf16 another decoder may flip a near-tie (README: fast decoding)
            "finished": {job: read_json(run.marker(job)) for job in jobs}}  # a retrained model is another model
     return json.loads(json.dumps(key))  # as it reads back from the file
@@ -273,7 +276,7 @@ def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
     import torch
 
     model, tokenizer = load_run_model(cfg, run, which)
-    model = model.to(device_for()).eval()
+    model = model.to(default_device()).eval()
     prompts = [render_prompt(tokenizer, r["context"], r["question"], variant) for r in rows]
     started = time.perf_counter()
     generations = generate_batched(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
@@ -328,7 +331,7 @@ def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, 
         if not loaded:  # only when some greedy answer failed its checks
             clock = time.perf_counter()
             model, tokenizer = load_run_model(cfg, run, which)
-            loaded.extend((model.to(device_for()).eval(), tokenizer))
+            loaded.extend((model.to(default_device()).eval(), tokenizer))
             load_s = time.perf_counter() - clock
         model, tokenizer = loaded
         prompts = [render_prompt(tokenizer, rows[i]["context"], rows[i]["question"], variant) for i in indices]
@@ -408,10 +411,15 @@ def scoring_workers() -> int:
     return max(1, min(cores, 8))
 
 
+def check(cfg: Config, run: RunDir) -> None:
+    run.require("prep", "eval")
+    read_split(run, cfg.eval.split, cfg.eval.max_examples)
+    models_to_evaluate(cfg, run)
+
+
 def run(cfg: Config, run: RunDir) -> str:
     import torch
 
-    run.require("prep", "eval")
     rows = read_split(run, cfg.eval.split, cfg.eval.max_examples)
     plan = models_to_evaluate(cfg, run)
     manifest = json.loads(run.manifest.read_text())
@@ -460,49 +468,11 @@ def run(cfg: Config, run: RunDir) -> str:
     with open(staging / "predictions.jsonl", "w") as f:
         for i, row in enumerate(rows):
             f.write(json.dumps({**row, "predictions": predictions[i]}, ensure_ascii=False) + "\n")
-    write_atomic(staging / "report.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(staging / "report.md", render_markdown(report))
+    write_atomic(staging / run.report.name, json.dumps(report, indent=2) + "\n")
+    write_atomic(staging / run.report_md.name, render_markdown(report))
     plot(results, staging / "metrics.png", f"run {cfg.run_id}: {cfg.eval.split} split, {len(rows)} examples")
-    replace_dir(staging, run.eval)
-    run.mark_done("eval", results={k: {m: v[m] for m in METRICS} for k, v in results.items()})
+    run.finish("eval", cfg, [(staging, run.eval)],
+               results={k: {m: v[m] for m in METRICS} for k, v in results.items()})
     best = max(results, key=lambda k: results[k]["execution_accuracy"])
     return f"{len(results)} model(s) scored; best execution accuracy {results[best]['execution_accuracy']:.1%} " \
-           f"({best}); report {run.eval / 'report.md'}"
-
-
-def read_report(report_path: Path) -> dict:
-    """An eval's report.json with everything compare shows; one clear line when it is missing or is not one."""
-    if not report_path.is_file():
-        raise T2SError(f"{report_path} not found: run `t2s eval` for that run first")
-    report = read_json(report_path) or {}  # invalid JSON is one line too
-    dataset, results = report.get("dataset"), report.get("results")
-    complete = (all(k in report for k in ("run_id", "split", "n_examples"))
-                and isinstance(dataset, dict) and "hash" in dataset and isinstance(results, dict)
-                and all(isinstance(r, dict) and all(k in r for k in (*METRICS, "queries_per_s")) for r in results.values()))
-    if not complete:
-        raise T2SError(f"{report_path} is not a t2s eval report: rerun `t2s eval --force` for that run")
-    return report
-
-
-def compare(run_a: Path, run_b: Path, out: Path) -> str:
-    """Side by side: every result of two runs' reports in one table and one chart."""
-    results, lines = {}, []
-    for path in (run_a, run_b):
-        report = read_report(Path(path) / "eval" / "report.json")
-        for label, r in report["results"].items():
-            results[f"{report['run_id']}:{label}"] = r
-        lines.append(f"- `{report['run_id']}`: {report['split']} split, {report['n_examples']} examples, "
-                     f"dataset hash {report['dataset']['hash'][:12]}")
-    out.mkdir(parents=True, exist_ok=True)
-    table = ["| model | SQL-only | exact match | execution accuracy | queries/s |", "|---|---:|---:|---:|---:|"]
-    table += [f"| {k} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | {r['execution_accuracy']:.1%} | "
-              f"{r['queries_per_s']:.1f} |" for k, r in results.items()]
-    write_atomic(out / "compare.md", "\n".join(["# t2s eval comparison", "", *lines, "", *table, ""]))
-    plot(results, out / "compare.png", "comparison")
-    return "\n".join(table) + f"\n\nwritten: {out / 'compare.md'}, {out / 'compare.png'}"
-
-
-if __name__ == "__main__":
-    from jobs.cli import job_main
-
-    job_main("eval")
+           f"({best}); report {run.report_md}"

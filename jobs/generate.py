@@ -38,10 +38,6 @@ class Generation:
     ended_at_eos: bool | None = None  # True: the model stopped itself; False: cut at max_new_tokens
 
 
-def device_for() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def requested_decoder() -> str:
     decoder = os.environ.get("T2S_DECODER", "auto").strip().lower() or "auto"
     if decoder not in DECODERS:

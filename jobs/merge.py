@@ -14,8 +14,8 @@ import torch
 from jobs.chat import render_prompt, stop_token_ids
 from jobs.config import Config
 from jobs.errors import T2SError
-from jobs.models import base_model_path, load_model, load_tokenizer
-from jobs.rundir import RunDir, fresh_staging, replace_dir
+from jobs.models import base_model_path, default_device, load_model, load_tokenizer
+from jobs.rundir import RunDir, fresh_staging
 
 # ‖actual − reference‖ / ‖reference‖ on the logits, both computed in fp32. MERGE_TOLERANCE: the rounding of one extra
 # add per weight. ROUNDING_TOLERANCE: weights rounded to that dtype (8 bits of mantissa for bf16, 11 for fp16); the
@@ -49,25 +49,28 @@ def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
 
 def sample_prompts(run: RunDir, tokenizer, n: int) -> list[str]:
     for split in ("validation", "test", "train"):
-        path = run.data / f"{split}.jsonl"
+        path = run.split(split)
         rows = [json.loads(line) for line in path.read_text().splitlines()[:n]] if path.is_file() else []
         if rows:
             return [render_prompt(tokenizer, r["context"], r["question"]) for r in rows]
     raise T2SError(f"no prepared rows in {run.data} to verify the merge on: run `t2s prep` again")
 
 
+def check(cfg: Config, run: RunDir) -> None:
+    run.require("train", "merge")
+
+
 def run(cfg: Config, run: RunDir) -> str:
     from peft import PeftModel
 
-    run.require("train", "merge")
     save_dtype = getattr(torch, cfg.merge.dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(str(run.adapter))
     prompts = sample_prompts(run, tokenizer, cfg.merge.verify_prompts) if cfg.merge.verify else []
-    is_lora = (run.adapter / "adapter_config.json").is_file()
+    is_lora = run.trained() == "adapter"
     checks = []
     if is_lora:
-        base = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=torch.float32).to(device)
+        base = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=torch.float32)
+        base = base.to(default_device())
         model = PeftModel.from_pretrained(base, str(run.adapter)).eval()
         reference = prompt_logits(model, tokenizer, prompts)
         model = model.merge_and_unload()
@@ -78,7 +81,7 @@ def run(cfg: Config, run: RunDir) -> str:
                                f"fp32): the adapter does not match the base {base_model_path(cfg, run)}")
             checks.append(f"logits match base + adapter (rel. error {error:.1e} on {len(prompts)} prompts, fp32)")
     else:  # a full fine-tune: the trained folder is already the whole model
-        model = load_model(str(run.adapter), dtype=torch.float32).to(device).eval()
+        model = load_model(str(run.adapter), dtype=torch.float32).to(default_device()).eval()
         reference = prompt_logits(model, tokenizer, prompts)
         checks.append("full fine-tune, nothing to merge")
 
@@ -97,9 +100,8 @@ def run(cfg: Config, run: RunDir) -> str:
     model.generation_config = greedy_generation_config(model, tokenizer)
     model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
-    replace_dir(staging, run.merged)
-    run.mark_done("merge", dtype=cfg.merge.dtype, verified=is_lora and bool(prompts),
-                  rounding_error=rounding_error)
+    run.finish("merge", cfg, [(staging, run.merged)], dtype=cfg.merge.dtype, verified=is_lora and bool(prompts),
+               rounding_error=rounding_error)
     return f"merged model ({cfg.merge.dtype}) in {run.merged}; " + "; ".join(checks)
 
 
@@ -109,9 +111,3 @@ def round_weights(model, dtype: torch.dtype) -> None:
     for param in model.parameters():
         if param.is_floating_point():
             param.copy_(param.to(dtype))
-
-
-if __name__ == "__main__":
-    from jobs.cli import job_main
-
-    job_main("merge")

@@ -27,6 +27,13 @@ def tokenizer_path(cfg: Config, run: RunDir) -> str:
     return cfg.model.tokenizer or base_model_path(cfg, run)
 
 
+def load_run_tokenizer(cfg: Config, run: RunDir, folder: str | None = None):
+    """The run's tokenizer: model.tokenizer, else the base model's own (from its GGUF file when it ships as one).
+    `folder`: where the base model is, when not where it will be (prep builds the tiny model in a staging folder)."""
+    gguf_file = cfg.model.gguf_file if not cfg.model.tokenizer else None
+    return load_tokenizer(cfg.model.tokenizer or folder or base_model_path(cfg, run), gguf_file)
+
+
 def check_source(name: str, what: str) -> None:
     if names_local_path(name) and not Path(name).expanduser().exists():
         raise T2SError(f"{what} path {name} does not exist: pass an existing folder or a Hub id like org/name")
@@ -75,6 +82,11 @@ def gpu_has_bf16() -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # torch < 2.3 (the cu118 set) counts native support only
         return torch.cuda.is_bf16_supported()
+
+
+def default_device() -> str:
+    """Where models run: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def pick_dtype(requested: str) -> torch.dtype:
@@ -134,8 +146,11 @@ def load_run_model(cfg: Config, run: RunDir, which: str):
     dtype = pick_dtype(cfg.model.dtype)
     if which == "merged":
         return load_model(str(run.merged), dtype=dtype), load_tokenizer(str(run.merged))
+    if which == "adapter" and run.trained() != "adapter":
+        raise T2SError(f"{run.adapter} holds a full fine-tune, not a LoRA adapter: evaluate it as merged "
+                       "(`t2s merge`, then eval.models: [merged])")
     model = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=dtype)
-    tokenizer = load_tokenizer(tokenizer_path(cfg, run), cfg.model.gguf_file if not cfg.model.tokenizer else None)
+    tokenizer = load_run_tokenizer(cfg, run)
     if which == "adapter":
         from peft import PeftModel
 

@@ -16,8 +16,8 @@ from jobs import sqlcheck
 from jobs.chat import check_chat_template, tokenize_examples
 from jobs.config import Config, names_local_path
 from jobs.errors import T2SError, first_line
-from jobs.models import TINY, load_tokenizer, tokenizer_path
-from jobs.rundir import RunDir, fresh_staging, replace_dir, write_atomic
+from jobs.models import TINY, check_source, load_run_tokenizer, tokenizer_path
+from jobs.rundir import RunDir, fresh_staging, write_atomic
 from jobs.synthetic import synthetic_rows
 
 FIELDS = ("question", "context", "answer")
@@ -109,6 +109,17 @@ def percentile(values: list[int], q: float) -> int:
 
 # ---------- I/O shell ----------
 
+def check(cfg: Config, run: RunDir) -> None:
+    """What can be known wrong before any row is read."""
+    source = cfg.data.source
+    if source != "synthetic" and not Path(source).expanduser().exists() and (
+            names_local_path(source) or Path(source).suffix in LOCAL_SUFFIXES):
+        raise T2SError(f"dataset path {source} does not exist: set data.source to a json/jsonl/parquet file or "
+                       "folder, a Hub dataset id, or 'synthetic'")
+    if cfg.model.name_or_path != TINY or cfg.model.tokenizer:
+        check_source(tokenizer_path(cfg, run), "tokenizer")
+
+
 def load_rows(cfg: Config) -> tuple[list[dict], dict[str, list[dict]] | None]:
     """(rows to split, splits the source already made or None)."""
     source = cfg.data.source
@@ -117,9 +128,6 @@ def load_rows(cfg: Config) -> tuple[list[dict], dict[str, list[dict]] | None]:
     path = Path(source).expanduser()
     if path.exists():
         return _load_local(path, cfg)
-    if names_local_path(source) or Path(source).suffix in LOCAL_SUFFIXES:
-        raise T2SError(f"dataset path {source} does not exist: set data.source to a json/jsonl/parquet file or "
-                       "folder, a Hub dataset id, or 'synthetic'")
     return _load_hub(source, cfg), None
 
 
@@ -219,14 +227,20 @@ def run(cfg: Config, run: RunDir) -> str:
 
     splits, dropped = split_rows(rows, given, cfg.data)
 
-    if cfg.model.name_or_path == TINY and not (run.base / "config.json").is_file():
+    staged = [(staging, run.data)]
+    base = None
+    if cfg.model.name_or_path == TINY:
+        # Built afresh beside the old one, and put in place with the data it was built from: a kill while it is
+        # written leaves no half a model in base/ for the next prep to trust.
         from jobs.tiny import save_tiny_base
 
+        base = fresh_staging(run.base)
         texts = [r["context"] + "\n" + r["question"] + "\n" + r["answer"] for r in splits["train"]]
-        save_tiny_base(run.base, texts, seed=cfg.train.seed)
-        print(f"built the tiny base model in {run.base}")
+        save_tiny_base(base, texts, seed=cfg.train.seed)
+        staged.append((base, run.base))
+        print(f"built the tiny base model (into {run.base})")
     tok_name = tokenizer_path(cfg, run)
-    tokenizer = load_tokenizer(tok_name, cfg.model.gguf_file if not cfg.model.tokenizer else None)
+    tokenizer = load_run_tokenizer(cfg, run, folder=str(base) if base else None)
     check_chat_template(tokenizer, tok_name)
 
     lengths: dict[str, list[int]] = {}
@@ -265,14 +279,7 @@ def run(cfg: Config, run: RunDir) -> str:
                    "max": max(all_lengths, default=0), "train_total": sum(lengths["train"])},
         "content_hash": digest.hexdigest(),
     }
-    write_atomic(staging / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    replace_dir(staging, run.data)
-    run.mark_done("prep", rows=manifest["rows"], content_hash=manifest["content_hash"])
+    write_atomic(staging / run.manifest.name, json.dumps(manifest, indent=2) + "\n")
+    run.finish("prep", cfg, staged, rows=manifest["rows"], content_hash=manifest["content_hash"])
     counts = " / ".join(f"{manifest['rows'][s]} {s}" for s in SPLITS)
     return f"{counts}; {len(rejects)} rejected, {sum(dropped.values())} dropped; manifest {run.manifest}"
-
-
-if __name__ == "__main__":
-    from jobs.cli import job_main
-
-    job_main("prep")

@@ -7,42 +7,39 @@ Hugging Face Hub model repo (private unless push.private=false).
     tokenizer*, chat template,       their own README.md, if any, gives way to the card
     generation_config.json
     eval/...                      ← eval/, only when eval finished (otherwise the card says "not evaluated")
-    logs/...                      ← logs/, except push.log: this job's own log, still being written
-    run/...                       ← config.resolved.yaml, data/manifest.json and the jobs' .done markers
+    logs/...                      ← logs/ (each job's log and the config it ran with), except push.log: this job's own
+    run/...                       ← config.resolved.yaml (the settings the run was made with), data/manifest.json and
+                                     the jobs' .done markers (train.done: the settings train really used)
 
-Needs a finished merge (merged) or train (adapter), and a finished eval whose scores for the fine-tuned model pass
-push.gates (SQL-only, execution accuracy, not worse than the base): a broken model is never published. A model
-below the gates, or not evaluated, goes up only with push.enforce_gates=false (the card then says "not evaluated"
-where there is no report). Dry runs check the gates too: they show what a real push would do.
+Needs a finished train (its record is the card's training table), a finished merge (merged) and a finished eval whose
+scores for the fine-tuned model pass push.gates (SQL-only, execution accuracy, not worse than the base): a broken model
+is never published. A model below the gates, or not evaluated, goes up only with push.enforce_gates=false (the card
+then says "not evaluated" where there is no report). Dry runs check the gates too: they show what a real push would do.
 The token comes only from HF_TOKEN and goes only into huggingface_hub's request headers: it is never
 printed, logged or written, and every Hub failure becomes a one-line message of our own (the library's
 messages carry URLs and server text). Local files are only read, so a failed push loses nothing.
-The repo's files are compared with the local ones (size, then git blob sha1 or LFS sha256) before anything
-is sent: a rerun with unchanged content uploads nothing and makes no commit. (`t2s push` after a finished
-push is skipped by the CLI, as every finished job is; `--force` pushes again, and then only what changed.)
-Network failures and 5xx answers are retried push.retries times with exponential backoff (base
+Every file goes into one commit; huggingface_hub leaves out the files the repo already has (it compares their hashes
+with the ones the Hub reports) and makes no commit when nothing changed, so a rerun with unchanged content uploads
+nothing. (`t2s push` after a finished push is skipped by the CLI, as every finished job is; `--force` pushes again.)
+Network failures and 408/429/5xx answers are retried push.retries times with exponential backoff (tenacity; base
 T2S_PUSH_BACKOFF_S, default 2 s); T2S_PUSH_TIMEOUT_S (default 300 s) bounds a stalled request.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
-import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
-from jobs.card import HUB_ID, read_chat_template, render_model_card, trained_prompt_suffix
+from jobs.card import read_chat_template, render_model_card, trained_prompt_suffix
 from jobs.config import Config, PushGates, secret
 from jobs.errors import T2SError
-from jobs.rundir import RunDir, read_json, write_atomic
-from jobs.credentials import known_secrets, redacted_bytes, redactor
+from jobs.credentials import known_secrets, redact, redacted_bytes, redactor
+from jobs.hub import HUB_ID, causes, http_status, network_error, use_request_timeout
+from jobs.rundir import JOBS, RunDir, read_json, write_atomic
 
-RUN_FILES = ("config.resolved.yaml", "data/manifest.json", "prep.done", "train.done", "merge.done", "eval.done")
 TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
 
 T = TypeVar("T")
@@ -66,12 +63,18 @@ def artifact_folder(cfg: Config, run: RunDir) -> Path:
     else:
         run.require("train", "push")
         folder, job = run.adapter, "train"
-        if not (folder / "adapter_config.json").is_file():
-            raise T2SError(f"push.artifact=adapter, but {folder} has no adapter_config.json (a full fine-tune saves "
-                           "the whole model there): set push.artifact=merged")
+        if run.trained() != "adapter":
+            raise T2SError(f"push.artifact=adapter, but {folder} holds a full fine-tune (no adapter_config.json): "
+                           "set push.artifact=merged")
     if not any(folder.glob("*.safetensors")):
         raise T2SError(f"{folder} has no *.safetensors weights: rerun `t2s {job} --force`")
     return folder
+
+
+def run_record_files(run: RunDir) -> list[tuple[str, Path]]:
+    """(name under run/, local file) of the run's own record: its settings, the data manifest, the jobs' markers."""
+    files = [run.settings_file, run.manifest, *(run.marker(job) for job in JOBS if job != "push")]
+    return [(path.relative_to(run.root).as_posix(), path) for path in files if path.is_file()]
 
 
 def files_to_upload(run: RunDir, folder: Path, card: Path, evaluated: bool) -> list[FileToUpload]:
@@ -79,11 +82,8 @@ def files_to_upload(run: RunDir, folder: Path, card: Path, evaluated: bool) -> l
     files += _folder_files(folder, "", skip=("README.md",))
     if evaluated:
         files += _folder_files(run.eval, "eval/")
-    files += _folder_files(run.logs, "logs/", skip=("push.log",))
-    for name in RUN_FILES:
-        path = run.root / name
-        if path.is_file():
-            files.append(FileToUpload(f"run/{name}", path, path.stat().st_size))
+    files += _folder_files(run.logs, "logs/", skip=(run.job_log("push").name,))
+    files += [FileToUpload(f"run/{name}", path, path.stat().st_size) for name, path in run_record_files(run)]
     return files
 
 
@@ -121,10 +121,21 @@ def without_secrets(files: list[FileToUpload], staging: Path) -> list[FileToUplo
 
 
 def describe_files(files: list[FileToUpload]) -> str:
-    width = max(len(f.path_in_repo) for f in files)
-    lines = [f"  {human_size(f.size):>9}  {f.path_in_repo:<{width}}  ← {f.local_path}" for f in files]
-    lines.append(f"  {human_size(sum(f.size for f in files)):>9}  {len(files)} files")
-    return "\n".join(lines)
+    """A table of what goes up: size, path in the repo, local file; and the total."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    for f in files:
+        table.add_row(human_size(f.size), f.path_in_repo, f"← {f.local_path}")
+    table.add_row(human_size(sum(f.size for f in files)), f"{len(files)} files", "")
+    console = Console(width=1_000, no_color=True, highlight=False, markup=False, emoji=False)
+    with console.capture() as captured:
+        console.print(table)
+    return "\n".join("  " + line.rstrip() for line in captured.get().splitlines())
 
 
 def human_size(size: int) -> str:
@@ -165,50 +176,15 @@ def ensure_model_repo(api, repo_id: str, private: bool):
                        "that HF_TOKEN may write to it") from None
 
 
-def remote_files(api, repo_id: str) -> dict[str, Any]:
-    from huggingface_hub import errors
-    from huggingface_hub.hf_api import RepoFile
-
-    # huggingface_hub 0.x names the remote one EntryNotFoundError
-    entry_not_found = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
-    try:
-        return {f.path: f for f in api.list_repo_tree(repo_id, recursive=True, repo_type="model")
-                if isinstance(f, RepoFile)}
-    except (errors.RevisionNotFoundError, entry_not_found):  # a repo without any commit yet
-        return {}
-
-
-def is_unchanged(file: FileToUpload, remote) -> bool:
-    """Same content as the repo's file: LFS files by sha256, regular files by git blob sha1."""
-    if remote is None:
-        return False
-    lfs = remote.lfs is not None
-    kind, expected = ("sha256", remote.lfs.sha256) if lfs else ("git", remote.blob_id)
-    if (remote.lfs.size if lfs else remote.size) != file.size:
-        return False
-    stat = file.local_path.stat()
-    return file_digest(file.local_path, kind, stat.st_size, stat.st_mtime_ns) == expected
-
-
-@functools.lru_cache(maxsize=None)
-def file_digest(path: Path, kind: str, size: int, mtime_ns: int) -> str:
-    """sha256 of the content, or git's blob sha1 ("git"); cached per (path, size, mtime) across retries."""
-    digest = hashlib.sha256() if kind == "sha256" else hashlib.sha1(f"blob {size}\0".encode())
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class PushResult:
-    commit: str | None  # the repo's head after the push
-    changed: list[FileToUpload]  # empty: the repo already had every file, no commit made
+    commit: str  # the repo's head after the push
+    new_commit: bool  # False: the repo already had every file, so no commit was made
 
 
 def push_to_hub(api, repo_id: str, files: list[FileToUpload], *, private: bool, message: str,
-                attempts: int, backoff_s: float, token: str) -> PushResult:
-    """Creates the repo if needed and commits the files that differ from the repo's; one-line T2SError on failure."""
+                attempts: int, backoff_s: float) -> PushResult:
+    """Creates the repo if needed and commits the files; one-line T2SError on failure."""
     from huggingface_hub import CommitOperationAdd
 
     step = "creating the repo"
@@ -217,93 +193,56 @@ def push_to_hub(api, repo_id: str, files: list[FileToUpload], *, private: bool, 
         if info.private is False and private:
             print(f"note: {repo_id} already exists and is public; push.private only applies when t2s creates the repo",
                   file=sys.stderr, flush=True)
-
-        def sync() -> PushResult:
-            nonlocal step
-            step = "listing the repo's files"
-            remote = remote_files(api, repo_id)
-            step = "comparing files"
-            changed = [f for f in files if not is_unchanged(f, remote.get(f.path_in_repo))]
-            if not changed:  # the head now, which a commit whose answer was lost may have moved
-                return PushResult(api.repo_info(repo_id, repo_type="model").sha, [])
-            print(f"uploading {len(changed)} changed files ({human_size(sum(f.size for f in changed))}); "
-                  f"{len(files) - len(changed)} unchanged", flush=True)
-            step = "uploading and committing"
-            commit = api.create_commit(
-                repo_id, repo_type="model", commit_message=message,
-                operations=[CommitOperationAdd(f.path_in_repo, str(f.local_path)) for f in changed])
-            return PushResult(commit.oid, changed)
-
-        # The whole comparison is retried, not the commit alone: if a commit landed but its answer was lost,
-        # the retry finds nothing left to change instead of committing twice.
-        return with_retries(sync, "uploading", attempts, backoff_s)
+        step = "uploading and committing"
+        # The whole commit is retried: if one landed but its answer was lost, the retry finds every file already
+        # there, and huggingface_hub makes no second commit.
+        commit = with_retries(lambda: api.create_commit(
+            repo_id, repo_type="model", commit_message=message,
+            operations=[CommitOperationAdd(f.path_in_repo, str(f.local_path)) for f in files]), "uploading",
+            attempts, backoff_s)
+        return PushResult(commit.oid, new_commit=commit.oid != info.sha)
     except T2SError:
         raise
     except Exception as exc:
-        raise T2SError(hub_failure(exc, repo_id=repo_id, step=step, attempts=attempts, endpoint=api.endpoint,
-                                   token=token)) from None
+        raise T2SError(hub_failure(exc, repo_id=repo_id, step=step, attempts=attempts, endpoint=api.endpoint)) from None
 
 
 def with_retries(action: Callable[[], T], what: str, attempts: int, backoff_s: float) -> T:
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except T2SError:
-            raise
-        except Exception as exc:
-            reason = transient_reason(exc)
-            if reason is None or attempt == attempts:
-                raise
-            delay = min(backoff_s * 2 ** (attempt - 1), 60.0)
-            print(f"push: {what} failed ({reason}); retry {attempt}/{attempts - 1} in {delay:g} s",
-                  file=sys.stderr, flush=True)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    """`action()`, again after a network failure or a 408/429/5xx answer, up to `attempts` times in all, waiting
+    backoff_s, 2 × backoff_s, ... (at most 60 s) in between; each retry is one line on stderr."""
+    import tenacity
 
+    def say(state: tenacity.RetryCallState) -> None:
+        print(f"push: {what} failed ({transient_reason(state.outcome.exception())}); retry "
+              f"{state.attempt_number}/{attempts - 1} in {state.next_action.sleep:g} s", file=sys.stderr, flush=True)
 
-def _causes(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ if exc.__cause__ is not None else None if exc.__suppress_context__ else exc.__context__
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection failures and timeouts, from whichever HTTP client this huggingface_hub uses."""
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
-                         ("requests.exceptions", "ConnectionError"), ("requests.exceptions", "Timeout")):
-        try:
-            types.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(types)
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential(multiplier=backoff_s, max=60.0),
+        retry=tenacity.retry_if_exception(lambda exc: transient_reason(exc) is not None),
+        before_sleep=say, reraise=True)
+    return retrying(action)
 
 
 def transient_reason(exc: BaseException) -> str | None:
     """Why a failure is worth retrying (a network error, or HTTP 408/429/5xx); None when it is not."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    for cause in _causes(exc):
-        if isinstance(cause, HfHubHTTPError) and cause.response is not None:
-            status = cause.response.status_code
-            return f"HTTP {status}" if status in TRANSIENT_HTTP else None
-        if isinstance(cause, _transport_errors()):
-            return type(cause).__name__
-    return None
+    if isinstance(exc, T2SError):
+        return None
+    status = http_status(exc)
+    if status is not None:
+        return f"HTTP {status}" if status in TRANSIENT_HTTP else None
+    failure = network_error(exc)
+    return type(failure).__name__ if failure is not None else None
 
 
-def hub_failure(exc: BaseException, *, repo_id: str, step: str, attempts: int, endpoint: str, token: str) -> str:
+def hub_failure(exc: BaseException, *, repo_id: str, step: str, attempts: int, endpoint: str) -> str:
     """Our own one-line message for a failed Hub call: never the library's text (URLs, headers), never the token."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    causes = list(_causes(exc))
-    if any(isinstance(c, OfflineModeIsEnabled) for c in causes):
+    if any(isinstance(c, OfflineModeIsEnabled) for c in causes(exc)):
         return "HF_HUB_OFFLINE is set, so nothing can be pushed: unset it, or use push.dry_run=true"
-    http = next((c for c in causes if isinstance(c, HfHubHTTPError) and c.response is not None), None)
-    if http is not None:
-        status = http.response.status_code
+    status = http_status(exc)
+    if status is not None:
         if status == 401:
             return (f"the Hub rejected HF_TOKEN (401 Unauthorized) while {step}: put a valid token with write access "
                     "in HF_TOKEN (environment or .env); tokens are made at https://huggingface.co/settings/tokens")
@@ -315,54 +254,37 @@ def hub_failure(exc: BaseException, *, repo_id: str, step: str, attempts: int, e
                     "again later (local files are untouched; unchanged files are not sent twice)")
         if status == 404:
             return f"{repo_id} was not found while {step} (404): check push.repo_id and that HF_TOKEN can see it"
-        server = redact(http.server_message or "", token)
+        http = next((c for c in causes(exc) if isinstance(c, HfHubHTTPError)), None)
+        server = _shown(getattr(http, "server_message", None) or "")
         return (f"the Hub refused {step} for {repo_id} (HTTP {status}{': ' + server if server else ''}): "
                 "check push.repo_id and the repo's settings on the Hub")
-    transport = next((c for c in causes if isinstance(c, _transport_errors())), None)
+    transport = network_error(exc)
     if transport is not None:
         return (f"could not reach the Hub at {endpoint} while {step} after {attempts} attempt(s) "
                 f"({type(transport).__name__}): check the network (or HF_ENDPOINT / proxy settings) and rerun "
                 "`t2s push`; local files are untouched")
-    detail = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "", token)
+    detail = _shown(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
     return f"push to {repo_id} failed while {step}: {type(exc).__name__}{': ' + detail if detail else ''}"
 
 
-def redact(text: str, token: str | None) -> str:
-    if token:
-        text = text.replace(token, "***")
-    text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
-    text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-    return " ".join(text.split())[:200]
+def _shown(text: str) -> str:
+    """A server's or a library's text, fit for our one line: every secret hidden, one line, short."""
+    return " ".join(redact(text).split())[:200]
 
 
-def use_request_timeout(seconds: float) -> None:
-    """huggingface_hub's client waits forever by default; a stalled connection must fail (and be retried)."""
-    import huggingface_hub
-    from huggingface_hub.utils import _http
-
-    if hasattr(huggingface_hub, "set_client_factory"):  # huggingface_hub 1.x: httpx clients
-        def client_with_timeout():
-            client = _http.default_client_factory()
-            client.timeout = seconds
-            return client
-
-        huggingface_hub.set_client_factory(client_with_timeout)
-    else:  # huggingface_hub 0.x (the cu118 set): requests sessions, which take a timeout per request only
-        def session_with_timeout():
-            session = _http._default_backend_factory()
-            for adapter in session.adapters.values():
-                adapter.send = _with_default_timeout(adapter.send, seconds)
-            return session
-
-        huggingface_hub.configure_http_backend(session_with_timeout)
-
-
-def _with_default_timeout(send: Callable, seconds: float) -> Callable:
-    """A requests adapter's send that waits `seconds` where the caller gave no timeout."""
-    def send_with_timeout(request, timeout=None, **kwargs):
-        return send(request, timeout=timeout or seconds, **kwargs)
-
-    return send_with_timeout
+def seconds_from_env(name: str, default: float) -> float:
+    """A number of seconds from the environment (T2S_PUSH_TIMEOUT_S, T2S_PUSH_BACKOFF_S), or one line."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise T2SError(f"{name}={raw[:40]!r} is not a number of seconds above 0: set e.g. {name}={default:g}, or "
+                       "unset it")
+    return value
 
 
 # ---------------------------------------------------------------- the job
@@ -370,7 +292,7 @@ def _with_default_timeout(send: Callable, seconds: float) -> Callable:
 
 def read_eval_report(run: RunDir) -> dict | None:
     """The eval report, only when eval finished (a crashed eval's partial report is not shown)."""
-    report_path = run.eval / "report.json"
+    report_path = run.report
     if not run.is_done("eval"):
         if report_path.is_file():
             print(f"note: {report_path} exists but eval did not finish (no eval.done): taken as not evaluated",
@@ -443,30 +365,59 @@ def check_repo_id(repo_id: str | None, dry_run: bool) -> str | None:
     return repo_id
 
 
+def check(cfg: Config, run: RunDir) -> None:
+    """Everything a push needs, before anything is written or sent: a repo id, a token, the artifact, train's record
+    (the card's training table), and a model that passes push.gates."""
+    from huggingface_hub import constants
+
+    check_repo_id(cfg.push.repo_id, cfg.push.dry_run)
+    if not cfg.push.dry_run:
+        if not secret("HF_TOKEN"):
+            raise T2SError("HF_TOKEN is not set: put a Hub token with write access in the environment or in .env "
+                           "(HF_TOKEN=...), or use --set push.dry_run=true")
+        if constants.HF_HUB_OFFLINE:
+            raise T2SError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset it, or use push.dry_run=true")
+        seconds_from_env("T2S_PUSH_TIMEOUT_S", 300)
+        seconds_from_env("T2S_PUSH_BACKOFF_S", 2.0)
+    artifact_folder(cfg, run)
+    run.require("train", "push")
+    check_gates(cfg, read_eval_report(run))
+
+
+def card_config(cfg: Config, run: RunDir) -> Config:
+    """What the card describes: push's own settings, with the model, data and train settings the model was trained
+    with as train recorded them, whatever the config given to push says about those."""
+    trained = {section: values for section, values in run.trained_settings().items()
+               if section in ("model", "data", "train") and isinstance(values, dict)}
+    try:
+        return Config.model_validate(_overlay(cfg.model_dump(mode="json"), trained))
+    except ValueError:  # a record from another version of t2s that this one cannot read
+        print(f"note: {run.marker('train')} records settings this t2s cannot read; the card's training table shows "
+              "push's config", file=sys.stderr, flush=True)
+        return cfg
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    return {**base, **{k: _overlay(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in top.items()}}
+
+
 def run(cfg: Config, run: RunDir) -> str:
     push = cfg.push
     repo_id = check_repo_id(push.repo_id, push.dry_run)
     folder = artifact_folder(cfg, run)
-    token = None
-    if not push.dry_run:
-        token = secret("HF_TOKEN")
-        if not token:
-            raise T2SError("HF_TOKEN is not set: put a Hub token with write access in the environment or in .env "
-                           "(HF_TOKEN=...), or use --set push.dry_run=true")
-
     report = read_eval_report(run)
-    check_gates(cfg, report)
     template, special_tokens = read_chat_template(folder)
     suffix = trained_prompt_suffix(template, special_tokens) if template else None
     shown_id = repo_id or f"your-name/{cfg.run_id}"
-    card = render_model_card(cfg, shown_id, report=report, train_done=read_json(run.marker("train")),
-                             prompt_suffix=suffix)
-    staging = run.root / "push"  # the card as pushed, kept beside the run; merged/ and adapter/ stay as they were
-    staging.mkdir(exist_ok=True)
-    card_path = staging / "README.md"
+    card = render_model_card(card_config(cfg, run), shown_id, report=report,
+                             train_done=read_json(run.marker("train")), prompt_suffix=suffix)
+    run.pushed.mkdir(exist_ok=True)
+    card_path = run.pushed / "README.md"
     write_atomic(card_path, card)
 
-    files = without_secrets(files_to_upload(run, folder, card_path, evaluated=report is not None), staging / "redacted")
+    files = without_secrets(files_to_upload(run, folder, card_path, evaluated=report is not None),
+                            run.pushed / "redacted")
     total = human_size(sum(f.size for f in files))
     visibility = "private" if push.private else "public"
     print(f"{push.artifact} model from {folder}{'' if report else ' (not evaluated)'} → {shown_id} ({visibility}):",
@@ -478,21 +429,16 @@ def run(cfg: Config, run: RunDir) -> str:
 
     from huggingface_hub import HfApi
 
-    use_request_timeout(float(os.environ.get("T2S_PUSH_TIMEOUT_S", 300)))
+    token = secret("HF_TOKEN")
+    use_request_timeout(seconds_from_env("T2S_PUSH_TIMEOUT_S", 300))
     api = HfApi(token=token)  # endpoint: HF_ENDPOINT, else huggingface.co
-    result = push_to_hub(api, repo_id, files, private=push.private, token=token,
+    result = push_to_hub(api, repo_id, files, private=push.private,
                          message=f"t2s push: run {cfg.run_id} ({push.artifact})",
-                         attempts=push.retries + 1, backoff_s=float(os.environ.get("T2S_PUSH_BACKOFF_S", 2.0)))
+                         attempts=push.retries + 1, backoff_s=seconds_from_env("T2S_PUSH_BACKOFF_S", 2.0))
     url = f"{api.endpoint}/{repo_id}"
-    run.mark_done("push", repo_id=repo_id, url=url, commit=result.commit, artifact=push.artifact,
-                  evaluated=report is not None, files=len(files), changed=[f.path_in_repo for f in result.changed])
-    short = (result.commit or "?")[:8]
-    if not result.changed:
+    run.finish("push", cfg, repo_id=repo_id, url=url, commit=result.commit, artifact=push.artifact,
+               evaluated=report is not None, files=len(files), new_commit=result.new_commit)
+    short = result.commit[:8]
+    if not result.new_commit:
         return f"{url} already has these {len(files)} files (commit {short}): nothing uploaded, no new commit"
-    return f"pushed {len(result.changed)} of {len(files)} files to {url} (commit {short})"
-
-
-if __name__ == "__main__":
-    from jobs.cli import job_main
-
-    job_main("push")
+    return f"pushed {len(files)} files to {url} (commit {short}; files the repo already had were not sent)"

@@ -1,11 +1,21 @@
-"""The run directory: where every job reads its inputs and writes its outputs.
+"""The run directory: the one truth about a run. Every job reads its inputs and writes its outputs here.
 
     runs/<run-id>/
-      config.resolved.yaml   data/ (train|validation|test.jsonl, tokenized/, manifest.json, rejects.jsonl)
-      base/ (the built-in tiny model)   checkpoints/   adapter/   merged/   eval/   logs/
+      config.resolved.yaml   the settings the run was made with: what prep's data and base depend on (model name,
+                             tokenizer, GGUF file; data), then what train's model depends on (model, train)
+      data/                  train|validation|test.jsonl, tokenized/, manifest.json, rejects.jsonl
+      base/                  the built-in tiny model (model.name_or_path: tiny), built by prep
+      checkpoints/           checkpoint-<step>/ and settings.yaml (the settings they are being made with)
+      incomplete/            checkpoints a kill left half-written, set aside
+      adapter/  merged/  eval/  push/ (the model card as pushed)
+      logs/                  <job>.log, <job>.config.yaml (the config each job ran with), metrics.jsonl, tensorboard/
       <job>.done             written last, so an unfinished job is never mistaken for a finished one
 
-Jobs may run in separate containers sharing a volume: all they share is this folder.
+A job's config must agree with the run's settings in what the job reads (READS): a job that would make something other
+than what the run is stops with one line, and `--force` on prep or train starts those settings over. A job builds its
+outputs beside the old ones (<name>.partial) and `finish` puts them in place: only then do later jobs' markers go, so a
+job that fails or is refused loses nothing finished. Jobs may run in separate containers sharing a volume: all they
+share is this folder.
 """
 
 from __future__ import annotations
@@ -17,24 +27,92 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
+
+import yaml
 
 from jobs.config import Config, dump_config
 from jobs.errors import T2SError
 
 JOBS = ("prep", "train", "merge", "eval", "push")
 
+# The run's settings, as sections or dotted keys. Each is pinned by the job whose output depends on it, when that job
+# finishes; READS: what each job takes from its config that must agree with the run.
+BASE_MODEL = ("model.name_or_path", "model.tokenizer", "model.gguf_file")
+PINNED_BY = {"prep": (*BASE_MODEL, "data"), "train": ("model", "train")}
+READS = {"prep": PINNED_BY["prep"], "train": (*PINNED_BY["prep"], *PINNED_BY["train"]),
+         "merge": BASE_MODEL, "eval": BASE_MODEL, "push": ()}
+
+
+# ---------- pure core ----------
+
+def flat(settings: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lora": {"r": 8}}} → {"train.lora.r": 8}."""
+    out = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        out.update(flat(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def _covered(key: str, keys: tuple[str, ...]) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
+def select(settings: dict, keys: tuple[str, ...]) -> dict:
+    """The part of nested `settings` that `keys` (sections or dotted keys) name, nested as it was."""
+    out: dict = {}
+    for key, value in flat(settings).items():
+        if _covered(key, keys):
+            *parents, leaf = key.split(".")
+            node = out
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return out
+
+
+def settings_differences(pinned: dict, mine: dict, keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """(key, the run's value, mine) for every pinned key among `keys` where the two differ. Only what is pinned is
+    compared: a run prepared but not yet trained has no train settings."""
+    mine_flat = flat(mine)
+    return [(key, value, mine_flat.get(key)) for key, value in flat(pinned).items()
+            if _covered(key, keys) and key in mine_flat and mine_flat[key] != value]
+
+
+def describe_differences(differences: list[tuple[str, Any, Any]], shown: int = 3) -> str:
+    def short(value) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    parts = [f"{key}={short(run)} (yours: {short(mine)})" for key, run, mine in differences[:shown]]
+    more = f" and {len(differences) - shown} more" if len(differences) > shown else ""
+    return ", ".join(parts) + more
+
+
+def run_settings(cfg: Config) -> dict:
+    """What a trained model depends on: the config's model, data and train sections."""
+    return select(cfg.model_dump(mode="json"), ("model", "data", "train"))
+
+
+# ---------- the folder ----------
 
 @dataclass(frozen=True)
 class RunDir:
     root: Path
 
+    # --- where things are
+
     @property
-    def resolved_config(self) -> Path:
+    def settings_file(self) -> Path:
         return self.root / "config.resolved.yaml"
 
     @property
     def data(self) -> Path:
         return self.root / "data"
+
+    def split(self, name: str) -> Path:
+        return self.data / f"{name}.jsonl"
 
     @property
     def tokenized(self) -> Path:
@@ -53,6 +131,14 @@ class RunDir:
         return self.root / "checkpoints"
 
     @property
+    def checkpoint_settings_file(self) -> Path:
+        return self.checkpoints / "settings.yaml"
+
+    @property
+    def incomplete(self) -> Path:
+        return self.root / "incomplete"
+
+    @property
     def adapter(self) -> Path:
         return self.root / "adapter"
 
@@ -65,24 +151,39 @@ class RunDir:
         return self.root / "eval"
 
     @property
+    def report(self) -> Path:
+        return self.eval / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.eval / "report.md"
+
+    @property
+    def pushed(self) -> Path:
+        return self.root / "push"  # the model card as pushed; merged/ and adapter/ stay as they were
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def metrics(self) -> Path:
+        return self.logs / "metrics.jsonl"
+
+    def job_log(self, job: str) -> Path:
+        return self.logs / f"{job}.log"
+
+    def job_config(self, job: str) -> Path:
+        """The config `job` last ran with (defaults + file + overrides), kept when it started."""
+        return self.logs / f"{job}.config.yaml"
 
     def marker(self, job: str) -> Path:
         return self.root / f"{job}.done"
 
+    # --- what the run holds
+
     def is_done(self, job: str) -> bool:
         return self.marker(job).is_file()
-
-    def mark_done(self, job: str, **summary) -> None:
-        """Written last, atomically: its presence means every output of `job` is complete."""
-        payload = {"job": job, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **summary}
-        write_atomic(self.marker(job), json.dumps(payload, indent=2, default=str) + "\n")
-
-    def clear_done(self, job: str) -> None:
-        """A job that starts again is unfinished until it writes its marker anew (so are later jobs)."""
-        for later in JOBS[JOBS.index(job):]:
-            self.marker(later).unlink(missing_ok=True)
 
     def require(self, job: str, needed_by: str) -> None:
         if not self.is_done(job):
@@ -90,13 +191,137 @@ class RunDir:
                 f"{needed_by} needs a finished {job} in {self.root} (no {self.marker(job).name}): run `t2s {job}` first"
             )
 
+    def trained(self) -> Literal["adapter", "model"]:
+        """What train left in adapter/: a LoRA / QLoRA adapter, or (a full fine-tune) the whole model."""
+        return "adapter" if (self.adapter / "adapter_config.json").is_file() else "model"
+
+    def pinned_settings(self) -> dict:
+        """The settings the run was made with ({} before prep has finished)."""
+        return _read_yaml(self.settings_file)
+
+    def checkpoint_settings(self) -> dict:
+        """The settings of the checkpoints a rerun would resume from ({} when there is none, or an older t2s made
+        them)."""
+        return _read_yaml(self.checkpoint_settings_file) if self.last_checkpoint() else {}
+
+    def trained_settings(self) -> dict:
+        """The model, data and train settings the trained model was made with, as train recorded them in train.done
+        (a run trained by an older t2s: the run's pinned settings)."""
+        done = read_json(self.marker("train")) or {}
+        return done["settings"] if isinstance(done.get("settings"), dict) else self.pinned_settings()
+
+    def check_settings(self, job: str, cfg: Config, force: bool) -> None:
+        """Stops, in one line, a job whose config differs from the run's settings in what the job reads; `--force` on
+        prep or train starts that job's own settings over. Train resumes only checkpoints made with its settings."""
+        mine = cfg.model_dump(mode="json")
+        keys = tuple(k for k in READS[job] if not (force and k in PINNED_BY.get(job, ())))
+        differences = settings_differences(self.pinned_settings(), mine, keys)
+        if differences:
+            redo = "prep" if any(_covered(key, PINNED_BY["prep"]) for key, _, _ in differences) else "train"
+            raise T2SError(f"run {cfg.run_id} was made with other settings than yours: "
+                           f"{describe_differences(differences)} ({self.settings_file}). Use the run's, or "
+                           f"`t2s {redo} --force` to redo {redo} with yours (and what follows it)")
+        if job == "train" and not force:
+            differences = settings_differences(self.checkpoint_settings(), mine, READS["train"])
+            if differences:
+                raise T2SError(f"the checkpoints in {self.checkpoints} were made with other settings than yours: "
+                               f"{describe_differences(differences)}. Rerun with those to resume, or `t2s train "
+                               "--force` to start over with yours (the checkpoints are discarded)")
+
+    # --- train's checkpoints
+
+    def checkpoint_folders(self) -> list[Path]:
+        """checkpoints/checkpoint-<step>, by step."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.iterdir()
+                 if p.is_dir() and p.name.startswith("checkpoint-") and p.name.removeprefix("checkpoint-").isdigit()]
+        return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
+
+    @staticmethod
+    def checkpoint_is_complete(folder: Path) -> bool:
+        """The Trainer writes trainer_state.json last: a checkpoint without it (or with half of it) was cut off."""
+        try:
+            state = json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(state, dict) and "global_step" in state
+
+    def last_checkpoint(self) -> Path | None:
+        """The latest complete checkpoint, the one a rerun resumes from."""
+        return next((p for p in reversed(self.checkpoint_folders()) if self.checkpoint_is_complete(p)), None)
+
+    def set_aside_incomplete_checkpoints(self) -> list[tuple[Path, Path]]:
+        """Moves every incomplete checkpoint to incomplete/ (a resume from one fails, every time); (from, to) each."""
+        moved = []
+        for folder in self.checkpoint_folders():
+            if not self.checkpoint_is_complete(folder):
+                target = self.incomplete / folder.name
+                while target.exists():
+                    target = target.with_name(target.name + "+")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(folder, target)
+                moved.append((folder, target))
+        return moved
+
+    # --- a job's life: start, finish
+
+    def start(self, job: str, cfg: Config, force: bool) -> None:
+        """The job's checks passed and it begins: it keeps the config it runs with in logs/. Train changes its work in
+        progress in place (checkpoints/), so its marker goes (a rerun resumes rather than skips); --force discards the
+        checkpoints (training starts over), and a fresh start records the settings they are made with. The other jobs
+        build their outputs beside the old ones, which stay, marker and all, until `finish` replaces them."""
+        write_atomic(self.job_config(job), dump_config(cfg))
+        if job != "train":
+            return
+        self.marker(job).unlink(missing_ok=True)
+        if force:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+        if self.last_checkpoint() is None:
+            self.checkpoints.mkdir(exist_ok=True)
+            write_atomic(self.checkpoint_settings_file, yaml.safe_dump(run_settings(cfg), sort_keys=False))
+
+    def finish(self, job: str, cfg: Config, staged: list[tuple[Path, Path]] = (), **summary) -> None:
+        """Puts the job's outputs in place and marks it done. Later jobs' markers go first, since their outputs were
+        made from what this job replaces (and after prep, train's checkpoints too); then each staged folder replaces
+        its final one, the settings the job used are pinned, and the marker comes last."""
+        for later in JOBS[JOBS.index(job) + 1:]:
+            self.marker(later).unlink(missing_ok=True)
+        if job == "prep":
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+        for staging, final in staged:
+            replace_dir(staging, final)
+        if job in PINNED_BY:
+            self._pin(job, cfg)
+        self.mark_done(job, **summary)
+
+    def _pin(self, job: str, cfg: Config) -> None:
+        # prep starts the record over (what train pinned went with train.done); train adds its sections to prep's.
+        pinned = {} if job == "prep" else self.pinned_settings()
+        pinned.update(select(cfg.model_dump(mode="json"), PINNED_BY[job]))
+        pinned = {"run_id": cfg.run_id, **{k: v for k, v in pinned.items() if k != "run_id"}}
+        header = ("# The settings run {} was made with, pinned by prep and train as they finished. A job whose config "
+                  "differs in what it reads\n# stops; `t2s prep --force` or `t2s train --force` makes the run again "
+                  "with other settings.\n").format(cfg.run_id)
+        write_atomic(self.settings_file, header + yaml.safe_dump(pinned, sort_keys=False))
+
+    def mark_done(self, job: str, **summary) -> None:
+        """Written last, atomically: its presence means every output of `job` is complete."""
+        payload = {"job": job, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **summary}
+        write_atomic(self.marker(job), json.dumps(payload, indent=2, default=str) + "\n")
+
 
 def open_run(cfg: Config) -> RunDir:
-    """The run's folder, with the config this job runs under written in as config.resolved.yaml."""
+    """The run's folder (made if new), or one line when runs_dir cannot hold it."""
     run = RunDir(Path(cfg.run_dir))
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.logs.mkdir(exist_ok=True)
-    write_atomic(run.resolved_config, dump_config(cfg))
+    try:
+        run.logs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise T2SError(f"cannot make the run folder {run.root} ({exc.strerror or exc}): set runs_dir to a folder "
+                       f"you can write to (runs_dir: {cfg.runs_dir})") from None
+    if not os.access(run.logs, os.W_OK | os.X_OK):
+        raise T2SError(f"the run folder {run.root} is not writable: set runs_dir to a folder you can write to, or "
+                       "fix its permissions")
     return run
 
 
@@ -142,3 +367,14 @@ def read_json(path: Path) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise T2SError(f"{path} is not valid JSON: rerun the job that writes it with --force") from None
     return data if isinstance(data, dict) else None
+
+
+def _read_yaml(path: Path) -> dict:
+    """A settings file t2s wrote ({} when missing); a clear error when it was damaged."""
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise T2SError(f"{path} is not valid YAML: restore it, or redo the job that wrote it with --force") from None
+    return data if isinstance(data, dict) else {}

@@ -1,10 +1,12 @@
 """train: LoRA / QLoRA / full fine-tuning with trl's SFTTrainer, launched through accelerate.
 
 `t2s train` checks the setup (before any model loads), then starts `accelerate launch` with the run's
-accelerate config (single GPU, DDP, DeepSpeed ZeRO-3, multi-node) on this same module as the worker. The
-worker resumes from the latest checkpoint, checkpoints and stops cleanly on SIGTERM (spot preemption), logs
-loss / lr / grad norm / tokens/s / GPU memory to stdout, TensorBoard and metrics.jsonl, and saves the adapter
-gathered from every rank (a ZeRO-3 adapter saved without gathering comes out empty).
+accelerate config (single GPU, DDP, DeepSpeed ZeRO-3, multi-node) on this same module as the worker
+(`python -m jobs.train --worker <config>`). The worker resumes from the latest complete checkpoint (one a kill cut
+off is set aside first), checkpoints and stops cleanly on SIGTERM (spot preemption), logs loss / lr / grad norm /
+tokens/s / GPU memory to stdout, TensorBoard and metrics.jsonl, and saves the adapter gathered from every rank (a
+ZeRO-3 adapter saved without gathering comes out empty). train.done records what ran: the settings, the precision,
+the steps.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import yaml
-
-from jobs.config import Config, TrainConfig, load_config
-from jobs.errors import T2SError
-from jobs.rundir import RunDir, fresh_staging, replace_dir
+from jobs.config import Config, TrainConfig, load_config, read_yaml_mapping
+from jobs.errors import T2SError, one_line_errors
+from jobs.rundir import RunDir, fresh_staging, read_json, run_settings
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: checkpointed and stopped, rerun to resume
@@ -41,6 +41,29 @@ def accelerate_config_path(name: str) -> Path:
         return shipped
     known = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
     raise T2SError(f"train.accelerate_config '{name}' is neither a YAML file nor a shipped config ({known})")
+
+
+def check_accelerate_config(accelerate: dict, where: Path) -> None:
+    """The keys t2s reads from an accelerate config hold what accelerate expects (accelerate itself would fail only
+    after the launch, in every process)."""
+    for key in ("num_processes", "num_machines"):
+        value = accelerate.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise T2SError(f"accelerate config {where}: {key} must be a whole number >= 1 (got {value!r})")
+    deepspeed = accelerate.get("deepspeed_config", {})
+    if not isinstance(deepspeed, dict):
+        raise T2SError(f"accelerate config {where}: deepspeed_config must be a mapping (got {deepspeed!r})")
+    stage = deepspeed.get("zero_stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise T2SError(f"accelerate config {where}: deepspeed_config.zero_stage must be 0, 1, 2 or 3 (got {stage!r})")
+
+
+def read_accelerate_config(name: str) -> tuple[Path, dict]:
+    """(path, settings) of train.accelerate_config, checked; one line for a file that is not one."""
+    path = accelerate_config_path(name)
+    accelerate = read_yaml_mapping(path, "accelerate config", "e.g. train.accelerate_config: single")
+    check_accelerate_config(accelerate, path)
+    return path, accelerate
 
 
 def check_setup(train: TrainConfig, accelerate: dict, gpus_present: int, have_bitsandbytes: bool) -> None:
@@ -193,49 +216,66 @@ def adapter_problems(folder: Path) -> list[str]:
     return problems
 
 
-def last_checkpoint(run: RunDir) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
-
-
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
 # ---------- launcher (the `t2s train` process) ----------
 
-def run(cfg: Config, run: RunDir) -> str:
+def check(cfg: Config, run: RunDir) -> None:
+    """Everything that can be known wrong before training starts (and before any model loads), as one line each."""
     import torch
 
+    from jobs.models import base_model_path, check_source, gpu_has_bf16, pick_attention
+
     run.require("prep", "train")
-    accel_path = accelerate_config_path(cfg.train.accelerate_config)
-    accelerate = yaml.safe_load(accel_path.read_text()) or {}
+    _, accelerate = read_accelerate_config(cfg.train.accelerate_config)
     gpus = torch.cuda.device_count()
     check_setup(cfg.train, accelerate, gpus, _has("bitsandbytes"))
-    from jobs.models import base_model_path, check_source, gpu_has_bf16, pick_attention
     on_gpu = gpus > 0 and not accelerate.get("use_cpu")
     check_precision(cfg.train, cfg.model.dtype, accelerate, on_gpu, gpu_has_bf16(), _has("optimi"))
     attention = pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
-    check_stack(cfg.train, accelerate, attention, gpus, last_checkpoint(run), installed_stack())
+    check_stack(cfg.train, accelerate, attention, gpus, None, installed_stack())
     check_source(base_model_path(cfg, run), "model")
+
+
+def run(cfg: Config, run: RunDir) -> str:
+    import torch
+
+    from jobs.models import pick_attention
+
+    accel_path, accelerate = read_accelerate_config(cfg.train.accelerate_config)
+    for folder, moved in run.set_aside_incomplete_checkpoints():
+        print(f"set aside {folder.name}, cut off while it was saved (no complete trainer_state.json), as {moved}",
+              flush=True)
+    resume = run.last_checkpoint()
+    check_stack(cfg.train, accelerate, pick_attention(cfg.model.attn_implementation), torch.cuda.device_count(),
+                str(resume) if resume else None, installed_stack())
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel_path)]
     if not torch.cuda.is_available() and not accelerate.get("use_cpu"):
         command += ["--cpu"]  # (a use_cpu config launches as it says: --cpu would drop its DeepSpeed and processes)
-    command += ["-m", "jobs.train", "--worker", str(run.resolved_config)]
+    command += ["-m", "jobs.train", "--worker", str(run.job_config("train"))]
     print(f"launching: accelerate launch --config_file {accel_path} ({cfg.train.method}, "
           f"{accelerate.get('num_processes', 1)} process(es))", flush=True)
     code = _stream(command)
     if code == PREEMPTED_EXIT:
-        raise T2SError("training was stopped (SIGTERM) after saving a checkpoint: rerun the same command to resume")
+        raise T2SError(f"training was stopped (SIGTERM) after saving a checkpoint: {what_a_rerun_does(run)}")
     if code != 0:
-        raise T2SError(f"training failed (exit code {code}); the log above and {run.logs / 'train.log'} say why; "
-                       "rerun the same command to resume from the last checkpoint")
+        raise T2SError(f"training failed (exit code {code}); the log above and {run.job_log('train')} say why; "
+                       f"once that is fixed, {what_a_rerun_does(run)}")
     summary = json.loads(run.marker("train").read_text())
     return (f"{summary['global_step']} steps, {summary['examples_seen']} examples in "
             f"{summary['train_runtime_s']:.0f}s ({summary['precision']}: trainable weights "
-            f"{summary['weights_dtype']}); adapter in {run.adapter}")
+            f"{summary['weights_dtype']}); {run.trained()} in {run.adapter}")
+
+
+def what_a_rerun_does(run: RunDir) -> str:
+    """What `t2s train` again would do: resume only when a complete checkpoint is there to resume from."""
+    checkpoint = run.last_checkpoint()
+    if checkpoint is None:
+        return "rerun the same command to start again (no complete checkpoint to resume from)"
+    return f"rerun the same command to resume from {checkpoint.name}"
 
 
 def _stream(command: list[str]) -> int:
@@ -427,7 +467,7 @@ def make_callbacks(cfg: Config, run: RunDir):
                 record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             done = state.global_step / max(state.max_steps, 1)
             record["eta_s"] = (now - self.started) * (1 - done) / done if done else None
-            with open(run.logs / "metrics.jsonl", "a") as f:
+            with open(run.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
             shown = [f"{k} {record[k]:.4g}" for k in
                      ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "gpu_mem_gb")
@@ -439,27 +479,39 @@ def make_callbacks(cfg: Config, run: RunDir):
     return [ProgressAndPreemption()]
 
 
+def load_tokenized(run: RunDir, split: str):
+    """prep's tokenized `split`, or None when prep left it empty: datasets saves an empty split as no data files and
+    then cannot load it (IndexError), so the row count comes from prep's manifest."""
+    from datasets import load_from_disk
+
+    rows = (read_json(run.manifest) or {}).get("rows", {})
+    if isinstance(rows, dict) and rows.get(split) == 0:
+        return None
+    return load_from_disk(str(run.tokenized / split))
+
+
 def worker(config_path: str) -> int:
     import torch
-    from datasets import load_from_disk
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
-    from jobs.models import load_tokenizer, tokenizer_path
+    from jobs.models import load_run_tokenizer
 
     cfg = load_config(config_path)
     run = RunDir(Path(cfg.run_dir))
     on_gpu = torch.cuda.is_available()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs / "tensorboard"))
-    train_data = load_from_disk(str(run.tokenized / "train"))
-    eval_data = load_from_disk(str(run.tokenized / "validation"))
+    train_data = load_tokenized(run, "train")
+    eval_data = load_tokenized(run, "validation")
     if not cfg.train.completion_only_loss:  # the seed's way: loss on the prompt too
         train_data = train_data.map(lambda row: {"labels": row["input_ids"]})
-        eval_data = eval_data.map(lambda row: {"labels": row["input_ids"]})
-    has_eval = len(eval_data) > 0
+        eval_data = eval_data.map(lambda row: {"labels": row["input_ids"]}) if eval_data is not None else None
+    has_eval = eval_data is not None and len(eval_data) > 0
+    if not has_eval:
+        print("no validation rows (data.validation_fraction 0, or none left): training without evaluation", flush=True)
     args = build_sft_config(cfg, run, has_eval, on_gpu)  # before the model: ZeRO-3 init hooks into loading
     model, peft_config = load_base_for_training(cfg, run, on_gpu)
-    tokenizer = load_tokenizer(tokenizer_path(cfg, run), cfg.model.gguf_file if not cfg.model.tokenizer else None)
+    tokenizer = load_run_tokenizer(cfg, run)
     callbacks = make_callbacks(cfg, run)
     if has_eval and cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
@@ -477,13 +529,13 @@ def worker(config_path: str) -> int:
                        f"{plan.precision} requires: this is a bug in t2s's handling of this package set")
     if deepspeed:
         print("DeepSpeed keeps fp32 master weights of the trainable parameters", flush=True)
-    resume = last_checkpoint(run)
+    resume = run.last_checkpoint()
     if resume:
         print(f"resuming from {resume}", flush=True)
     elif trainer.is_world_process_zero():
-        (run.logs / "metrics.jsonl").unlink(missing_ok=True)  # a fresh start: no lines from an earlier attempt
+        run.metrics.unlink(missing_ok=True)  # a fresh start: no lines from an earlier attempt
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if callbacks[0].preempted:
         print("SIGTERM: checkpoint saved, stopping; rerun to resume", flush=True)
         return PREEMPTED_EXIT
@@ -498,10 +550,10 @@ def worker(config_path: str) -> int:
             if problems:
                 print(f"error: the saved adapter is unusable: {'; '.join(problems)}", file=sys.stderr)
                 return 1
-        replace_dir(staging, run.adapter)
         state = trainer.state
-        run.mark_done(
-            "train",
+        run.finish(
+            "train", cfg, [(staging, run.adapter)],
+            settings=run_settings(cfg),  # what the card and the uploads say the model was trained with
             method=cfg.train.method,
             precision=plan.precision,
             weights_dtype="float32 (DeepSpeed master weights)" if deepspeed else plan.weights,
@@ -522,13 +574,8 @@ def worker(config_path: str) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        try:
-            sys.exit(worker(sys.argv[2]))
-        except T2SError as exc:
-            print(f"t2s train: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-    from jobs.cli import job_main
-
-    job_main("train")
+if __name__ == "__main__":  # the worker, one per process, as `t2s train` launches it through accelerate
+    if len(sys.argv) != 3 or sys.argv[1] != "--worker":
+        sys.exit("usage: python -m jobs.train --worker CONFIG (what `t2s train` launches; run `t2s train` instead)")
+    with one_line_errors("t2s train"):
+        sys.exit(worker(sys.argv[2]))

@@ -69,7 +69,7 @@ class StoredFile:
 class Commit:
     oid: str
     message: str
-    paths: list[str]
+    paths: list[str]  # what the commit changed (as git's diff shows it: a file sent again unchanged is not in it)
 
 
 @dataclass
@@ -85,6 +85,7 @@ class Repo:
         return self.commits[-1].oid
 
     def commit(self, message: str, changes: dict[str, StoredFile | None]) -> Commit:
+        changed = sorted(path for path, stored in changes.items() if self.files.get(path) != stored)
         for path, stored in changes.items():
             if stored is None:
                 self.files.pop(path, None)
@@ -92,7 +93,7 @@ class Repo:
                 self.files[path] = stored
         parent = self.commits[-1].oid if self.commits else ""
         oid = hashlib.sha1(f"{parent}\n{message}\n{sorted(changes)}\n{len(self.commits)}".encode()).hexdigest()
-        self.commits.append(Commit(oid, message, sorted(changes)))
+        self.commits.append(Commit(oid, message, changed))
         return self.commits[-1]
 
 

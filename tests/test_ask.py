@@ -309,7 +309,7 @@ def test_an_unmerged_run_answers_as_its_merged_model_does(merged_run, tmp_path):
     from_merged = ask.load(str(merged_run), device="cpu").answers(pairs)
     assert [a.text for a in from_adapter] == [a.text for a in from_merged]
     run = RunDir(unmerged)
-    base, tokenizer = load_run_model(load_config(run.resolved_config), run, "base")
+    base, tokenizer = load_run_model(load_config(run.settings_file), run, "base")
     from_base = ask.SQLGenerator(base.eval(), tokenizer).answers(pairs)
     assert [a.text for a in from_adapter] != [a.text for a in from_base]  # the adapter was applied
 

@@ -18,7 +18,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from infra import records
@@ -182,7 +181,7 @@ def make_a_pod_print_tokens_while_followed(world: World) -> None:
     world.runpod.faults.job_says = f"env: HF_TOKEN={HF_TOKEN} HUGGING_FACE_HUB_TOKEN={READ_TOKEN}"
     result = world.infra("launch", "--config", world.config())
     assert result.exit_code == 0, result.output
-    assert f"env: HF_TOKEN=<HF_TOKEN> HUGGING_FACE_HUB_TOKEN=<secret>" in result.stdout
+    assert "env: HF_TOKEN=<HF_TOKEN> HUGGING_FACE_HUB_TOKEN=<secret>" in result.stdout
     pod = next(iter(world.runpod.pods.values()))
     assert set(pod.env) & {"HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"} == set()
 

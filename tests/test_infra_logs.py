@@ -20,7 +20,8 @@ HF_TOKEN = "hf_SECRETTOKEN0123456789"
 REPO = "someone/t2s-runs"
 
 RUN_FILES = {
-    "config.resolved.yaml": f"run_id: demo\ninfra:\n  logs_repo: {REPO}\n",
+    "config.resolved.yaml": "run_id: demo\nmodel:\n  name_or_path: tiny\n",
+    "logs/train.config.yaml": f"run_id: demo\ninfra:\n  logs_repo: {REPO}\n",
     "logs/train.log": "step 1\n",
     "logs/entrypoint-train.log": "== entrypoint train\n",
     "metrics.jsonl": '{"step": 1}\n',
@@ -62,7 +63,7 @@ def errors(result) -> list[str]:
 
 def test_upload_then_fetch_on_another_machine_restores_the_run_logs(hub, tmp_path, monkeypatch):
     run = make_run()
-    uploaded = t2s_infra("upload-logs", str(run))  # the repo comes from the run's resolved config
+    uploaded = t2s_infra("upload-logs", str(run))  # the repo comes from the config the run's jobs ran with
     assert uploaded.exit_code == 0, uploaded.output
     assert f"uploaded {len(RUN_FILES)} files of runs/demo to Hub dataset {REPO}" in uploaded.stderr
     assert hub.private == {REPO: True}
@@ -89,7 +90,7 @@ def test_logs_uses_the_repo_recorded_at_launch_and_logs_follow_falls_back_to_it(
     result = t2s_infra("logs", "--follow", "demo")
     assert result.exit_code == 0, result.output
     assert "the pod of run demo has ended (succeeded); fetching its uploaded logs" in result.stderr
-    assert "fetched 8 files" in result.stdout
+    assert f"fetched {len(RUN_FILES)} files" in result.stdout
 
 
 def test_what_goes_wrong_is_one_line(hub, monkeypatch):
@@ -112,7 +113,7 @@ def test_what_goes_wrong_is_one_line(hub, monkeypatch):
 
 def test_upload_logs_takes_the_repo_from_the_environment_the_launcher_set(hub, monkeypatch):
     run = make_run(Path("runs/other"))
-    (run / "config.resolved.yaml").write_text("run_id: other\n")  # no infra.logs_repo in it
+    (run / "logs" / "train.config.yaml").write_text("run_id: other\n")  # no infra.logs_repo in it
     assert "no logs repo for runs/other" in errors(t2s_infra("upload-logs", str(run)))[0]
     monkeypatch.setenv("T2S_LOGS_REPO", "team/logs")
     result = t2s_infra("upload-logs", str(run))

@@ -226,10 +226,12 @@ def test_make_launch_train_trains_evaluates_pushes_and_the_pod_ends_itself(world
     entrypoint_log = (run / "logs" / "entrypoint-pipeline.log").read_text()
     assert "t2s pipeline exited with code 0" in entrypoint_log
     assert json.loads((run / "logs" / "pod-end.json").read_text())["exit_code"] == 0
-    # The pod ran exactly the config the launcher resolved: this one's, with the derived names.
-    resolved = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    # The pod ran exactly the config the launcher resolved: this one's, with the derived names (each job keeps the
+    # config it ran with in logs/; the run's own record holds the settings the model was made with).
+    resolved = yaml.safe_load((run / "logs" / "push.config.yaml").read_text())
     assert resolved["push"]["repo_id"] == f"{USER}/t2s-e2e" and resolved["infra"]["logs_repo"] == f"{USER}/t2s-runs"
     assert resolved["train"]["max_steps"] == 6 and resolved["push"]["cost_per_hour_usd"] == 0.43
+    assert yaml.safe_load((run / "config.resolved.yaml").read_text())["train"]["max_steps"] == 6
     world.assert_no_secret_anywhere()
 
 

@@ -84,7 +84,7 @@ def test_bf16_kahan_without_torch_optimi_is_refused_by_t2s_train_before_loading(
     monkeypatch.setattr(train, "_has", lambda module: module != "optimi")
     monkeypatch.setattr(train, "_stream", lambda command: pytest.fail("the workers were launched"))
     with pytest.raises(T2SError, match="bf16_kahan needs torch-optimi"):
-        train.run(load_config(config), RunDir(run))
+        train.check(load_config(config), RunDir(run))
 
 
 # ---------- the libraries do what the plan says ----------

@@ -1,6 +1,6 @@
 """`t2s push` against a fake Hub (tests/fake_hub.py) on 127.0.0.1.
 
-The push runs as users run it: `python -m jobs.push --config ...` in a subprocess whose HF_ENDPOINT points at
+The push runs as users run it: `t2s push --config ...` (python -m jobs.cli push) in a subprocess whose HF_ENDPOINT points at
 the fake (huggingface_hub reads it at import) and HF_HUB_DISABLE_XET=1 (legacy LFS, which the fake speaks).
 The run directory is a hand-made fixture: tiny fake safetensors, tokenizer files, an eval report, logs.
 The card's renderer and the prompt-prefix check are pure and tested directly.
@@ -144,14 +144,14 @@ def workdir(tmp_path):
 
 
 def push(workdir: Path, config: Path, endpoint: str, *sets: str, token: str | None = TOKEN, **env_extra: str):
-    """`python -m jobs.push --config ... --force` as a user runs it, with a clean environment."""
+    """`t2s push --config ... --force` as a user runs it, with a clean environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE", "T2S_"))}
     env.update(HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
                HF_HOME=str(workdir / "hf_home"), HOME=str(workdir / "home"), TMPDIR=str(workdir / "tmp"),
                PYTHONPATH=str(ROOT), T2S_PUSH_BACKOFF_S="0.01", **env_extra)
     if token is not None:
         env["HF_TOKEN"] = token
-    args = [sys.executable, "-m", "jobs.push", "--config", str(config), "--force"]
+    args = [sys.executable, "-m", "jobs.cli", "push", "--config", str(config), "--force"]
     for item in sets:
         args += ["--set", item]
     # cwd: an empty folder, so that no .env (the project's, with a real token) is read
@@ -351,8 +351,8 @@ def test_push_uploads_everything_and_a_rerun_commits_only_what_changed(workdir, 
     expected = {".gitattributes", "README.md", "model.safetensors", "config.json", "generation_config.json",
                 "chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "eval/report.json", "eval/report.md", "eval/predictions.jsonl", "eval/accuracy.png",
-                "logs/train.log", "logs/metrics.jsonl", "run/config.resolved.yaml", "run/data/manifest.json",
-                "run/prep.done", "run/train.done", "run/merge.done", "run/eval.done"}
+                "logs/train.log", "logs/metrics.jsonl", "logs/push.config.yaml", "run/config.resolved.yaml",
+                "run/data/manifest.json", "run/prep.done", "run/train.done", "run/merge.done", "run/eval.done"}
     assert set(repo.files) == expected  # not logs/push.log: this job's own log, still being written
     for path in expected - {".gitattributes", "README.md"}:
         local = root / ("merged/" + path if "/" not in path else path.removeprefix("run/"))
@@ -365,21 +365,24 @@ def test_push_uploads_everything_and_a_rerun_commits_only_what_changed(workdir, 
     assert tree_digest(root) == before  # pushing only reads the artifacts
     done = json.loads((root / "push.done").read_text())
     assert done["repo_id"] == REPO and done["commit"] == repo.sha and done["evaluated"] is True
-    assert f"pushed {len(expected) - 1} of {len(expected) - 1} files" in result.stdout
+    assert done["new_commit"] is True and f"pushed {len(expected) - 1} files" in result.stdout
 
-    # the same content again: nothing uploaded, no commit
+    # the same content again: nothing uploaded, no commit (huggingface_hub leaves out what the Hub already has)
     commits, lfs_puts = len(repo.commits), hub.count("PUT", "^/_lfs/")
     again = push(workdir, config, hub.url)
     assert again.returncode == 0, again.stderr
     assert len(repo.commits) == commits and hub.count("POST", "/commit/") == 1
     assert hub.count("PUT", "^/_lfs/") == lfs_puts
     assert "nothing uploaded, no new commit" in again.stdout
+    assert json.loads((root / "push.done").read_text())["new_commit"] is False
 
-    # one file changed: one commit, holding just that file
+    # one file changed: one commit, changing just that file (huggingface_hub 0.x, the cu118 set, sends the unchanged
+    # small files along again; the weights, stored by LFS, are never sent twice)
     (root / "eval" / "report.md").write_text("# Eval report, revised\n")
     third = push(workdir, config, hub.url)
     assert third.returncode == 0, third.stderr
     assert len(repo.commits) == commits + 1 and repo.commits[-1].paths == ["eval/report.md"]
+    assert hub.count("PUT", "^/_lfs/") == lfs_puts
 
 
 def test_adapter_push_replaces_peft_readme_with_the_card(workdir, hub, push_here):

@@ -41,7 +41,7 @@ def test_a_markdown_fence_is_not_sql_for_any_caller():
     # stated once, in parse_statements: sqlglot's SQLite dialect would read the backticks as quoted names
     assert [s.sql() for s in parse_statements("SELECT 1; SELECT 2")] == ["SELECT 1", "SELECT 2"]
     assert parse_statements(f"```sql\n{QUERY}\n```") is None
-    assert parse_statements(f"  ```\nDELETE FROM singer\n```") is None
+    assert parse_statements("  ```\nDELETE FROM singer\n```") is None
     assert single_query(f"```sql\n{QUERY}\n```") is None
 
 

@@ -1,4 +1,4 @@
-"""t2s eval --compare: two runs' reports side by side, and a broken report as one line."""
+"""t2s compare: two runs' reports side by side, and a broken report or a bad --out as one line."""
 
 import json
 from pathlib import Path
@@ -19,8 +19,8 @@ def write_report(run: Path, run_id: str, text: str | None = None) -> Path:
     return run
 
 
-def compare(tmp_path: Path, a: Path, b: Path):
-    return CliRunner().invoke(app, ["eval", "--compare", str(a), "--compare", str(b), "--out", str(tmp_path / "cmp")])
+def compare(tmp_path: Path, a: Path, b: Path, out: Path | None = None):
+    return CliRunner().invoke(app, ["compare", str(a), str(b), "--out", str(out or tmp_path / "cmp")])
 
 
 def test_two_reports_side_by_side(tmp_path):
@@ -50,3 +50,16 @@ def test_a_broken_report_is_one_line(tmp_path, text, expected):
     result = compare(tmp_path, good, broken)
     assert result.exit_code == 2, result.output
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_out_onto_a_file_is_one_line_and_the_file_is_kept(tmp_path):
+    """A hostile --out: an existing file, or a folder under a file. One line, exit 2, the file byte-identical."""
+    a, b = write_report(tmp_path / "a", "run-a"), write_report(tmp_path / "b", "run-b")
+    existing = tmp_path / "notes.md"
+    existing.write_text("my notes\n")
+    for out in (existing, existing / "cmp"):
+        result = compare(tmp_path, a, b, out)
+        assert result.exit_code == 2, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+        assert result.stderr.startswith("t2s compare: error: ") and "--out" in result.stderr
+        assert existing.read_text() == "my notes\n"
