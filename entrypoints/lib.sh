@@ -217,6 +217,8 @@ t2s_on_exit() {
   reason="$(t2s_cap_reason)"
   [ -z "$reason" ] || ending+=(--reason "$reason")
   if [ -n "$_t2s_run_dir" ]; then
+    # A pod always has a logs repo (the launcher sets one); a local `docker run` may keep its logs on the volume.
+    [ -n "${RUNPOD_POD_ID:-}" ] || ending+=(--if-configured)
     t2s_infra upload-logs "$_t2s_run_dir" "${ending[@]}"
   fi
   t2s_stop_caps

@@ -326,6 +326,8 @@ def upload_logs(
     exit_code: Optional[int] = typer.Option(None, "--exit-code", help="The job's exit code, kept in "
                                             "logs/pod-end.json."),
     reason: Optional[str] = typer.Option(None, "--reason", help="Why the pod stopped the job (its caps), if it did."),
+    if_configured: bool = typer.Option(False, "--if-configured", help="With no logs repo configured, say so and "
+                                       "exit 0 (a local `docker run` that keeps its logs on the volume)."),
 ):
     """Upload a run's logs, metrics, eval report and markers to the Hub (the entrypoint runs this at job end)."""
     with shell("upload-logs"):
@@ -336,14 +338,17 @@ def upload_logs(
             write_atomic(pod_end_file(run_dir), json.dumps({
                 "job": os.environ.get("T2S_JOB"), "pod_id": os.environ.get("RUNPOD_POD_ID"), "exit_code": exit_code,
                 "reason": reason, "ended_at": records.now_iso()}) + "\n")
-        repo = repo or _logs_repo_of(run_dir)
+        repo = repo or _logs_repo_of(run_dir, required=not if_configured)
+        if repo is None:
+            say(f"no logs repo configured (infra.logs_repo): the logs stay in {RunDir(run_dir).logs}")
+            return
         count = upload_run_logs(run_dir, repo, require_secret("HF_TOKEN", "to write to the logs dataset"), say)
         say(f"uploaded {count} files of {run_dir} to Hub dataset {repo}")
 
 
-def _logs_repo_of(run_dir: Path) -> str:
+def _logs_repo_of(run_dir: Path, required: bool = True) -> str | None:
     """infra.logs_repo of the configs the run's jobs ran with, the latest first (a run made by an older t2s: of the
-    config it kept as config.resolved.yaml)."""
+    config it kept as config.resolved.yaml); None when there is none and it is not `required`."""
     run = RunDir(run_dir)
     configs = sorted((run.job_config(job) for job in JOBS if run.job_config(job).is_file()),
                      key=lambda path: path.stat().st_mtime, reverse=True)
@@ -352,6 +357,8 @@ def _logs_repo_of(run_dir: Path) -> str:
             settings = load_infra_settings(load_config(config), config)
             if settings.logs_repo:
                 return settings.logs_repo
+    if not required:
+        return None
     raise T2SError(f"no logs repo for {run_dir}: set infra.logs_repo in the config, or pass --repo")
 
 

@@ -278,7 +278,7 @@ def test_T2S_KEEP_POD_keeps_the_pod(stubbed):
 def test_off_runpod_there_is_nothing_to_terminate(stubbed):
     result = stubbed.run("train", T2S_CONFIG_YAML="run_id: r1\n")
     assert result.returncode == 0, result.stderr
-    assert stubbed.calls("infra") == ["upload-logs runs/r1 --exit-code 0"]
+    assert stubbed.calls("infra") == ["upload-logs runs/r1 --exit-code 0 --if-configured"]
 
 
 def test_the_summary_line_is_the_one_infra_follows(stubbed):

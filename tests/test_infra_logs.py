@@ -115,6 +115,9 @@ def test_upload_logs_takes_the_repo_from_the_environment_the_launcher_set(hub, m
     run = make_run(Path("runs/other"))
     (run / "logs" / "train.config.yaml").write_text("run_id: other\n")  # no infra.logs_repo in it
     assert "no logs repo for runs/other" in errors(t2s_infra("upload-logs", str(run)))[0]
+    local = t2s_infra("upload-logs", str(run), "--if-configured")  # a local docker run keeps its logs on the volume
+    assert local.exit_code == 0 and "no logs repo configured (infra.logs_repo): the logs stay in runs/other/logs" \
+        in local.output and not errors(local)
     monkeypatch.setenv("T2S_LOGS_REPO", "team/logs")
     result = t2s_infra("upload-logs", str(run))
     assert result.exit_code == 0, result.output
