@@ -122,3 +122,16 @@ def test_ask_reading_stdin_or_arguments_that_are_not_utf8_is_one_line(tmp_path):
     argument = subprocess.run([*command, os.fsdecode(b"How many \xff?")], capture_output=True, text=True, cwd=tmp_path,
                               timeout=120, errors="replace")
     assert "the question is not UTF-8 text" in one_error_line(argument, "t2s ask")
+
+
+@pytest.mark.parametrize("command", ["t2s", "t2s-infra"])
+def test_an_error_line_cannot_drive_the_terminal(tmp_path, command):
+    """A name the user (or a file) supplied comes back in the error line: its escape sequences are written as text."""
+    hostile = tmp_path / "x\x1b]52;c;cHduZWQ=\x07\x1b[2J\u202ey.yaml"  # clipboard write, clear screen, RTL override
+    args = ["launch", "--config", str(hostile), "--yes"] if command == "t2s-infra" else ["prep", "--config", str(hostile)]
+    result = subprocess.run([sys.executable, "-m", "infra.cli" if command == "t2s-infra" else "jobs.cli", *args],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "RUNPOD_API_KEY": "", "HF_TOKEN": ""})
+    line = one_error_line(result, f"{command} {args[0]}")
+    assert not any(ord(ch) < 0x20 or ch in "\x7f\u202e" for ch in line), repr(line)
+    assert "x\\x1b]52;c;cHduZWQ=\\x07\\x1b[2J\\u202ey.yaml" in line, line
