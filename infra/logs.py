@@ -208,17 +208,12 @@ def hub_whoami(token: str) -> dict:
     try:
         return hub.whoami()
     except Exception as exc:
-        # huggingface_hub 1.x+ raises HfHubHTTPError; 0.x a requests.HTTPError of its own: both carry the response.
-        status = _status(exc)
-        if status == "401":
+        if http_status(exc) == 401:
             raise T2SError("the Hub does not accept HF_TOKEN (HTTP 401: unknown, revoked or mistyped): put a token "
                            "with write access from https://huggingface.co/settings/tokens in .env") from None
-        if status != "?":
-            raise T2SError(f"the Hub answered HTTP {status} when asked who HF_TOKEN belongs to: try again") from None
-        if not _is_network_error(exc):
-            raise
-        raise T2SError(f"cannot reach the Hugging Face Hub to check HF_TOKEN ({type(exc).__name__}): check the "
-                       "network (or HF_ENDPOINT) and try again") from None
+        raise _hub_error(exc, lambda status: f"the Hub answered HTTP {status} when asked who HF_TOKEN belongs to: "
+                         "try again", lambda error: f"cannot reach the Hugging Face Hub to check HF_TOKEN ({error}): "
+                         "check the network (or HF_ENDPOINT) and try again") from None
 
 
 def upload_run_logs(run_dir: Path, repo_id: str, token: str, say: Say = lambda line: None) -> int:
@@ -235,14 +230,11 @@ def upload_run_logs(run_dir: Path, repo_id: str, token: str, say: Say = lambda l
             hub.create_repo(repo_id, repo_type="dataset", private=True, exist_ok=True)
             hub.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=staging, path_in_repo=run_id,
                               commit_message=f"logs of run {run_id}")
-        except HfHubHTTPError as exc:
-            raise T2SError(f"uploading the logs of run {run_id} to Hub dataset {repo_id} failed "
-                           f"(HTTP {_status(exc)}): check that HF_TOKEN can write there") from None
         except Exception as exc:
-            if not _is_network_error(exc):
-                raise
-            raise T2SError(f"cannot reach the Hugging Face Hub to upload the logs of run {run_id} "
-                           f"({type(exc).__name__})") from None
+            raise _hub_error(exc, lambda status: f"uploading the logs of run {run_id} to Hub dataset {repo_id} "
+                             f"failed (HTTP {status}): check that HF_TOKEN can write there",
+                             lambda error: f"cannot reach the Hugging Face Hub to upload the logs of run {run_id} "
+                             f"({error})") from None
     return sent
 
 
@@ -281,14 +273,10 @@ def fetch_run_logs(run_id: str, repo_id: str, runs_dir: Path, token: str | None)
     except RepositoryNotFoundError:
         raise T2SError(f"Hub dataset {repo_id} not found, or HF_TOKEN cannot read it: check infra.logs_repo "
                        "and HF_TOKEN") from None
-    except HfHubHTTPError as exc:
-        raise T2SError(f"fetching the logs of run {run_id} from Hub dataset {repo_id} failed "
-                       f"(HTTP {_status(exc)}): try again") from None
     except Exception as exc:
-        if not _is_network_error(exc):
-            raise
-        raise T2SError(f"cannot reach the Hugging Face Hub to fetch the logs of run {run_id} "
-                       f"({type(exc).__name__}): check the network and try again") from None
+        raise _hub_error(exc, lambda status: f"fetching the logs of run {run_id} from Hub dataset {repo_id} failed "
+                         f"(HTTP {status}): try again", lambda error: "cannot reach the Hugging Face Hub to fetch the "
+                         f"logs of run {run_id} ({error}): check the network and try again") from None
     return wanted
 
 
@@ -298,9 +286,13 @@ def _uploaded(relative: str) -> bool:
                                                  ignore_patterns=["*.tmp", ".*", "*/.*"]))
 
 
-def _is_network_error(exc: Exception) -> bool:
-    return network_error(exc) is not None
-
-
-def _status(exc: Exception) -> str:
-    return str(http_status(exc) or "?")
+def _hub_error(exc: Exception, answered: Callable[[str], str], unreachable: Callable[[str], str]) -> T2SError:
+    """The one line for a failed Hub call: answered(status) when the Hub answered (huggingface_hub 1.x raises
+    HfHubHTTPError, 0.x a requests.HTTPError: both carry the response), unreachable(error type) when it could not be
+    reached. Anything else is a bug: it is raised again, with its traceback."""
+    status = http_status(exc)
+    if status is not None or isinstance(exc, HfHubHTTPError):
+        return T2SError(answered(str(status or "?")))
+    if network_error(exc) is None:
+        raise exc
+    return T2SError(unreachable(type(exc).__name__))
