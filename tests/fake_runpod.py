@@ -48,7 +48,13 @@ from urllib.parse import parse_qs, urlparse
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
+from infra.timing import Timing
+
 ROOT = Path(__file__).resolve().parents[1]
+# The launcher's clocks for tests against this fake (infra.timing.TIMING patched): polls and retries in milliseconds.
+FAST_TIMING = Timing(poll_s=0.01, backoff_s=0.01, backoff_max_s=0.02, reconnect_s=0.01, reconnect_max_s=0.02,
+                     stream_read_timeout_s=2.0, watch_every_s=0.05, exit_grace_s=1.0, watchdog_grace_s=0.0,
+                     system_log_s=0.05, stream_tick_s=0.05, api_retry_s=0.01)
 NO_CAPACITY = ("There are no longer any instances available with the requested specifications. "
                "Please refresh and try again.")
 

@@ -25,7 +25,7 @@ from infra import timing as timing_module
 from infra.cli import app
 from jobs.rundir import write_atomic
 from tests.fake_hub import FakeHub
-from tests.fake_runpod import JUNK_RECORD_LINES, FakeRunPod
+from tests.fake_runpod import FAST_TIMING as FAST, JUNK_RECORD_LINES, FakeRunPod
 from tests.test_push import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +47,6 @@ infra:
   max_runtime_min: 5
   max_cost_usd: 5
 """
-
-FAST = timing_module.Timing(poll_s=0.01, backoff_s=0.01, backoff_max_s=0.02, reconnect_s=0.01,
-                            reconnect_max_s=0.02, stream_read_timeout_s=2.0, watch_every_s=0.05, exit_grace_s=1.0,
-                            watchdog_grace_s=0.0, system_log_s=0.05, stream_tick_s=0.05, api_retry_s=0.01)
 
 
 class World:

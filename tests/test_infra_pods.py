@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import yaml
 
-from tests.fake_runpod import FakeRunPod, LocalHub
+from tests.fake_runpod import FAST_TIMING as FAST, FakeRunPod, LocalHub
 from infra import launch as launching
 from infra import logs as infra_logs
 from infra import records
@@ -44,10 +44,6 @@ infra:
   max_runtime_min: 5
   max_cost_usd: 5
 """
-
-FAST = timing_module.Timing(poll_s=0.01, backoff_s=0.01, backoff_max_s=0.02, reconnect_s=0.01,
-                            reconnect_max_s=0.02, stream_read_timeout_s=2.0, watch_every_s=0.05, exit_grace_s=1.0,
-                            watchdog_grace_s=0.0, system_log_s=0.05, stream_tick_s=0.05, api_retry_s=0.01)
 
 
 @pytest.fixture
