@@ -175,6 +175,12 @@ class Config(Section):
             raise ValueError(f"train.max_seq_length {self.train.max_seq_length} is shorter than data.max_length "
                              f"{self.data.max_length}, the longest example prep keeps: training would cut examples "
                              "before their answer. Raise train.max_seq_length or lower data.max_length")
+        # transformers cannot quantize while it dequantizes a GGUF file: refused here, before a worker loads anything.
+        if self.train.method == "qlora" and self.model.gguf_file:
+            raise ValueError(f"train.method qlora cannot load the GGUF file {self.model.gguf_file} (transformers "
+                             "quantizes only safetensors weights): make it a model folder first (python "
+                             "bench/gguf_to_folder.py FILE.gguf DIR) and set model.name_or_path=DIR "
+                             "model.gguf_file=null, or train with method lora or full")
         return self
 
 

@@ -25,6 +25,11 @@ def test_defaults_file_and_overrides_merge(tmp_path):
     ("", ["train.method=sgd"], "config key 'train.method'"),
     ("", ["nonsense"], "is not key=value"),
     ("run_id: 'a b'\n", [], "config key 'run_id'"),
+    ("", ["train.method=qlora", "model.gguf_file=m.gguf"], "train.method qlora cannot load the GGUF file m.gguf"),
+    ("", ["train.lora.r=0"], "config key 'train.lora.r'"),
+    ("", ["train.lora.alpha=-2"], "config key 'train.lora.alpha'"),
+    ("", ["train.learning_rate=nan"], "config key 'train.learning_rate'"),
+    ("", ["train.learning_rate=1e400"], "config key 'train.learning_rate'"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, text, overrides, expected):
     path = tmp_path / "c.yaml"
