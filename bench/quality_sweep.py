@@ -167,6 +167,7 @@ def collect(run: RunDir, name: str, sets: list[str], status: str, gpu: str | Non
     return {"variant": name, "sets": sets, "status": status, "gpu": gpu, "wall_s": wall,
             "train": read_json(run.marker("train")), "merge": read_json(run.marker("merge")),
             "merged": (report or {}).get("results", {}).get("merged"),
+            "buckets": (report or {}).get("buckets", {}).get("merged", {}),
             "n_examples": (report or {}).get("n_examples"), "split": (report or {}).get("split")}
 
 
@@ -182,13 +183,16 @@ def summary_cells(r: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| variant | settings | SQL-only | exact match | execution accuracy | ended at EOS | train time | steps | "
-             "peak GiB | status |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    # The buckets where a weak model shows first (issue 29): joins, and gold queries that read two tables.
+    lines = ["| variant | settings | SQL-only | exact match | execution accuracy | joins | two tables | ended at EOS | "
+             "train time | steps | peak GiB | status |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        m, t = r["merged"] or {}, r["train"] or {}
+        m, t, b = r["merged"] or {}, r["train"] or {}, r.get("buckets") or {}
         peak = t.get("peak_gpu_mem_gb")
         cells = [r["variant"], ", ".join(r["sets"]) or "(config as is)", _pct(m.get("sql_only")),
-                 _pct(m.get("exact_match")), _pct(m.get("execution_accuracy")), _pct(m.get("ended_at_eos")),
+                 _pct(m.get("exact_match")), _pct(m.get("execution_accuracy")),
+                 _pct(b.get("join", {}).get("execution_accuracy")), _pct(b.get("tables=2", {}).get("execution_accuracy")),
+                 _pct(m.get("ended_at_eos")),
                  f"{t['train_runtime_s']:.0f} s" if t else "-", str(t.get("global_step", "-")),
                  f"{peak:.1f}" if isinstance(peak, (int, float)) else "-", r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
