@@ -111,7 +111,7 @@ def launch(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override one key, e.g. --set train.epochs=1 "
                                    "--set infra.max_cost_usd=5 (repeatable)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU type, instead of infra.gpu_types."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPU count, instead of infra.gpu_count "
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, max=8, help="GPU count, instead of infra.gpu_count "
                                        "(must equal the processes train.accelerate_config starts)."),
     follow_logs: bool = typer.Option(True, "--follow/--no-follow", help="Stream the job's log until it ends."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Launch without asking to confirm the plan (scripts)."),

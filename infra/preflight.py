@@ -130,12 +130,21 @@ def local_path_problem(cfg: Config) -> str | None:
 
 
 def job_problem(job: str, settings: InfraSettings) -> str | None:
-    """A job that needs an earlier job's output cannot run alone on a pod whose volume starts empty."""
-    if job in ("merge", "eval", "push") and not settings.network_volume_id:
+    """Without a network volume a pod's volume starts empty and goes with the pod: only the pipeline, which ends by
+    pushing the model to the Hub, leaves anything behind. A job that needs an earlier job's output, or whose output
+    is all on that volume (prep's data, train's adapter), is refused before any pod exists."""
+    if job == "pipeline" or settings.network_volume_id:
+        return None
+    if job in ("merge", "eval", "push"):
         return (f"--job {job} needs the output of the jobs before it, but a pod's own volume starts empty and "
                 "goes with the pod: launch the pipeline (the default), or keep runs on a network volume "
                 "(infra.network_volume_id) where the earlier jobs ran")
-    return None
+    return (f"--job {job} leaves its output ({JOB_OUTPUTS.get(job, 'the run')}) on the pod's own volume, which goes "
+            "with the pod: launch the pipeline (the default; it pushes the model to the Hub), or keep runs on a "
+            "network volume (infra.network_volume_id)")
+
+
+JOB_OUTPUTS = {"prep": "the prepared data", "train": "the trained adapter or model"}
 
 
 def check_locally(cfg: Config, settings: InfraSettings, job: str = "pipeline") -> tuple[InfraSettings, Accelerate]:

@@ -43,6 +43,7 @@ infra:
   capacity_rounds: 2
   max_runtime_min: 5
   max_cost_usd: 5
+  network_volume_id: vol1  # a job alone (--job train) keeps its output only there (issue 31)
 """
 
 
