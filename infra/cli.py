@@ -179,8 +179,13 @@ def launch(
             say("dry run: every check passed; nothing was asked and no pod was created (launch it without --dry-run)")
             return
         _confirm(yes)
-        started = launch_pod(settings, run_id=cfg.run_id, job=job, config_text=config_text, prices=prices,
-                             hf_token=hf_token, runpod_api_key=runpod_key, say=say)
+        try:
+            started = launch_pod(settings, run_id=cfg.run_id, job=job, config_text=config_text, prices=prices,
+                                 hf_token=hf_token, runpod_api_key=runpod_key, say=say)
+        except KeyboardInterrupt:  # a second Ctrl-C, while launch_pod was squaring the first with RunPod
+            raise T2SError(f"interrupted while launching run {cfg.run_id}: if RunPod made its pod, it runs on; "
+                           f"`{me()} down {cfg.run_id}` finds it by its recorded name and stops it (`{me()} ls` "
+                           "shows it)") from None
         try:
             price = "" if started.cost_per_hr is None else f" at ${started.cost_per_hr:.2f}/h"
             cost_cap = "no cost cap" if settings.max_cost_usd is None else f"${settings.max_cost_usd:g}"

@@ -189,3 +189,60 @@ def test_next_steps_name_the_command_as_it_was_run_and_the_report_where_it_will_
     last = followed.stderr.splitlines()[-2:]
     assert "Logs, metrics, report: .venv/bin/t2s-infra logs demo (make logs RUN=demo)" in last[0]
     assert last[1] == "t2s-infra: report: runs/demo/eval/report.md on this machine once fetched (make logs RUN=demo)"
+
+
+# --- issue 31 item 4: Ctrl-C just after RunPod made the pod ------------------------------------------------------
+
+
+def interrupt_when_the_pod_id_is_recorded(monkeypatch) -> None:
+    """Ctrl-C as RunPod's answer (the pod's id) came back, before the launch record holds it."""
+    original, fired = records.update, []
+
+    def update(launch, **changes):
+        if changes.get("status") == "provisioning" and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+        return original(launch, **changes)
+
+    monkeypatch.setattr(records, "update", update)
+
+
+def test_ctrl_c_right_after_the_pod_was_made_ends_it_by_its_recorded_name(pods, monkeypatch):
+    server, _ = pods
+    server.faults.job_lines = 10_000
+    interrupt_when_the_pod_id_is_recorded(monkeypatch)
+    result = infra("launch", "--config", "run.yaml", "--job", "train", "--yes")
+    assert result.exit_code == 2
+    assert errors(result) == ["t2s-infra launch: error: interrupted while RunPod was creating the pod; any pod it "
+                              "made is terminated"]
+    [pod] = server.pods.values()
+    assert f"terminated pod {pod.id}, created as Ctrl-C came" in result.stderr
+    assert server.live_pods() == []
+    [launch] = records.load_all()
+    assert (launch.pod_id, launch.status) == (pod.id, "stopped")
+
+
+def test_a_second_ctrl_c_while_squaring_the_first_says_the_pod_may_run_and_how_to_stop_it(pods, monkeypatch):
+    from infra import runpod_api as api
+
+    server, _ = pods
+    server.faults.job_lines = 10_000
+    update, pods_named = records.update, api.pods_named
+    interrupt_when_the_pod_id_is_recorded(monkeypatch)
+
+    def impatient(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "pods_named", impatient)
+    result = infra("launch", "--config", "run.yaml", "--job", "train", "--yes")
+    assert result.exit_code == 2
+    [error] = errors(result)
+    assert "no pod was created" not in error and "before any pod" not in error
+    assert error == ("t2s-infra launch: error: interrupted while launching run demo: if RunPod made its pod, it runs "
+                     "on; `t2s-infra down demo` finds it by its recorded name and stops it (`t2s-infra ls` shows it)")
+    assert len(server.live_pods()) == 1  # as said: it runs on ...
+    monkeypatch.setattr(records, "update", update)
+    monkeypatch.setattr(api, "pods_named", pods_named)
+    down = infra("down", "demo", "--yes")  # ... and down finds it by the name recorded before asking
+    assert down.exit_code == 0, down.output
+    assert server.live_pods() == [] and "terminated pod pod001fake" in down.stderr
