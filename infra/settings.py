@@ -23,6 +23,29 @@ from infra.caps import MAX_COST_USD, MAX_RUNTIME_MIN
 # Environment names infra sets on the pod itself; the config's infra.env must not shadow them.
 RESERVED_ENV_PREFIXES = ("T2S_", "RUNPOD_")
 
+# What else infra.env may not set (issue 31), matched on the whole name, any case. The job shares the pod's environment
+# with the entrypoint, the pod's caps, its log upload and its self-terminate, and with HF_TOKEN: a name that sends
+# traffic elsewhere would send the token with it; one that loads code runs it beside the token; one the runner needs
+# can stop the caps and the self-terminate from running. Everything else is the job's (DS_ACCELERATOR, NCCL_*,
+# OMP_NUM_THREADS, PYTORCH_CUDA_ALLOC_CONF, TOKENIZERS_PARALLELISM, HF_HUB_ENABLE_HF_TRANSFER, ...).
+DENIED_ENV = (
+    ("redirects the pod's traffic (and HF_TOKEN with it)",
+     re.compile(r".*_PROXY|.*_ENDPOINT|.*_URL|.*_URI|.*_HOST|.*_CA_BUNDLE|.*_CA_CERTS?|SSL_CERT_(?:FILE|DIR)|"
+                r"CURL_.*|GIT_.*|SSH_.*|DOCKER_.*", re.I)),
+    ("loads code into the job or the entrypoint",
+     re.compile(r"PYTHON.*|LD_.*|DYLD_.*|BASH_ENV|ENV|BASH_FUNC_.*|PERL5?LIB|PERL5OPT|NODE_OPTIONS|RUBYOPT|"
+                r"JAVA_TOOL_OPTIONS|PIP_.*|UV_.*", re.I)),
+    ("is what the entrypoint, the pod's caps and its self-terminate run on",
+     re.compile(r"PATH|HOME|TMPDIR|TMP|TEMP|SHELL|SHELLOPTS|BASHOPTS|IFS|PS4|USER|LOGNAME|PWD|OLDPWD|LANG|LANGUAGE|"
+                r"LC_.*|TZ|XDG_.*|HF_HOME|HF_HUB_CACHE|HUGGINGFACE_HUB_CACHE|HF_HUB_OFFLINE|HF_TOKEN_PATH|"
+                r"HF_STORED_TOKENS_PATH", re.I)),
+)
+
+
+def denied_env(name: str) -> str | None:
+    """Why infra.env may not set this name, or None when the job may have it."""
+    return next((why for why, pattern in DENIED_ENV if pattern.fullmatch(name)), None)
+
 # What `make push-images` publishes: $(REGISTRY)/t2s:<job>-<flavor> (moving) and ...-<flavor>-<git sha>.
 DEFAULT_REGISTRY = "ghcr.io/t2s"
 DEFAULT_IMAGE_TAG = "t2s:pipeline-cu12"
@@ -77,6 +100,9 @@ class InfraSettings(BaseModel):
                                  "from the environment or .env, and no other secret)")
             if key.startswith(RESERVED_ENV_PREFIXES):
                 raise ValueError(f"{key} is set by t2s-infra itself; pick another name")
+            if why := denied_env(key):
+                raise ValueError(f"{key} {why}, so a pod's environment may not set it (infra/README.md lists what "
+                                 "infra.env may hold: the job's own settings)")
         return env
 
 

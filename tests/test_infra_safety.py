@@ -246,3 +246,41 @@ def test_a_second_ctrl_c_while_squaring_the_first_says_the_pod_may_run_and_how_t
     down = infra("down", "demo", "--yes")  # ... and down finds it by the name recorded before asking
     assert down.exit_code == 0, down.output
     assert server.live_pods() == [] and "terminated pod pod001fake" in down.stderr
+
+
+# --- issue 31 item 5: what infra.env may set ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, value, why", [
+    ("HF_ENDPOINT", "https://elsewhere.example", "redirects the pod's traffic (and HF_TOKEN with it)"),
+    ("HTTPS_PROXY", "http://proxy.example:3128", "redirects the pod's traffic"),
+    ("http_proxy", "http://proxy.example:3128", "redirects the pod's traffic"),
+    ("ALL_PROXY", "socks5://proxy.example", "redirects the pod's traffic"),
+    ("REQUESTS_CA_BUNDLE", "/tmp/mine.pem", "redirects the pod's traffic"),
+    ("PYTHONPATH", "/tmp/mine", "loads code into the job or the entrypoint"),
+    ("PYTHONSTARTUP", "/tmp/mine.py", "loads code into the job or the entrypoint"),
+    ("LD_PRELOAD", "/tmp/mine.so", "loads code into the job or the entrypoint"),
+    ("BASH_ENV", "/tmp/mine.sh", "loads code into the job or the entrypoint"),
+    ("PATH", "/nonexistent", "is what the entrypoint, the pod's caps and its self-terminate run on"),
+    ("HOME", "/nonexistent", "is what the entrypoint, the pod's caps and its self-terminate run on"),
+    ("HF_HUB_OFFLINE", "offline", "is what the entrypoint, the pod's caps and its self-terminate run on"),
+])
+def test_infra_env_may_not_redirect_traffic_load_code_or_break_the_runner(world, name, value, why):
+    runpod, hub = world
+    result = launch("--set", f"infra.env.{name}={value}", "--yes")
+    assert result.exit_code == 2
+    error = one_error(result)
+    assert f"config key 'infra.env' in run.yaml: {name} {why}" in error and "a pod's environment may not set it" in error
+    assert runpod.calls == [] and hub.requests == []  # refused before any network call
+
+
+def test_the_jobs_own_settings_reach_the_pod(pods):
+    server, _ = pods
+    config = Path("run.yaml")
+    config.write_text(CONFIG + "  env: {DS_ACCELERATOR: cpu, NCCL_DEBUG: INFO, PYTORCH_CUDA_ALLOC_CONF: "
+                               "'expandable_segments:True', TOKENIZERS_PARALLELISM: 'false'}\n")
+    result = infra("launch", "--config", str(config), "--job", "train", "--yes")
+    assert result.exit_code == 0, result.output
+    [pod] = server.pods.values()
+    assert (pod.env["DS_ACCELERATOR"], pod.env["NCCL_DEBUG"], pod.env["TOKENIZERS_PARALLELISM"]) == (
+        "cpu", "INFO", "false")
