@@ -34,6 +34,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods.")
 
 LAUNCHABLE = (*JOBS, "pipeline")
+LOGS_RUNS_DIR = Path("runs")  # where `logs RUN` (make logs RUN=...) puts a run's logs and report by default
 
 
 def say(message: str) -> None:
@@ -94,9 +95,11 @@ def _report(outcome: Outcome, pod_log: Path, runs_dir: Path = Path("runs")) -> N
             f"billing: {me()} down {run} stops it")
         raise typer.Exit(0 if code == 0 else 1)
     if code == 0:
+        # The pod's own `report:` line is a path on the pod: this one says where `logs` (by default) will put it here.
+        fetched = RunDir(LOGS_RUNS_DIR / run).report_md
+        report = f"; report: {fetched} once fetched" if launch.job in ("pipeline", "eval") else ""
         say(f"run {run}: job {launch.job} succeeded ({spent}); pod {pod} is gone. "
-            f"Logs, metrics, report: {me()} logs {run} (make logs RUN={run})")
-        say(f"report: {runs_dir / run / 'eval' / 'report.md'} on this machine once fetched (make logs RUN={run})")
+            f"Logs, metrics, report: {me()} logs {run} (make logs RUN={run}){report}")
         return
     if code is not None and outcome.reason:
         raise T2SError(f"run {run}: job {launch.job} {outcome.reason} (exit code {code}, {spent}); pod {pod} is "
@@ -226,7 +229,7 @@ def logs(
     run: str = typer.Argument(..., help="Run id (the config's run_id)."),
     follow_logs: bool = typer.Option(False, "--follow", "-f", help="Stream the live log of the run's pod."),
     repo: Optional[str] = typer.Option(None, "--repo", help="Hub dataset with the logs (default: the launch's)."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs/<id>/ lives locally."),
+    runs_dir: Path = typer.Option(LOGS_RUNS_DIR, "--runs-dir", help="Where runs/<id>/ lives locally."),
 ):
     """Fetch a finished run's logs, metrics and eval report from the Hub into runs/<id>/, or --follow a live one."""
     with shell("logs"):
