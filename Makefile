@@ -58,7 +58,8 @@ pipeline: install
 
 # RunPod (infra/README.md): needs RUNPOD_API_KEY and HF_TOKEN in the environment or .env.
 # The whole pipeline on one pod, which pushes the model and ends itself:
-#   make launch-train CONFIG=configs/l4x2-qlora.yaml SET="train.epochs=1 infra.max_cost_usd=3" [JOB=train] [YES=1]
+#   make launch-train CONFIG=configs/l4x2-qlora.yaml SET="train.epochs=1 infra.max_cost_usd=3" [YES=1] [DRY_RUN=1]
+#   (JOB=train and the other single jobs need infra.network_volume_id: a pod's own volume goes with the pod)
 SET ?=
 JOB ?=
 YES ?=
