@@ -19,6 +19,7 @@ from infra import watchdog
 from infra.cli import app
 from tests.fake_runpod import FAST_TIMING, FakeRunPod, LocalHub
 from tests.test_infra_pods import API_KEY, CONFIG, HF_TOKEN
+from tests.test_entrypoints import box, stubbed  # noqa: F401 (fixtures)
 from tests.test_infra_preflight import HF_TOKEN as PREFLIGHT_TOKEN, launch, one_error, world  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,3 +286,43 @@ def test_the_jobs_own_settings_reach_the_pod(pods):
     [pod] = server.pods.values()
     assert (pod.env["DS_ACCELERATOR"], pod.env["NCCL_DEBUG"], pod.env["TOKENIZERS_PARALLELISM"]) == (
         "cpu", "INFO", "false")
+
+
+# --- issue 31 item 3, on the pod: a stop from outside uploads the logs before a kill can come ---------------------
+
+
+SLOW_TO_STOP = """#!/usr/bin/env bash
+# A job that takes 2 s to checkpoint after SIGTERM (a kill may come first).
+printf '%s\\n' "$*" >> "$STUB_DIR/t2s.calls"
+trap 'echo "checkpointing"; sleep 2; echo "checkpointed"; exit 143' TERM
+touch "$STUB_DIR/t2s.started"
+sleep 60 & wait $!
+"""
+
+
+def test_a_stop_from_outside_uploads_the_logs_while_the_job_still_checkpoints(stubbed):
+    import signal
+    import time
+
+    from tests.test_entrypoints import ENTRYPOINTS, _write_exe
+
+    _write_exe(stubbed.stubs / "t2s", SLOW_TO_STOP)
+    stubbed.prepped(stubbed.work / "runs/r1")
+    process = subprocess.Popen([str(ENTRYPOINTS / "run-job"), "train"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**stubbed.env, "T2S_CONFIG_YAML": "run_id: r1\n",
+                                               "RUNPOD_POD_ID": "pod-123", "T2S_TERM_UPLOAD_S": "0.3"})
+    try:
+        deadline = time.monotonic() + 30
+        while not (stubbed.stubs / "t2s.started").exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)  # docker stop, RunPod ending the pod
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, out + err
+    # The logs went up while the job was still checkpointing, then again, complete, at the exit.
+    assert stubbed.calls("infra") == ["upload-logs runs/r1", "upload-logs runs/r1 --exit-code 143",
+                                      "self-terminate --exit-code 143"]
+    assert "still stopping 0.3s after SIGTERM: uploading its logs so far" in out
