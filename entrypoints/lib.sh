@@ -10,6 +10,8 @@
 #   T2S_MAX_RUNTIME_MIN, T2S_MAX_COST_USD with T2S_COST_PER_HOUR_USD
 #                    the pod's own caps: past either, the job is stopped (see t2s_start_caps)
 #   RUNPOD_POD_ID    set by RunPod inside a pod: the job then ends by terminating its own pod
+#   T2S_TERM_UPLOAD_S  a job still stopping this many seconds (3) after a SIGTERM from outside gets its logs
+#                    so far uploaded at once (see t2s_upload_early)
 #
 # Everything the job prints is also appended to <run dir>/logs/entrypoint-<job>.log. SIGTERM or
 # SIGINT (spot preemption, docker stop) is forwarded to the job as SIGTERM and the job's own exit
