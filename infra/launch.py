@@ -112,31 +112,31 @@ def launch_pod(settings: InfraSettings, *, run_id: str, job: str, config_text: C
             max_cost_usd=settings.max_cost_usd, keep_pod=settings.keep_pod,
         ))
         say(f"asking RunPod for {settings.gpu_count}x {gpu} ({settings.cloud_type} cloud)")
-        # A Ctrl-C anywhere from the request until the pod's id is recorded (the answer may have come, or not) is
-        # squared with RunPod by the recorded name: the pod it made is terminated, or the message says how to.
         try:
-            try:
-                pod_id = api.create_pod(pod_request(settings, name=name, gpu=gpu, env=env))
-            except api.NoCapacity:
-                records.not_created(intent, "no capacity")
-                last_problem = f"no {settings.gpu_count}x {gpu} free"
-                say(f"{last_problem} in the {settings.cloud_type} cloud")
+            pod_id = api.create_pod(pod_request(settings, name=name, gpu=gpu, env=env))
+        except api.NoCapacity:
+            records.not_created(intent, "no capacity")
+            last_problem = f"no {settings.gpu_count}x {gpu} free"
+            say(f"{last_problem} in the {settings.cloud_type} cloud")
+            continue
+        except api.ApiUnavailable as exc:
+            # The request may have made the pod on its way, with the answer lost: ask for it by name.
+            pod = _pod_created_anyway(intent, say)
+            if pod is None:
+                last_problem = str(exc)
+                say(f"{exc}; RunPod made no pod ({name}); will retry")
                 continue
-            except api.ApiUnavailable as exc:
-                # The request may have made the pod on its way, with the answer lost: ask for it by name.
-                pod = _pod_created_anyway(intent, say)
-                if pod is None:
-                    last_problem = str(exc)
-                    say(f"{exc}; RunPod made no pod ({name}); will retry")
-                    continue
-                say(f"{exc}, but RunPod did make pod {pod.id} ({name}): using it")
-                pod_id = pod.id
-            except T2SError:
-                records.not_created(intent, "refused by RunPod")  # a refusal (bad request, bad key) makes no pod
-                raise
+            say(f"{exc}, but RunPod did make pod {pod.id} ({name}): using it")
+            pod_id = pod.id
+        except KeyboardInterrupt:
+            raise T2SError(_interrupted_while_creating(intent, say)) from None
+        except T2SError:
+            records.not_created(intent, "refused by RunPod")  # a refusal (bad request, bad key) makes no pod
+            raise
+        try:
             launch = records.update(intent, pod_id=pod_id, status="provisioning")
             say(f"created pod {pod_id} ({name}); waiting for its container to start (image {settings.image})")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # the answer came, but not yet into the record: square it by the recorded name
             raise T2SError(_interrupted_while_creating(intent, say)) from None
         return wait_until_started(launch, settings.image, settings.provision_timeout_s, runpod_api_key, say, timing)
     tries = len(settings.gpu_types) * settings.capacity_rounds
