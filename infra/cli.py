@@ -24,8 +24,8 @@ from infra import preflight, records, watchdog
 from infra import runpod_api as api
 from infra.hints import me
 from infra.launch import launch_pod
-from infra.logs import (BACKFILL_LINES, NoLogs, Outcome, end_note, end_status, exit_line, fetch_run_logs, follow, hub_access, hub_whoami,
-                        pod_end_file, upload_run_logs)
+from infra.logs import (BACKFILL_LINES, NoLogs, Outcome, end_note, end_status, exit_line, fetch_run_logs, follow,
+                        hub_access, hub_whoami, pod_end_file, upload_run_logs)
 from infra.records import Launch
 from infra.settings import load_infra_settings, redact, redactor, require_secret
 from infra.timing import current_timing
@@ -72,7 +72,7 @@ def _follow_and_report(launch: Launch, runpod_key: str, runs_dir: Path) -> None:
         outcome = follow(launch, runpod_key, pod_log, say)
     except KeyboardInterrupt:
         _detached(launch)
-    _report(outcome, pod_log.path, runs_dir)
+    _report(outcome, pod_log.path)
 
 
 def _detached(launch: Launch) -> None:
@@ -82,7 +82,7 @@ def _detached(launch: Launch) -> None:
     raise typer.Exit(130)
 
 
-def _report(outcome: Outcome, pod_log: Path, runs_dir: Path = Path("runs")) -> None:
+def _report(outcome: Outcome, pod_log: Path) -> None:
     """One line on how the run ended; exit code 0 only when the job succeeded."""
     launch, code = outcome.launch, outcome.exit_code
     run, pod = launch.run_id, launch.pod_id
@@ -252,7 +252,8 @@ def logs(
         if not repo:
             raise T2SError(f"no logs repo known for run {run}: pass --repo you/t2s-runs (the config's infra.logs_repo)")
         try:
-            fetched = fetch_run_logs(run, repo, runs_dir, require_secret("HF_TOKEN", "to read the private logs dataset"))
+            token = require_secret("HF_TOKEN", "to read the private logs dataset")
+            fetched = fetch_run_logs(run, repo, runs_dir, token)
         except NoLogs as exc:
             raise T2SError(_no_logs_yet(str(exc), run, latest, runs_dir)) from None
         print(f"fetched {len(fetched)} files of run {run} from Hub dataset {repo} into {runs_dir / run}:")
@@ -334,7 +335,7 @@ def down(
 ):
     """Terminate the pods of a run (or --all pods t2s-infra launched from here): billing stops. Asks first;
     the log a pod had printed is kept in runs/<id>/logs/, since a terminated pod uploads nothing."""
-    with shell("down"):
+    with shell("down", "interrupted: a pod not reported as terminated above is still running (run down again)"):
         if bool(run) == all_runs:
             raise T2SError(f"name one run ({me()} down RUN) or pass --all")
         mine = [launch for launch in records.load_all(say) if all_runs or launch.run_id == run]
@@ -380,8 +381,9 @@ def _confirm_down(doomed: list[tuple[str, Launch]], yes: bool, run: str | None) 
     now = records.now_iso()
     for pod_id, launch in doomed:
         cost = records.cost_so_far(launch, now)
-        say(f"pod {pod_id}: run {launch.run_id}, job {launch.job}, {launch.status}, "
-            f"{records.minutes_between(launch.started_at, now):.0f} min" + ("" if cost is None else f", ≈ ${cost:.2f}"))
+        minutes = records.minutes_between(launch.started_at, now)
+        say(f"pod {pod_id}: run {launch.run_id}, job {launch.job}, {launch.status}, {minutes:.0f} min"
+            + ("" if cost is None else f", ≈ ${cost:.2f}"))
     try:
         answer = typer.confirm(f"t2s-infra: terminate {'it' if len(doomed) == 1 else f'these {len(doomed)} pods'}? "
                                "A running job stops where it is", default=False, err=True)
