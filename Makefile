@@ -11,7 +11,7 @@ PYTHON_CU118 ?= $(firstword $(foreach python,python3.10 $(wildcard $(or $(PYENV_
 CONFIG ?= configs/default.yaml
 RUN ?=
 
-.PHONY: install install-cu118 demo test test-cu12 test-cu118 pipeline launch-train logs watch down images images-committed push-images image-smoke clean
+.PHONY: install install-cu118 demo test test-cu12 test-cu118 pipeline launch-train logs follow ls watch down images images-committed push-images image-smoke clean
 
 # One-time install into .venv: the CPU build of torch, then the exact package set the cu12 image ships.
 install: $(VENV)/.installed
@@ -58,23 +58,33 @@ pipeline: install
 
 # RunPod (infra/README.md): needs RUNPOD_API_KEY and HF_TOKEN in the environment or .env.
 # The whole pipeline on one pod, which pushes the model and ends itself:
-#   make launch-train CONFIG=configs/l4x2-qlora.yaml SET="train.epochs=1 infra.max_cost_usd=3" [JOB=train] [YES=1]
+#   make launch-train CONFIG=configs/l4x2-qlora.yaml SET="train.epochs=1 infra.max_cost_usd=3" [YES=1] [DRY_RUN=1]
+#   (JOB=train and the other single jobs need infra.network_volume_id: a pod's own volume goes with the pod)
 SET ?=
 JOB ?=
 YES ?=
+DRY_RUN ?=
 launch-train: install
-	$(BIN)/t2s-infra launch --config $(CONFIG) $(foreach item,$(SET),--set $(item)) $(if $(JOB),--job $(JOB)) $(if $(YES),--yes)
+	$(BIN)/t2s-infra launch --config $(CONFIG) $(foreach item,$(SET),--set $(item)) $(if $(JOB),--job $(JOB)) $(if $(YES),--yes) $(if $(DRY_RUN),--dry-run)
 
 logs: install
 	@test -n "$(RUN)" || { echo "usage: make logs RUN=<run-id>"; exit 2; }
 	$(BIN)/t2s-infra logs $(RUN)
+
+# The live log of a run's pod (Ctrl-C detaches; the job goes on), and every launch from this machine.
+follow: install
+	@test -n "$(RUN)" || { echo "usage: make follow RUN=<run-id>"; exit 2; }
+	$(BIN)/t2s-infra logs --follow $(RUN)
+
+ls: install
+	$(BIN)/t2s-infra ls
 
 watch: install
 	$(BIN)/t2s-infra watch
 
 down: install
 	@test -n "$(RUN)" || { echo "usage: make down RUN=<run-id>"; exit 2; }
-	$(BIN)/t2s-infra down $(RUN)
+	$(BIN)/t2s-infra down $(RUN) $(if $(YES),--yes)
 
 clean:
 	rm -rf runs $(VENV) $(VENV_CU118)

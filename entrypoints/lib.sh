@@ -10,6 +10,8 @@
 #   T2S_MAX_RUNTIME_MIN, T2S_MAX_COST_USD with T2S_COST_PER_HOUR_USD
 #                    the pod's own caps: past either, the job is stopped (see t2s_start_caps)
 #   RUNPOD_POD_ID    set by RunPod inside a pod: the job then ends by terminating its own pod
+#   T2S_TERM_UPLOAD_S  a job still stopping this many seconds (3) after a SIGTERM from outside gets its logs
+#                    so far uploaded at once (see t2s_upload_early)
 #
 # Everything the job prints is also appended to <run dir>/logs/entrypoint-<job>.log. SIGTERM or
 # SIGINT (spot preemption, docker stop) is forwarded to the job as SIGTERM and the job's own exit
@@ -96,9 +98,40 @@ t2s_forward_signal() {
   if [ -n "$_t2s_child_pid" ] && kill -0 "$_t2s_child_pid" 2>/dev/null; then
     t2s_say "stop requested: sending SIGTERM to the job (pid $_t2s_child_pid) and waiting for it"
     kill -TERM "$_t2s_child_pid" 2>/dev/null || true
+    t2s_upload_early
   else
     exit 143  # nothing running yet: stop here (the EXIT trap still uploads and terminates)
   fi
+}
+
+# A stop from outside (docker stop; RunPod ending the pod, or `t2s-infra down`) may be followed by a kill before
+# the job has finished checkpointing, and the exit's upload would never run: if the job still runs
+# T2S_TERM_UPLOAD_S (3) seconds after the SIGTERM, the logs so far are uploaded at once; the exit uploads them
+# again, complete, if there is time. (Not for the caps' own SIGTERM: their clean-up has its grace.)
+_t2s_early_pid=""
+t2s_upload_early() {
+  [ -n "$_t2s_run_dir" ] && [ -z "$_t2s_early_pid" ] && [ -z "$(t2s_cap_reason)" ] || return 0
+  local child="$_t2s_child_pid" wait_s="${T2S_TERM_UPLOAD_S:-3}" where=()
+  [ -n "${RUNPOD_POD_ID:-}" ] || where=(--if-configured)
+  (
+    running=""
+    trap '[ -z "$running" ] || kill "$running" 2>/dev/null; exit 0' TERM
+    trap - INT EXIT
+    sleep "$wait_s" & running=$!
+    wait "$running"
+    kill -0 "$child" 2>/dev/null || exit 0
+    t2s_cap_say "the job is still stopping ${wait_s}s after SIGTERM: uploading its logs so far, in case the pod is killed first"
+    t2s-infra upload-logs "$_t2s_run_dir" "${where[@]}" 2>&1 & running=$!
+    wait "$running" || t2s_cap_say "warning: the early log upload failed"
+  ) 1>&3 2>&4 3>&- 4>&- &
+  _t2s_early_pid=$!
+}
+
+t2s_stop_upload_early() {
+  [ -n "$_t2s_early_pid" ] || return 0
+  kill -TERM "$_t2s_early_pid" 2>/dev/null || true
+  wait "$_t2s_early_pid" 2>/dev/null || true
+  _t2s_early_pid=""
 }
 
 # --- the pod's own caps (infra/caps.py computes when and why) ---------------------------------------------
@@ -212,6 +245,7 @@ t2s_on_exit() {
   local rc=$?
   trap - EXIT
   trap '' INT TERM  # the clean-up below must run to the end
+  t2s_stop_upload_early  # (an early upload still under way is stopped: the one below sends everything)
   t2s_stop_log
   local reason ending=(--exit-code "$rc")
   reason="$(t2s_cap_reason)"

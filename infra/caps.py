@@ -7,13 +7,19 @@ see the image pull before it, which RunPod bills too; the launcher's watchdog co
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+
+# The largest caps infra.settings accepts (a week of runtime, $10,000), shared with it. The pod holds to them too,
+# whatever its environment says: a cap read as infinite or past them is taken at the bound, so a timer is always armed.
+MAX_RUNTIME_MIN = 7 * 24 * 60.0
+MAX_COST_USD = 10_000.0
 
 
 def pod_cap(max_runtime_min: float | None, max_cost_usd: float | None,
             cost_per_hr: float | None) -> tuple[float, str] | None:
-    """(seconds, reason) of the first cap the job reaches, or None."""
+    """(seconds, reason) of the first cap the job reaches, or None. Never more than MAX_RUNTIME_MIN."""
     caps = []
     if max_runtime_min:
         caps.append((max_runtime_min * 60,
@@ -21,7 +27,13 @@ def pod_cap(max_runtime_min: float | None, max_cost_usd: float | None,
     if max_cost_usd and cost_per_hr:
         caps.append((max_cost_usd / cost_per_hr * 3600,
                      f"stopped by the pod's cost cap (infra.max_cost_usd={max_cost_usd:g} at ${cost_per_hr:g}/h)"))
-    return min(caps) if caps else None
+    caps = [(math.inf if math.isnan(seconds) else seconds, reason) for seconds, reason in caps]
+    if not caps:
+        return None
+    seconds, reason = min(caps)
+    if not seconds <= MAX_RUNTIME_MIN * 60:  # an infinite cap, or a price so low the cost cap is years away
+        return MAX_RUNTIME_MIN * 60, f"stopped by the pod's runtime cap ({MAX_RUNTIME_MIN:g} min, the most allowed)"
+    return seconds, reason
 
 
 def _number(name: str, env: dict[str, str]) -> float | None:
@@ -32,6 +44,8 @@ def _number(name: str, env: dict[str, str]) -> float | None:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a number") from None
+    if math.isnan(value):
+        return math.inf  # unreadable as a limit: the longest one (pod_cap)
     return value if value > 0 else None
 
 

@@ -22,16 +22,19 @@ from jobs.credentials import find_secret
 from jobs.rundir import JOBS, RunDir, read_json, write_atomic
 from infra import preflight, records, watchdog
 from infra import runpod_api as api
+from infra.hints import me
 from infra.launch import launch_pod
-from infra.logs import (Outcome, end_note, end_status, exit_line, fetch_run_logs, follow, hub_whoami, pod_end_file,
-                        upload_run_logs)
+from infra.logs import (BACKFILL_LINES, NoLogs, Outcome, end_note, end_status, exit_line, fetch_run_logs, follow,
+                        hub_access, hub_whoami, pod_end_file, upload_run_logs)
 from infra.records import Launch
-from infra.settings import load_infra_settings, redact, require_secret
+from infra.settings import load_infra_settings, redact, redactor, require_secret
+from infra.timing import current_timing
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods.")
 
 LAUNCHABLE = (*JOBS, "pipeline")
+LOGS_RUNS_DIR = Path("runs")  # where `logs RUN` (make logs RUN=...) puts a run's logs and report by default
 
 
 def say(message: str) -> None:
@@ -68,10 +71,15 @@ def _follow_and_report(launch: Launch, runpod_key: str, runs_dir: Path) -> None:
     try:
         outcome = follow(launch, runpod_key, pod_log, say)
     except KeyboardInterrupt:
-        say(f"detached from run {launch.run_id}; its job keeps running on pod {launch.pod_id}. "
-            f"Reattach: t2s-infra logs --follow {launch.run_id} · stop it: t2s-infra down {launch.run_id}")
-        raise typer.Exit(130)
+        _detached(launch)
     _report(outcome, pod_log.path)
+
+
+def _detached(launch: Launch) -> None:
+    say(f"detached from run {launch.run_id}; its job keeps running on pod {launch.pod_id}. "
+        f"Reattach: {me()} logs --follow {launch.run_id} (make follow RUN={launch.run_id}) · stop it: {me()} down "
+        f"{launch.run_id}")
+    raise typer.Exit(130)
 
 
 def _report(outcome: Outcome, pod_log: Path) -> None:
@@ -84,23 +92,26 @@ def _report(outcome: Outcome, pod_log: Path) -> None:
     spent = f"{minutes:.1f} min" + ("" if cost is None else f", ≈ ${cost:.2f}")
     if launch.is_live:  # a kept pod (infra.keep_pod)
         say(f"run {run}: job {launch.job} exited with code {code} ({spent} so far); pod {pod} is kept and still "
-            f"billing: t2s-infra down {run} stops it")
+            f"billing: {me()} down {run} stops it")
         raise typer.Exit(0 if code == 0 else 1)
     if code == 0:
+        # The pod's own `report:` line is a path on the pod: this one says where `logs` (by default) will put it here.
+        fetched = RunDir(LOGS_RUNS_DIR / run).report_md
+        report = f"; report: {fetched} once fetched" if launch.job in ("pipeline", "eval") else ""
         say(f"run {run}: job {launch.job} succeeded ({spent}); pod {pod} is gone. "
-            f"Logs, metrics, report: t2s-infra logs {run}")
+            f"Logs, metrics, report: {me()} logs {run} (make logs RUN={run}){report}")
         return
     if code is not None and outcome.reason:
         raise T2SError(f"run {run}: job {launch.job} {outcome.reason} (exit code {code}, {spent}); pod {pod} is "
-                       f"gone. Logs: t2s-infra logs {run}", exit_code=1)
+                       f"gone. Logs: {me()} logs {run}", exit_code=1)
     if code is not None:
         raise T2SError(f"run {run}: job {launch.job} failed with exit code {code} ({spent}); pod {pod} is gone. "
-                       f"Logs: t2s-infra logs {run}", exit_code=1)
+                       f"Logs: {me()} logs {run}", exit_code=1)
     if launch.status == "stopped":
         raise T2SError(f"run {run}: stopped pod {pod}: {launch.note} ({spent}). Its log as streamed: {pod_log}",
                        exit_code=1)
     raise T2SError(f"run {run}: pod {pod} ended without the job reporting its exit (terminated elsewhere, or the "
-                   f"container crashed) ({spent}). Uploaded logs, if any: t2s-infra logs {run}", exit_code=1)
+                   f"container crashed) ({spent}). Uploaded logs, if any: {me()} logs {run}", exit_code=1)
 
 
 @app.command()
@@ -111,14 +122,16 @@ def launch(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override one key, e.g. --set train.epochs=1 "
                                    "--set infra.max_cost_usd=5 (repeatable)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU type, instead of infra.gpu_types."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPU count, instead of infra.gpu_count "
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, max=8, help="GPU count, instead of infra.gpu_count "
                                        "(must equal the processes train.accelerate_config starts)."),
     follow_logs: bool = typer.Option(True, "--follow/--no-follow", help="Stream the job's log until it ends."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Launch without asking to confirm the plan (scripts)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Run every check and show the plan, then stop: nothing is "
+                                 "asked or created (make launch-train ... DRY_RUN=1)."),
 ):
     """Check everything, show the plan and its cost, then create a pod that runs the config's run and (by
     default) follow its log. The pod trains, evaluates, pushes and terminates itself."""
-    # (Once a pod exists, launch_pod turns Ctrl-C into a T2SError after terminating it: none exists at a Ctrl-C here.)
+    # (Once a pod may exist, launch_pod turns Ctrl-C into a T2SError after ending it or saying how: none exists here.)
     with shell("launch", "interrupted before any pod was created"):
         if job not in LAUNCHABLE:
             raise T2SError(f"--job {job!r} is not a job: use one of {', '.join(LAUNCHABLE)}")
@@ -127,10 +140,22 @@ def launch(
         chosen = {"gpu_types": [gpu]} if gpu else {}
         if gpus:
             chosen["gpu_count"] = gpus
-        settings, _ = preflight.check_locally(cfg, settings.model_copy(update=chosen), job)
+        settings, accelerate = preflight.check_locally(cfg, settings.model_copy(update=chosen), job)
+        passed = preflight.local_checks_passed(cfg, settings, accelerate, job)
         hf_token = require_secret("HF_TOKEN", "a Hub token with write access: the pod pushes the model and logs")
         runpod_key = require_secret("RUNPOD_API_KEY", "an API key from runpod.io > Settings > API Keys")
-        model_repo, logs_repo = preflight.resolve_repos(cfg, settings, preflight.hub_identity(hub_whoami(hf_token)))
+        identity = preflight.hub_identity(hub_whoami(hf_token))
+        model_repo, logs_repo = preflight.resolve_repos(cfg, settings, identity)
+        passed.append(f"HF_TOKEN: a {identity.role} token of {identity.user} that may write to {model_repo} and "
+                      f"{logs_repo}")
+        for source in preflight.hub_sources(cfg):  # what the pod downloads: there, with this token
+            if source.skipped:
+                passed.append(source.line(source.skipped))
+                continue
+            if problem := preflight.source_problem(source, hub_access(hf_token, source.name, source.repo_type),
+                                                   identity.user):
+                raise T2SError(problem)
+            passed.append(source.line("on the Hub, readable with HF_TOKEN"))
         settings = settings.model_copy(update={"logs_repo": logs_repo})
         pod_cfg = preflight.pod_config(cfg, settings, model_repo=model_repo, logs_repo=logs_repo)
         api.connect(runpod_key)
@@ -138,6 +163,7 @@ def launch(
                   for gpu_type in settings.gpu_types}
         if problem := preflight.price_problem(settings, prices):
             raise T2SError(problem)
+        passed.append(f"RUNPOD_API_KEY accepted; RunPod knows {', '.join(settings.gpu_types)}")
 
         def config_text(gpu_type: str, price_per_hr: float | None) -> str:
             text = preflight.config_for_gpu(pod_cfg, gpu_type, settings.gpu_count, settings.cloud_type, price_per_hr)
@@ -148,20 +174,33 @@ def launch(
             return text
 
         config_text(settings.gpu_types[0], prices[settings.gpu_types[0]])
-        for line in preflight.plan_lines(run_id=cfg.run_id, job=job, settings=settings, prices=prices,
-                                         model_repo=model_repo, logs_repo=logs_repo, private=cfg.push.private):
+        for line in [*preflight.plan_lines(run_id=cfg.run_id, job=job, settings=settings, prices=prices,
+                                           model_repo=model_repo, logs_repo=logs_repo, private=cfg.push.private),
+                     *preflight.check_lines(passed)]:
             say(line)
-        _confirm(yes)
-        started = launch_pod(settings, run_id=cfg.run_id, job=job, config_text=config_text, prices=prices,
-                             hf_token=hf_token, runpod_api_key=runpod_key, say=say)
-        price = "" if started.cost_per_hr is None else f" at ${started.cost_per_hr:.2f}/h"
-        cost_cap = "no cost cap" if settings.max_cost_usd is None else f"${settings.max_cost_usd:g}"
-        say(f"run {cfg.run_id}: job {job} is running on pod {started.pod_id} ({started.gpu_count}x {started.gpu}"
-            f"{price}; stops at {settings.max_runtime_min:g} min or {cost_cap})")
-        if not follow_logs:
-            say(f"follow: t2s-infra logs --follow {cfg.run_id} · stop: t2s-infra down {cfg.run_id} · "
-                "the pod stops itself at its caps; the launcher's second line while nobody follows: t2s-infra watch")
+        if dry_run:
+            say("dry run: every check passed; nothing was asked and no pod was created (launch it without --dry-run)")
             return
+        _confirm(yes)
+        try:
+            started = launch_pod(settings, run_id=cfg.run_id, job=job, config_text=config_text, prices=prices,
+                                 hf_token=hf_token, runpod_api_key=runpod_key, say=say)
+        except KeyboardInterrupt:  # a second Ctrl-C, while launch_pod was squaring the first with RunPod
+            raise T2SError(f"interrupted while launching run {cfg.run_id}: if RunPod made its pod, it runs on; "
+                           f"`{me()} down {cfg.run_id}` finds it by its recorded name and stops it (`{me()} ls` "
+                           "shows it)") from None
+        try:
+            price = "" if started.cost_per_hr is None else f" at ${started.cost_per_hr:.2f}/h"
+            cost_cap = "no cost cap" if settings.max_cost_usd is None else f"${settings.max_cost_usd:g}"
+            say(f"run {cfg.run_id}: job {job} is running on pod {started.pod_id} ({started.gpu_count}x {started.gpu}"
+                f"{price}; stops at {settings.max_runtime_min:g} min or {cost_cap})")
+            if not follow_logs:
+                say(f"follow: {me()} logs --follow {cfg.run_id} (make follow RUN={cfg.run_id}) · stop: {me()} down "
+                    f"{cfg.run_id} · the pod stops itself at its caps; the launcher's second line while nobody "
+                    f"follows: {me()} watch")
+                return
+        except KeyboardInterrupt:  # the pod runs: detach, as a Ctrl-C while following does
+            _detached(started)
         _follow_and_report(started, runpod_key, Path(cfg.runs_dir))
 
 
@@ -190,20 +229,20 @@ def logs(
     run: str = typer.Argument(..., help="Run id (the config's run_id)."),
     follow_logs: bool = typer.Option(False, "--follow", "-f", help="Stream the live log of the run's pod."),
     repo: Optional[str] = typer.Option(None, "--repo", help="Hub dataset with the logs (default: the launch's)."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs/<id>/ lives locally."),
+    runs_dir: Path = typer.Option(LOGS_RUNS_DIR, "--runs-dir", help="Where runs/<id>/ lives locally."),
 ):
     """Fetch a finished run's logs, metrics and eval report from the Hub into runs/<id>/, or --follow a live one."""
     with shell("logs"):
         latest = records.latest_of(run, say)
         if follow_logs:
             if latest is None:
-                raise T2SError(f"no launch of run {run} in {records.records_path()}: `t2s-infra ls` lists them")
+                raise T2SError(f"no launch of run {run} in {records.records_path()}: `{me()} ls` lists them")
             if latest.is_live:
                 runpod_key = _runpod_key()
                 latest = watchdog.check(latest, say)
             if latest.status == "creating":
                 raise T2SError(f"pod {latest.pod_name} of run {run} is still being created (or RunPod cannot say "
-                               f"whether it was): try again in a minute; `t2s-infra down {run}` stops it")
+                               f"whether it was): try again in a minute; `{me()} down {run}` stops it")
             if latest.is_live:
                 say(f"following run {run} (job {latest.job}) on pod {latest.pod_id}; Ctrl-C detaches")
                 _follow_and_report(latest, runpod_key, runs_dir)
@@ -212,7 +251,11 @@ def logs(
         repo = repo or (latest.logs_repo if latest else None) or os.environ.get("T2S_LOGS_REPO")
         if not repo:
             raise T2SError(f"no logs repo known for run {run}: pass --repo you/t2s-runs (the config's infra.logs_repo)")
-        fetched = fetch_run_logs(run, repo, runs_dir, require_secret("HF_TOKEN", "to read the private logs dataset"))
+        try:
+            token = require_secret("HF_TOKEN", "to read the private logs dataset")
+            fetched = fetch_run_logs(run, repo, runs_dir, token)
+        except NoLogs as exc:
+            raise T2SError(_no_logs_yet(str(exc), run, latest, runs_dir)) from None
         print(f"fetched {len(fetched)} files of run {run} from Hub dataset {repo} into {runs_dir / run}:")
         for name in fetched:
             print(f"  {name}")
@@ -220,6 +263,21 @@ def logs(
         if report.is_file():
             print(f"eval report: {report}")
         _record_pod_end(latest, pod_end_file(runs_dir / run))
+
+
+def _no_logs_yet(nothing: str, run: str, latest: Launch | None, runs_dir: Path) -> str:
+    """Why the Hub has no logs of the run, from its record, and what this machine kept of them (a follower's copy,
+    the lines `down` kept): the truth, not a promise that an ended pod can no longer keep."""
+    kept = sorted(str(path) for path in RunDir(runs_dir / run).logs.glob("pod-*.log"))
+    here = f"; kept on this machine: {', '.join(kept)}" if kept else "; nothing of it was kept on this machine"
+    if latest is not None and latest.is_live:
+        return (f"{nothing} yet: its job uploads them when it ends, and it is still {latest.status}; now: "
+                f"`{me()} logs --follow {run}` (make follow RUN={run}){here}")
+    if latest is not None:
+        return (f"{nothing}: its pod {latest.pod_id or latest.pod_name} ended ({latest.status}"
+                f"{': ' + latest.note if latest.note else ''}) without uploading them{here}")
+    return (f"{nothing} yet: no launch of it from this machine (one launched elsewhere uploads them when its job "
+            f"ends); check the run id (`{me()} ls`) and --repo{here}")
 
 
 def _record_pod_end(latest: Launch | None, end_file: Path) -> None:
@@ -271,31 +329,39 @@ def _reconcile(launches: list[Launch], pods: list[api.Pod]) -> list[Launch]:
 def down(
     run: Optional[str] = typer.Argument(None, help="Run id whose pods to terminate."),
     all_runs: bool = typer.Option(False, "--all", help="Terminate every pod launched from this machine."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Terminate without asking (scripts; make down ... YES=1)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs/<id>/ lives locally (a terminated "
+                                  "pod's last log lines are kept in its logs/)."),
 ):
-    """Terminate the pods of a run (or --all pods t2s-infra launched from here): billing stops."""
-    with shell("down"):
+    """Terminate the pods of a run (or --all pods t2s-infra launched from here): billing stops. Asks first;
+    the log a pod had printed is kept in runs/<id>/logs/, since a terminated pod uploads nothing."""
+    with shell("down", "interrupted: a pod not reported as terminated above is still running (run down again)"):
         if bool(run) == all_runs:
-            raise T2SError("name one run (t2s-infra down RUN) or pass --all")
+            raise T2SError(f"name one run ({me()} down RUN) or pass --all")
         mine = [launch for launch in records.load_all(say) if all_runs or launch.run_id == run]
         if run and not mine:
-            raise T2SError(f"no launch of run {run} in {records.records_path()}: `t2s-infra ls` lists them")
-        _runpod_key()
+            raise T2SError(f"no launch of run {run} in {records.records_path()}: `{me()} ls` lists them")
+        runpod_key = _runpod_key()
         pods = api.list_pods()
         existing = {pod.id: pod for pod in pods}
         mine = _reconcile(mine, pods)  # a pod whose creation answer was lost is ours too, found by its name
         ours = {launch.pod_id: launch for launch in mine if launch.pod_id}
+        doomed = [(pod_id, launch) for pod_id, launch in ours.items() if pod_id in existing]
+        if doomed:
+            _confirm_down(doomed, yes, run)
         stopped = 0
-        for pod_id, launch in ours.items():
-            if pod_id in existing:
-                api.terminate_pod(pod_id)
-                stopped += 1
-                # A pod that outlived its job (kept, or a failed self-terminate) keeps its job's status.
-                records.end(launch, "stopped" if launch.is_live else launch.status, "t2s-infra down")
-                say(f"terminated pod {pod_id} ({existing[pod_id].name}) of run {launch.run_id}")
+        for pod_id, launch in doomed:
+            kept = _keep_pod_log(launch, runpod_key, runs_dir)
+            api.terminate_pod(pod_id)
+            stopped += 1
+            # A pod that outlived its job (kept, or a failed self-terminate) keeps its job's status.
+            records.end(launch, "stopped" if launch.is_live else launch.status, "t2s-infra down")
+            say(f"terminated pod {pod_id} ({existing[pod_id].name}) of run {launch.run_id}" + (
+                f"; its log as RunPod kept it (the last {kept[1]} lines): {kept[0]}" if kept else ""))
         for launch in mine:
             if launch.status == "creating":
                 say(f"pod {launch.pod_name} of run {launch.run_id} is being created right now (no pod of that name "
-                    "yet): run `t2s-infra down` again in a minute if its launcher does not follow it")
+                    f"yet): run `{me()} down {launch.run_id}` again in a minute if its launcher does not follow it")
         if all_runs:
             for pod in pods:
                 if pod.id not in ours and pod.name.startswith(api.POD_NAME_PREFIX):
@@ -304,17 +370,59 @@ def down(
             say("nothing to stop: no pod " + (f"of run {run} " if run else "launched from here ") + "is left")
 
 
+def _confirm_down(doomed: list[tuple[str, Launch]], yes: bool, run: str | None) -> None:
+    """Terminating stops a job mid-way (`sky down` asks too); never waits on a stdin that nobody types into."""
+    if yes:
+        return
+    if not _interactive():
+        again = f"make down RUN={run} YES=1" if run else f"{me()} down --all --yes"
+        raise T2SError(f"stdin is not a terminal, so nothing can be asked: pass --yes to terminate "
+                       f"{len(doomed)} pod(s) ({again})")
+    now = records.now_iso()
+    for pod_id, launch in doomed:
+        cost = records.cost_so_far(launch, now)
+        minutes = records.minutes_between(launch.started_at, now)
+        say(f"pod {pod_id}: run {launch.run_id}, job {launch.job}, {launch.status}, {minutes:.0f} min"
+            + ("" if cost is None else f", ≈ ${cost:.2f}"))
+    try:
+        answer = typer.confirm(f"t2s-infra: terminate {'it' if len(doomed) == 1 else f'these {len(doomed)} pods'}? "
+                               "A running job stops where it is", default=False, err=True)
+    except typer.Abort:
+        answer = False
+    if not answer:
+        say("nothing was terminated")
+        raise typer.Exit(1)
+
+
+def _keep_pod_log(launch: Launch, runpod_key: str, runs_dir: Path) -> tuple[Path, int] | None:
+    """A pod terminated from here never uploads its logs (its entrypoint dies with it): keep what RunPod still has
+    of its log, redacted, in runs/<id>/logs/pod-<pod>-down.log. Best effort: None when RunPod shows nothing."""
+    lines = api.recent_log_lines(launch.pod_id, runpod_key, "container", current_timing().keep_log_s,
+                                 tail=BACKFILL_LINES)
+    if not lines:
+        return None
+    path = RunDir(runs_dir / launch.run_id).logs / f"pod-{launch.pod_id}-down.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hide = redactor()
+    write_atomic(path, "".join(hide(line) + "\n" for line in lines))
+    return path, len(lines)
+
+
 @app.command()
 def watch(
     once: bool = typer.Option(False, "--once", help="Check once (for cron) instead of until no pod is live."),
 ):
     """Terminate pods past their run's infra.max_runtime_min or infra.max_cost_usd."""
-    with shell("watch", "stopped watching; the pods keep running (t2s-infra ls shows them)"):
+    with shell("watch", f"stopped watching; the pods keep running ({me()} ls shows them)"):
         _runpod_key()
         live = [launch for launch in records.load_all(say) if launch.is_live]
         if not once:
             say(f"watching {len(live)} live run(s); Ctrl-C stops watching, not the pods")
-        stopped = watchdog.watch(say, once)
+        try:
+            stopped = watchdog.watch(say, once)
+        except KeyboardInterrupt:  # what Ctrl-C is for here: not an error
+            say(f"stopped watching; the pods keep running and stop themselves at their caps ({me()} ls shows them)")
+            return
         say(f"done: stopped {stopped} pod(s)")
 
 

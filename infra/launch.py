@@ -18,6 +18,7 @@ from collections.abc import Callable
 from jobs.errors import T2SError
 from infra import records
 from infra import runpod_api as api
+from infra.hints import me
 from infra.records import Launch
 from infra.settings import InfraSettings
 from infra.timing import Say, Timing, current_timing
@@ -132,8 +133,11 @@ def launch_pod(settings: InfraSettings, *, run_id: str, job: str, config_text: C
         except T2SError:
             records.not_created(intent, "refused by RunPod")  # a refusal (bad request, bad key) makes no pod
             raise
-        launch = records.update(intent, pod_id=pod_id, status="provisioning")
-        say(f"created pod {pod_id} ({name}); waiting for its container to start (image {settings.image})")
+        try:
+            launch = records.update(intent, pod_id=pod_id, status="provisioning")
+            say(f"created pod {pod_id} ({name}); waiting for its container to start (image {settings.image})")
+        except KeyboardInterrupt:  # the answer came, but not yet into the record: square it by the recorded name
+            raise T2SError(_interrupted_while_creating(intent, say)) from None
         return wait_until_started(launch, settings.image, settings.provision_timeout_s, runpod_api_key, say, timing)
     tries = len(settings.gpu_types) * settings.capacity_rounds
     raise T2SError(
@@ -151,8 +155,8 @@ def _pod_created_anyway(intent: Launch, say: Say) -> api.Pod | None:
         named = api.pods_named(intent.pod_name)
     except T2SError as exc:
         raise T2SError(f"RunPod did not answer whether it created pod {intent.pod_name} ({exc}): nothing else "
-                       f"is launched; `t2s-infra down {intent.run_id}` finds it by name and stops it, or "
-                       f"`t2s-infra ls` shows it once RunPod answers") from None
+                       f"is launched; `{me()} down {intent.run_id}` finds it by name and stops it, or "
+                       f"`{me()} ls` shows it once RunPod answers") from None
     for extra in named[1:]:  # one request makes one pod; should RunPod have made two, the second goes
         api.terminate_pod(extra.id)
         say(f"terminated pod {extra.id}, a second pod named {intent.pod_name}")
@@ -171,7 +175,7 @@ def _interrupted_while_creating(intent: Launch, say: Say) -> str:
             say(f"terminated pod {pod.id}, created as Ctrl-C came")
     except T2SError:
         return (f"interrupted while RunPod was creating pod {intent.pod_name}, and RunPod did not say whether it "
-                f"did: `t2s-infra down {intent.run_id}` finds it by name and stops it")
+                f"did: `{me()} down {intent.run_id}` finds it by name and stops it")
     if named:
         records.end(records.update(intent, pod_id=named[0].id), "stopped", "interrupted while creating")
     else:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from huggingface_hub import HfApi, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
 from jobs.errors import T2SError
@@ -29,6 +29,7 @@ from jobs.hub import http_status, network_error
 from jobs.rundir import RunDir
 from infra import records, watchdog
 from infra import runpod_api as api
+from infra.hints import me
 from infra.records import Launch
 from infra.settings import redactor
 from infra.timing import Say, Timing, current_timing
@@ -189,7 +190,7 @@ def _after_exit(launch: Launch, exit_code: int, reason: str | None, deadline: fl
     try:
         api.terminate_pod(launch.pod_id)
     except T2SError as exc:
-        say(f"the job exited but terminating pod {launch.pod_id} failed ({exc}): `t2s-infra down {launch.run_id}`")
+        say(f"the job exited but terminating pod {launch.pod_id} failed ({exc}): `{me()} down {launch.run_id}`")
         return records.update(launch, note=f"job exited {exit_code}; terminate failed")
     return records.end(launch, status, f"{note}; pod terminated by t2s-infra")
 
@@ -214,6 +215,22 @@ def hub_whoami(token: str) -> dict:
         raise _hub_error(exc, lambda status: f"the Hub answered HTTP {status} when asked who HF_TOKEN belongs to: "
                          "try again", lambda error: f"cannot reach the Hugging Face Hub to check HF_TOKEN ({error}): "
                          "check the network (or HF_ENDPOINT) and try again") from None
+
+
+def hub_access(token: str, repo_id: str, repo_type: str) -> str:
+    """Whether HF_TOKEN may read this Hub repo, as the pod will: "ok", "gated" (a gated repo whose access was not
+    granted to the token's user) or "missing" (no such repo, or private to others). One line when the Hub cannot say."""
+    try:
+        HfApi(token=token).auth_check(repo_id, repo_type=repo_type)
+    except GatedRepoError:  # (a RepositoryNotFoundError too: caught first)
+        return "gated"
+    except RepositoryNotFoundError:
+        return "missing"
+    except Exception as exc:
+        raise _hub_error(exc, lambda status: f"the Hub answered HTTP {status} when asked whether HF_TOKEN may read "
+                         f"{repo_type} {repo_id}: try again", lambda error: f"cannot reach the Hugging Face Hub to "
+                         f"check {repo_type} {repo_id} ({error}): check the network and try again") from None
+    return "ok"
 
 
 def upload_run_logs(run_dir: Path, repo_id: str, token: str, say: Say = lambda line: None) -> int:
@@ -260,16 +277,21 @@ def _stage_redacted(run_dir: Path, files: list[Path], staging: Path, say: Say) -
     return sent
 
 
+class NoLogs(T2SError):
+    """The logs dataset holds nothing of this run (yet): the caller says why, from what it knows of the run."""
+
+
 def fetch_run_logs(run_id: str, repo_id: str, runs_dir: Path, token: str | None) -> list[str]:
     """Downloads what the run uploaded into runs_dir/<run_id>/; returns the paths fetched (run-relative)."""
     try:
         names = HfApi(token=token).list_repo_files(repo_id, repo_type="dataset")
         wanted = sorted(name.removeprefix(f"{run_id}/") for name in names if name.startswith(f"{run_id}/"))
         if not wanted:
-            raise T2SError(f"Hub dataset {repo_id} has no logs of run {run_id} yet: the job uploads them when it "
-                           f"ends; while it runs, `t2s-infra logs --follow {run_id}`")
+            raise NoLogs(f"Hub dataset {repo_id} has no logs of run {run_id}")
         snapshot_download(repo_id, repo_type="dataset", allow_patterns=[f"{run_id}/*"], local_dir=runs_dir,
                           token=token)
+    except NoLogs:
+        raise
     except RepositoryNotFoundError:
         raise T2SError(f"Hub dataset {repo_id} not found, or HF_TOKEN cannot read it: check infra.logs_repo "
                        "and HF_TOKEN") from None

@@ -130,12 +130,21 @@ def local_path_problem(cfg: Config) -> str | None:
 
 
 def job_problem(job: str, settings: InfraSettings) -> str | None:
-    """A job that needs an earlier job's output cannot run alone on a pod whose volume starts empty."""
-    if job in ("merge", "eval", "push") and not settings.network_volume_id:
+    """Without a network volume a pod's volume starts empty and goes with the pod: only the pipeline, which ends by
+    pushing the model to the Hub, leaves anything behind. A job that needs an earlier job's output, or whose output
+    is all on that volume (prep's data, train's adapter), is refused before any pod exists."""
+    if job == "pipeline" or settings.network_volume_id:
+        return None
+    if job in ("merge", "eval", "push"):
         return (f"--job {job} needs the output of the jobs before it, but a pod's own volume starts empty and "
                 "goes with the pod: launch the pipeline (the default), or keep runs on a network volume "
                 "(infra.network_volume_id) where the earlier jobs ran")
-    return None
+    return (f"--job {job} leaves its output ({JOB_OUTPUTS.get(job, 'the run')}) on the pod's own volume, which goes "
+            "with the pod: launch the pipeline (the default; it pushes the model to the Hub), or keep runs on a "
+            "network volume (infra.network_volume_id)")
+
+
+JOB_OUTPUTS = {"prep": "the prepared data", "train": "the trained adapter or model"}
 
 
 def check_locally(cfg: Config, settings: InfraSettings, job: str = "pipeline") -> tuple[InfraSettings, Accelerate]:
@@ -220,6 +229,53 @@ def config_for_gpu(cfg: Config, gpu: str, gpu_count: int, cloud: str, price_per_
     return dump_config(cfg.model_copy(update={"push": push}))
 
 
+# ---------------------------------------------------------------- what the pod reads from the Hub
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model or dataset the pod will read, and whether (and why not) it is looked up on the Hub first."""
+    key: str  # the config key that names it
+    name: str
+    repo_type: str  # "model" or "dataset"
+    skipped: str | None = None  # why it is not looked up; None: it is
+
+    def line(self, outcome: str) -> str:
+        return f"{self.key} {self.name}: {outcome}"
+
+
+def hub_sources(cfg: Config) -> list[Source]:
+    """The base model, its tokenizer (when it is another repo) and the dataset, each a Hub repo the pod downloads
+    with HF_TOKEN, or something that is not looked up (built in; a local path, which check_locally refused)."""
+    tokenizer = cfg.model.tokenizer if cfg.model.tokenizer not in (None, cfg.model.name_or_path) else None
+    sources = []
+    for key, name, repo_type, built_in in (("model.name_or_path", cfg.model.name_or_path, "model", "tiny"),
+                                           ("model.tokenizer", tokenizer, "model", "tiny"),
+                                           ("data.source", cfg.data.source, "dataset", "synthetic")):
+        if not name:
+            continue
+        skipped = None
+        if name == built_in:
+            skipped = "built in, made on the pod (not looked up)"
+        elif names_local_path(name) or Path(name).expanduser().exists():
+            skipped = "a local path, not on the Hub (not looked up)"
+        sources.append(Source(key, name, repo_type, skipped))
+    return sources
+
+
+def source_problem(source: Source, answer: str, user: str) -> str | None:
+    """The one line for a source HF_TOKEN cannot read (answer: "ok", "gated" or "missing", from logs.hub_access)."""
+    kind = "model" if source.repo_type == "model" else "dataset"
+    url = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{source.name}"
+    if answer == "gated":
+        return (f"{source.key} {source.name} is a gated {kind} that HF_TOKEN's user {user} has not been granted: ask "
+                f"for access at {url} (the pod downloads it with this token), then launch again")
+    if answer == "missing":
+        return (f"{source.key} {source.name}: no such {kind} on the Hub, or a private one HF_TOKEN ({user}) cannot "
+                f"read: check the id at {url}")
+    return None
+
+
 # ---------------------------------------------------------------- the plan
 
 
@@ -272,6 +328,25 @@ def plan_lines(*, run_id: str, job: str, settings: InfraSettings, prices: dict[s
     for label, value in rows:
         tables.add_row(plan, label, value)
     return [f"plan for run {run_id}: {jobs} on one pod", *tables.plain(plan, indent=2)]
+
+
+def check_lines(passed: list[str]) -> list[str]:
+    """The checks that passed, for the plan (each failure would have stopped the launch in one line)."""
+    return ["checks passed:", *(f"  ✓ {line}" for line in passed)]
+
+
+def local_checks_passed(cfg: Config, settings: InfraSettings, accelerate: Accelerate, job: str) -> list[str]:
+    flavor = image_flavor(settings.image or "")
+    return [
+        f"config and --set valid; --job {job} " + ("keeps its output on network volume "
+                                                   f"{settings.network_volume_id}" if settings.network_volume_id and
+                                                   job != "pipeline" else "leaves the model on the Hub"),
+        f"image {settings.image}; {settings.gpu_count} GPU(s) for the {accelerate.processes} process(es) of "
+        f"train.accelerate_config {accelerate.name}",
+        f"packages the run needs are in images/requirements-{flavor}.txt" if flavor else
+        "packages not checked (the image's tag names no flavor)",
+        "no local path and no secret in the config",
+    ]
 
 
 def _price(per_hr: float | None) -> str:

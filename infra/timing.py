@@ -27,6 +27,7 @@ class Timing:
     # 120 s after that); the watchdog, the second line, steps in only this long after a limit.
     watchdog_grace_s: float = 300.0
     system_log_s: float = 1.0  # while a pod starts: how long to read RunPod's system log each poll
+    keep_log_s: float = 5.0  # `down`: how long to read a pod's log (its backlog) before terminating it
     stream_tick_s: float = 1.0  # a follower looks at its clock at least this often, lines or not
     api_attempts: int = 3  # a RunPod read or terminate that fails transiently is tried this often in all...
     api_retry_s: float = 1.0  # ... waiting this long before the second try, doubling after

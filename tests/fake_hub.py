@@ -10,6 +10,7 @@ at it and commit files to it over the legacy LFS protocol (run the client with H
     PUT  /_lfs/<sha256>                            the LFS object itself (checked against its sha256)
     POST /api/<type>s/<id>/commit/<rev>            the ndjson commit (header, file, lfsFile, deletedFile)
     GET  /api/whoami-v2                            whoami: the token's user, orgs and role
+    GET  /api/<type>s/<id>/auth-check              auth_check: readable (200), gated without access (403 GatedRepo)
     HEAD, GET /[<type>s/]<id>/resolve/<rev>/<path> file metadata and download (hf_hub_download, snapshot_download)
 
 Tokens map to the namespaces they may write to (`roles` may make a token read-only); a missing or unknown
@@ -126,6 +127,7 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []  # (method, path): what the client asked, in order
         self.validated_readmes: list[str] = []
         self.rules: list[FailureRule] = []
+        self.gated: dict[tuple[str, str], set[str]] = {}  # (type, id) of a gated repo -> tokens granted access
         self.lock = threading.RLock()
         self.server = _QuietServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
@@ -220,6 +222,8 @@ class FakeHub:
         if method == "POST" and (m := re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)):
             repo_type = TYPES[m.group(1)] if m.group(1) else "model"
             return self.lfs_batch(self._writable(repo_type, m.group(2), headers), json.loads(body))
+        if method == "GET" and (m := re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/auth-check", path)):
+            return self.auth_check(TYPES[m.group(1)], m.group(2), headers)
         m = re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+?)(?:/(revision|tree|preupload|commit)/([^/]+)(/.*)?)?", path)
         if not m:
             raise HubError(404, f"no such endpoint: {method} {path}")
@@ -252,6 +256,16 @@ class FakeHub:
         private = payload.get("private") is True or payload.get("visibility") == "private"
         self.add_repo(repo_id, repo_type, private=private)
         return 200, {"url": f"{self.url}/{PREFIX[repo_type]}{repo_id}", "name": repo_id}, {}
+
+    def auth_check(self, repo_type: str, repo_id: str, headers):
+        self._readable(repo_type, repo_id, headers)
+        granted = self.gated.get((repo_type, repo_id))
+        if granted is not None:
+            auth = headers.get("authorization") or ""
+            if auth.removeprefix("Bearer ") not in granted:
+                raise HubError(403, f"Access to {repo_type} {repo_id} is restricted and you are not in the authorized "
+                               "list", code="GatedRepo")
+        return 200, {}, {}
 
     def whoami(self, headers):
         token, namespaces = self._user(headers)

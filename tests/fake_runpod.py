@@ -45,7 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
 from infra.timing import Timing
@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The launcher's clocks for tests against this fake (infra.timing.TIMING patched): polls and retries in milliseconds.
 FAST_TIMING = Timing(poll_s=0.01, backoff_s=0.01, backoff_max_s=0.02, reconnect_s=0.01, reconnect_max_s=0.02,
                      stream_read_timeout_s=2.0, watch_every_s=0.05, exit_grace_s=1.0, watchdog_grace_s=0.0,
-                     system_log_s=0.05, stream_tick_s=0.05, api_retry_s=0.01)
+                     system_log_s=0.05, stream_tick_s=0.05, api_retry_s=0.01, keep_log_s=0.3)
 NO_CAPACITY = ("There are no longer any instances available with the requested specifications. "
                "Please refresh and try again.")
 
@@ -705,6 +705,7 @@ class LocalHub:
         self.tokens: list[str | None] = []  # every token a call was made with
         self.offline = False  # every call fails as without network
         self.rejects_token = False  # whoami answers 401
+        self.unreadable: dict[str, str] = {}  # model/dataset id -> "missing" or "gated" (auth_check); others readable
 
     def client(self, token: str | None = None) -> "LocalHub._Client":
         return LocalHub._Client(self, token)
@@ -756,6 +757,14 @@ class LocalHub:
                 raise HfHubHTTPError("401 Unauthorized", response=_response(401, "api/whoami-v2"))
             return {"type": "user", "name": self.hub.user, "orgs": [],
                     "auth": {"type": "access_token", "accessToken": {"displayName": "t", "role": self.hub.role}}}
+
+        def auth_check(self, repo_id, *, repo_type=None, **_):
+            self.hub._enter(self.token)
+            kind = self.hub.unreadable.get(repo_id)
+            if kind == "gated":
+                raise GatedRepoError(f"403: {repo_id} is gated", response=_response(403, f"api/models/{repo_id}"))
+            if kind == "missing":
+                raise self.hub._missing(repo_id)
 
         def list_repo_files(self, repo_id, *, repo_type=None, **_):
             self.hub._enter(self.token)

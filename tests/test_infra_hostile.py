@@ -57,6 +57,9 @@ class World:
         self.root = root
         self.runpod = FakeRunPod(api_key=API_KEY).start()
         self.hub = FakeHub({HF_TOKEN: [USER]}).start()
+        # The default base model and dataset, which a launch checks the pod can read (issue 24 item 13).
+        self.hub.add_repo("TinyLlama/TinyLlama-1.1B-Chat-v1.0", private=False)
+        self.hub.add_repo("b-mc2/sql-create-context", "dataset", private=False)
         self.outputs: list[str] = []
         self.planted: set[Path] = set()  # files a test wrote a secret into itself (what a library printed)
         (root / ".env").write_text(f"HF_TOKEN={HF_TOKEN}\nRUNPOD_API_KEY={API_KEY}\nWANDB_API_KEY={WANDB_KEY}\n")
@@ -66,7 +69,7 @@ class World:
         return "run.yaml"
 
     def infra(self, *args: str, input: str | None = None):
-        if args[0] == "launch":
+        if args[0] in ("launch", "down"):
             args = (*args, "--yes")
         result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
         self.outputs.append(result.output)

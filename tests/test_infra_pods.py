@@ -43,6 +43,7 @@ infra:
   capacity_rounds: 2
   max_runtime_min: 5
   max_cost_usd: 5
+  network_volume_id: vol1  # a job alone (--job train) keeps its output only there (issue 31)
 """
 
 
@@ -72,8 +73,8 @@ def write_config(text: str = CONFIG, **infra_lines: str) -> Path:
 
 
 def t2s_infra(*args: str):
-    if args and args[0] == "launch":
-        args = (*args, "--yes")  # CliRunner's stdin is no terminal: a launch asks nothing without --yes
+    if args and args[0] in ("launch", "down"):
+        args = (*args, "--yes")  # CliRunner's stdin is no terminal: launch and down ask nothing without --yes
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 

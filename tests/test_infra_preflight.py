@@ -216,6 +216,12 @@ def test_the_pods_caps_take_the_first_limit_reached():
         30, "stopped by the pod's runtime cap (infra.max_runtime_min=0.5)")
     with pytest.raises(ValueError, match="T2S_MAX_COST_USD='ten' is not a number"):
         cap_from_env({"T2S_MAX_COST_USD": "ten"})
+    # Whatever reaches the pod, a timer is armed and finite (an infinite cap crashed the caps, leaving none armed).
+    week = (7 * 24 * 3600, "stopped by the pod's runtime cap (10080 min, the most allowed)")
+    assert cap_from_env({"T2S_MAX_RUNTIME_MIN": "inf"}) == week
+    assert cap_from_env({"T2S_MAX_RUNTIME_MIN": "nan", "T2S_MAX_COST_USD": "inf", "T2S_COST_PER_HOUR_USD": "inf"}) == week
+    assert cap_from_env({"T2S_MAX_COST_USD": "1e300", "T2S_COST_PER_HOUR_USD": "0.5"}) == week
+    assert cap_from_env({"T2S_MAX_RUNTIME_MIN": "10", "T2S_MAX_COST_USD": "nan", "T2S_COST_PER_HOUR_USD": "1"})[0] == 600
 
 
 def pod(status="RUNNING", started=False, change=""):
@@ -281,6 +287,21 @@ def one_error(result) -> str:
     (["data.source=./rows.jsonl"], "data.source is ./rows.jsonl, a path on this machine"),
     (["nonsense"], "--set 'nonsense' is not key=value"),
     (["--job", "eval"], "--job eval needs the output of the jobs before it, but a pod's own volume starts empty"),
+    # Issue 31: a job whose output stays on the pod's own volume dies with the pod; refused like merge/eval/push.
+    (["--job", "train"], "--job train leaves its output (the trained adapter or model) on the pod's own volume, which "
+                         "goes with the pod: launch the pipeline"),
+    (["--job", "prep"], "--job prep leaves its output (the prepared data) on the pod's own volume"),
+    # Issue 31: caps that never fire (infinite, absurd) are refused, one line each, before any pod exists.
+    (["infra.max_runtime_min=.inf"], "'infra.max_runtime_min' in run.yaml: Input should be a finite number"),
+    (["infra.max_runtime_min=1e300"], "'infra.max_runtime_min' in run.yaml: Input should be less than or equal to"),
+    (["infra.max_cost_usd=1e300"], "'infra.max_cost_usd' in run.yaml: Input should be less than or equal to 10000"),
+    (["infra.max_cost_usd=.nan"], "'infra.max_cost_usd' in run.yaml: Input should be a finite number"),
+    (["infra.provision_timeout_s=1e300"], "'infra.provision_timeout_s' in run.yaml: Input should be less than or equal"),
+    (["infra.capacity_rounds=1000000000"], "'infra.capacity_rounds' in run.yaml: Input should be less than or equal to 20"),
+    (["infra.capacity_rounds=1e9"], "'infra.capacity_rounds' in run.yaml: Input should be a valid integer"),
+    (["infra.expected_min=.inf"], "'infra.expected_min' in run.yaml: Input should be a finite number"),
+    (["infra.volume_gb=1000000"], "'infra.volume_gb' in run.yaml: Input should be less than or equal to"),
+    (["infra.gpu_count=64"], "'infra.gpu_count' in run.yaml: Input should be less than or equal to 8"),
 ])
 def test_a_bad_config_or_set_is_one_line_before_any_network_call(world, sets, message):
     runpod, hub = world
