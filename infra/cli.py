@@ -28,8 +28,22 @@ from infra.logs import (Outcome, end_note, end_status, exit_line, fetch_run_logs
 from infra.records import Launch
 from infra.settings import load_infra_settings, redact, require_secret
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"t2s-infra {version('t2s')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                           help="Print the version of t2s-infra and exit.")):
+    """Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods."""
 
 LAUNCHABLE = (*JOBS, "pipeline")
 
