@@ -237,9 +237,181 @@ def test_a_job_prints_its_summary_once_and_a_finished_job_says_so(copy_run):
         summary = done.split(": ", 1)[1]
         assert out.count(summary) == 1, summary
     assert "gemm_4bit_forward" not in out + result.stderr
-    warned = [line for line in (out + result.stderr).splitlines() if "Warning:" in line]
-    assert len(warned) == len(set(warned)), warned  # each warning once (per process)
+    for stream in (out, result.stderr):  # the training worker's output comes through stdout, the CLI's warnings stderr
+        warned = [line for line in stream.splitlines() if "Warning:" in line]
+        assert len(warned) == len(set(warned)), warned  # each warning once per process
     assert "\r" not in out + result.stderr  # no progress bars: the output is not a terminal
     assert not [line for line in out.splitlines() if line.startswith("{'loss'")]  # the Trainer's dicts
     again = t2s("train", "--config", str(config))
     assert again.returncode == 0 and again.stdout.count("train: already finished") == 1
+
+
+# --- 8, 16, 17. make ------------------------------------------------------------------------------------------------
+
+def _stub_make(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`make launch-train ...` with t2s-infra replaced by a stub that prints each argument it gets in brackets."""
+    stub = tmp_path / "bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "t2s-infra").write_text('#!/usr/bin/env bash\nfor a in "$@"; do echo "[$a]"; done\n')
+    (stub / "t2s-infra").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+    return subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "-f", str(ROOT / "Makefile"),
+                           "launch-train", f"BIN={stub}", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def test_make_launch_train_carries_values_with_spaces_in_set_file(tmp_path):
+    overrides = tmp_path / "overrides.txt"
+    overrides.write_text('# GPUs\ninfra.gpu_types=["NVIDIA L40S", "NVIDIA A40"]\n\ntrain.epochs=1')  # no final newline
+    result = _stub_make(tmp_path, "SET=infra.max_cost_usd=3 push.private=true", f"SET_FILE={overrides}", "YES=1")
+    assert result.returncode == 0, result.stderr
+    args = [line[1:-1] for line in result.stdout.splitlines() if line.startswith("[")]
+    assert args == ["launch", "--config", "configs/default.yaml", "--set", "infra.max_cost_usd=3", "--set",
+                    "push.private=true", "--set", 'infra.gpu_types=["NVIDIA L40S", "NVIDIA A40"]', "--set",
+                    "train.epochs=1", "--yes"]
+    missing = _stub_make(tmp_path, f"SET_FILE={tmp_path / 'absent.txt'}")
+    assert missing.returncode != 0 and "SET_FILE=" in missing.stderr and "not found" in missing.stderr
+    assert "[launch]" not in missing.stdout
+
+
+def _make_n(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "TORCH_INDEX_URL", "TORCH_SPEC")}
+    result = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), *args], cwd=ROOT, capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_make_clean_keeps_runs_and_clean_runs_is_its_own_target():
+    assert [line for line in _make_n("clean").splitlines() if "rm " in line] == ["rm -rf .venv .venv-cu118"]
+    assert "rm -rf runs" in _make_n("clean-runs")
+
+
+def test_make_install_takes_torch_from_the_cpu_index_or_the_one_given(tmp_path):
+    venv = tmp_path / "venv"  # a venv that is not there, so that make -n shows the install
+    default = _make_n("install", f"VENV={venv}")
+    assert "--index-url https://download.pytorch.org/whl/cpu" in default and "'torch==2.13.0'" in default
+    mine = _make_n("install", f"VENV={venv}", "TORCH_INDEX_URL=https://mirror.example/torch-cpu", "TORCH_SPEC=torch==2.13.0+cpu")
+    assert "--index-url https://mirror.example/torch-cpu" in mine and "'torch==2.13.0+cpu'" in mine
+
+
+# --- 4. training curves -----------------------------------------------------------------------------------------------
+
+def test_training_curves_from_metrics_jsonl(tmp_path):
+    from jobs import curves
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join([
+        json.dumps({"step": 2, "loss": 2.5, "learning_rate": 1e-3}),
+        json.dumps({"step": 4, "loss": 2.0, "learning_rate": 8e-4}),
+        json.dumps({"step": 4, "eval_loss": 2.2}),
+        json.dumps({"step": 4, "loss": 1.9, "learning_rate": 8e-4}),  # logged again after a resume: the latest holds
+        json.dumps({"step": 6, "loss": float("nan")}),  # not finite: left out
+        '{"step": 8, "loss": 1.',  # cut short by a kill
+    ]) + "\n")
+    read = curves.read_curves(metrics)
+    assert read == {"loss": [(2, 2.5), (4, 1.9)], "eval_loss": [(4, 2.2)], "learning_rate": [(2, 1e-3), (4, 8e-4)]}
+    picture = tmp_path / "curves.png"
+    assert curves.plot_training_curves(metrics, picture, "run t") and picture.read_bytes()[:4] == b"\x89PNG"
+    assert not curves.plot_training_curves(tmp_path / "absent.jsonl", tmp_path / "none.png", "x")
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_eval_report_and_card_show_the_training_curves(tmp_path):
+    from jobs import eval as eval_job
+    from jobs.card import render_model_card
+    from tests.test_push import REPORT, TRAIN_DONE, make_run
+
+    report = {**REPORT, "buckets": {"base": {}, "merged": {}}, "build_errors": {},
+              "config": {"databases_per_example": 3, "query_timeout_s": 1.0}, "training_curves": "training_curves.png"}
+    for r in report["results"].values():
+        r.update(fails_to_execute=0.0, gold_error=3, build_error=0)
+    markdown = eval_job.render_markdown(report)
+    assert "![training: loss and learning rate per step](training_curves.png)" in markdown
+    assert "![scores](metrics.png)" in markdown
+    assert "training_curves" not in eval_job.render_markdown({**report, "training_curves": None})
+    config, _ = make_run(tmp_path)
+    card = render_model_card(load_config(config), "alice/x", report=REPORT, train_done=TRAIN_DONE, prompt_suffix="",
+                             training_curves=True)
+    assert "![training and validation loss, learning rate](eval/training_curves.png)" in card
+    assert "training_curves" not in render_model_card(load_config(config), "alice/x", report=REPORT,
+                                                       train_done=TRAIN_DONE, prompt_suffix="")
+
+
+# --- 11. the model card -----------------------------------------------------------------------------------------------
+
+def test_card_rows_say_what_they_measured(tmp_path):
+    from jobs.card import render_model_card
+    from tests.test_push import REPORT, TRAIN_DONE, make_run
+
+    config, _ = make_run(tmp_path)
+    cfg = load_config(config, ["data.max_length=384"])
+    merged = {**REPORT["results"]["merged"], "latency_ms_mean": 12345.678, "tokens_per_s": 123456.0}
+    report = {**REPORT, "n_examples": 300, "split_rows": 3900,
+              "results": {"merged": {**merged, "decoding": "greedy"},
+                          "merged+checked": {**merged, "decoding": "checked", "candidates": 4}}}
+    card = render_model_card(cfg, "alice/x", report=report, train_done=TRAIN_DONE, prompt_suffix="", run_span_s=7200.0)
+    assert "| packing / max length | padding_free; examples up to 384 tokens (prep dropped longer ones), sequences " \
+           "up to 2048 tokens |" in card
+    assert "12,345.7 ms" in card and "123,456" in card and "e+0" not in card  # no scientific notation
+    assert card.count("training time") == 1 and "s of training" not in card
+    assert "| fine-tuned (merged) — **this repo** |" in card
+    assert "| fine-tuned (merged), checked decoding — **this repo** |" in card
+    assert card.count("| fine-tuned (merged) — **this repo** |") == 1
+    assert "| run time | 2 h 00 min, from the start of the run's first job to this push |" in card
+    assert "≈ $10.00 at $5/h for the run time (every job on the pod;" in card and "training alone ≈ $7.50" in card
+    assert "(the first 300 of its 3,900 examples, eval.max_examples)" in card
+
+
+def test_run_span_counts_from_the_first_job_start(tmp_path):
+    from jobs.card import run_span_s
+    from jobs.rundir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    assert run_span_s(run) is None
+    run.logs.mkdir(parents=True)
+    for job, age in (("prep", 3600), ("train", 1800), ("push", 5)):
+        run.job_config(job).write_text("x")
+        os.utime(run.job_config(job), (time.time() - age, time.time() - age))
+    assert 3590 < run_span_s(run) < 3700
+
+
+# --- 18. small ones ---------------------------------------------------------------------------------------------------
+
+def test_dropped_rows_say_why():
+    from collections import Counter
+
+    from jobs.prep import describe_dropped
+
+    assert describe_dropped(Counter(duplicate_pair=5, too_long=2)) == \
+        " (5 duplicate (question, answer) pairs, 2 longer than data.max_length)"
+    assert describe_dropped(Counter()) == ""
+
+
+def test_eval_names_its_subset_apart_from_the_split():
+    from jobs.eval import render_decoding, subset
+
+    assert subset(12, {"rows": {"test": 40}}, "test") == "the first 12 of the 40 test examples (eval.max_examples)"
+    assert subset(40, {"rows": {"test": 40}}, "test") == "all 40 test examples"
+    cpu = {"results": {"base": {"decoder": "dynamic", "compile_s": 0.0}, "merged": {"decoder": "dynamic"}}}
+    assert render_decoding(cpu) == ["", "Decoding (jobs.generate): base: dynamic; merged: dynamic."]  # no CUDA graphs
+
+
+def test_a_fresh_train_start_drops_old_tensorboard_events(copy_run):
+    from jobs.rundir import RunDir
+
+    run_path, config = copy_run("tb")
+    run, cfg = RunDir(run_path), load_config(config)
+    events = run.logs / "tensorboard" / "events.out.tfevents.1.old"
+    events.parent.mkdir(parents=True)
+    events.write_text("old")
+    run.start("train", cfg, force=True)
+    assert not events.exists()
+    checkpoint = run.checkpoints / "checkpoint-2"  # a run with a checkpoint resumes: its events stay
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    events.parent.mkdir(parents=True)
+    events.write_text("kept")
+    assert run.last_checkpoint() == checkpoint
+    run.start("train", cfg, force=False)
+    assert events.read_text() == "kept"
