@@ -400,6 +400,9 @@ def self_terminate(
 
 
 def main() -> None:
+    from jobs.dotenv_settings import load_dotenv_settings
+
+    load_dotenv_settings()  # .env's T2S_STATE_DIR, T2S_LOGS_REPO, ... (the environment wins)
     app()
 
 

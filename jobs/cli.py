@@ -227,9 +227,11 @@ def configs_copy(name: str = typer.Argument(..., help="A shipped config, e.g. de
 
 
 def main() -> None:
+    from jobs.dotenv_settings import load_dotenv_settings
     from jobs.quiet import quiet_library_output
 
     quiet_library_output(sys.stderr)
+    load_dotenv_settings()
     app()
 
 

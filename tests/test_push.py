@@ -47,7 +47,7 @@ TINYLLAMA_TEMPLATE = (
     "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
 )
 # The same with no newline after the generation prompt: training puts "<|assistant|>\n" before the SQL, while
-# add_generation_prompt=True stops at "<|assistant|>" (the trap DESIGN.md describes).
+# add_generation_prompt=True stops at "<|assistant|>" (the trap jobs/card.py's trained_prompt_suffix describes).
 NO_NEWLINE_TEMPLATE = TINYLLAMA_TEMPLATE.replace("{{ '<|assistant|>' }}\n{% endif %}", "{{ '<|assistant|>' }}{% endif %}")
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -415,3 +415,77 @@ def test_a_fresh_train_start_drops_old_tensorboard_events(copy_run):
     assert run.last_checkpoint() == checkpoint
     run.start("train", cfg, force=False)
     assert events.read_text() == "kept"
+
+
+# --- 9. .env ----------------------------------------------------------------------------------------------------------
+
+def _section_variables(title_start: str) -> set[str]:
+    """The variables .env.example lists in the section whose header starts with `title_start`."""
+    import re
+
+    found, inside = set(), False
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.startswith("# ---"):
+            inside = line.startswith(title_start)
+        elif inside and (m := re.match(r"#?\s?([A-Z][A-Z0-9_]+)=", line)):
+            found.add(m.group(1))
+    return found
+
+
+def test_env_example_section_read_from_dotenv_is_what_the_commands_read():
+    from jobs.dotenv_settings import DOTENV_SETTINGS
+
+    assert _section_variables("# --- read from .env by t2s and t2s-infra") == set(DOTENV_SETTINGS)
+    assert {"T2S_JOB", "T2S_CONFIG", "HF_HOME"} <= _section_variables("# --- inside the job container")
+
+
+def test_dotenv_settings_fill_in_what_the_environment_leaves_unset(tmp_path, monkeypatch):
+    from jobs.dotenv_settings import load_dotenv_settings
+
+    env = tmp_path / ".env"
+    env.write_text("T2S_DECODER=dynamic\nT2S_STATE_DIR=/from/dotenv\nT2S_JOB=train\nHF_TOKEN=hf_notputintheenvironment\n")
+    monkeypatch.delenv("T2S_DECODER", raising=False)
+    monkeypatch.delenv("T2S_JOB", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("T2S_STATE_DIR", "/from/environment")
+    assert load_dotenv_settings(env) == {"T2S_DECODER": "dynamic"}
+    assert os.environ["T2S_DECODER"] == "dynamic" and os.environ["T2S_STATE_DIR"] == "/from/environment"
+    assert "T2S_JOB" not in os.environ and "HF_TOKEN" not in os.environ  # container-only, and secrets: not set
+    assert load_dotenv_settings(tmp_path / "absent") == {}
+
+
+def test_t2s_infra_reads_its_state_dir_from_dotenv(tmp_path):
+    state = tmp_path / "state"
+    (tmp_path / ".env").write_text(f"T2S_STATE_DIR={state}\n")
+    env = {k: v for k, v in os.environ.items() if k != "T2S_STATE_DIR"}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-m", "infra.cli", "ls"], cwd=tmp_path, capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert str(state / "launches.jsonl") in result.stdout + result.stderr
+
+
+# --- 10, 18. what the files say is what is there ---------------------------------------------------------------------
+
+def test_headline_numbers_are_the_ones_results_measures():
+    results = (ROOT / "bench/RESULTS.md").read_text()
+    assert "| fp32_master (default) | 355.5 | 35,719 | 17.5 |" in results  # call T
+    assert "| **full, batch 64, gradient checkpointing (now `configs/default.yaml`)** | 1 | **419.2** |" in results
+    for path in ("README.md", "configs/default.yaml"):
+        text = (ROOT / path).read_text()
+        assert "355 examples/s" in text and "17.5 GiB" in text and "call T" in text, path
+        assert "at 9 GB" not in text, path
+
+
+def test_requirement_files_name_the_dockerfiles_bases_and_nothing_cites_a_missing_design_md():
+    import re
+
+    dockerfile = (ROOT / "images/Dockerfile").read_text()
+    for flavor in ("cu118", "cu12"):
+        base = re.search(rf"^ARG BASE_IMAGE_{flavor.upper()}=(\S+)", dockerfile, re.M).group(1)
+        assert f"base {base} " in (ROOT / f"images/requirements-{flavor}.txt").read_text().splitlines()[0]
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if "DESIGN.md" not in listed:
+        citing = [p for p in listed if Path(ROOT, p).is_file() and p != "tests/test_ux.py"
+                  and "DESIGN.md" in Path(ROOT, p).read_text(errors="replace")]
+        assert citing == []
