@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.errors import printable
+from jobs.errors import T2SError, printable
 from jobs.rundir import JOBS, RunDir, read_json
 
 HEADLINE = ("sql_only", "exact_match", "execution_accuracy")
@@ -76,14 +76,32 @@ def summarize_run(folder: Path) -> RunSummary:
     except (yaml.YAMLError, OSError, UnicodeDecodeError):
         settings = {}
     settings = settings if isinstance(settings, dict) else {}
-    markers = {job: read_json(run.marker(job)) for job in JOBS if run.marker(job).is_file()}
-    model = (settings.get("model") or {}).get("name_or_path")
-    method = (markers.get("train") or {}).get("method") or (settings.get("train") or {}).get("method")
-    scored, metrics = headline((markers.get("eval") or {}).get("results") or {})
-    finished = [m.get("finished_at") for m in markers.values() if m and m.get("finished_at")]
+    markers = {job: _read_marker(run.marker(job)) for job in JOBS if run.marker(job).is_file()}
+    markers = {job: marker if isinstance(marker, dict) else {} for job, marker in markers.items()}
+    model = _text(_section(settings, "model").get("name_or_path"))
+    method = _text(markers.get("train", {}).get("method") or _section(settings, "train").get("method"))
+    scored, metrics = headline(_section(markers.get("eval", {}), "results"))
+    finished = [m["finished_at"] for m in markers.values() if isinstance(m.get("finished_at"), str)]
     return RunSummary(run_id=folder.name, path=str(folder), jobs_done=list(markers), model=model, method=method,
                       finished_at=max(finished) if finished else None, scored_model=scored, metrics=metrics,
                       size_bytes=folder_size(folder))
+
+
+def _read_marker(path: Path) -> dict:
+    """A job's marker; one that does not read (written by hand, another t2s) still says the job is done."""
+    try:
+        return read_json(path) or {}
+    except (T2SError, OSError):
+        return {}
+
+
+def _section(mapping: dict, key: str) -> dict:
+    value = mapping.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def list_runs(runs_dir: Path) -> list[RunSummary]:

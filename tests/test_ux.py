@@ -489,3 +489,13 @@ def test_requirement_files_name_the_dockerfiles_bases_and_nothing_cites_a_missin
         citing = [p for p in listed if Path(ROOT, p).is_file() and p != "tests/test_ux.py"
                   and "DESIGN.md" in Path(ROOT, p).read_text(errors="replace")]
         assert citing == []
+
+
+def test_runs_survives_a_run_folder_with_odd_files(tmp_path):
+    run = tmp_path / "runs" / "odd"
+    run.mkdir(parents=True)
+    (run / "config.resolved.yaml").write_text("model: [not, a, mapping]\ntrain: 3\n")
+    (run / "prep.done").write_text("[1, 2]")
+    (run / "eval.done").write_text("{not json")
+    [summary] = list_runs(tmp_path / "runs")
+    assert summary.model is None and summary.method is None and summary.metrics == {}
