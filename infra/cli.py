@@ -137,7 +137,7 @@ def launch(
         if job not in LAUNCHABLE:
             raise T2SError(f"--job {job!r} is not a job: use one of {', '.join(LAUNCHABLE)}")
         cfg = load_config(config, set_)  # every override validated here, before any network call
-        settings = load_infra_settings(cfg, config)
+        settings = load_infra_settings(cfg, config, set_)
         chosen = {"gpu_types": [gpu]} if gpu else {}
         if gpus:
             chosen["gpu_count"] = gpus

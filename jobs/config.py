@@ -191,10 +191,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        raise T2SError(describe_error(error, _where_given(error["loc"], path, overrides), Config)) from None
+        raise T2SError(describe_error(error, where_given(error["loc"], path, overrides), Config)) from None
 
 
-def _where_given(loc: tuple, path: str | Path | None, overrides: list[str]) -> str:
+def where_given(loc: tuple, path: str | Path | None, overrides: list[str] | tuple = ()) -> str:
     """Where the key an error is about was given: the --set that names it (or a section above it), else the file."""
     key = ".".join(str(part) for part in loc)
     for item in reversed(overrides):  # the last --set of a key is the one that holds

@@ -499,3 +499,13 @@ def test_runs_survives_a_run_folder_with_odd_files(tmp_path):
     (run / "eval.done").write_text("{not json")
     [summary] = list_runs(tmp_path / "runs")
     assert summary.model is None and summary.method is None and summary.metrics == {}
+
+
+def test_a_wrong_infra_set_key_is_blamed_on_the_set():
+    from infra.settings import load_infra_settings
+
+    cfg = load_config(None, ["infra.gpu_typo=2"])
+    with pytest.raises(T2SError, match=r"^unknown config key 'infra.gpu_typo' in --set infra.gpu_typo: "):
+        load_infra_settings(cfg, "run.yaml", ["infra.gpu_typo=2"])
+    with pytest.raises(T2SError, match=r"^unknown config key 'infra.gpu_typo' in run.yaml: "):
+        load_infra_settings(cfg, "run.yaml", ["infra.max_cost_usd=3"])  # the file's key, another --set
