@@ -509,3 +509,40 @@ def test_a_wrong_infra_set_key_is_blamed_on_the_set():
         load_infra_settings(cfg, "run.yaml", ["infra.gpu_typo=2"])
     with pytest.raises(T2SError, match=r"^unknown config key 'infra.gpu_typo' in run.yaml: "):
         load_infra_settings(cfg, "run.yaml", ["infra.max_cost_usd=3"])  # the file's key, another --set
+
+
+def test_make_install_uses_the_index_when_it_answers_and_pip_s_own_when_not(tmp_path):
+    """The install recipe run for real, with a Python whose `-m venv` does nothing and a pip that prints its
+    arguments: torch from TORCH_INDEX_URL when it answers, else from pip's own indexes, with one line saying so."""
+    import http.server
+    import threading
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / "bin" / "pip").write_text('#!/usr/bin/env bash\necho "pip $*"\n')
+    (venv / "bin" / "pip").chmod(0o755)
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\n[ "$1 $2" = "-m venv" ] && exit 0\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "TORCH_INDEX_URL", "TORCH_SPEC")}
+
+    def install(index: str) -> str:
+        (venv / ".installed").unlink(missing_ok=True)
+        result = subprocess.run(["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "install", f"VENV={venv}",
+                                 f"PYTHON={python}", f"TORCH_INDEX_URL={index}"], cwd=ROOT, capture_output=True,
+                                text=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    try:
+        answering = install(f"http://127.0.0.1:{server.server_address[1]}/")
+    finally:
+        server.shutdown()
+        server.server_close()  # refused from now on
+    assert f"pip install -q torch==2.13.0 --index-url http://127.0.0.1:{server.server_address[1]}/" in answering
+    silent = install(f"http://127.0.0.1:{server.server_address[1]}/")  # the server is gone
+    assert "does not answer: torch==2.13.0 from pip's own indexes" in silent
+    assert "pip install -q torch==2.13.0\n" in silent and "--index-url" not in silent.split("own indexes")[1]
