@@ -291,7 +291,7 @@ def _cost_section(cfg: Config, train_done: dict | None, run_span_s: float | None
                 f"image pull and start-up before it and its end after the push are billed too and not included)"
                 f"{training}")
     elif _is_number(runtime) and rate is not None:
-        cost = (f"≈ ${runtime / 3600 * rate:,.2f} at ${rate:g}/h for the training time only (the other jobs and the "
+        cost = (f"≈ ${runtime / 3600 * rate:,.2f} at ${rate:g}/h for training alone (the other jobs and the "
                 "pod's start-up not included)")
     else:
         cost = "unknown"
