@@ -39,14 +39,17 @@ def shipped_configs() -> dict[str, Path]:
     return found
 
 
-def description(path: Path) -> str:
-    """A config's first comment line, without its '#': what the file says it is."""
+def description(path: Path, limit: int = 110) -> str:
+    """What the file says it is: the first sentence of its leading comment, cut to `limit` characters."""
+    words = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            return line.lstrip("#").strip()
-        if line.strip():
+        if not line.startswith("#"):
             break
-    return ""
+        words += line.lstrip("#").split()
+    text = " ".join(words)
+    end = text.find(". ")
+    text = text[:end + 1] if end >= 0 else text
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def resolve(name: str) -> Path:
