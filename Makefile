@@ -11,9 +11,13 @@ PYTHON_CU118 ?= $(firstword $(foreach python,python3.10 $(wildcard $(or $(PYENV_
 CONFIG ?= configs/default.yaml
 RUN ?=
 
-.PHONY: install install-cu118 demo test test-cu12 test-cu118 pipeline launch-train logs follow ls watch down images images-committed push-images image-smoke clean
+.PHONY: install install-cu118 demo test test-cu12 test-cu118 pipeline launch-train logs follow ls watch down images images-committed push-images image-smoke clean clean-runs
 
 # One-time install into .venv: the CPU build of torch, then the exact package set the cu12 image ships.
+# torch comes from TORCH_INDEX_URL (PyTorch's CPU-only index: PyPI's torch is the CUDA build, with GBs of nvidia-*
+# wheels); point it at your own mirror of it. When it does not answer, pip's own indexes are used.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml images/requirements-cu12.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "install: error: $(PYTHON)\
@@ -23,7 +27,14 @@ $(VENV)/.installed: pyproject.toml images/requirements-cu12.txt
 	 install it (apt-get install python3.11-venv) or point PYTHON= at a full Python 3.11" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	@if $(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)' "$(TORCH_INDEX_URL)" 2>/dev/null; then \
+	  echo "$(BIN)/pip install -q '$(TORCH_SPEC)' --index-url $(TORCH_INDEX_URL)"; \
+	  $(BIN)/pip install -q '$(TORCH_SPEC)' --index-url $(TORCH_INDEX_URL); \
+	else \
+	  echo "install: TORCH_INDEX_URL=$(TORCH_INDEX_URL) does not answer: $(TORCH_SPEC) from pip's own indexes"; \
+	  echo "$(BIN)/pip install -q '$(TORCH_SPEC)'"; \
+	  $(BIN)/pip install -q '$(TORCH_SPEC)'; \
+	fi
 	$(BIN)/pip install -q -r images/requirements-cu12.txt -e '.[dev]'
 	touch $@
 
@@ -58,14 +69,26 @@ pipeline: install
 
 # RunPod (infra/README.md): needs RUNPOD_API_KEY and HF_TOKEN in the environment or .env.
 # The whole pipeline on one pod, which pushes the model and ends itself:
-#   make launch-train CONFIG=configs/l4x2-qlora.yaml SET="train.epochs=1 infra.max_cost_usd=3" [YES=1] [DRY_RUN=1]
+#   make launch-train CONFIG=configs/l4x2-qlora.yaml SET="train.epochs=1 infra.max_cost_usd=3" [SET_FILE=f] [YES=1] [DRY_RUN=1]
 #   (JOB=train and the other single jobs need infra.network_volume_id: a pod's own volume goes with the pod)
 SET ?=
 JOB ?=
 YES ?=
 DRY_RUN ?=
+# SET splits at spaces; SET_FILE names a file of overrides, one key=value per line (a value may hold spaces, e.g.
+# infra.gpu_types=["NVIDIA L40S"]; blank lines and lines starting with # are skipped), passed after SET's.
+SET_FILE ?=
 launch-train: install
-	$(BIN)/t2s-infra launch --config $(CONFIG) $(foreach item,$(SET),--set $(item)) $(if $(JOB),--job $(JOB)) $(if $(YES),--yes) $(if $(DRY_RUN),--dry-run)
+	@overrides=(); \
+	if [ -n "$(SET_FILE)" ]; then \
+	  [ -f "$(SET_FILE)" ] || { echo "launch-train: error: SET_FILE=$(SET_FILE) not found: a file of key=value lines" >&2; exit 2; }; \
+	  while IFS= read -r line || [ -n "$$line" ]; do \
+	    case "$$line" in ''|'#'*) ;; *) overrides+=(--set "$$line") ;; esac; \
+	  done < "$(SET_FILE)"; \
+	fi; \
+	command=($(BIN)/t2s-infra launch --config $(CONFIG) $(foreach item,$(SET),--set $(item)) "$${overrides[@]}" \
+	  $(if $(JOB),--job $(JOB)) $(if $(YES),--yes) $(if $(DRY_RUN),--dry-run)); \
+	echo "$${command[*]}"; "$${command[@]}"
 
 logs: install
 	@test -n "$(RUN)" || { echo "usage: make logs RUN=<run-id>"; exit 2; }
@@ -86,8 +109,12 @@ down: install
 	@test -n "$(RUN)" || { echo "usage: make down RUN=<run-id>"; exit 2; }
 	$(BIN)/t2s-infra down $(RUN) $(if $(YES),--yes)
 
+# The virtual environments only: runs/ (every trained model) stays; `make clean-runs` deletes it.
 clean:
-	rm -rf runs $(VENV) $(VENV_CU118)
+	rm -rf $(VENV) $(VENV_CU118)
+
+clean-runs:
+	rm -rf runs
 
 # --- images (images/README.md) ---
 # Local tags t2s:<job> and t2s:<job>-<flavor>; push-images publishes $(REGISTRY)/t2s:<job>-<flavor> (moving) and

@@ -30,8 +30,22 @@ from infra.records import Launch
 from infra.settings import load_infra_settings, redact, redactor, require_secret
 from infra.timing import current_timing
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"t2s-infra {version('t2s')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                           help="Print the version of t2s-infra and exit.")):
+    """Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods."""
 
 LAUNCHABLE = (*JOBS, "pipeline")
 LOGS_RUNS_DIR = Path("runs")  # where `logs RUN` (make logs RUN=...) puts a run's logs and report by default
@@ -136,7 +150,7 @@ def launch(
         if job not in LAUNCHABLE:
             raise T2SError(f"--job {job!r} is not a job: use one of {', '.join(LAUNCHABLE)}")
         cfg = load_config(config, set_)  # every override validated here, before any network call
-        settings = load_infra_settings(cfg, config)
+        settings = load_infra_settings(cfg, config, set_)
         chosen = {"gpu_types": [gpu]} if gpu else {}
         if gpus:
             chosen["gpu_count"] = gpus
@@ -494,6 +508,9 @@ def self_terminate(
 
 
 def main() -> None:
+    from jobs.dotenv_settings import load_dotenv_settings
+
+    load_dotenv_settings()  # .env's T2S_STATE_DIR, T2S_LOGS_REPO, ... (the environment wins)
     app()
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.config import Config, describe_error
+from jobs.config import Config, describe_error, where_given
 from jobs.errors import T2SError
 from jobs.credentials import is_secret_name, redact, redactor, secret  # noqa: F401 (redact, redactor: infra's names)
 from jobs.hub import HUB_ID
@@ -106,12 +106,14 @@ class InfraSettings(BaseModel):
         return env
 
 
-def load_infra_settings(cfg: Config, path: str | Path | None = None) -> InfraSettings:
-    """The validated `infra:` section of a loaded config, or one clear T2SError naming the key."""
+def load_infra_settings(cfg: Config, path: str | Path | None = None, overrides: list[str] | tuple = ()) -> InfraSettings:
+    """The validated `infra:` section of a loaded config, or one clear T2SError naming the key (and the --set among
+    `overrides` that gave it, when one did)."""
     try:
         return InfraSettings.model_validate(cfg.infra)
     except ValidationError as exc:
-        raise T2SError(describe_error(exc.errors()[0], f"in {path}" if path else "in the config", InfraSettings,
+        error = exc.errors()[0]
+        raise T2SError(describe_error(error, where_given(("infra", *error["loc"]) if error["loc"] else (), path, overrides), InfraSettings,
                                       prefix="infra")) from None
 
 

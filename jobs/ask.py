@@ -34,7 +34,7 @@ from typing import Optional
 import typer
 
 from jobs import checked, sandbox, sqlcheck
-from jobs.config import names_local_path
+from jobs.hub import names_local_model
 from jobs.errors import T2SError, first_line, one_line_errors, printable
 from jobs.rundir import RunDir
 from jobs.sandbox import QueryRows
@@ -234,7 +234,7 @@ def resolve_model(source: str) -> ModelSource:
                        "directory, its merged/ folder, or a Hub id like org/name")
     if path.exists():
         raise T2SError(f"{source} is a file: pass a run directory, a merged model folder or a Hub id like org/name")
-    if names_local_path(source):
+    if names_local_model(source):  # never asked of the Hub (jobs.hub)
         raise T2SError(f"model path {source} does not exist: pass a run directory, a merged model folder or a Hub "
                        "id like org/name")
     return ModelSource(source)

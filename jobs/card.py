@@ -72,7 +72,8 @@ def trained_prompt_suffix(chat_template: str, special_tokens: dict[str, str]) ->
 
 
 def render_model_card(cfg: Config, repo_id: str, *, report: dict | None, train_done: dict | None,
-                      prompt_suffix: str | None) -> str:
+                      prompt_suffix: str | None, run_span_s: float | None = None,
+                      training_curves: bool = False) -> str:
     """README.md for the Hub: metadata, what the model does, usage, eval, training, hardware, time and cost.
     Every number comes from the run (eval/report.json, train.done, the config); what is missing says so."""
     from huggingface_hub import ModelCardData
@@ -104,8 +105,8 @@ def render_model_card(cfg: Config, repo_id: str, *, report: dict | None, train_d
         f"SQL query and nothing else. This repo holds {what}, trained by t2s on {dataset_md}.",
         _usage_section(repo_id, adapter, prompt_suffix, cfg.eval.max_new_tokens),
         _eval_section(report, cfg.push.artifact, base),
-        _training_section(cfg, train_done, dataset_md),
-        _cost_section(cfg, train_done),
+        _training_section(cfg, train_done, dataset_md, training_curves),
+        _cost_section(cfg, train_done, run_span_s),
         _files_section(adapter, report is not None),
     ]
     return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
@@ -173,13 +174,18 @@ def _eval_section(report: dict | None, artifact: str, base: str) -> str:
     split = report.get("split", "not recorded")
     lines = ["## Evaluation", ""]
     dataset = report.get("dataset") or {}
-    lines.append(f"On the held-out **{split}** split ({_count(report.get('n_examples'))} examples) of "
+    n, total = report.get("n_examples"), report.get("split_rows")
+    examples = (f"the first {_count(n)} of its {_count(total)} examples, eval.max_examples" if isinstance(n, int)
+                and isinstance(total, int) and n < total else f"{_count(n)} examples")
+    lines.append(f"On the held-out **{split}** split ({examples}) of "
                  f"`{dataset.get('source', 'not recorded')}` as this run prepared it (content hash "
                  f"`{dataset.get('hash', 'not recorded')}`):")
     lines += ["", "| model | SQL-only | exact match | execution accuracy | examples | gold SQL errors | decoding |",
               "|---|---|---|---|---|---|---|"]
     for label, scores in results.items():
         name = _model_label(label, base) + (" — **this repo**" if label.removesuffix(CHECKED) == artifact else "")
+        name = name.replace(" — **this repo**", ", checked decoding — **this repo**") if label.endswith(CHECKED) \
+            else name  # the same model twice: the two rows say which decoding they are
         lines.append(f"| {name} | {_percent(scores.get('sql_only'))} | {_percent(scores.get('exact_match'))} | "
                      f"{_percent(scores.get('execution_accuracy'))} | {_count(scores.get('n'))} | "
                      f"{_count(scores.get('gold_error'))} | {_decoding(scores)} |")
@@ -200,16 +206,17 @@ def _eval_section(report: dict | None, artifact: str, base: str) -> str:
     lines += ["", "| model | queries/s | tokens/s | mean latency | decoding |", "|---|---|---|---|---|"]
     for label, scores in results.items():
         latency = scores.get("latency_ms_mean")
-        lines.append(f"| {_model_label(label, base)} | {_number(scores.get('queries_per_s'))} | "
+        shown = _model_label(label, base) + (", checked decoding" if label.endswith(CHECKED) else "")
+        lines.append(f"| {shown} | {_number(scores.get('queries_per_s'))} | "
                      f"{_number(scores.get('tokens_per_s'))} | "
-                     f"{_number(latency) + ' ms' if _is_number(latency) else 'not measured'} | {_decoding(scores)} |")
+                     f"{f'{latency:,.1f} ms' if _is_number(latency) else 'not measured'} | {_decoding(scores)} |")
     splits = dataset.get("splits") or {}
     lines += ["", "Dataset splits:", "", "| split | rows |", "|---|---|"]
     lines += [f"| {name} | {_count(splits.get(name))} |" for name in ("train", "validation", "test")]
     return "\n".join(lines)
 
 
-def _training_section(cfg: Config, train_done: dict | None, dataset_md: str) -> str:
+def _training_section(cfg: Config, train_done: dict | None, dataset_md: str, training_curves: bool = False) -> str:
     t = cfg.train
     done = train_done or {}
     method = {"lora": "LoRA", "qlora": "QLoRA (4-bit base)", "full": "full fine-tune"}[t.method]
@@ -228,7 +235,8 @@ def _training_section(cfg: Config, train_done: dict | None, dataset_md: str) -> 
         ("epochs", f"{t.epochs:g}" if t.max_steps <= 0 else f"max_steps {t.max_steps}"),
         ("learning rate", f"{t.learning_rate:g}, {t.lr_scheduler} schedule, warmup ratio {t.warmup_ratio:g}"),
         ("batch", batch),
-        ("packing / max sequence length", f"{t.packing} / {t.max_seq_length}"),
+        ("packing / max length", f"{t.packing}; examples up to {cfg.data.max_length} tokens (prep dropped longer "
+                                 f"ones), sequences up to {t.max_seq_length} tokens"),
         ("loss", "completion only (prompt tokens masked)" if t.completion_only_loss else "whole text"),
         ("precision", _precision(cfg, done)),
         ("optimizer steps", _count(done.get("global_step"))),
@@ -238,7 +246,9 @@ def _training_section(cfg: Config, train_done: dict | None, dataset_md: str) -> 
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     source = ("Settings and progress as train recorded them (`run/train.done`)." if done.get("settings") else
               "Settings from the run's config (`run/config.resolved.yaml`); progress from `run/train.done`.")
-    return f"## Training\n\n{source}\n\n| | |\n|---|---|\n{table}"
+    curves = ("\n\nLoss and learning rate per step (`eval/training_curves.png`, from `logs/metrics.jsonl`):\n\n"
+              "![training and validation loss, learning rate](eval/training_curves.png)" if training_curves else "")
+    return f"## Training\n\n{source}\n\n| | |\n|---|---|\n{table}{curves}"
 
 
 def _precision(cfg: Config, done: dict) -> str:
@@ -251,7 +261,16 @@ def _precision(cfg: Config, done: dict) -> str:
     return trained if cfg.push.artifact == "adapter" else f"{trained}; merged weights published in {cfg.merge.dtype}"
 
 
-def _cost_section(cfg: Config, train_done: dict | None) -> str:
+def run_span_s(run) -> float | None:
+    """Seconds from the start of the run's first job to now (push): each job writes logs/<job>.config.yaml as it
+    starts. None when no job left one."""
+    from jobs.rundir import JOBS
+
+    starts = [path.stat().st_mtime for path in (run.job_config(job) for job in JOBS if job != "push") if path.is_file()]
+    return max(0.0, time.time() - min(starts)) if starts else None
+
+
+def _cost_section(cfg: Config, train_done: dict | None, run_span_s: float | None = None) -> str:
     done = train_done or {}
     if cfg.push.hardware:
         hardware = cfg.push.hardware
@@ -263,14 +282,21 @@ def _cost_section(cfg: Config, train_done: dict | None) -> str:
         hardware = "unknown"
     runtime = done.get("train_runtime_s")
     rate = cfg.push.cost_per_hour_usd
-    time_text = f"{_duration(runtime)} ({runtime:,.0f} s of training)" if _is_number(runtime) else "unknown"
-    if _is_number(runtime) and rate is not None:
-        cost = (f"≈ ${runtime / 3600 * rate:,.2f} (training time × ${rate:g}/h; setup, eval and idle time "
-                "not included)")
+    time_text = f"{_duration(runtime)} ({runtime:,.0f} s)" if _is_number(runtime) else "unknown"
+    rows = [("hardware", hardware), ("training time", time_text)]
+    if _is_number(run_span_s) and rate is not None:
+        rows.append(("run time", f"{_duration(run_span_s)}, from the start of the run's first job to this push"))
+        training = f"; training alone ≈ ${runtime / 3600 * rate:,.2f}" if _is_number(runtime) else ""
+        cost = (f"≈ ${run_span_s / 3600 * rate:,.2f} at ${rate:g}/h for the run time (every job on the pod; the pod's "
+                f"image pull and start-up before it and its end after the push are billed too and not included)"
+                f"{training}")
+    elif _is_number(runtime) and rate is not None:
+        cost = (f"≈ ${runtime / 3600 * rate:,.2f} at ${rate:g}/h for training alone (the other jobs and the "
+                "pod's start-up not included)")
     else:
         cost = "unknown"
-    return ("## Hardware, time and cost\n\n| | |\n|---|---|\n"
-            f"| hardware | {hardware} |\n| training time | {time_text} |\n| cost | {cost} |")
+    rows.append(("cost", cost))
+    return "## Hardware, time and cost\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
 def _files_section(adapter: bool, evaluated: bool) -> str:
@@ -310,7 +336,12 @@ def _percent(value: Any) -> str:
 
 
 def _number(value: Any) -> str:
-    return f"{value:,.4g}" if _is_number(value) else "not measured"
+    """Four significant digits, never in scientific notation (12,346 rather than 1.235e+04)."""
+    if not _is_number(value):
+        return "not measured"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.8f}".rstrip("0")
 
 
 def _count(value: Any) -> str:

@@ -25,7 +25,7 @@ from jobs.config import Config, load_config
 from jobs.errors import T2SError, one_line_errors
 from jobs.rundir import JOBS, RunDir, open_run
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune small chat models into SQL-only text-to-SQL models.")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="Run config (YAML). Defaults apply to what it leaves out.")
@@ -90,7 +90,9 @@ def run_job(job: str, cfg: Config, force: bool) -> str:
     run = open_run(cfg)
     run.check_settings(job, cfg, force)
     if run.is_done(job) and not force:
-        return f"{job}: already finished in {run.root} ({run.marker(job).name}); --force redoes it"
+        skipped = f"{job}: already finished in {run.root} ({run.marker(job).name}); --force redoes it"
+        print(skipped, flush=True)
+        return skipped
     with tee_output(run.job_log(job)):
         started = time.monotonic()
         print(f"== t2s {job} · run {cfg.run_id} · {run.root}", flush=True)
@@ -138,7 +140,7 @@ def pipeline(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption,
     with one_line_errors("t2s pipeline"):
         cfg = load_config(config, set_)
         for job in JOBS:
-            print(run_job(job, cfg, force), flush=True)
+            run_job(job, cfg, force)  # prints its summary (or that it was finished before) once
         print(f"report: {RunDir(cfg.run_dir).report_md}")
 
 
@@ -157,7 +159,79 @@ def compare(run_a: Path = typer.Argument(..., help="A run folder with a finished
 app.command(name="ask")(ask_command)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"t2s {version('t2s')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                           help="Print the version of t2s and exit.")):
+    """Fine-tune small chat models into SQL-only text-to-SQL models."""
+
+
+@app.command()
+def runs(config: Optional[Path] = typer.Option(None, "--config", "-c", help="A run config: list its runs_dir."),
+         runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="The folder of runs (default: runs, or the "
+                                                 "config's runs_dir)."),
+         json_: bool = typer.Option(False, "--json", help="One JSON list instead of the table.")):
+    """Every run under runs_dir: its jobs done, its model, its headline metrics, its size on disk."""
+    with one_line_errors("t2s runs"):
+        import json
+
+        from jobs.runlist import as_json, list_runs, render_table
+
+        folder = runs_dir or Path(load_config(config).runs_dir if config else "runs")
+        found = list_runs(folder)
+        if json_:
+            print(json.dumps(as_json(found), indent=2))
+        elif not found:
+            print(f"no runs in {folder}: `t2s pipeline --config configs/demo.yaml` makes one")
+        else:
+            from rich.console import Console
+
+            Console(width=200 if not sys.stdout.isatty() else None).print(render_table(found, folder))
+
+
+configs_app = typer.Typer(no_args_is_help=True, help="The configs t2s ships: list them, copy one to edit.")
+app.add_typer(configs_app, name="configs")
+
+
+@configs_app.command("list")
+def configs_list():
+    """Every shipped run config and accelerate config, with what it is for."""
+    with one_line_errors("t2s configs list"):
+        from jobs.shipped import configs_dir, description, shipped_configs
+
+        found = shipped_configs()
+        width = max(map(len, found), default=0)
+        print(f"shipped configs ({configs_dir()}):")
+        for name, path in found.items():
+            print(f"  {name:<{width}}  {description(path)}")
+        print("copy one to edit it: t2s configs copy NAME DEST; accelerate configs are named by their stem in "
+              "train.accelerate_config (e.g. single)")
+
+
+@configs_app.command("copy")
+def configs_copy(name: str = typer.Argument(..., help="A shipped config, e.g. demo or accelerate/zero3."),
+                 dest: Path = typer.Argument(..., help="A file to write, or a folder to copy it into."),
+                 force: bool = typer.Option(False, "--force", help="Overwrite DEST if it exists.")):
+    """Copy a shipped config to DEST, to edit it and pass it as --config (or as train.accelerate_config)."""
+    with one_line_errors("t2s configs copy"):
+        from jobs.shipped import copy_config
+
+        print(f"copied {name} to {copy_config(name, dest, force)}")
+
+
 def main() -> None:
+    from jobs.dotenv_settings import load_dotenv_settings
+    from jobs.quiet import quiet_library_output
+
+    quiet_library_output(sys.stderr)
+    load_dotenv_settings()
     app()
 
 

@@ -196,7 +196,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise T2SError(describe_error(exc.errors()[0], f"in {path}" if path else "in the config", Config)) from None
+        error = exc.errors()[0]
+        raise T2SError(describe_error(error, where_given(error["loc"], path, overrides), Config)) from None
+
+
+def where_given(loc: tuple, path: str | Path | None, overrides: list[str] | tuple = ()) -> str:
+    """Where the key an error is about was given: the --set that names it (or a section above it), else the file."""
+    key = ".".join(str(part) for part in loc)
+    for item in reversed(overrides):  # the last --set of a key is the one that holds
+        given = item.partition("=")[0]
+        if key and (key == given or key.startswith(given + ".") or given.startswith(key + ".")):
+            return f"in --set {given}"
+    place = f"in {path}" if path else "in the config"
+    return f"{place} with its --set overrides" if not key and overrides else place  # a rule across keys
 
 
 def read_yaml_mapping(path: Path, what: str, example: str) -> dict[str, Any]:

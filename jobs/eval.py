@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlglot import exp
 from tqdm.auto import tqdm
 
-from jobs import checked, scoring, sqlcheck
+from jobs import checked, curves, scoring, sqlcheck
 from jobs.chat import render_prompt
 from jobs.config import Config
 from jobs.errors import T2SError
@@ -93,7 +93,9 @@ def buckets(rows: list[dict], scored: list[dict]) -> dict[str, dict]:
 
 def render_markdown(report: dict) -> str:
     labels = list(report["results"])
-    lines = [f"# t2s eval · run {report['run_id']} · {report['split']} split, {report['n_examples']} examples", "",
+    lines = [f"# t2s eval · run {report['run_id']} · "
+             f"{subset(report['n_examples'], {'rows': {report['split']: report.get('split_rows')}}, report['split'])}",
+             "",
              f"Base model: `{report['models']['base']}` · fine-tuned: `{report['models'].get('finetuned')}` · "
              f"dataset `{report['dataset']['source']}` (hash {report['dataset']['hash'][:12]})", "",
              "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | gold fails to run "
@@ -119,6 +121,10 @@ def render_markdown(report: dict) -> str:
               "and a trailing semicolon do not count). Execution accuracy runs gold and prediction on "
               f"{report['config']['databases_per_example']} generated SQLite databases per example, read-only, "
               f"with a {report['config']['query_timeout_s']} s limit per query.", ""]
+    if "training_curves" in report:  # the pictures beside the report (none listed by a report from before them)
+        lines += ["![scores](metrics.png)", ""]
+        if report["training_curves"]:
+            lines += [f"![training: loss and learning rate per step]({report['training_curves']})", ""]
     return "\n".join(lines + render_endings(report))
 
 
@@ -170,8 +176,10 @@ def render_decoding(report: dict) -> list[str]:
     parts = [f"{label}: {r['decoder']}{compile_note(r)}" for label, r in report["results"].items() if "decoder" in r]
     if not parts:
         return []
-    return ["", "Decoding (jobs.generate; queries/s leave out the one-time CUDA graph captures): " + "; ".join(parts)
-            + "."]
+    captured = any(r.get("compile_s") for r in report["results"].values())  # none on a CPU: nothing to leave out
+    head = "Decoding (jobs.generate; queries/s leave out the one-time CUDA graph captures): " if captured else \
+        "Decoding (jobs.generate): "
+    return ["", head + "; ".join(parts) + "."]
 
 
 def answer_endings(generations) -> dict:
@@ -180,6 +188,15 @@ def answer_endings(generations) -> dict:
     n = len(generations)
     eos = sum(bool(g.ended_at_eos) for g in generations)
     return {"ended_at_eos": eos / n if n else 0.0, "hit_token_limit": (n - eos) / n if n else 0.0}
+
+
+def subset(n: int, manifest: dict, split: str) -> str:
+    """What eval scored, named apart from prep's count of the split: "all 40 test examples", or "the first 12 of the
+    40 test examples (eval.max_examples)"."""
+    total = (manifest.get("rows") or {}).get(split)
+    if isinstance(total, int) and n < total:
+        return f"the first {n} of the {total} {split} examples (eval.max_examples)"
+    return f"all {n} {split} examples" if isinstance(total, int) else f"{split} split, {n} examples"
 
 
 def render_endings(report: dict) -> list[str]:
@@ -428,7 +445,7 @@ def run(cfg: Config, run: RunDir) -> str:
     results, by_bucket, predictions = {}, {}, defaultdict(dict)
     with Sandbox(workers=scoring_workers()) as sandbox:
         for label, which, variant in plan:
-            print(f"evaluating {label} on {len(rows)} {cfg.eval.split} examples", flush=True)
+            print(f"evaluating {label} on {subset(len(rows), manifest, cfg.eval.split)}", flush=True)
             generations, elapsed, decoding = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS)
             decodings = [(label, generations, elapsed, decoding, None)]
             if cfg.eval.decoding == "checked" and which != "base":
@@ -456,6 +473,7 @@ def run(cfg: Config, run: RunDir) -> str:
         "run_id": cfg.run_id,
         "split": cfg.eval.split,
         "n_examples": len(rows),
+        "split_rows": (manifest.get("rows") or {}).get(cfg.eval.split),  # n_examples is fewer with eval.max_examples
         "dataset": {"source": manifest["source"], "hash": manifest["content_hash"], "splits": manifest["rows"]},
         "models": {"base": cfg.model.name_or_path,
                    "finetuned": str(run.merged if "merged" in results else run.adapter)},
@@ -464,13 +482,16 @@ def run(cfg: Config, run: RunDir) -> str:
         "buckets": by_bucket,
         "build_errors": build_error_reasons(scored),  # the same for every model: they depend on the example only
         "config": cfg.eval.model_dump(mode="json"),
+        # train and validation loss, learning rate per step (jobs.curves), when train logged them
+        "training_curves": curves.FILE_NAME if curves.plot_training_curves(
+            run.metrics, staging / curves.FILE_NAME, f"run {cfg.run_id}: training") else None,
     }
     with open(staging / "predictions.jsonl", "w") as f:
         for i, row in enumerate(rows):
             f.write(json.dumps({**row, "predictions": predictions[i]}, ensure_ascii=False) + "\n")
     write_atomic(staging / run.report.name, json.dumps(report, indent=2) + "\n")
     write_atomic(staging / run.report_md.name, render_markdown(report))
-    plot(results, staging / "metrics.png", f"run {cfg.run_id}: {cfg.eval.split} split, {len(rows)} examples")
+    plot(results, staging / "metrics.png", f"run {cfg.run_id}: {subset(len(rows), manifest, cfg.eval.split)}")
     run.finish("eval", cfg, [(staging, run.eval)],
                results={k: {m: v[m] for m in METRICS} for k, v in results.items()})
     best = max(results, key=lambda k: results[k]["execution_accuracy"])

@@ -127,7 +127,8 @@ def generate_batched(model, tokenizer, prompts: list[str], batch_size: int, max_
     results: list[Generation | None] = [None] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     chosen = decoder_for(model, decoder) if prompts else None
-    for batch in tqdm(batches, desc="generating", disable=not progress, mininterval=2):
+    for batch in tqdm(batches, desc="generating", disable=None if progress else True,  # None: on a terminal only
+                      mininterval=2):
         inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
         started = time.perf_counter()
         new = generate_tokens(model, chosen, inputs, max_new_tokens, stops, tokenizer.pad_token_id)

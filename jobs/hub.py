@@ -19,6 +19,21 @@ def is_hub_id(name: str) -> bool:
     return bool(HUB_ID.match(name)) and not Path(name).exists()
 
 
+# A repo id as the Hub takes it for a model: "owner/name", or a bare legacy name ("gpt2").
+_MODEL_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+DEFAULT_RUNS_DIR = "runs"
+
+
+def names_local_model(name: str) -> bool:
+    """Whether a --model name means something on this machine, so that a missing one is one line at once rather than
+    a Hub lookup with its retries: a path (./x, /x, ~/x, a/b/c, x/), anything that is not a Hub repo id, or an id whose
+    first part is a folder here or the runs folder (runs/nope: a run that is not there, not the user "runs")."""
+    if name.startswith((".", "/", "~")) or name.endswith("/") or not _MODEL_ID.match(name):
+        return True
+    first = name.split("/", 1)[0]
+    return "/" in name and (first == DEFAULT_RUNS_DIR or Path(first).expanduser().is_dir())
+
+
 def _network_error_types() -> tuple[type[BaseException], ...]:
     """Connection failures and timeouts, from whichever HTTP client this huggingface_hub uses."""
     types: list[type[BaseException]] = [ConnectionError, TimeoutError]

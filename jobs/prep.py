@@ -282,4 +282,17 @@ def run(cfg: Config, run: RunDir) -> str:
     write_atomic(staging / run.manifest.name, json.dumps(manifest, indent=2) + "\n")
     run.finish("prep", cfg, staged, rows=manifest["rows"], content_hash=manifest["content_hash"])
     counts = " / ".join(f"{manifest['rows'][s]} {s}" for s in SPLITS)
-    return f"{counts}; {len(rejects)} rejected, {sum(dropped.values())} dropped; manifest {run.manifest}"
+    return (f"{counts} rows; {len(rejects)} rejected, {sum(dropped.values())} dropped{describe_dropped(dropped)}; "
+            f"manifest {run.manifest}")
+
+
+DROPPED_WHY = {"duplicate_pair": "duplicate (question, answer) pairs",
+               "question_in_other_split": "questions already in another split",
+               "template_boundary": "the chat template cut the answer",
+               "too_long": "longer than data.max_length"}
+
+
+def describe_dropped(dropped: Counter) -> str:
+    """" (5 duplicate (question, answer) pairs, 2 longer than data.max_length)": why rows were dropped."""
+    reasons = [f"{count} {DROPPED_WHY.get(reason, reason)}" for reason, count in dropped.most_common() if count]
+    return f" ({', '.join(reasons)})" if reasons else ""

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from jobs.card import read_chat_template, render_model_card, trained_prompt_suffix
+from jobs.card import read_chat_template, render_model_card, run_span_s, trained_prompt_suffix
 from jobs.config import Config, PushGates, secret
 from jobs.errors import T2SError
 from jobs.credentials import known_secrets, redact, redacted_bytes, redactor
@@ -411,7 +411,9 @@ def run(cfg: Config, run: RunDir) -> str:
     suffix = trained_prompt_suffix(template, special_tokens) if template else None
     shown_id = repo_id or f"your-name/{cfg.run_id}"
     card = render_model_card(card_config(cfg, run), shown_id, report=report,
-                             train_done=read_json(run.marker("train")), prompt_suffix=suffix)
+                             train_done=read_json(run.marker("train")), prompt_suffix=suffix,
+                             run_span_s=run_span_s(run), training_curves=report is not None and (
+                                 run.eval / "training_curves.png").is_file())
     run.pushed.mkdir(exist_ok=True)
     card_path = run.pushed / "README.md"
     write_atomic(card_path, card)

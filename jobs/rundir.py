@@ -278,6 +278,8 @@ class RunDir:
         if force:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
         if self.last_checkpoint() is None:
+            # a fresh start: an earlier attempt's TensorBoard events would be uploaded beside this one's by push
+            shutil.rmtree(self.logs / "tensorboard", ignore_errors=True)
             self.checkpoints.mkdir(exist_ok=True)
             write_atomic(self.checkpoint_settings_file, yaml.safe_dump(run_settings(cfg), sort_keys=False))
 

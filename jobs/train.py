@@ -25,8 +25,10 @@ from typing import NamedTuple
 from jobs.config import Config, TrainConfig, load_config, read_yaml_mapping
 from jobs.errors import T2SError, one_line_errors
 from jobs.rundir import RunDir, fresh_staging, read_json, run_settings
+from jobs.quiet import one_line_per_log, quiet_library_output
+from jobs.shipped import accelerate_configs_dir
 
-ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+ACCELERATE_CONFIGS = accelerate_configs_dir()  # configs/accelerate/, in a checkout or the installed package
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: checkpointed and stopped, rerun to resume
 
 
@@ -520,6 +522,7 @@ def worker(config_path: str) -> int:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
                          optimizer_cls_and_kwargs=optimizer)
+    one_line_per_log(trainer)
     deepspeed = trainer.is_deepspeed_enabled
     if peft_config is not None and not deepspeed:
         keep_trainable_in_fp32(trainer.model)
@@ -577,5 +580,6 @@ def worker(config_path: str) -> int:
 if __name__ == "__main__":  # the worker, one per process, as `t2s train` launches it through accelerate
     if len(sys.argv) != 3 or sys.argv[1] != "--worker":
         sys.exit("usage: python -m jobs.train --worker CONFIG (what `t2s train` launches; run `t2s train` instead)")
+    quiet_library_output()
     with one_line_errors("t2s train"):
         sys.exit(worker(sys.argv[2]))

@@ -383,9 +383,9 @@ def test_the_checks_load_no_torch_in_a_sandbox_worker():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("eval.candidates=0", "config key 'eval.candidates' in the config: Input should be greater than or equal to 1"),
+    ("eval.candidates=0", "config key 'eval.candidates' in --set eval.candidates: Input should be greater than or equal to 1"),
     ("eval.candidates=2.5", "config key 'eval.candidates'"),
-    ("eval.decoding=beam", "config key 'eval.decoding' in the config: Input should be 'greedy' or 'checked'"),
+    ("eval.decoding=beam", "config key 'eval.decoding' in --set eval.decoding: Input should be 'greedy' or 'checked'"),
 ])
 def test_eval_settings_of_checked_decoding_are_one_line(override, expected):
     from jobs.config import load_config

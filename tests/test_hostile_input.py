@@ -68,7 +68,7 @@ def test_where_the_run_would_go_is_one_line_and_makes_nothing(tmp_path):
     a_file.write_text("not a folder\n")
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "runs"))
     cases = {
-        f"run_id={'x' * 300}": f"config key 'run_id' in {config}: String should have at most 100 characters",
+        f"run_id={'x' * 300}": "config key 'run_id' in --set run_id: String should have at most 100 characters",
         f"runs_dir={a_file}": f"cannot make the run folder {a_file}/t (Not a directory): set runs_dir to a folder",
         "runs_dir=/sys/t2s-runs": "cannot make the run folder /sys/t2s-runs/t (",  # not writable, even for root
     }

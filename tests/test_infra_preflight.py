@@ -277,9 +277,9 @@ def one_error(result) -> str:
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["train.epochs=-1"], "config key 'train.epochs' in run.yaml: Input should be greater than 0"),
-    (["train.epoch=1"], "unknown config key 'train.epoch' in run.yaml"),
-    (["infra.gpu_typo=2"], "unknown config key 'infra.gpu_typo' in run.yaml"),
+    (["train.epochs=-1"], "config key 'train.epochs' in --set train.epochs: Input should be greater than 0"),
+    (["train.epoch=1"], "unknown config key 'train.epoch' in --set train.epoch"),  # not the file's (issue 24)
+    (["infra.gpu_typo=2"], "unknown config key 'infra.gpu_typo' in --set infra.gpu_typo"),
     (["infra.image=UPPER/Case:tag"], "infra.image 'UPPER/Case:tag' is not an image reference"),
     (["infra.gpu_count=2"], "infra.gpu_count is 2 but train.accelerate_config single starts 1 process"),
     (["train.accelerate_config=multinode"], "spans 2 machines, but a pod is one machine"),

@@ -47,7 +47,7 @@ TINYLLAMA_TEMPLATE = (
     "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
 )
 # The same with no newline after the generation prompt: training puts "<|assistant|>\n" before the SQL, while
-# add_generation_prompt=True stops at "<|assistant|>" (the trap DESIGN.md describes).
+# add_generation_prompt=True stops at "<|assistant|>" (the trap jobs/card.py's trained_prompt_suffix describes).
 NO_NEWLINE_TEMPLATE = TINYLLAMA_TEMPLATE.replace("{{ '<|assistant|>' }}\n{% endif %}", "{{ '<|assistant|>' }}{% endif %}")
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -238,8 +238,8 @@ def test_card_metadata_eval_table_training_and_cost(tmp_path):
             "published in bfloat16 |") in card  # TRAIN_DONE predates train.precision
     assert "16 per device × 1 accumulation × 2 processes = 32 per step" in card
     assert "| hardware | 2 × H100 (RunPod) |" in card
-    assert "1 h 30 min (5,400 s of training)" in card
-    assert "≈ $7.50 (training time × $5/h" in card
+    assert "| training time | 1 h 30 min (5,400 s) |" in card
+    assert "≈ $7.50 at $5/h for training alone (the other jobs" in card and card.count("training time") == 1
     # usage: chat template, system = schema, user = question, greedy, and the trained prefix
     assert 'add_generation_prompt=True)\nprompt += "\\n"' in card
     assert "do_sample=False" in card and '{"role": "system", "content": schema}' in card
@@ -258,9 +258,9 @@ def test_card_shows_the_decoding_each_row_came_from_and_gates_read_the_greedy_ro
                                     "merged+checked": checked}}
     card = render_model_card(load_config(config), REPO, report=report, train_done=TRAIN_DONE, prompt_suffix="\n")
     assert "| fine-tuned (merged) — **this repo** | 99.0% | 73.5% | 81.0% | 300 | 3 | greedy |" in card
-    assert ("| fine-tuned (merged) — **this repo** | 99.0% | 75.0% | 84.0% | 300 | 3 | checked, up to 4 candidates |"
-            in card)
-    assert "| fine-tuned (merged) | 20 | 1,000 | not measured | checked, up to 4 candidates |" in card
+    assert ("| fine-tuned (merged), checked decoding — **this repo** | 99.0% | 75.0% | 84.0% | 300 | 3 | checked, up to 4 "
+            "candidates |" in card)
+    assert "| fine-tuned (merged), checked decoding | 20 | 1,000 | not measured | checked, up to 4 candidates |" in card
     assert "Checked (t2s's checked decoding, `t2s ask --decoding checked`)" in card
     assert gate_failures(report, PushGates(min_execution_accuracy=0.82), "merged")[0] == [
         "execution accuracy 81.0% < push.gates.min_execution_accuracy 82.0%"]  # the greedy row, as the usage shows
