@@ -8,6 +8,7 @@ OpenAI's chat.completion (and its streamed chunks) and t2s's own /v1/sql object.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
@@ -150,10 +151,19 @@ def schema_of(text: str | None, default_schema: str | None, limits: Limits, what
                                 "TABLE statements", param=what)
         return default_schema
     text = checked_text(text, what, limits.max_schema_chars)
+    problem = _schema_problem(text)
+    if problem:
+        raise ApiError(400, problem.replace("the schema", f"the {what}", 1), param=what)
+    return text
+
+
+@functools.lru_cache(maxsize=256)  # clients send the same few schemas again and again: parse each once
+def _schema_problem(text: str) -> str | None:
     try:
-        return checked_schema(text, f"the {what}")
+        checked_schema(text, "the schema")
     except T2SError as error:
-        raise ApiError(400, str(error), param=what) from None
+        return str(error)
+    return None
 
 
 def max_tokens_of(value: int | None, limits: Limits, param: str = "max_tokens") -> int:
