@@ -116,8 +116,7 @@ def batch_sizes(url: str) -> dict:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
               if line.startswith("t2s_batch_size_") and not line.startswith("t2s_batch_size_created")}
-    count = values.get("t2s_batch_size_count", 0)
-    return {"batches": int(count), "mean": round(values.get("t2s_batch_size_sum", 0) / count, 2) if count else None}
+    return {"batches": int(values.get("t2s_batch_size_count", 0))}
 
 
 def baseline(args, pairs: list[tuple[str, str]]) -> dict:
@@ -174,8 +173,11 @@ def main() -> None:
     server, ready_s = start_server(args, port, log_path)
     try:
         single_s, single_answers = asyncio.run(single(url, pairs[:args.single]))
+        before = batch_sizes(url)
         wall, load_s, load_answers = asyncio.run(load(url, pairs, args.clients, args.per_client))
-        batches = batch_sizes(url)
+        after = batch_sizes(url)
+        count = after["batches"] - before["batches"]  # the load's own batches
+        batches = {"batches": count, "mean": round(len(load_s) / count, 2) if count else None}
         served = asyncio.run(single(url, pairs[:args.baseline]))[1]
     finally:
         server.terminate()

@@ -177,8 +177,11 @@ def run_server(sock: socket.socket, source, model_name: str, api_key: str | None
         outcome["code"] = 2
         server.should_exit = True
 
+    # uvicorn's own 503 past limit_concurrency is the last guard against a flood of connections; the queue's 429
+    # comes well before it
+    connections = max(256, 2 * (engine_settings["max_queue"] + engine_settings["max_batch"]))
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=5, limit_concurrency=max(64, engine_settings["max_queue"] * 2),
+                            timeout_graceful_shutdown=5, limit_concurrency=connections,
                             h11_max_incomplete_event_size=64 * 1024, server_header=False)
     server = DrainingServer(config)
     log(f"listening on {where}; loading the model ({engine_settings['decoding']} decoding)")

@@ -390,7 +390,7 @@ def test_sql_endpoint_with_and_without_run(server, songs_db):
 def test_load_every_request_answered(server):
     def client_session(_):
         with server.client() as client:
-            return [sql(server, client, QUESTIONS[i % len(QUESTIONS)]).status_code for i in range(10)]
+            return [sql(server, client, QUESTIONS[i % len(QUESTIONS)], max_tokens=2).status_code for i in range(10)]
 
     with ThreadPoolExecutor(32) as pool:
         codes = [code for codes in pool.map(client_session, range(32)) for code in codes]
@@ -497,6 +497,29 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(server):
     assert server.process.wait(60) == 0, server.log.read_text()[-2000:]
     log = server.log.read_text()
     assert "Traceback" not in log and "draining" in log
+
+
+@pytest.mark.slow
+def test_checked_decoding_answers_are_t2s_asks(model_dir):
+    """The engine in-process with checked decoding: each answer, its verdict and why, as `t2s ask`'s Python API."""
+    from jobs import ask
+    from jobs.serve_api import Question
+    from jobs.serve_app import Engine, Metrics
+
+    engine = Engine(ask.resolve_model(str(model_dir)), "m", limits=Limits(max_tokens=MAX_TOKENS), decoding="checked",
+                    candidates=2, device="cpu", db=None, default_schema=None, max_batch=8, wait_s=0.001, max_queue=8,
+                    request_timeout_s=60, sql_workers=1, metrics=Metrics())
+    engine.load()
+    try:
+        got = engine.answer_batch([Pending(Question(SCHEMA, q, MAX_TOKENS), float("inf"), lambda _: None)
+                                   for q in QUESTIONS[:3]])
+    finally:
+        engine.close(timeout_s=1)
+    expected = ask.load(str(model_dir), "cpu", MAX_TOKENS, decoding="checked", candidates=2).answers(
+        [(SCHEMA, q) for q in QUESTIONS[:3]])
+    assert [(a.text, a.checked, a.why_unchecked) for a in got] == [(e.text, e.checked, e.why_unchecked)
+                                                                   for e in expected]
+    assert all(a.checked is False and a.why_unchecked for a in got)  # the untrained model's answers fail the checks
 
 
 # ---------- bad input at start ----------
