@@ -28,7 +28,7 @@ import typer
 
 from jobs import checked
 from jobs.ask import CANDIDATES, checked_schema, resolve_model
-from jobs.credentials import secret
+from jobs.credentials import redact, secret
 from jobs.errors import T2SError, one_line_errors, printable
 from jobs.serve_api import Limits, is_loopback
 
@@ -172,9 +172,8 @@ def run_server(sock: socket.socket, source, model_name: str, api_key: str | None
                 log(f"drain timeout: {state.in_flight} request(s) still in flight are cut off")
             self.should_exit = True
 
-    def failed(message: str) -> None:
-        print(f"t2s serve: error: {printable(message)}", file=sys.stderr, flush=True)
-        outcome["code"] = 2
+    def failed(message: str) -> None:  # said after uvicorn's shutdown lines, so that it is the last line
+        outcome.update(code=2, error=message)
         server.should_exit = True
 
     # uvicorn's own 503 past limit_concurrency is the last guard against a flood of connections; the queue's 429
@@ -193,5 +192,7 @@ def run_server(sock: socket.socket, source, model_name: str, api_key: str | None
         sock.close()
     if outcome["code"] == 0:
         log("stopped")
+    else:
+        print(f"t2s serve: error: {printable(redact(outcome['error']))}", file=sys.stderr, flush=True)
     return outcome["code"]
 

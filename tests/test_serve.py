@@ -541,7 +541,16 @@ def test_bad_input_at_start_is_one_line_and_exit_2(model_dir, songs_db, tmp_path
         runs = {says: subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", *args], cwd=ROOT, env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for says, args in cases.items()}
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "config.json").write_text("{}")  # a model folder that cannot be loaded: found out after start
+        loading = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--model", str(broken), "--port",
+                                    str(free_port())], cwd=ROOT, env={**env, "HF_HUB_OFFLINE": "1"},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for says, process in runs.items():
             out, err = process.communicate(timeout=120)
             assert process.returncode == 2, (says, err)
             assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        out, err = loading.communicate(timeout=300)
+        assert loading.returncode == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("t2s serve: error: could not load"), err
