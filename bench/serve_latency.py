@@ -6,7 +6,8 @@
 
 1. `t2s serve` starts as a real subprocess on 127.0.0.1 (a free port) and is timed once /health says ready (its
    load, warm-up and CUDA graph captures are reported apart, as ready_s).
-2. warm single request: --single questions sent one after another to POST /v1/sql (schema + question, no run):
+2. warm single request: --single questions sent one after another to POST /v1/chat/completions (system = schema,
+   user = question; --endpoint sql: POST /v1/sql without run, which also parses each answer with sqlglot):
    p50 / p99 latency, as a client sees it (HTTP, JSON, the batcher's wait, generation).
 3. load: --clients concurrent clients, each sending --per-client questions one after another: answers/s over the
    whole wall time, p50 / p99 latency under that load, the batch sizes the server formed (from /metrics).
@@ -82,13 +83,23 @@ def start_server(args, port: int, log_path: Path) -> tuple[subprocess.Popen, flo
     raise SystemExit("the server was not ready in 900 s")
 
 
-async def ask(client: httpx.AsyncClient, pair: tuple[str, str]) -> tuple[float, dict]:
+ENDPOINT = "chat"  # set from --endpoint
+
+
+async def ask(client: httpx.AsyncClient, pair: tuple[str, str]) -> tuple[float, str]:
+    """(seconds, the answer's text) of one request: OpenAI's chat completion, or /v1/sql (which also parses the
+    answer with sqlglot to say whether it is SQL only)."""
     started = time.perf_counter()
-    response = await client.post("/v1/sql", json={"schema": pair[0], "question": pair[1]})
+    if ENDPOINT == "chat":
+        response = await client.post("/v1/chat/completions", json={"model": "t2s", "messages": [
+            {"role": "system", "content": pair[0]}, {"role": "user", "content": pair[1]}]})
+    else:
+        response = await client.post("/v1/sql", json={"schema": pair[0], "question": pair[1]})
     elapsed = time.perf_counter() - started
     if response.status_code != 200:
         raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
-    return elapsed, response.json()
+    body = response.json()
+    return elapsed, body["choices"][0]["message"]["content"] if ENDPOINT == "chat" else body["sql"]
 
 
 async def single(url: str, pairs: list[tuple[str, str]]) -> tuple[list[float], list[dict]]:
@@ -156,9 +167,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--endpoint", choices=("chat", "sql"), default="chat",
+                        help="chat: POST /v1/chat/completions (the OpenAI client's); sql: POST /v1/sql")
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny model built here, small numbers")
     args = parser.parse_args()
+    global ENDPOINT
+    ENDPOINT = args.endpoint
     work = Path(tempfile.mkdtemp(prefix="t2s-serve-bench-"))
     if args.smoke:
         args.model = args.model or smoke_model(work / "tiny")
@@ -188,12 +203,12 @@ def main() -> None:
         "model": args.model, "device": base["device"], "dtype": base["dtype"], "server_exit_code": code,
         "ready_s": round(ready_s, 2), "max_new_tokens": args.max_new_tokens,
         "single": percentiles_ms(single_s),
-        "single_generate_ms_p50": round(statistics.median(a["timings"]["generate_ms"] for a in single_answers), 2),
+        "endpoint": args.endpoint,
         "load": {"clients": args.clients, "answers": answers, "wall_s": round(wall, 2),
                  "answers_per_s": round(answers / wall, 2), "latency_ms": percentiles_ms(load_s), **batches},
         "baseline_generate_one_at_a_time": {k: v for k, v in base.items() if k != "texts"},
         "speedup_vs_baseline": round(answers / wall / base["answers_per_s"], 2),
-        "identical_to_baseline": sum(a["sql"] == t for a, t in zip(served, base["texts"])),
+        "identical_to_baseline": sum(a == t for a, t in zip(served, base["texts"])),
         "compared": len(base["texts"]),
         "versions": {name: version(name) for name in ("torch", "transformers", "fastapi", "uvicorn")},
         "python": platform.python_version(), "host": platform.node(),

@@ -71,6 +71,11 @@ class Message(BaseModel):
     content: Union[StrictStr, list[TextPart], None] = None
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: Optional[StrictBool] = None
+
+
 class ChatRequest(BaseModel):
     """OpenAI's chat completion request, as far as a SQL model honours it. Sampling settings (temperature, top_p,
     seed, ...) are accepted and ignored: answers are greedy."""
@@ -82,6 +87,7 @@ class ChatRequest(BaseModel):
     stop: Union[StrictStr, list[StrictStr], None] = None
     n: Optional[StrictInt] = None
     stream: Optional[StrictBool] = None
+    stream_options: Optional[StreamOptions] = None
 
 
 class SqlRequest(BaseModel):
@@ -264,16 +270,23 @@ def chat_completion(completion_id: str, model: str, created: int, answer: Answer
     }
 
 
-def chat_chunks(completion_id: str, model: str, created: int, answer: Answered, stops: tuple[str, ...]) -> list[dict]:
-    """The same answer as OpenAI's streamed chat.completion.chunk objects: the role, the content, the finish."""
+def chat_chunks(completion_id: str, model: str, created: int, answer: Answered, stops: tuple[str, ...],
+                include_usage: bool = False) -> list[dict]:
+    """The same answer as OpenAI's streamed chat.completion.chunk objects: the role, the content, the finish (and
+    with stream_options.include_usage, a last chunk with no choices and the usage)."""
     text, stopped = cut_at_stop(answer.text, stops)
     head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
 
     def chunk(delta: dict, finish: str | None) -> dict:
         return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
-    return [chunk({"role": "assistant", "content": ""}, None), chunk({"content": text}, None),
-            chunk({}, finish_reason(answer, stopped))]
+    chunks = [chunk({"role": "assistant", "content": ""}, None), chunk({"content": text}, None),
+              chunk({}, finish_reason(answer, stopped))]
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": {
+            "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens}})
+    return chunks
 
 
 def sse(chunks: list[dict]) -> bytes:

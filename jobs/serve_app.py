@@ -361,7 +361,8 @@ def create_app(engine: Engine, state: ServerState, api_key: str | None) -> FastA
         answer = await engine.answer(question)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return Response(sse(chat_chunks(completion_id, engine.model_name, created, answer, question.stop)),
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return Response(sse(chat_chunks(completion_id, engine.model_name, created, answer, question.stop, usage)),
                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return json_response(chat_completion(completion_id, engine.model_name, created, answer, question.stop))
 

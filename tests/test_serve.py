@@ -112,6 +112,8 @@ def test_stop_sequences_cut_the_answer_as_openai_does():
     chunks = [json.loads(line[6:]) for line in events.split("\n\n") if line.startswith("data: {")]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == answer.text
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    with_usage = chat_chunks("id", "m", 0, answer, (), include_usage=True)
+    assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["total_tokens"] == 16
 
 
 def test_loopback_and_api_key():
@@ -341,8 +343,11 @@ def test_openai_client_chat_streaming_and_models(server, model_dir):
     text = completion.choices[0].message.content
     assert text and completion.choices[0].finish_reason in ("length", "stop")
     assert 0 < completion.usage.completion_tokens <= MAX_TOKENS and completion.usage.prompt_tokens > 10
-    stream = client.chat.completions.create(model=str(model_dir), messages=messages, stream=True)
-    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == text
+    stream = client.chat.completions.create(model=str(model_dir), messages=messages, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == text
+    assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
     shorter = client.chat.completions.create(model="any", messages=messages, max_tokens=2)
     assert shorter.usage.completion_tokens <= 2 < completion.usage.completion_tokens
     from openai import BadRequestError
