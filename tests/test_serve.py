@@ -322,7 +322,9 @@ def start_server(model: Path, db: Path, log: Path, *extra: str) -> Server:
 
 @pytest.fixture(scope="module")
 def server(model_dir, songs_db, tmp_path_factory):
-    server = start_server(model_dir, songs_db, tmp_path_factory.mktemp("serve-log") / "server.log")
+    """Bound to every interface (which needs the API key), reached through 127.0.0.1."""
+    server = start_server(model_dir, songs_db, tmp_path_factory.mktemp("serve-log") / "server.log",
+                          "--host", "0.0.0.0")
     yield server
     if server.process.poll() is None:
         server.process.kill()
@@ -441,7 +443,7 @@ def test_hostile_bodies_get_one_json_line_and_the_server_stays_up(server):
     assert API_KEY not in server.log.read_text()
 
 
-def test_a_missing_or_wrong_api_key_is_401(server):
+def test_a_missing_or_wrong_api_key_is_401_on_a_non_loopback_bind(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
         response = httpx.post(f"{server.url}/v1/sql", json={"question": "q"}, headers=headers)
         assert response.status_code == 401 and API_KEY not in response.text
