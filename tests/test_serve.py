@@ -350,6 +350,8 @@ def test_openai_client_chat_streaming_and_models(server, model_dir):
     chunks = list(stream)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == text
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+    with server.client() as http:  # the chat endpoint's answer is /v1/sql's (and so t2s ask's, tested below)
+        assert sql(server, http, QUESTIONS[0], schema=SCHEMA).json()["sql"] == text
     shorter = client.chat.completions.create(model="any", messages=messages, max_tokens=2)
     assert shorter.usage.completion_tokens <= 2 < completion.usage.completion_tokens
     from openai import BadRequestError
