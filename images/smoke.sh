@@ -302,6 +302,37 @@ volume() {  # a fresh runs folder belonging to the owner
 
 # --- main -----------------------------------------------------------------------------------------------
 
+# serve_smoke MERGED_DIR: docker run t2s:serve on a merged model (host network, loopback, an API key), answered
+# through the official openai client from .venv, then stopped: SIGTERM drains and exits 0. (issue 26)
+serve_smoke() {
+  local merged="$1" container="t2s-smoke-$$-serve" port key tries rc
+  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  key="smoke-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+  CONTAINERS+=("$container")
+  docker run -d --name "$container" --network host -e T2S_SERVE_API_KEY="$key" -v "$merged:/models:ro" \
+    t2s:serve --model /models --host 127.0.0.1 --port "$port" --max-tokens 16 >/dev/null
+  for ((tries = 0; tries < 600; tries++)); do
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+      "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+    [ "$(docker inspect --format '{{.State.Running}}' "$container")" = true ] || break
+    sleep 0.5
+  done
+  T2S_URL="http://127.0.0.1:$port/v1" T2S_KEY="$key" "$REPO/.venv/bin/python" -c '
+import os
+from openai import OpenAI
+client = OpenAI(base_url=os.environ["T2S_URL"], api_key=os.environ["T2S_KEY"], max_retries=0)
+assert [m.id for m in client.models.list()] == ["/models"]
+answer = client.chat.completions.create(model="/models", messages=[
+    {"role": "system", "content": "CREATE TABLE t (a INTEGER)"}, {"role": "user", "content": "How many rows?"}])
+print("serve answered:", repr(answer.choices[0].message.content))
+' >"$WORK/logs/serve-client.log" 2>&1 || { docker logs "$container" >"$WORK/logs/serve.log" 2>&1; tail -n 20 "$WORK/logs/serve-client.log" "$WORK/logs/serve.log" >&2; die "t2s:serve did not answer the openai client (logs: $WORK/logs/serve*.log)"; }
+  docker stop --time 60 "$container" >/dev/null
+  rc="$(docker wait "$container")"
+  docker logs "$container" >"$WORK/logs/serve.log" 2>&1
+  expect test "$rc" = 0 -- "t2s:serve exit code $rc after docker stop, expected 0 (log: $WORK/logs/serve.log)"
+  expect in_log serve "draining" -- "t2s:serve did not drain on SIGTERM (log: $WORK/logs/serve.log)"
+}
+
 main() {
   local started=$SECONDS
   trap cleanup EXIT
@@ -406,6 +437,10 @@ main() {
   expect in_log push "dry run: [0-9]+ files .* would go to someone/t2s-smoke" -- "push's dry run did not list what it would upload"
   expect test -f "$main_run/push/README.md" -- "push's dry run wrote no model card"
   stage_done "merge, eval, push"
+
+  stage "docker run t2s:serve on the merged model, answered through the openai client"
+  serve_smoke "$main_run/merged"
+  stage_done "serve"
 
   stage "docker run t2s:prep, then t2s:pipeline (as root, T2S_OWNER=$OWNER)"
   job prep 0 -e T2S_OWNER="$OWNER" -v "$vol_pipe:/workspace/runs" -e T2S_CONFIG_YAML="$(config pipe)" t2s:prep

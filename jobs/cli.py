@@ -1,4 +1,4 @@
-"""`t2s prep|train|merge|eval|push|pipeline|compare|ask`: one CLI over the jobs, all taking the same config file.
+"""`t2s prep|train|merge|eval|push|pipeline|compare|ask|serve`: one CLI over the jobs, all taking the same config file.
 
     t2s <job> --config run.yaml [--set key=value ...] [--force]      (also: python -m jobs.cli <job> ...)
 
@@ -24,6 +24,7 @@ from jobs.ask import ask_command
 from jobs.config import Config, load_config
 from jobs.errors import T2SError, one_line_errors
 from jobs.rundir import JOBS, RunDir, open_run
+from jobs.serve import serve_command
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune small chat models into SQL-only text-to-SQL models.")
@@ -157,6 +158,7 @@ def compare(run_a: Path = typer.Argument(..., help="A run folder with a finished
 
 
 app.command(name="ask")(ask_command)
+app.command(name="serve")(serve_command)
 
 
 def _print_version(value: bool) -> None:

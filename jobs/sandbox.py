@@ -92,11 +92,12 @@ class QueryRows:
 # ---------- the runner ----------
 
 def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit: int,
-                 role: str = "query") -> QueryRows:
+                 role: str = "query", stop_at_limit: bool = False) -> QueryRows:
     """The rows of one statement run with reading allowed only, under a time limit, a row limit and a size limit,
     checked row by row as they are fetched. Raises QueryRefused, QueryTimeout or QueryFailed. The connection's
     handlers are removed afterwards. In a Sandbox worker, the Sandbox also kills a query that runs KILL_GRACE_S past
-    its limit, and reports it by `role` (e.g. "gold", "prediction")."""
+    its limit, and reports it by `role` (e.g. "gold", "prediction"). With `stop_at_limit`, a result over the row
+    limit is cut there (its first row_limit rows) instead of failing."""
     refused: list[str] = []
     timed_out = False
     deadline = time.monotonic() + timeout_s
@@ -126,6 +127,8 @@ def run_readonly(conn: sqlite3.Connection, sql: str, timeout_s: float, row_limit
         rows, size = [], 0
         for row in cursor:
             if len(rows) == row_limit:
+                if stop_at_limit:
+                    break
                 raise QueryFailed(f"exceeds row limit of {row_limit}")
             size += sum(len(value) if isinstance(value, (str, bytes)) else 8 for value in row)
             if size > MAX_RESULT_BYTES:
@@ -180,14 +183,14 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
 _connections: dict[str, sqlite3.Connection] = {}  # in a worker: the files it has opened
 
 
-def rows_from_file(path: str, sql: str, timeout_s: float, row_limit: int) -> QueryRows:
+def rows_from_file(path: str, sql: str, timeout_s: float, row_limit: int, stop_at_limit: bool = False) -> QueryRows:
     """Runs in a worker: the query's rows on a database file (a readable_path), opened read-only once a worker."""
     if path not in _connections:
         try:
             _connections[path] = connect_readonly(Path(path))
         except sqlite3.Error as error:
             raise QueryFailed(f"cannot open the database ({error})") from None
-    return run_readonly(_connections[path], sql, timeout_s, row_limit)
+    return run_readonly(_connections[path], sql, timeout_s, row_limit, stop_at_limit=stop_at_limit)
 
 
 def schema_from_sqlite(path: str | Path) -> str:
@@ -385,9 +388,11 @@ class Sandbox:
 
         return next(self.map(function, [args], reraise))
 
-    def query_file(self, path: str | Path, sql: str, timeout_s: float, row_limit: int) -> QueryRows:
-        """The query's rows on a SQLite file, read-only, with nothing written beside it (see readable_path)."""
-        return self.run(rows_from_file, str(self._readable(Path(path))), sql, timeout_s, row_limit)
+    def query_file(self, path: str | Path, sql: str, timeout_s: float, row_limit: int,
+                   stop_at_limit: bool = False) -> QueryRows:
+        """The query's rows on a SQLite file, read-only, with nothing written beside it (see readable_path); with
+        `stop_at_limit`, at most row_limit of them instead of a failure past it."""
+        return self.run(rows_from_file, str(self._readable(Path(path))), sql, timeout_s, row_limit, stop_at_limit)
 
     # ---- inside ----
 
