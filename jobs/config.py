@@ -134,6 +134,9 @@ class PushGates(Section):
     min_sql_only: float = Field(default=0.9, ge=0, le=1)
     min_execution_accuracy: float = Field(default=0.5, ge=0, le=1)
     not_worse_than_base: bool = True  # execution accuracy at least the base model's (plain prompt)
+    # The fewest rows the execution accuracy may rest on (3 rows make 66.7% out of 1 lucky answer); the eval's split
+    # must also be held out (not train).
+    min_rows: int = Field(default=100, ge=1, le=10**9)
 
 
 class PushConfig(Section):
