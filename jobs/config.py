@@ -226,10 +226,16 @@ def read_yaml_mapping(path: Path, what: str, example: str) -> dict[str, Any]:
     return data
 
 
+MAX_KEY_DEPTH = 8  # levels of a --set key; the deepest real one has 3 or 4 (infra.env.NAME, push.gates.min_rows)
+
+
 def _apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise T2SError(f"--set {redact(repr(item))} is not key=value: write e.g. --set train.learning_rate=1e-4")
+    if key.count(".") >= MAX_KEY_DEPTH:  # deeper than any key: nesting thousands of levels overflows the checks
+        raise T2SError(redact(f"--set {key[:60]}...: a config key is at most {MAX_KEY_DEPTH} levels deep (e.g. "
+                              "train.lora.r): fix the key"))
     node = data
     *parents, leaf = key.split(".")
     for part in parents:
