@@ -5,7 +5,8 @@
                              tokenizer, GGUF file; data), then what train's model depends on (model, train)
       data/                  train|validation|test.jsonl, tokenized/, manifest.json, rejects.jsonl
       base/                  the built-in tiny model (model.name_or_path: tiny), built by prep
-      checkpoints/           checkpoint-<step>/ and settings.yaml (the settings they are being made with)
+      checkpoints/           checkpoint-<step>/, settings.yaml (the settings they are being made with) and, once the
+                             training they belong to has finished, `finished`
       incomplete/            checkpoints a kill left half-written, set aside
       adapter/  merged/  eval/  push/ (the model card as pushed)
       logs/                  <job>.log, <job>.config.yaml (the config each job ran with), metrics.jsonl, tensorboard/
