@@ -323,9 +323,9 @@ class SQLGenerator:
             if tokens + self.max_new_tokens > context_tokens:
                 where = f"question {number}: " if len(pairs) > 1 else ""
                 raise T2SError(f"{where}the prompt (schema and question) is {tokens:,} tokens; with up to "
-                               f"{self.max_new_tokens} new tokens that is more than the model's {context_tokens:,}-token "
-                               "context: shorten the question, give only the tables it is about, or lower "
-                               "--max-new-tokens")
+                               f"{self.max_new_tokens} new tokens that is more than the model's "
+                               f"{context_tokens:,}-token context: shorten the question, give only the tables it "
+                               "is about, or lower --max-new-tokens")
 
     def answers(self, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[Answer]:
         """Every answer, SQL or not, with its SQL-only verdict (and with checked decoding, whether it passed its

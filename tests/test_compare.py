@@ -83,7 +83,8 @@ def test_two_runs_that_share_a_run_id_are_both_shown(tmp_path):
 @pytest.mark.parametrize("change", [
     {"run_id": 7}, {"split": ["test"]}, {"n_examples": "ten"}, {"n_examples": 1e300}, {"dataset": {"hash": 12}},
     {"results": {"merged": {**RESULT, "sql_only": "99%"}}}, {"results": {"merged": {**RESULT, "sql_only": 1e300}}},
-    {"results": {"merged": {**RESULT, "queries_per_s": 1e300}}}, {"results": {"merged": {**RESULT, "exact_match": None}}},
+    {"results": {"merged": {**RESULT, "queries_per_s": 1e300}}},
+    {"results": {"merged": {**RESULT, "exact_match": None}}},
     {"results": {"merged": {**RESULT, "queries_per_s": True}}}, {"results": {"merged": [1]}}, {"results": {}},
     {"run_id": "x" * 100_000},
 ])
