@@ -319,3 +319,32 @@ def _open_connections() -> int:
     from jobs import sandbox
 
     return len(sandbox._connections)
+
+
+def test_a_query_that_fails_as_the_database_switches_to_wal_runs_again_on_it_as_it_is_now(tmp_path, monkeypatch):
+    """Issue 31: a database switched to WAL between the sandbox's look at it and the query failed that query."""
+    from jobs.sandbox import Sandbox
+
+    db = tmp_path / "switching.sqlite"
+    writer = sqlite3.connect(db)
+    writer.execute("CREATE TABLE t (a INTEGER)")
+    writer.execute("INSERT INTO t VALUES (1)")
+    writer.commit()
+    with Sandbox() as sandbox:
+        run, paths = sandbox.run, []
+
+        def switched_under_the_first_query(function, path, *args):
+            paths.append(path)
+            if len(paths) == 1:  # the switch lands while the query runs on the rollback-journal file
+                writer.execute("PRAGMA journal_mode = WAL")
+                writer.execute("INSERT INTO t VALUES (2)")
+                writer.commit()
+                raise QueryFailed("unable to open database file")
+            return run(function, path, *args)
+
+        monkeypatch.setattr(sandbox, "run", switched_under_the_first_query)
+        assert sandbox.query_file(db, "SELECT count(*) FROM t", 1, 10).rows == [(2,)]
+        assert paths[0] == str(db.resolve()) and paths[1] != paths[0]  # the second time, on a copy of the WAL state
+        with pytest.raises(QueryFailed, match="no such table"):  # a query that fails on a database that stood still
+            sandbox.query_file(db, "SELECT * FROM missing_table", 1, 10)
+    writer.close()
