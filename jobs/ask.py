@@ -29,7 +29,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -42,6 +42,11 @@ from jobs.sandbox import QueryRows
 MAX_NEW_TOKENS = 128
 CANDIDATES = 4  # checked decoding: the greedy answer, then up to three more from a beam search of four
 PREVIEW_CHARS = 120  # of a refused answer, in its one-line error
+# The longest schema + question, in characters, refused before the model loads: far beyond any model's context, so a
+# runaway input costs nothing. The model's own context (its max_position_embeddings) caps the prompt in tokens, for
+# every decoding mode, before anything is generated (a beam search of a 160 KB question allocated gigabytes).
+MAX_PROMPT_CHARS = 200_000
+MAX_TIMEOUT_S = 3600.0  # --timeout-s: a query's time limit is finite, at most an hour
 
 
 class NotSQLError(T2SError):
@@ -96,6 +101,35 @@ def checked_schema(context: str, where: str) -> str:
     return context
 
 
+def checked_pairs(pairs: list[tuple[str, str]], where: Callable[[int], str]) -> list[tuple[str, str]]:
+    """(context, question) pairs that can be rendered into a prompt: valid Unicode (JSON's \\ud800 escapes give lone
+    surrogates), and schema + question within MAX_PROMPT_CHARS; one line naming `where(index)` otherwise."""
+    for index, (context, question) in enumerate(pairs):
+        for text, what in ((question, "the question"), (context, "the schema")):
+            if not isinstance(text, str):
+                raise T2SError(f"{where(index)}{what} must be a string (got {type(text).__name__})")
+            checked_text(text, f"{where(index)}{what}")
+        if len(context) + len(question) > MAX_PROMPT_CHARS:
+            raise T2SError(f"{where(index)}the schema and question are {len(context) + len(question):,} characters, "
+                           f"more than the {MAX_PROMPT_CHARS:,} a prompt may have: shorten the question, or give only "
+                           "the tables it is about")
+    return pairs
+
+
+def checked_timeout(timeout_s: float) -> float:
+    """--timeout-s when it is a finite number of seconds up to MAX_TIMEOUT_S: inf would turn the time limit off."""
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and 0 < timeout_s <= MAX_TIMEOUT_S):
+        raise T2SError(f"--timeout-s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0f} "
+                       f"(got {timeout_s}): a query's time limit cannot be switched off")
+    return timeout_s
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """Out of host or GPU memory (torch.OutOfMemoryError; torch.cuda.OutOfMemoryError on torch 2.1), without
+    importing torch."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+
+
 def questions_from_lines(text: str) -> list[str]:
     """One question per non-empty line."""
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -124,8 +158,11 @@ def questions_from_jsonl(text: str, where: str, default_context: str | None) -> 
         elif not isinstance(context, str):
             raise T2SError(f"{where} line {number}: \"context\" must be a string of CREATE TABLE statements")
         else:
-            context = checked_schema(context, f"{where} line {number}: the context")
-        pairs.append((context, item["question"].strip()))
+            context = checked_schema(checked_text(context, f"{where} line {number}: the context"),
+                                     f"{where} line {number}: the context")
+        question = checked_text(item["question"], f"{where} line {number}: the question").strip()
+        checked_pairs([(context, question)], lambda _: f"{where} line {number}: ")
+        pairs.append((context, question))
     if not pairs:
         raise T2SError(f"{where} holds no questions: write one JSON object a line with a \"question\"")
     return pairs
@@ -273,11 +310,40 @@ class SQLGenerator:
         return checked.search_with_model(self.model, self.tokenizer, prompts, greedy, self.candidates, batch_size,
                                          self.max_new_tokens)
 
+    def check_prompt_lengths(self, pairs: list[tuple[str, str]]) -> None:
+        """Every prompt, with max_new_tokens after it, fits the model's context (max_position_embeddings): one line
+        naming the first that does not, before anything is generated, whatever the decoding."""
+        from jobs.chat import render_prompt
+
+        context_tokens = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if self.tokenizer is None or not isinstance(context_tokens, int):
+            return  # nothing to measure against (a stand-in model)
+        for number, (context, question) in enumerate(pairs, start=1):
+            tokens = len(self.tokenizer(render_prompt(self.tokenizer, context, question))["input_ids"])
+            if tokens + self.max_new_tokens > context_tokens:
+                where = f"question {number}: " if len(pairs) > 1 else ""
+                raise T2SError(f"{where}the prompt (schema and question) is {tokens:,} tokens; with up to "
+                               f"{self.max_new_tokens} new tokens that is more than the model's "
+                               f"{context_tokens:,}-token context: shorten the question, give only the tables it "
+                               "is about, or lower --max-new-tokens")
+
     def answers(self, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[Answer]:
         """Every answer, SQL or not, with its SQL-only verdict (and with checked decoding, whether it passed its
-        checks): for callers that report refusals themselves."""
+        checks): for callers that report refusals themselves. Inputs are checked before anything is generated (one
+        prompt-length cap for every decoding); running out of memory is one line."""
+        checked_pairs(pairs, lambda index: f"question {index + 1}: " if len(pairs) > 1 else "")
         for context, _ in pairs:
             checked_schema(context, "the schema")
+        self.check_prompt_lengths(pairs)
+        try:
+            return self._answers(pairs, batch_size)
+        except Exception as error:
+            if not is_allocation_failure(error):
+                raise
+            raise T2SError(f"out of memory while answering {len(pairs)} question(s) ({first_line(error, 120)}): lower "
+                           "--batch-size or --candidates, or shorten the questions") from None
+
+    def _answers(self, pairs: list[tuple[str, str]], batch_size: int) -> list[Answer]:
         started = time.perf_counter()
         generations = self.respond(pairs, batch_size)
         if self.decoding == "greedy":
@@ -520,11 +586,13 @@ def ask_command(
             raise T2SError("no model given: pass --model a run directory, a merged model folder or a Hub id")
         checked.check_decoding(decoding)
         checked.check_candidates_count(candidates)
+        checked_timeout(timeout_s)
         if run and db is None:
             raise T2SError("--run executes the SQL on a database: pass --db file.sqlite")
         source = resolve_model(model)  # every input is checked before the slow imports and the load
         context = default_context(schema, schema_file, db)
         pairs, batch = read_pairs(question, questions_file, context, sys.stdin)
+        checked_pairs(pairs, lambda index: f"question {index + 1}: " if batch else "")
         if not sys.stderr.isatty():  # a piped stderr gets the error lines only, not transformers' loading bar
             from transformers.utils import logging as transformers_logging
 

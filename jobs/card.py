@@ -177,9 +177,13 @@ def _eval_section(report: dict | None, artifact: str, base: str) -> str:
     n, total = report.get("n_examples"), report.get("split_rows")
     examples = (f"the first {_count(n)} of its {_count(total)} examples, eval.max_examples" if isinstance(n, int)
                 and isinstance(total, int) and n < total else f"{_count(n)} examples")
-    lines.append(f"On the held-out **{split}** split ({examples}) of "
+    held_out = "held-out " if split in ("validation", "test") else ""  # never the train split, nor one not recorded
+    lines.append(f"On the {held_out}**{split}** split ({examples}) of "
                  f"`{dataset.get('source', 'not recorded')}` as this run prepared it (content hash "
                  f"`{dataset.get('hash', 'not recorded')}`):")
+    if split == "train":
+        lines += ["", "**These are the rows the model was trained on, not held-out ones: the numbers overstate what it "
+                  "does on new questions.**"]
     lines += ["", "| model | SQL-only | exact match | execution accuracy | examples | gold SQL errors | decoding |",
               "|---|---|---|---|---|---|---|"]
     for label, scores in results.items():

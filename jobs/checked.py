@@ -99,9 +99,14 @@ def resolution_problem(query: exp.Expression, tables: list[sqlcheck.Table]) -> s
     columns = {name.lower() for table in tables for name, _ in table.columns}
     query = query.copy()
     ctes = {cte.alias_or_name.lower() for cte in query.find_all(exp.CTE)}
-    for table in query.find_all(exp.Table):
-        if table.name and table.name.lower() not in known_tables | ctes:
+    read = [table for table in query.find_all(exp.Table) if table.name]
+    for table in read:
+        if table.name.lower() not in known_tables | ctes:
             return f"no table {table.name} in the schema"
+    # A query that reads no table answers nothing about the data, however well it runs: `SELECT COUNT(*) FROM7` is
+    # `SELECT COUNT(*) AS FROM7`, which runs everywhere and counts one row.
+    if known_tables and not any(table.name.lower() in known_tables for table in read):
+        return "it reads no table of the schema (no FROM naming one)"
     for column in list(query.find_all(exp.Column)):
         if sqlcheck.is_quoted_name(column) and column.name.lower() not in columns:
             column.replace(exp.Literal.string(column.name))

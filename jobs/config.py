@@ -134,6 +134,9 @@ class PushGates(Section):
     min_sql_only: float = Field(default=0.9, ge=0, le=1)
     min_execution_accuracy: float = Field(default=0.5, ge=0, le=1)
     not_worse_than_base: bool = True  # execution accuracy at least the base model's (plain prompt)
+    # The fewest rows the execution accuracy may rest on (3 rows make 66.7% out of 1 lucky answer); the eval's split
+    # must also be held out (not train).
+    min_rows: int = Field(default=100, ge=1, le=10**9)
 
 
 class PushConfig(Section):
@@ -241,10 +244,16 @@ def read_yaml_mapping(path: Path, what: str, example: str) -> dict[str, Any]:
     return data
 
 
+MAX_KEY_DEPTH = 8  # levels of a --set key; the deepest real one has 3 or 4 (infra.env.NAME, push.gates.min_rows)
+
+
 def _apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise T2SError(f"--set {redact(repr(item))} is not key=value: write e.g. --set train.learning_rate=1e-4")
+    if key.count(".") >= MAX_KEY_DEPTH:  # deeper than any key: nesting thousands of levels overflows the checks
+        raise T2SError(redact(f"--set {key[:60]}...: a config key is at most {MAX_KEY_DEPTH} levels deep (e.g. "
+                              "train.lora.r): fix the key"))
     node = data
     *parents, leaf = key.split(".")
     for part in parents:

@@ -262,13 +262,22 @@ def models_to_evaluate(cfg: Config, run: RunDir) -> list[tuple[str, str, str]]:
     return plan
 
 
+def device_name() -> str:
+    """The device answers are generated on, by model: "NVIDIA L4", not "cuda". Saved answers are reused only on the
+    same one, so an eval resumed on another GPU type never reports the first GPU's throughput under the second's
+    name (in bf16, its near-ties may also fall the other way)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if default_device() == "cuda" else default_device()
+
+
 def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, variant: str) -> dict:
     """What decides a model's answers to the split: saved answers are reused only for the same key."""
     jobs = {"base": ("prep",), "adapter": ("prep", "train"), "merged": ("prep", "train", "merge")}[which]
     questions = json.dumps([[row["context"], row["question"]] for row in rows], ensure_ascii=False)
     key = {"model": cfg.model.model_dump(mode="json"), "which": which, "variant": variant, "split": cfg.eval.split,
            "questions_sha256": hashlib.sha256(questions.encode()).hexdigest(),
-           "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size, "device": default_device(),
+           "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size, "device": device_name(),
            "decoder": requested_decoder(),  # in bf16 another decoder may flip a near-tie (README: fast decoding)
            "finished": {job: read_json(run.marker(job)) for job in jobs}}  # a retrained model is another model
     return json.loads(json.dumps(key))  # as it reads back from the file
@@ -435,8 +444,6 @@ def check(cfg: Config, run: RunDir) -> None:
 
 
 def run(cfg: Config, run: RunDir) -> str:
-    import torch
-
     rows = read_split(run, cfg.eval.split, cfg.eval.max_examples)
     plan = models_to_evaluate(cfg, run)
     manifest = json.loads(run.manifest.read_text())
@@ -477,7 +484,7 @@ def run(cfg: Config, run: RunDir) -> str:
         "dataset": {"source": manifest["source"], "hash": manifest["content_hash"], "splits": manifest["rows"]},
         "models": {"base": cfg.model.name_or_path,
                    "finetuned": str(run.merged if "merged" in results else run.adapter)},
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "device": device_name(),  # where every answer was generated and timed (generation_key)
         "results": results,
         "buckets": by_bucket,
         "build_errors": build_error_reasons(scored),  # the same for every model: they depend on the example only

@@ -321,6 +321,7 @@ def gate_failures(report: dict | None, gates: PushGates, artifact: str) -> tuple
                 "unreadable report"
     measured = (f"{label}: SQL-only {model['sql_only']:.1%}, execution accuracy {model['execution_accuracy']:.1%} on "
                 f"{report.get('n_examples', '?')} {report.get('split', '?')} examples")
+    failures += sample_failures(report.get("split"), model, gates.min_rows)
     if model["sql_only"] < gates.min_sql_only:
         failures.append(f"SQL-only {model['sql_only']:.1%} < push.gates.min_sql_only {gates.min_sql_only:.1%}")
     if model["execution_accuracy"] < gates.min_execution_accuracy:
@@ -334,6 +335,25 @@ def gate_failures(report: dict | None, gates: PushGates, artifact: str) -> tuple
             failures.append(f"execution accuracy {model['execution_accuracy']:.1%} < the base model's "
                             f"{base['execution_accuracy']:.1%} (push.gates.not_worse_than_base)")
     return failures, measured
+
+
+def sample_failures(split, row: dict, min_rows: int) -> list[str]:
+    """Why the rows a score rests on cannot support a claim about new questions: the training split (the model has
+    seen those answers), a split not recorded, or fewer rows than push.gates.min_rows under the execution accuracy
+    (the examples scored, less those whose tables or reference query fail)."""
+    failures = []
+    if split not in ("validation", "test"):
+        failures.append(f"the eval ran on the {split} split, which the model was trained on: evaluate a held-out split "
+                        "(eval.split: test or validation)" if split == "train" else
+                        "the eval report does not say which split it ran on (rerun `t2s eval --force`)")
+    counts = [row.get("n"), row.get("gold_error", 0), row.get("build_error", 0)]
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        return failures + ["the eval report does not say how many rows it scored (rerun `t2s eval --force`)"]
+    executed = counts[0] - counts[1] - counts[2]
+    if executed < min_rows:
+        failures.append(f"execution accuracy rests on {max(executed, 0)} rows < push.gates.min_rows {min_rows} "
+                        "(evaluate more rows: raise or unset eval.max_examples)")
+    return failures
 
 
 def _is_rate(value) -> bool:

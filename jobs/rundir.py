@@ -5,7 +5,8 @@
                              tokenizer, GGUF file; data), then what train's model depends on (model, train)
       data/                  train|validation|test.jsonl, tokenized/, manifest.json, rejects.jsonl
       base/                  the built-in tiny model (model.name_or_path: tiny), built by prep
-      checkpoints/           checkpoint-<step>/ and settings.yaml (the settings they are being made with)
+      checkpoints/           checkpoint-<step>/, settings.yaml (the settings they are being made with) and, once the
+                             training they belong to has finished, `finished`
       incomplete/            checkpoints a kill left half-written, set aside
       adapter/  merged/  eval/  push/ (the model card as pushed)
       logs/                  <job>.log, <job>.config.yaml (the config each job ran with), metrics.jsonl, tensorboard/
@@ -135,6 +136,12 @@ class RunDir:
         return self.checkpoints / "settings.yaml"
 
     @property
+    def checkpoints_finished_file(self) -> Path:
+        """Written when the training the checkpoints belong to finished: they are then the finished model's, and no
+        longer an interrupted training that `--force` resumes."""
+        return self.checkpoints / "finished"
+
+    @property
     def incomplete(self) -> Path:
         return self.root / "incomplete"
 
@@ -210,6 +217,19 @@ class RunDir:
         done = read_json(self.marker("train")) or {}
         return done["settings"] if isinstance(done.get("settings"), dict) else self.pinned_settings()
 
+    def interrupted_training(self, cfg: Config) -> Path | None:
+        """The checkpoint an interrupted training made with `cfg`'s settings left (one whose training has not
+        finished): the one `t2s train --force` with those settings resumes instead of discarding. None when there is
+        none."""
+        checkpoint = self.last_checkpoint()
+        if checkpoint is None or self.checkpoints_finished_file.exists() or not self.checkpoint_settings_file.is_file():
+            return None
+        made_with = self.checkpoint_settings()
+        if settings_differences(made_with, cfg.model_dump(mode="json"), READS["train"]) or \
+                set(flat(select(made_with, READS["train"]))) != set(flat(run_settings(cfg))):
+            return None
+        return checkpoint
+
     def check_settings(self, job: str, cfg: Config, force: bool) -> None:
         """Stops, in one line, a job whose config differs from the run's settings in what the job reads; `--force` on
         prep or train starts that job's own settings over. Train resumes only checkpoints made with its settings."""
@@ -221,12 +241,13 @@ class RunDir:
             raise T2SError(f"run {cfg.run_id} was made with other settings than yours: "
                            f"{describe_differences(differences)} ({self.settings_file}). Use the run's, or "
                            f"`t2s {redo} --force` to redo {redo} with yours (and what follows it)")
-        if job == "train" and not force:
+        if job == "train" and not force and not self.is_done("train"):  # (a finished train is skipped, not resumed)
             differences = settings_differences(self.checkpoint_settings(), mine, READS["train"])
             if differences:
                 raise T2SError(f"the checkpoints in {self.checkpoints} were made with other settings than yours: "
-                               f"{describe_differences(differences)}. Rerun with those to resume, or `t2s train "
-                               "--force` to start over with yours (the checkpoints are discarded)")
+                               f"{describe_differences(differences)}. Rerun with those to resume (`t2s train --config "
+                               f"{self.job_config('train')}`), or `t2s train --force` to start over with yours (the "
+                               "checkpoints are discarded)")
 
     # --- train's checkpoints
 
@@ -267,16 +288,18 @@ class RunDir:
     # --- a job's life: start, finish
 
     def start(self, job: str, cfg: Config, force: bool) -> None:
-        """The job's checks passed and it begins: it keeps the config it runs with in logs/. Train changes its work in
-        progress in place (checkpoints/), so its marker goes (a rerun resumes rather than skips); --force discards the
-        checkpoints (training starts over), and a fresh start records the settings they are made with. The other jobs
-        build their outputs beside the old ones, which stay, marker and all, until `finish` replaces them."""
+        """The job's checks passed and it begins: it keeps the config it runs with in logs/. Every job, train too,
+        leaves what it finished before (its outputs, its marker, the later jobs' markers) in place until `finish`
+        replaces them, so an interrupted or failed run loses nothing finished. Train works in checkpoints/: --force
+        discards them (training starts over), unless they are an interrupted training with the same settings, which it
+        resumes (so rerunning an interrupted `t2s train --force ...` goes on where it stopped); a fresh start records
+        the settings the checkpoints are made with."""
         write_atomic(self.job_config(job), dump_config(cfg))
         if job != "train":
             return
-        self.marker(job).unlink(missing_ok=True)
-        if force:
+        if force and self.interrupted_training(cfg) is None:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
+        self.checkpoints_finished_file.unlink(missing_ok=True)  # what is trained from here on has not finished
         if self.last_checkpoint() is None:
             # a fresh start: an earlier attempt's TensorBoard events would be uploaded beside this one's by push
             shutil.rmtree(self.logs / "tensorboard", ignore_errors=True)
@@ -295,6 +318,8 @@ class RunDir:
             replace_dir(staging, final)
         if job in PINNED_BY:
             self._pin(job, cfg)
+        if job == "train" and self.checkpoints.is_dir():
+            write_atomic(self.checkpoints_finished_file, "the training these checkpoints belong to finished\n")
         self.mark_done(job, **summary)
 
     def _pin(self, job: str, cfg: Config) -> None:

@@ -28,7 +28,7 @@ import tempfile
 import time
 import traceback
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
@@ -57,6 +57,8 @@ PROGRESS_STEPS = 1000  # SQLite VM instructions between wall-clock checks
 MAX_VALUE_BYTES = 100_000  # longest string or blob a query may build (Python >= 3.11; below, the memory cap holds)
 MAX_RESULT_BYTES = 50_000_000  # characters and bytes of a result's values, numbers and NULLs counting 8
 WORKER_MEMORY_BYTES = 1 << 30  # address space a worker may add to what it maps at start: SQLite, rows, parsing
+MAX_DATABASE_COPIES = 4  # WAL databases a Sandbox keeps a private copy of (one copy each: its latest state)
+COPY_ATTEMPTS = 5  # copies of a database being written, before a query on it gives up
 KILL_GRACE_S = 0.5  # how long past its time limit a query may run before its worker is killed
 TASK_BUDGET_S = 60.0  # a task's time between queries (parsing, building databases) before its worker is killed
 WATCH_EVERY_S = 0.05  # how often a Sandbox looks at its busy workers' deadlines
@@ -170,8 +172,10 @@ def readable_path(path: Path, private_dir: Path) -> Path:
         return path
     copy = Path(tempfile.mkdtemp(dir=private_dir)) / "database.sqlite"
     shutil.copyfile(path, copy)
-    if Path(f"{path}-wal").exists():
+    try:
         shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+    except FileNotFoundError:  # none, or the last writer checkpointed and removed it as it closed
+        pass
     return copy
 
 
@@ -184,7 +188,10 @@ _connections: dict[str, sqlite3.Connection] = {}  # in a worker: the files it ha
 
 
 def rows_from_file(path: str, sql: str, timeout_s: float, row_limit: int, stop_at_limit: bool = False) -> QueryRows:
-    """Runs in a worker: the query's rows on a database file (a readable_path), opened read-only once a worker."""
+    """Runs in a worker: the query's rows on a database file (a readable_path), opened read-only once a worker. A
+    connection to a copy the Sandbox has since freed is closed, so the copy's disk space is given back."""
+    for stale in [p for p in _connections if p != path and not Path(p).exists()]:
+        _connections.pop(stale).close()
     if path not in _connections:
         try:
             _connections[path] = connect_readonly(Path(path))
@@ -341,7 +348,7 @@ class Sandbox:
         self.kills = 0  # workers killed or lost
         self.peak_worker_memory_bytes = 0  # the largest resident size a worker reported
         self._private = tempfile.TemporaryDirectory(prefix="t2s-sandbox-")  # deadline files, copies of WAL databases
-        self._copies: dict[tuple, Path] = {}
+        self._copies: OrderedDict[str, tuple[tuple, Path]] = OrderedDict()  # database → (its state, readable path)
         self._workers: list[_Worker] = []
         self._closer = weakref.finalize(self, _stop_workers, self._workers)
         self._workers.extend(self._start() for _ in range(workers))
@@ -392,7 +399,14 @@ class Sandbox:
                    stop_at_limit: bool = False) -> QueryRows:
         """The query's rows on a SQLite file, read-only, with nothing written beside it (see readable_path); with
         `stop_at_limit`, at most row_limit of them instead of a failure past it."""
-        return self.run(rows_from_file, str(self._readable(Path(path))), sql, timeout_s, row_limit, stop_at_limit)
+        for attempt in range(2):
+            readable = self._readable(Path(path))
+            try:
+                return self.run(rows_from_file, str(readable), sql, timeout_s, row_limit, stop_at_limit)
+            except QueryFailed:  # the database changed under the query (switched to WAL, say): once more, as it is now
+                if attempt or self._copies[str(Path(path).resolve())][0] == _file_stamps(Path(path).resolve()):
+                    raise
+        raise AssertionError("unreachable")
 
     # ---- inside ----
 
@@ -482,20 +496,55 @@ class Sandbox:
         return f"its worker ended (exit code {code})"
 
     def _readable(self, path: Path) -> Path:
-        """readable_path, copied again only when the file or its -wal changed since the last copy."""
-        key = (str(path.resolve()), _file_stamps(path))
-        if key not in self._copies:
-            self._copies[key] = readable_path(path, Path(self._private.name))
-        return self._copies[key]
+        """readable_path, copied once per state of the database (the identity, modification time and size of the
+        file and of its -wal): the copy of an earlier state is freed when a new one is made, at most
+        MAX_DATABASE_COPIES databases keep a copy (the least recently queried goes first), and a copy is kept only
+        when the database did not change while it was copied (a database being written is copied again)."""
+        path = path.resolve()
+        name = str(path)
+        for _ in range(COPY_ATTEMPTS):
+            state = _file_stamps(path)
+            known = self._copies.get(name)
+            if known is not None and known[0] == state:
+                self._copies.move_to_end(name)
+                return known[1]
+            readable = readable_path(path, Path(self._private.name))
+            if _file_stamps(path) == state:  # one state, whole: not a database torn by a write during the copy
+                self._keep(name, state, readable)
+                return readable
+            self._free(readable)
+        raise QueryFailed(f"the database changed while it was copied, {COPY_ATTEMPTS} times running: query it again "
+                          "when writes to it pause")
+
+    def _keep(self, name: str, state: tuple, readable: Path) -> None:
+        if name in self._copies:
+            self._free(self._copies.pop(name)[1])
+        self._copies[name] = (state, readable)
+        while len(self._copies) > MAX_DATABASE_COPIES:
+            self._free(self._copies.popitem(last=False)[1][1])
+
+    def _free(self, readable: Path) -> None:
+        """Deletes a copy readable_path made (never the user's own file): the folder it was made in."""
+        folder = readable.parent
+        if folder.parent == Path(self._private.name):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _file_stamps(path: Path) -> tuple:
-    """(modification time, size) of a database file and of its -wal when there is one."""
+    """The state of a database: (name, device, inode, modification time, size) of the file and of its -wal when there
+    is one, and the header bytes that say whether it is in WAL mode."""
     stamps = []
     for file in (path, Path(f"{path}-wal")):
-        if file.exists():
+        try:
             stat = file.stat()
-            stamps.append((file.name, stat.st_mtime_ns, stat.st_size))
+        except FileNotFoundError:
+            continue
+        stamps.append((file.name, stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    try:
+        with open(path, "rb") as file:
+            stamps.append(file.read(100)[18:20])
+    except OSError:
+        pass
     return tuple(stamps)
 
 

@@ -273,11 +273,14 @@ def run(cfg: Config, run: RunDir) -> str:
 
 
 def what_a_rerun_does(run: RunDir) -> str:
-    """What `t2s train` again would do: resume only when a complete checkpoint is there to resume from."""
+    """The one command that resumes an interrupted training, when a complete checkpoint is there to resume from: train
+    with the config it ran with (kept in logs/), and --force when a finished training is there (whose settings may
+    differ; --force resumes an interrupted training with its own settings instead of discarding it)."""
     checkpoint = run.last_checkpoint()
     if checkpoint is None:
         return "rerun the same command to start again (no complete checkpoint to resume from)"
-    return f"rerun the same command to resume from {checkpoint.name}"
+    force = " --force" if run.is_done("train") else ""
+    return f"rerun `t2s train --config {run.job_config('train')}{force}` to resume from {checkpoint.name}"
 
 
 def _stream(command: list[str]) -> int:

@@ -452,3 +452,54 @@ def test_json_output_is_strict_json_without_terminal_controls(monkeypatch, songs
 def test_printable(text, shown):
     assert ask.printable(text) == shown
     assert ask.printable("a\nb\tc\x1b", multiline=True) == "a\nb\tc\\x1b"
+
+
+# ---------- limits that hold whatever the input (issue 31) ----------
+
+@pytest.mark.parametrize("args, input, expected", [
+    (["--schema", SONGS_SCHEMA, "--timeout-s", "inf", "q"], None, "--timeout-s must be a number of seconds above 0 "
+                                                                 "and at most 3600 (got inf)"),
+    (["--schema", SONGS_SCHEMA, "--timeout-s", "1e9", "q"], None, "--timeout-s must be a number of seconds"),
+    (["--schema", SONGS_SCHEMA, "--questions", "{surrogate}"], None, "line 2: the question is not UTF-8 text"),
+    (["--questions", "{surrogate_context}"], None, "line 1: the context is not UTF-8 text"),
+    (["--schema", SONGS_SCHEMA, "x" * 200_001], None, "the schema and question are 200,080 characters, more than "
+                                                      "the 200,000 a prompt may have"),
+    (["--schema", SONGS_SCHEMA, "--decoding", "checked", "-"], "q\n" + "y" * 200_000 + "\n",
+     "question 2: the schema and question are 200,079 characters"),
+])
+def test_inputs_past_the_limits_are_one_line_before_the_model_loads(tmp_path, args, input, expected):
+    (tmp_path / "s.jsonl").write_text('{"question": "ok?"}\n{"question": "bad \\ud800 here"}\n')
+    (tmp_path / "c.jsonl").write_text('{"question": "q", "context": "CREATE TABLE t (a \\udfff INTEGER)"}\n')
+    files = {"surrogate": tmp_path / "s.jsonl", "surrogate_context": tmp_path / "c.jsonl"}
+    args = [a.format(**files) if a.startswith("{") else a for a in args]
+    result = CliRunner().invoke(app, ["ask", "--model", "org/never-loaded", *args], input=input)
+    assert expected in one_error_line(result)  # org/never-loaded: nothing was loaded before the refusal
+
+
+def test_the_api_checks_the_same_limits_and_memory_failures_are_one_line():
+    class OutOfMemory(FakeGenerator):
+        def respond(self, pairs, batch_size):
+            raise MemoryError()
+
+    for decoding in ("greedy", "checked"):
+        generator = FakeGenerator("SELECT 1")
+        generator.decoding = decoding
+        with pytest.raises(T2SError, match="the question is not UTF-8 text"):
+            generator.answers([(SONGS_SCHEMA, "bad \ud800")])
+        with pytest.raises(T2SError, match="question 2: the schema and question are 200,079 characters"):
+            generator.answers([(SONGS_SCHEMA, "q"), (SONGS_SCHEMA, "y" * 200_000)])
+        assert generator.asked == []  # refused before anything was generated
+        oom = OutOfMemory()
+        oom.decoding = decoding
+        with pytest.raises(T2SError, match=r"out of memory while answering 1 question\(s\) \(MemoryError\): lower "):
+            oom.answers([(SONGS_SCHEMA, "q")])
+
+
+def test_one_prompt_length_cap_for_every_decoding_on_the_tiny_model(merged_run):
+    question = "How many songs " * 400  # about 2,000 tokens of the tiny model's 1,024-token context
+    for decoding in ("greedy", "checked"):
+        generator = ask.load(str(merged_run), device="cpu", decoding=decoding)
+        with pytest.raises(T2SError, match=r"the prompt \(schema and question\) is [\d,]+ tokens; with up to 128 new "
+                                           r"tokens that is more than the model's 1,024-token context"):
+            generator.answers([(SONGS_SCHEMA, question)])
+        assert generator.answers([(SONGS_SCHEMA, "How many songs?")])[0].text is not None

@@ -57,6 +57,10 @@ def verdicts(sandbox, context: str, texts: list[str], ended: str = "eos") -> lis
     ("SELECT title FROM songz", "no table songz in the schema"),
     ("SELECT s.age FROM singer AS s", "Unknown column: age"),
     ("SELECT name FROM singer JOIN song ON singer.id = song.singer AND 1", "Unknown column: singer"),
+    # issue 31: `FROM7` is an alias (SELECT COUNT(*) AS FROM7), so it ran and resolved, and was marked checked
+    ("SELECT COUNT(*) FROM7", "it reads no table of the schema (no FROM naming one)"),
+    ("SELECT 1", "it reads no table of the schema (no FROM naming one)"),
+    ("WITH x AS (SELECT 1 AS a) SELECT a FROM x", "it reads no table of the schema (no FROM naming one)"),
 ])
 def test_resolution_against_the_schema(sql, problem):
     tables = parse_schema(SONGS + "; " + TWO)

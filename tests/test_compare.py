@@ -63,3 +63,36 @@ def test_out_onto_a_file_is_one_line_and_the_file_is_kept(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
         assert result.stderr.startswith("t2s compare: error: ") and "--out" in result.stderr
         assert existing.read_text() == "my notes\n"
+
+
+def test_two_runs_that_share_a_run_id_are_both_shown(tmp_path):
+    """Issue 31: two runs with one run_id (the same config in two runs_dirs) gave 3 rows instead of 6: one run's rows
+    overwrote the other's. Each is named A or B, with its folder."""
+    a, b = write_report(tmp_path / "x" / "t", "t"), write_report(tmp_path / "y" / "t", "t")
+    report_b = json.loads((b / "eval" / "report.json").read_text())
+    report_b["results"]["merged"]["exact_match"] = 0.25
+    (b / "eval" / "report.json").write_text(json.dumps(report_b))
+    result = compare(tmp_path, a, b)
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| A:t:merged | 99.0% | 60.0% |" in table and "| B:t:merged | 99.0% | 25.0% |" in table
+    assert "| A:t:base |" in table and "| B:t:base |" in table
+    assert f"- `A:t` ({a}): validation split" in table and f"- `B:t` ({b}): validation split" in table
+
+
+@pytest.mark.parametrize("change", [
+    {"run_id": 7}, {"split": ["test"]}, {"n_examples": "ten"}, {"n_examples": 1e300}, {"dataset": {"hash": 12}},
+    {"results": {"merged": {**RESULT, "sql_only": "99%"}}}, {"results": {"merged": {**RESULT, "sql_only": 1e300}}},
+    {"results": {"merged": {**RESULT, "queries_per_s": 1e300}}},
+    {"results": {"merged": {**RESULT, "exact_match": None}}},
+    {"results": {"merged": {**RESULT, "queries_per_s": True}}}, {"results": {"merged": [1]}}, {"results": {}},
+    {"run_id": "x" * 100_000},
+])
+def test_a_hostile_report_is_one_line(tmp_path, change):
+    good = write_report(tmp_path / "good", "good")
+    report = {"run_id": "bad", "split": "validation", "n_examples": 10, "dataset": {"hash": "0123456789abcdef"},
+              "results": {"merged": RESULT}, **change}
+    hostile = write_report(tmp_path / "hostile", "bad", json.dumps(report))
+    result = compare(tmp_path, good, hostile)
+    assert result.exit_code == 2, result.output
+    assert "is not a t2s eval report" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -63,3 +63,16 @@ def test_secret_from_environment_then_dotenv(tmp_path, monkeypatch):
     assert secret("HF_TOKEN", env_file) == "from-env"
     monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
     assert secret("RUNPOD_API_KEY", tmp_path / "absent.env") is None
+
+
+def test_a_set_key_thousands_of_levels_deep_is_one_line(tmp_path):
+    """Issue 31: a 3,000-level --set path overflowed the recursion limit (a traceback)."""
+    deep = ".".join(["a"] * 3000) + "=1"
+    with pytest.raises(T2SError, match=r"a config key is at most 8 levels deep \(e.g. train.lora.r\): fix the key"):
+        load_config(None, [deep])
+    result = t2s("prep", "--set", deep, "--set", f"runs_dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and len(result.stderr) < 300
+    assert load_config(None, ["push.gates.min_rows=3"]).push.gates.min_rows == 3
+    with pytest.raises(T2SError, match="config key 'push.gates.min_rows'"):
+        load_config(None, ["push.gates.min_rows=0"])

@@ -292,3 +292,28 @@ def greedy_passed(run) -> float:
     """The share of the adapter's greedy answers that passed their checks, from the saved checked answers."""
     saved = json.loads((run / "eval" / "generations" / "adapter+checked.json").read_text())
     return 1 - sum(c["greedy_failed_checks"] for c in saved["checks"]) / len(saved["checks"])
+
+
+def test_saved_answers_name_the_gpu_model_so_another_gpu_type_generates_and_times_its_own(tmp_path, monkeypatch):
+    """Issue 31: saved generations recorded the device as "cuda", so an eval resumed on another GPU type reused the
+    first GPU's answers and published their throughput under the second GPU's name."""
+    import torch
+
+    from jobs.config import load_config
+    from jobs.rundir import RunDir
+
+    cfg, run = load_config(None), RunDir(tmp_path)
+    rows = [{"context": "CREATE TABLE t (a INTEGER)", "question": "How many?"}]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    keys = {}
+    for gpu in ("NVIDIA H100 80GB HBM3", "NVIDIA L4"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0, gpu=gpu: gpu)
+        keys[gpu] = eval_job.generation_key(cfg, run, rows, "merged", "plain")
+        assert keys[gpu]["device"] == gpu and eval_job.device_name() == gpu
+    path, answers = tmp_path / "merged.json", [Generation("SELECT 1", 3, 0.5)]
+    path.write_text(json.dumps({"key": keys["NVIDIA H100 80GB HBM3"], "generation_s": 0.5,
+                                "generations": [vars(g) for g in answers]}))
+    assert eval_job.saved_generations(path, keys["NVIDIA H100 80GB HBM3"]) == (answers, 0.5, {})
+    assert eval_job.saved_generations(path, keys["NVIDIA L4"]) is None  # generated and timed again on the L4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eval_job.device_name() == "cpu"

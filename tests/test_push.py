@@ -597,3 +597,44 @@ def test_token_never_printed_logged_or_written(workdir, hub):
     for repo in hub.repos.values():
         for path, stored in repo.files.items():
             assert TOKEN.encode() not in stored.content, path
+
+
+@pytest.mark.parametrize("report, gates, expected", [
+    (_report(split="train"), {}, ["the eval ran on the train split, which the model was trained on: evaluate a "
+                                  "held-out split (eval.split: test or validation)"]),
+    ({k: v for k, v in _report().items() if k != "split"}, {},
+     ["the eval report does not say which split it ran on (rerun `t2s eval --force`)"]),
+    # issue 31: 15.0% on 100 rows became 66.7% on eval.max_examples=3 and cleared the 50% gate
+    (_report(n_examples=3, merged={"n": 3, "gold_error": 0, "execution_accuracy": 0.667}), {},
+     ["execution accuracy rests on 3 rows < push.gates.min_rows 100 (evaluate more rows: raise or unset "
+      "eval.max_examples)"]),
+    (_report(merged={"n": 102, "gold_error": 2, "build_error": 1}), {},
+     ["execution accuracy rests on 99 rows < push.gates.min_rows 100 (evaluate more rows: raise or unset "
+      "eval.max_examples)"]),
+    (_report(merged={"n": 3, "gold_error": 0}), {"min_rows": 3}, []),
+    (_report(merged={"n": "300"}), {}, ["the eval report does not say how many rows it scored (rerun `t2s eval "
+                                        "--force`)"]),
+])
+def test_push_gates_refuse_what_the_rows_cannot_support(report, gates, expected):
+    assert gate_failures(report, PushGates(**gates), "merged")[0] == expected
+
+
+def test_the_card_never_calls_the_train_split_held_out(tmp_path):
+    config, _ = make_run(tmp_path)
+    card = render_model_card(load_config(config), REPO, report=_report(split="train"), train_done=TRAIN_DONE,
+                             prompt_suffix="\n")
+    assert "On the held-out" not in card and "On the **train** split (300 examples)" in card
+    assert card.count("held-out") == 1  # only in the warning that these are not held-out rows
+    assert "These are the rows the model was trained on, not held-out ones" in card
+    held_out = render_model_card(load_config(config), REPO, report=REPORT, train_done=TRAIN_DONE, prompt_suffix="\n")
+    assert "On the held-out **test** split (300 examples)" in held_out
+
+
+def test_push_refuses_an_eval_on_the_train_split_in_one_line(workdir, hub, push_here):
+    config, root = make_run(workdir)
+    (root / "eval" / "report.json").write_text(json.dumps(_report(split="train")))
+    result = push_here(config, "push.dry_run=true")
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and hub.requests == [] and not (root / "push.done").exists()
+    assert line.startswith("t2s push: error: not publishing run r1: the eval ran on the train split") and \
+        "on 300 train examples" in line

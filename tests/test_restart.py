@@ -86,7 +86,9 @@ def test_rerun_to_resume_is_said_only_when_a_rerun_can_resume(copy_run, tmp_path
     checkpoint = tmp_path / "runs" / "t" / "checkpoints" / "checkpoint-3"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 3}')
-    assert what_a_rerun_does(RunDir(tmp_path / "runs" / "t")) == "rerun the same command to resume from checkpoint-3"
+    config = tmp_path / "runs" / "t" / "logs" / "train.config.yaml"  # the config train last ran with
+    assert what_a_rerun_does(RunDir(tmp_path / "runs" / "t")) == \
+        f"rerun `t2s train --config {config}` to resume from checkpoint-3"
 
 
 def test_no_validation_split_trains_without_evaluation(tmp_path):

@@ -171,3 +171,59 @@ def test_eval_of_an_adapter_that_a_full_fine_tune_never_made_is_one_line(copy_ru
     assert line == (f"t2s eval: error: eval.models has adapter, but {run / 'adapter'} holds a full fine-tune (no LoRA "
                     "adapter): evaluate it as merged (`t2s merge`, then eval.models: [base, merged])")
     assert not (run / "eval").exists()
+
+
+def test_an_interrupted_force_resumes_with_the_command_it_prints_and_loses_nothing_finished(copy_finished):
+    """Issue 31: an interrupted `t2s train --force --set ...` said "rerun the same command to resume", but that command
+    discarded the checkpoint and every other one was refused; and --force removed train.done as it started, so merge
+    and eval refused the finished model that nothing had replaced. Now the message prints the one command that
+    resumes, and the finished model stays usable until a new one has finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jobs.train import installed_stack
+    from tests.conftest import ROOT
+
+    run, config = copy_finished()
+    finished = files(run, "adapter", "merged")
+    forced = ["train", "--config", str(config), "--force", "--set", "train.max_steps=16",
+              "--set", "train.save_every_steps=2"]
+    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", *forced], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+
+    def new_checkpoint() -> bool:  # one of the forced training's, not one the finished training left
+        settings = run / "checkpoints" / "settings.yaml"
+        return settings.is_file() and "max_steps: 16" in settings.read_text() and any(
+            (p / "trainer_state.json").is_file() for p in (run / "checkpoints").glob("checkpoint-*"))
+
+    deadline = time.monotonic() + 240
+    while not new_checkpoint() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=240)
+    line = err.strip().splitlines()[-1]
+    assert process.returncode == 2 and "Traceback" not in err, out[-2000:] + err[-2000:]
+    interrupted_at = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
+    command = f"t2s train --config {run / 'logs' / 'train.config.yaml'} --force"
+    assert line.endswith(f"rerun `{command}` to resume from checkpoint-{interrupted_at}"), line
+
+    # Nothing finished is lost: train's record, the adapter and merged model, and the later jobs' markers stay usable.
+    assert done(run, "train")["global_step"] == 6 and (run / "merge.done").exists()
+    assert files(run, "adapter", "merged") == finished
+    ok(t2s("train", "--config", str(config)))  # the finished training: skipped, neither refused nor resumed
+    ok(t2s("merge", "--config", str(config), "--force"))  # merge still has a finished train to merge
+    assert done(run, "merge")["verified"] is True
+
+    result = t2s(*command.split()[1:])
+    if not installed_stack().loads_checkpoints:
+        assert result.returncode == 2 and "cannot resume from" in result.stderr.strip().splitlines()[-1]
+        pytest.skip("torch < 2.6: transformers cannot load a checkpoint's optimizer state (check_stack)")
+    ok(result)
+    assert f"resuming from {run / 'checkpoints' / f'checkpoint-{interrupted_at}'}" in result.stdout
+    assert done(run, "train")["global_step"] == 16 and done(run, "train")["settings"]["train"]["max_steps"] == 16
+    assert not (run / "merge.done").exists()  # the new model replaced the one merge had merged
+    # Once finished, its checkpoints are the finished model's: the same --force trains again from step 0.
+    result = ok(t2s(*forced))
+    assert "resuming" not in result.stdout and done(run, "train")["global_step"] == 16
