@@ -404,7 +404,8 @@ class Sandbox:
             try:
                 return self.run(rows_from_file, str(readable), sql, timeout_s, row_limit, stop_at_limit)
             except QueryFailed:  # the database changed under the query (switched to WAL, say): once more, as it is now
-                if attempt or self._copies[str(Path(path).resolve())][0] == _file_stamps(Path(path).resolve()):
+                known = self._copies.get(str(Path(path).resolve()))
+                if attempt or known is None or known[0] == _file_stamps(Path(path).resolve()):
                     raise
         raise AssertionError("unreachable")
 
