@@ -11,7 +11,7 @@ PYTHON_CU118 ?= $(firstword $(foreach python,python3.10 $(wildcard $(or $(PYENV_
 CONFIG ?= configs/default.yaml
 RUN ?=
 
-.PHONY: install install-cu118 demo test test-cu12 test-cu118 pipeline launch-train logs follow ls watch down images images-committed push-images image-smoke clean clean-runs
+.PHONY: install install-cu118 demo test test-cu12 test-cu118 test-fast pipeline launch-train logs follow ls watch down images images-committed push-images image-smoke clean clean-runs
 
 # One-time install into .venv: the CPU build of torch, then the exact package set the cu12 image ships.
 # torch comes from TORCH_INDEX_URL (PyTorch's CPU-only index: PyPI's torch is the CUDA build, with GBs of nvidia-*
@@ -56,13 +56,19 @@ demo: install
 # The suite on each image's package set, so that the code is tested on the stack each image ships.
 test: test-cu12 test-cu118
 
+# pytest-xdist: one worker per core; a file's tests stay on one worker (they share its module fixtures).
+PYTEST_PARALLEL ?= -n auto --dist loadfile
 test-cu12: install
 	@echo "== tests on the cu12 set (.venv: torch 2.13.0 CPU, images/requirements-cu12.txt)"
-	$(BIN)/pytest -q --durations=8
+	$(BIN)/pytest -q $(PYTEST_PARALLEL) --durations=8
 
 test-cu118: install-cu118
 	@echo "== tests on the cu118 set (.venv-cu118: Python 3.10, torch 2.1.2, images/requirements-cu118.txt)"
-	$(VENV_CU118)/bin/pytest -q --durations=8
+	$(VENV_CU118)/bin/pytest -q $(PYTEST_PARALLEL) --durations=8
+
+# The developers' fast lane: every module's core, without the end-to-end runs of real jobs (marked slow).
+test-fast: install
+	$(BIN)/pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 pipeline: install
 	$(BIN)/t2s pipeline --config $(CONFIG)
