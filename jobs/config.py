@@ -100,6 +100,10 @@ class TrainConfig(Section):
     torch_compile: bool = False
     liger_kernel: bool = False
     dataloader_workers: int = Field(default=0, ge=0)
+    # hub: each complete checkpoint also goes to a private Hub model repo (newest only), so that a new pod of the run
+    # (a spot preemption) resumes from it; a network volume (infra.network_volume_id) keeps them instead.
+    checkpoint_sync: Literal["none", "hub"] = "none"
+    checkpoint_repo: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class MergeConfig(Section):

@@ -237,6 +237,16 @@ def check(cfg: Config, run: RunDir) -> None:
     attention = pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
     check_stack(cfg.train, accelerate, attention, gpus, None, installed_stack())
     check_source(base_model_path(cfg, run), "model")
+    restore_synced_checkpoint(cfg, run)
+
+
+def restore_synced_checkpoint(cfg: Config, run: RunDir) -> None:
+    """train.checkpoint_sync: hub on a volume without checkpoints (a new pod of the run): the synced one comes back."""
+    from jobs import checkpoint_sync
+
+    repo = checkpoint_sync.sync_repo(cfg)
+    if repo is not None:
+        checkpoint_sync.restore(run, cfg, repo, checkpoint_sync.hub_token(), say=lambda line: print(line, flush=True))
 
 
 def run(cfg: Config, run: RunDir) -> str:
@@ -476,7 +486,27 @@ def make_callbacks(cfg: Config, run: RunDir):
                 shown.append(f"eta {record['eta_s']:.0f}s")
             print(" · ".join([f"step {state.global_step}/{state.max_steps}", *shown]), flush=True)
 
-    return [ProgressAndPreemption()]
+    callbacks = [ProgressAndPreemption()]
+    from jobs import checkpoint_sync
+
+    repo = checkpoint_sync.sync_repo(cfg)
+    if repo is not None:
+        syncer = checkpoint_sync.HubCheckpointSync(repo, checkpoint_sync.hub_token(),
+                                                   say=lambda line: print(line, flush=True))
+
+        class SyncCheckpoints(TrainerCallback):
+            """Each complete checkpoint (on_save comes after trainer_state.json) to the Hub, in the background."""
+
+            def on_save(self, args, state, control, **kwargs):
+                if state.is_world_process_zero:
+                    syncer.submit(Path(args.output_dir) / f"checkpoint-{state.global_step}", run.checkpoint_settings_file)
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if state.is_world_process_zero and not syncer.wait():
+                    print(f"checkpoint sync: the last upload to {repo} did not finish in time", flush=True)
+
+        callbacks.append(SyncCheckpoints())
+    return callbacks
 
 
 def load_tokenized(run: RunDir, split: str):
