@@ -47,6 +47,13 @@ class Launch:
     max_cost_usd: float | None = None
     keep_pod: bool = False
     pod_name: str = ""  # chosen before the pod is asked for; "" in records written before names were kept
+    interruptible: bool = False  # a spot pod, which RunPod may stop at any time
+    attempt: int = 1  # which pod of the launch this is (infra/recovery.py relaunches a pod that ended unannounced)
+    series: str = ""  # the first attempt's pod name: what the attempts of one launch share ("": its own)
+
+    @property
+    def series_key(self) -> str:
+        return self.series or self.key
 
     @property
     def is_live(self) -> bool:

@@ -55,6 +55,16 @@ class InfraSettings(BaseModel):
     # Hub dataset for the run's logs; None: <the HF_TOKEN's user>/t2s-runs (infra.preflight).
     logs_repo: str | None = Field(default=None, pattern=HUB_ID.pattern)
     env: dict[str, str] = {}  # extra non-secret environment for the job (values are checked with the whole config)
+    # Spot pods (infra/recovery.py): RunPod may stop one at any time; the run is relaunched and resumes from its
+    # synced checkpoint (train.checkpoint_sync: hub) or its network volume.
+    interruptible: bool = False
+    bid_per_gpu_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # None: RunPod's listed spot price
+    max_recoveries: int | None = Field(default=None, ge=0)  # pods relaunched after one ends unannounced; None: 3 spot, 0
+    on_demand_after_preemptions: int | None = Field(default=None, gt=0)  # then on-demand (also after no spot capacity)
+
+    @property
+    def recoveries(self) -> int:
+        return self.max_recoveries if self.max_recoveries is not None else (3 if self.interruptible else 0)
 
     @field_validator("env")
     @classmethod

@@ -269,8 +269,14 @@ def _cost_section(cfg: Config, train_done: dict | None) -> str:
                 "not included)")
     else:
         cost = "unknown"
-    return ("## Hardware, time and cost\n\n| | |\n|---|---|\n"
-            f"| hardware | {hardware} |\n| training time | {time_text} |\n| cost | {cost} |")
+    rows = f"| hardware | {hardware} |\n| training time | {time_text} |\n| cost | {cost} |"
+    if cfg.push.attempts > 1:
+        spent = [f"≈ {cfg.push.earlier_attempts_min:,.1f} min" if cfg.push.earlier_attempts_min is not None else "",
+                 f"≈ ${cfg.push.earlier_attempts_usd:,.2f}" if cfg.push.earlier_attempts_usd is not None else ""]
+        earlier = ", ".join(part for part in spent if part) or "time and cost unknown"
+        rows += (f"\n| attempts | {cfg.push.attempts} pods: {cfg.push.attempts - 1} preempted or lost before the one "
+                 f"that finished ({earlier}, not in the figures above) |")
+    return "## Hardware, time and cost\n\n| | |\n|---|---|\n" + rows
 
 
 def _files_section(adapter: bool, evaluated: bool) -> str:

@@ -153,6 +153,11 @@ class PushConfig(Section):
     # Hardware, time and cost for the model card; filled in by infra when it launched the run.
     hardware: str | None = None
     cost_per_hour_usd: float | None = Field(default=None, ge=0)
+    # Filled in by infra when it relaunched the run after a preemption or a lost pod (infra.max_recoveries): the pods
+    # the run took, and what the earlier ones ran and cost.
+    attempts: int = Field(default=1, ge=1)
+    earlier_attempts_min: float | None = Field(default=None, ge=0)
+    earlier_attempts_usd: float | None = Field(default=None, ge=0)
 
 
 class Config(Section):

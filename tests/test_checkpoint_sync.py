@@ -122,7 +122,7 @@ def test_turning_sync_on_does_not_change_the_runs_settings(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_syncs_and_a_fresh_volume_resumes_to_the_same_step_count(copy_run, tmp_path):
+def test_train_syncs_and_a_fresh_volume_resumes_to_the_same_step_count(copy_run, tmp_path, monkeypatch):
     with FakeHub({TOKEN: ["alice"]}) as fake:
         env = {"HF_TOKEN": TOKEN, "HF_ENDPOINT": fake.url, "HF_HUB_DISABLE_XET": "1"}
         train = {"checkpoint_sync": "hub", "checkpoint_repo": REPO, "max_steps": 4, "save_every_steps": 2,
@@ -139,12 +139,9 @@ def test_train_syncs_and_a_fresh_volume_resumes_to_the_same_step_count(copy_run,
         checkpoint_sync.stage(RunDir(run).checkpoints / "checkpoint-2", RunDir(run).checkpoint_settings_file, staging)
         import huggingface_hub.constants as constants
 
-        endpoint = constants.ENDPOINT
-        constants.ENDPOINT = fake.url
-        try:
-            checkpoint_sync.upload(staging, REPO, TOKEN, "checkpoint-2")
-        finally:
-            constants.ENDPOINT = endpoint
+        monkeypatch.setattr(constants, "ENDPOINT", fake.url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        checkpoint_sync.upload(staging, REPO, TOKEN, "checkpoint-2")
         # A new pod: a volume with prep's output and no checkpoint, the same settings.
         run2, cfg2 = copy_run("second", train=train)
         second = t2s("train", "--config", str(cfg2), env=env)
