@@ -183,3 +183,16 @@ def test_the_spot_mutation_escapes_every_string():
     assert given["gpuCount"] == 2 and given["cloudType"] == "SECURE"
     assert given["env"] == [{"key": "T2S_CONFIG_YAML", "value": 'a: "b"\nc: 1'}]
     assert not math.isnan(given["bidPerGpu"])
+
+
+def test_the_card_says_how_many_pods_the_run_took():
+    from jobs.card import _cost_section
+    from jobs.config import Config
+
+    done = {"train_runtime_s": 600, "gpu_name": "L4", "num_gpus": 1}
+    one = Config.model_validate({"push": {"cost_per_hour_usd": 0.22}})
+    assert "attempts" not in _cost_section(one, done)
+    three = Config.model_validate({"push": {"cost_per_hour_usd": 0.22, "attempts": 3, "earlier_attempts_min": 12.5,
+                                            "earlier_attempts_usd": 0.05}})
+    assert ("| attempts | 3 pods: 2 preempted or lost before the one that finished (≈ 12.5 min, ≈ $0.05, not in the "
+            "figures above) |") in _cost_section(three, done)
