@@ -188,7 +188,7 @@ def format_table(launches: list[Launch], at_iso: str) -> str:
             launch.run_id,
             launch.job,
             launch.pod_id or f"({launch.pod_name})",  # asked for, its id not known yet
-            f"{launch.gpu_count}x {launch.gpu}",
+            f"{launch.gpu_count}x {launch.gpu}" + (" spot" if launch.interruptible else ""),
             "?" if launch.cost_per_hr is None else f"{launch.cost_per_hr:.2f}",
             _short_time(launch.started_at),
             _short_time(launch.ended_at) if launch.ended_at else "-",

@@ -119,6 +119,7 @@ def test_watch_relaunches_for_a_detached_launcher(fake):
     # A second watch does not relaunch again while attempt 2 runs; down stops it.
     t2s_infra("watch", "--once")
     assert len(records.load_all()) == 2
+    assert "2x NVIDIA L4 spot" in t2s_infra("ls", "--offline").stdout
     assert t2s_infra("down", "demo").exit_code == 0
     assert fake.live_pods() == []
 
