@@ -252,6 +252,10 @@ def recover(ended: Launch, *, hf_token: str, runpod_key: str, say: Say, followed
     launches = attempts_of(series)
     if not launches or launches[-1].key != ended.key:
         return None  # another t2s-infra (the launcher, or watch) relaunched it already
+    if (code := reported_exit(ended, hf_token)) is not None:
+        say(f"run {ended.run_id}: the job on pod {ended.pod_id} reported its end (exit {code}) in the run's uploaded "
+            f"logs: not relaunched. Logs: t2s-infra logs {ended.run_id}")
+        return None
     decision = decide(plan.infra, launches, records.now_iso())
     if not decision.relaunch:
         say(f"run {ended.run_id}: {decision.reason}")
@@ -263,6 +267,28 @@ def recover(ended: Launch, *, hf_token: str, runpod_key: str, say: Say, followed
     return launch_attempt(plan, attempt=attempt, series=series, on_demand=decision.on_demand,
                           runtime_min=decision.runtime_min, cost_usd=decision.cost_usd, hf_token=hf_token,
                           runpod_key=runpod_key, say=say)
+
+
+def reported_exit(launch: Launch, hf_token: str) -> int | None:
+    """The exit code the pod's entrypoint uploaded (logs/pod-end.json in the logs dataset) before it terminated its
+    pod, when it did: a pod gone before its log was read to the end may have finished its job. None: no such file,
+    another pod's, or the Hub cannot say."""
+    import tempfile
+
+    from infra import logs
+
+    if not launch.logs_repo:
+        return None
+    with tempfile.TemporaryDirectory(prefix="t2s-pod-end-") as folder:
+        try:
+            logs.snapshot_download(launch.logs_repo, repo_type="dataset", local_dir=folder, token=hf_token,
+                                   allow_patterns=[f"{launch.run_id}/logs/pod-end.json"])
+            end = json.loads((Path(folder) / launch.run_id / "logs" / "pod-end.json").read_text())
+        except Exception:  # absent, unreadable, or the Hub unreachable: the rule goes on without it
+            return None
+    if isinstance(end, dict) and end.get("pod_id") == launch.pod_id and isinstance(end.get("exit_code"), int):
+        return end["exit_code"]
+    return None
 
 
 def follow_recovering(first: Launch, follow_one: Callable[[Launch], Outcome], *, hf_token: str, runpod_key: str,

@@ -4,6 +4,7 @@ not retried, `watch` relaunching for a detached launcher, and bad input refused 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -19,6 +20,12 @@ from tests.fake_runpod import GraphQLSyntaxError, parse_root_fields  # noqa: F40
 from tests.test_infra_pods import CONFIG, fake, outcome_lines, t2s_infra, write_config  # noqa: F401 (fixture)
 
 SPOT = {"interruptible": "true", "max_recoveries": "2"}
+
+
+@pytest.fixture(autouse=True)
+def jobs_that_outlast_the_followers_connection(fake):
+    # A scripted job over before the launcher connects to its log (a loaded machine) would look like a lost pod.
+    fake.faults.line_every_s = 0.1
 
 
 def preempt_at(monkeypatch, fake, line: str, pods: int) -> None:
@@ -83,7 +90,9 @@ def test_no_spot_capacity_falls_back_to_on_demand(fake):
     result = t2s_infra("launch", "--job", "train", "--config", str(write_config(**SPOT, on_demand_after_preemptions="1")))
     assert result.exit_code == 0, result.output
     assert "falling back to on-demand" in result.stderr
-    [launch] = records.load_all()
+    launches = records.load_all()
+    assert len(launches) == 1, (result.stderr, launches)
+    [launch] = launches
     assert (launch.interruptible, launch.status) == (False, "succeeded")
 
 
@@ -197,3 +206,23 @@ def test_the_card_says_how_many_pods_the_run_took():
                                             "earlier_attempts_usd": 0.05}})
     assert ("| attempts | 3 pods: 2 preempted or lost before the one that finished (≈ 12.5 min, ≈ $0.05, not in the "
             "figures above) |") in _cost_section(three, done)
+
+
+def test_a_pod_whose_job_reported_its_end_in_the_uploaded_logs_is_not_relaunched(fake, monkeypatch):
+    """A pod gone before its log was read to the end may have finished: the pod-end.json its entrypoint uploaded
+    says so, and the run is not launched again."""
+    from infra import logs
+
+    preempt_at(monkeypatch, fake, "train line 2/6", pods=1)
+
+    def uploaded(repo_id, *, local_dir, allow_patterns, **_):
+        [pattern] = allow_patterns
+        target = Path(local_dir) / pattern
+        target.parent.mkdir(parents=True, exist_ok=True)
+        [pod_id] = list(fake.pods)
+        target.write_text(json.dumps({"pod_id": pod_id, "exit_code": 0}))
+
+    monkeypatch.setattr(logs, "snapshot_download", uploaded)
+    result = t2s_infra("launch", "--job", "train", "--config", str(write_config(**SPOT)))
+    assert "reported its end (exit 0) in the run's uploaded logs: not relaunched" in result.stderr
+    assert fake.operations().count("podRentInterruptable") == 1
