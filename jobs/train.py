@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 from jobs.config import Config, TrainConfig, load_config, read_yaml_mapping
@@ -509,6 +510,12 @@ def make_callbacks(cfg: Config, run: RunDir):
     return callbacks
 
 
+def checkpoint_is_final(checkpoint: Path, max_steps: int) -> bool:
+    """The checkpoint was saved at train.max_steps (when that, not epochs, ends training)."""
+    state = read_json(checkpoint / "trainer_state.json") or {}
+    return max_steps > 0 and isinstance(state.get("global_step"), int) and state["global_step"] >= max_steps
+
+
 def load_tokenized(run: RunDir, split: str):
     """prep's tokenized `split`, or None when prep left it empty: datasets saves an empty split as no data files and
     then cannot load it (IndexError), so the row count comes from prep's manifest."""
@@ -565,7 +572,18 @@ def worker(config_path: str) -> int:
     elif trainer.is_world_process_zero():
         run.metrics.unlink(missing_ok=True)  # a fresh start: no lines from an earlier attempt
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume and checkpoint_is_final(resume, args.max_steps) and not deepspeed:
+        # A checkpoint of the last step (a pod lost after it, e.g. during eval): resuming would train one step more
+        # (transformers skips the step's batches, then steps once before it checks max_steps); its weights are the
+        # trained model.
+        from transformers.trainer_callback import TrainerState
+
+        print(f"{resume.name} is the last step (train.max_steps): its weights are the trained model", flush=True)
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        result = SimpleNamespace(metrics={})
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if callbacks[0].preempted:
         print("SIGTERM: checkpoint saved, stopping; rerun to resume", flush=True)
         return PREEMPTED_EXIT

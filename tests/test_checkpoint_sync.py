@@ -149,3 +149,27 @@ def test_train_syncs_and_a_fresh_volume_resumes_to_the_same_step_count(copy_run,
         assert "restored checkpoint-2 from the Hub" in second.stdout and "resuming from" in second.stdout
         assert json.loads((run2 / "train.done").read_text())["global_step"] == 4  # as the uninterrupted run
         assert json.loads((run / "train.done").read_text())["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_synced_checkpoint_of_the_last_step_is_the_trained_model_without_a_step_more(copy_run, tmp_path,
+                                                                                      monkeypatch):
+    """A pod lost after training (during merge or eval): the new one restores the last step's checkpoint and takes
+    its weights as they are, rather than resuming into one optimizer step more."""
+    with FakeHub({TOKEN: ["alice"]}) as fake:
+        env = {"HF_TOKEN": TOKEN, "HF_ENDPOINT": fake.url, "HF_HUB_DISABLE_XET": "1"}
+        train = {"checkpoint_sync": "hub", "checkpoint_repo": REPO, "max_steps": 4, "save_every_steps": 2}
+        run, cfg_path = copy_run("first", train=train)
+        assert t2s("train", "--config", str(cfg_path), env=env).returncode == 0
+        run2, cfg2 = copy_run("second", train=train)
+        second = t2s("train", "--config", str(cfg2), env=env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "restored checkpoint-4 from the Hub" in second.stdout
+        assert "checkpoint-4 is the last step" in second.stdout
+        assert json.loads((run2 / "train.done").read_text())["global_step"] == 4
+        import safetensors.torch as st
+
+        first_weights = st.load_file(str(run / "adapter" / "adapter_model.safetensors"))
+        second_weights = st.load_file(str(run2 / "adapter" / "adapter_model.safetensors"))
+        assert first_weights.keys() == second_weights.keys()
+        assert all((first_weights[k] == second_weights[k]).all() for k in first_weights)
