@@ -226,3 +226,12 @@ def test_a_pod_whose_job_reported_its_end_in_the_uploaded_logs_is_not_relaunched
     result = t2s_infra("launch", "--job", "train", "--config", str(write_config(**SPOT)))
     assert "reported its end (exit 0) in the run's uploaded logs: not relaunched" in result.stderr
     assert fake.operations().count("podRentInterruptable") == 1
+
+
+def test_a_cap_reached_across_attempts_stops_the_relaunching(fake, monkeypatch):
+    preempt_at(monkeypatch, fake, "train line 2/6", pods=5)
+    # Nothing worth a second pod is left of $0.01 once the first has run (less than a cent is left).
+    result = t2s_infra("launch", "--job", "train", "--config", str(write_config(**SPOT, max_cost_usd="0.01")))
+    assert result.exit_code == 1
+    assert "the caps are reached across the 1 pod(s)" in result.stderr and "not relaunched" in result.stderr
+    assert fake.operations().count("podRentInterruptable") == 1 and fake.live_pods() == []
