@@ -66,3 +66,31 @@ def test_a_preempted_spot_pod_resumes_on_a_new_pod_from_the_synced_checkpoint(wo
     for record in records:
         assert (run / "logs" / f"pod-{record['pod_id']}.log").stat().st_size > 0
     world.assert_no_secret_anywhere()
+
+
+def test_watch_recovers_a_preempted_run_whose_launcher_detached(world):
+    import os
+    import signal
+
+    run_id = "e2e-watch"
+    running = world.start_launch(*[f"run_id={run_id}" if s.startswith("run_id=") else s for s in SPOT])
+    wait_for_synced_checkpoint(world, f"{USER}/t2s-{run_id}-checkpoints", POD_TIMEOUT_S)
+    os.killpg(running.process.pid, signal.SIGINT)  # Ctrl-C: the launcher detaches, the pod goes on
+    assert running.finish(timeout=60) != 0
+    assert "relaunch after a preemption: t2s-infra watch" in "".join(running.lines)
+    [first] = world.runpod.live_pods()
+    world.runpod.preempt(first.id)
+    watched = world.make("watch")  # until no pod is live: the relaunched one included
+    assert watched.returncode == 0, watched.stderr[-4000:]
+    assert re.search(r"run e2e-watch: relaunched on pod pod\d+fake \(attempt 2\)", watched.stderr), watched.stderr
+    world.assert_nothing_left()
+    records = list(world.records().values())
+    assert [(r["attempt"], r["status"]) for r in records][0] == (1, "gone")
+    assert records[1]["attempt"] == 2
+    fetched = world.make("logs", f"RUN={run_id}")
+    assert fetched.returncode == 0, fetched.stderr
+    run = world.checkout / "runs" / run_id
+    assert json.loads((run / "train.done").read_text())["global_step"] == STEPS
+    assert "checkpoint sync: restored checkpoint-" in (run / "logs" / "train.log").read_text()
+    assert "| attempts | 2 pods" in world.hub_file(f"{USER}/t2s-{run_id}", "README.md")
+    world.assert_no_secret_anywhere()
