@@ -20,7 +20,7 @@ from jobs.config import load_config
 from jobs.errors import T2SError, one_line_errors
 from jobs.credentials import find_secret
 from jobs.rundir import JOBS, RunDir, read_json, write_atomic
-from infra import preflight, records, watchdog
+from infra import preflight, records, recovery, watchdog
 from infra import runpod_api as api
 from infra.hints import me
 from infra.launch import launch_pod
@@ -170,6 +170,7 @@ def launch(
                                                    identity.user):
                 raise T2SError(problem)
             passed.append(source.line("on the Hub, readable with HF_TOKEN"))
+        _check_checkpoint_repo(cfg, settings, identity, model_repo)
         settings = settings.model_copy(update={"logs_repo": logs_repo})
         pod_cfg = preflight.pod_config(cfg, settings, model_repo=model_repo, logs_repo=logs_repo)
         api.connect(runpod_key)
@@ -178,6 +179,7 @@ def launch(
         if problem := preflight.price_problem(settings, prices):
             raise T2SError(problem)
         passed.append(f"RUNPOD_API_KEY accepted; RunPod knows {', '.join(settings.gpu_types)}")
+        bid_per_gpu = _spot_bids(settings)
 
         def config_text(gpu_type: str, price_per_hr: float | None) -> str:
             text = preflight.config_for_gpu(pod_cfg, gpu_type, settings.gpu_count, settings.cloud_type, price_per_hr)
@@ -192,13 +194,21 @@ def launch(
                                            model_repo=model_repo, logs_repo=logs_repo, private=cfg.push.private),
                      *preflight.check_lines(passed)]:
             say(line)
+        for line in _recovery_plan_lines(pod_cfg, settings, prices, bid_per_gpu):
+            say(line)
         if dry_run:
             say("dry run: every check passed; nothing was asked and no pod was created (launch it without --dry-run)")
             return
         _confirm(yes)
+        recovering = settings.interruptible or settings.recoveries > 0
         try:
-            started = launch_pod(settings, run_id=cfg.run_id, job=job, config_text=config_text, prices=prices,
-                                 hf_token=hf_token, runpod_api_key=runpod_key, say=say)
+            if recovering:
+                started = recovery.start(recovery.plan_for(pod_cfg, settings, run_id=cfg.run_id, job=job, prices=prices,
+                                                           bid_per_gpu=bid_per_gpu, runs_dir=str(cfg.runs_dir)),
+                                         hf_token=hf_token, runpod_key=runpod_key, say=say)
+            else:
+                started = launch_pod(settings, run_id=cfg.run_id, job=job, config_text=config_text, prices=prices,
+                                     hf_token=hf_token, runpod_api_key=runpod_key, say=say)
         except KeyboardInterrupt:  # a second Ctrl-C, while launch_pod was squaring the first with RunPod
             raise T2SError(f"interrupted while launching run {cfg.run_id}: if RunPod made its pod, it runs on; "
                            f"`{me()} down {cfg.run_id}` finds it by its recorded name and stops it (`{me()} ls` "
@@ -215,7 +225,61 @@ def launch(
                 return
         except KeyboardInterrupt:  # the pod runs: detach, as a Ctrl-C while following does
             _detached(started)
-        _follow_and_report(started, runpod_key, Path(cfg.runs_dir))
+        if recovering:
+            _follow_recovering_and_report(started, hf_token, runpod_key, Path(cfg.runs_dir))
+        else:
+            _follow_and_report(started, runpod_key, Path(cfg.runs_dir))
+
+
+# ---------------------------------------------------------------- spot pods and recovery (infra/recovery.py)
+
+
+def _check_checkpoint_repo(cfg, settings, identity: preflight.HubIdentity, model_repo: str) -> None:
+    """train.checkpoint_sync: hub needs a token that may write the checkpoints' repo: one line before any pod."""
+    if cfg.train.checkpoint_sync != "hub" or settings.network_volume_id:
+        return
+    repo = cfg.train.checkpoint_repo or f"{model_repo}-checkpoints"
+    if not identity.may_write(repo.split("/")[0]):
+        raise T2SError(f"train.checkpoint_sync: hub, but HF_TOKEN ({identity.user}, {identity.role} token) may not "
+                       f"write to {repo}: use a token that may write there, set train.checkpoint_repo under a "
+                       "namespace it may write to, or set train.checkpoint_sync: none")
+
+
+def _spot_bids(settings) -> dict[str, float] | None:
+    if not settings.interruptible:
+        return None
+    return recovery.bids(settings, {gpu: api.spot_price(gpu, settings.gpu_count, settings.cloud_type)
+                                    for gpu in settings.gpu_types})
+
+
+def _recovery_plan_lines(pod_cfg, settings, prices, bid_per_gpu) -> list[str]:
+    lines = recovery.plan_rows(settings, prices, recovery.spot_prices(settings, bid_per_gpu)) if bid_per_gpu else []
+    if settings.recoveries and not bid_per_gpu:
+        lines.append(f"  recovery  a pod lost without its job's end is relaunched, up to {settings.recoveries} "
+                     "time(s), the caps counting all of them")
+    if note := recovery.checkpoint_problem(pod_cfg, settings):
+        lines.append(note)
+    return lines
+
+
+def _follow_recovering_and_report(first: Launch, hf_token: str, runpod_key: str, runs_dir: Path) -> None:
+    logs: dict[str, _PodLog] = {}
+
+    def follow_one(launch: Launch) -> Outcome:
+        logs[launch.pod_id] = _PodLog(runs_dir, launch)  # one log per attempt, kept whatever becomes of the pod
+        return follow(launch, runpod_key, logs[launch.pod_id], say)
+
+    try:
+        outcome = recovery.follow_recovering(first, follow_one, hf_token=hf_token, runpod_key=runpod_key, say=say)
+    except KeyboardInterrupt:
+        latest = records.latest_of(first.run_id) or first
+        say(f"detached from run {first.run_id}; its job keeps running on pod {latest.pod_id}. "
+            f"Reattach: {me()} logs --follow {first.run_id} · stop it: {me()} down {first.run_id} · "
+            f"relaunch after a preemption: {me()} watch")
+        raise typer.Exit(130)
+    if outcome.launch.attempt > 1 or outcome.launch.series:
+        say(f"run {first.run_id}: {recovery.summary(first.series_key)}")
+    _report(outcome, logs[outcome.launch.pod_id].path)
 
 
 def _interactive() -> bool:
@@ -433,11 +497,22 @@ def watch(
         if not once:
             say(f"watching {len(live)} live run(s); Ctrl-C stops watching, not the pods")
         try:
-            stopped = watchdog.watch(say, once)
+            stopped = watchdog.watch(say, once, on_gone=_recover_for_watch)
         except KeyboardInterrupt:  # what Ctrl-C is for here: not an error
             say(f"stopped watching; the pods keep running and stop themselves at their caps ({me()} ls shows them)")
             return
         say(f"done: stopped {stopped} pod(s)")
+
+
+def _recover_for_watch(ended: Launch) -> None:
+    """`watch` relaunches a pod that ended without its job's end, as the launcher would have (infra/recovery.py)."""
+    if recovery.load_plan(ended.series_key) is None:
+        return
+    hf_token = require_secret("HF_TOKEN", "a Hub token with write access: the relaunched pod pushes the model")
+    relaunched = recovery.recover(ended, hf_token=hf_token, runpod_key=_runpod_key(), say=say)
+    if relaunched is not None:
+        say(f"run {relaunched.run_id}: relaunched on pod {relaunched.pod_id} (attempt {relaunched.attempt}); "
+            f"follow it: t2s-infra logs --follow {relaunched.run_id}")
 
 
 @app.command("upload-logs")

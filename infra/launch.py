@@ -92,9 +92,12 @@ def graphql_string_content(value: str) -> str:
 
 def launch_pod(settings: InfraSettings, *, run_id: str, job: str, config_text: Callable[[str, float | None], str],
                prices: dict[str, float | None], hf_token: str, runpod_api_key: str, say: Say,
-               timing: Timing | None = None) -> Launch:
+               timing: Timing | None = None, bid_per_gpu: dict[str, float] | None = None, attempt: int = 1,
+               series: str = "") -> Launch:
     """Creates the pod (falling back through gpu_types), records it, and returns once its container runs.
-    config_text(gpu, $/h) is the YAML the pod runs on that GPU type (its hardware and price go on the card)."""
+    config_text(gpu, $/h) is the YAML the pod runs on that GPU type (its hardware and price go on the card).
+    bid_per_gpu (GPU type -> $/h per GPU): rent spot pods at that bid (prices then hold the bid × GPU count).
+    attempt, series: which pod of a recovering launch this is (infra/recovery.py)."""
     timing = timing or current_timing()
     last_problem = ""
     for gpu, wait in capacity_plan(settings.gpu_types, settings.capacity_rounds, timing):
@@ -110,10 +113,14 @@ def launch_pod(settings: InfraSettings, *, run_id: str, job: str, config_text: C
             cost_per_hr=prices[gpu], started_at=records.now_iso(), status="creating",
             logs_repo=settings.logs_repo, max_runtime_min=settings.max_runtime_min,
             max_cost_usd=settings.max_cost_usd, keep_pod=settings.keep_pod,
+            interruptible=bid_per_gpu is not None, attempt=attempt, series=series,
         ))
-        say(f"asking RunPod for {settings.gpu_count}x {gpu} ({settings.cloud_type} cloud)")
+        spot = f", spot at ${bid_per_gpu[gpu]:g}/GPU/h" if bid_per_gpu is not None else ""
+        say(f"asking RunPod for {settings.gpu_count}x {gpu} ({settings.cloud_type} cloud{spot})")
         try:
-            pod_id = api.create_pod(pod_request(settings, name=name, gpu=gpu, env=env))
+            request = pod_request(settings, name=name, gpu=gpu, env=env)
+            pod_id = (api.create_spot_pod(request, bid_per_gpu[gpu]) if bid_per_gpu is not None
+                      else api.create_pod(request))
         except api.NoCapacity:
             records.not_created(intent, "no capacity")
             last_problem = f"no {settings.gpu_count}x {gpu} free"

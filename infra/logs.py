@@ -40,6 +40,7 @@ REASON_MARK = " — "  # between the exit code and why the pod stopped it (its c
 _EXIT_LINE = re.compile(r"^(?:t2s-infra: job|== entrypoint \S+: t2s \S+) exited with code (-?\d+)\b"
                         r"(?: — (?P<reason>[^;]+))?")
 BACKFILL_LINES = 5000  # the most RunPod's stream replays on connect
+GONE_DRAIN_S = 10.0  # the most the follower keeps reading a gone pod's stream for lines still on their way
 
 # What a run leaves on the Hub (paths relative to runs/<id>/): its settings, markers, logs (each job's log and config,
 # metrics) and eval report; checkpoints and models stay out. ("metrics.jsonl" and "*/metrics.jsonl": older layouts.)
@@ -138,6 +139,9 @@ def follow(launch: Launch, api_key: str, write_line: Callable[[str], None], say:
     delay = timing.reconnect_s
     next_check = time.monotonic() + timing.watch_every_s
     told_about_drop = False
+    # Once the pod is seen gone, the open stream may still hold its last lines (the exit line among them, when the
+    # stream lags behind RunPod's state): they are read until the server ends the stream, or this long.
+    gone_deadline: float | None = None
     while True:
         try:
             for event in api.stream_logs(launch.pod_id, api_key, cursor.last_id, BACKFILL_LINES,
@@ -153,10 +157,13 @@ def follow(launch: Launch, api_key: str, write_line: Callable[[str], None], say:
                 if exit_code is not None:
                     if time.monotonic() >= exit_deadline:
                         break
+                elif gone_deadline is not None:
+                    if time.monotonic() >= gone_deadline:
+                        return Outcome(launch, None)
                 elif time.monotonic() >= next_check:
                     launch = watchdog.check(launch, say, timing)
                     if not launch.is_live:
-                        return Outcome(launch, None)
+                        gone_deadline = time.monotonic() + min(timing.exit_grace_s, GONE_DRAIN_S)
                     next_check = time.monotonic() + timing.watch_every_s
         except api.ApiUnavailable as exc:
             if not told_about_drop:
@@ -166,6 +173,8 @@ def follow(launch: Launch, api_key: str, write_line: Callable[[str], None], say:
         if exit_code is not None:
             return Outcome(_after_exit(launch, exit_code, reason, exit_deadline, say, timing), exit_code, reason)
         # The stream ended or dropped: a pod that is gone ends the follow, a live one is watched and reread.
+        if not launch.is_live:
+            return Outcome(launch, None)
         launch = watchdog.check(launch, say, timing)
         next_check = time.monotonic() + timing.watch_every_s
         if not launch.is_live:

@@ -47,6 +47,13 @@ class Launch:
     max_cost_usd: float | None = None
     keep_pod: bool = False
     pod_name: str = ""  # chosen before the pod is asked for; "" in records written before names were kept
+    interruptible: bool = False  # a spot pod, which RunPod may stop at any time
+    attempt: int = 1  # which pod of the launch this is (infra/recovery.py relaunches a pod that ended unannounced)
+    series: str = ""  # the first attempt's pod name: what the attempts of one launch share ("": its own)
+
+    @property
+    def series_key(self) -> str:
+        return self.series or self.key
 
     @property
     def is_live(self) -> bool:
@@ -181,7 +188,7 @@ def format_table(launches: list[Launch], at_iso: str) -> str:
             launch.run_id,
             launch.job,
             launch.pod_id or f"({launch.pod_name})",  # asked for, its id not known yet
-            f"{launch.gpu_count}x {launch.gpu}",
+            f"{launch.gpu_count}x {launch.gpu}" + (" spot" if launch.interruptible else ""),
             "?" if launch.cost_per_hr is None else f"{launch.cost_per_hr:.2f}",
             _short_time(launch.started_at),
             _short_time(launch.ended_at) if launch.ended_at else "-",

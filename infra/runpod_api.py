@@ -129,6 +129,64 @@ def gpu_price_per_hr(gpu_type: str, gpu_count: int, cloud_type: str) -> float | 
     return round(min(listed) * gpu_count, 4) if listed else None
 
 
+@dataclass(frozen=True)
+class SpotPrice:
+    listed_per_gpu: float | None  # RunPod's spot price per GPU in that cloud (secureSpotPrice / communitySpotPrice)
+    minimum_bid_per_gpu: float | None  # lowestPrice.minimumBidPrice: a lower bid is refused
+
+
+def spot_price(gpu_type: str, gpu_count: int, cloud_type: str) -> SpotPrice:
+    """RunPod's interruptible price for this GPU type (the SDK's get_gpu query asks for the spot fields too)."""
+    def look_up() -> dict:
+        with _calling(f"looking up the spot price of GPU type {gpu_type!r}"):
+            gpu = _sdk().get_gpu(gpu_type, gpu_count)
+        if not isinstance(gpu, dict):
+            raise MalformedReply(f"RunPod described GPU type {gpu_type!r} without its fields")
+        return gpu
+
+    gpu = retried(look_up)
+    fields = {"SECURE": ["secureSpotPrice"], "COMMUNITY": ["communitySpotPrice"],
+              "ALL": ["secureSpotPrice", "communitySpotPrice"]}[cloud_type]
+    listed = [gpu.get(name) for name in fields]
+    listed = [p for p in listed if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0]
+    lowest = gpu.get("lowestPrice") if isinstance(gpu.get("lowestPrice"), dict) else {}
+    minimum = lowest.get("minimumBidPrice")
+    minimum = minimum if isinstance(minimum, (int, float)) and not isinstance(minimum, bool) and minimum > 0 else None
+    return SpotPrice(listed_per_gpu=min(listed) if listed else None, minimum_bid_per_gpu=minimum)
+
+
+def spot_pod_mutation(request: dict, bid_per_gpu: float) -> str:
+    """podRentInterruptable with the fields of `request` (runpod.create_pod's keyword arguments, env values already
+    escaped as GraphQL string content) and the bid: the mutation SkyPilot's RunPod provisioner sends for spot pods
+    (runpod-python's create_pod knows only podFindAndDeployOnDemand)."""
+    def text(value) -> str:
+        return json.dumps(str(value))
+
+    fields = [f"name: {text(request['name'])}", f"imageName: {text(request['image_name'])}",
+              f"gpuTypeId: {text(request['gpu_type_id'])}", f"bidPerGpu: {float(bid_per_gpu):.4f}",
+              f"cloudType: {request.get('cloud_type', 'SECURE')}", f"gpuCount: {int(request.get('gpu_count') or 1)}",
+              f"volumeInGb: {int(request.get('volume_in_gb') or 0)}",
+              f"containerDiskInGb: {int(request.get('container_disk_in_gb') or 0)}",
+              f"volumeMountPath: {text(request.get('volume_mount_path', '/workspace'))}", "supportPublicIp: true"]
+    if request.get("network_volume_id"):
+        fields.append(f"networkVolumeId: {text(request['network_volume_id'])}")
+    env = ", ".join(f'{{ key: {text(key)}, value: "{value}" }}' for key, value in (request.get("env") or {}).items())
+    fields.append(f"env: [{env}]")
+    return ("mutation { podRentInterruptable(input: { " + ", ".join(fields) + " }) "
+            "{ id desiredStatus imageName machineId machine { podHostId } } }")
+
+
+def create_spot_pod(request: dict, bid_per_gpu: float) -> str:
+    """Rents an interruptible pod at bid_per_gpu $/h per GPU; returns its id. Never retried (see create_pod)."""
+    gpu = request.get("gpu_type_id")
+    with _calling(f"renting a spot pod with {request.get('gpu_count')}x {gpu} at ${bid_per_gpu:g}/GPU/h"):
+        answer = _sdk().api.graphql.run_graphql_query(spot_pod_mutation(request, bid_per_gpu))
+        created = answer["data"]["podRentInterruptable"]
+    if not isinstance(created, dict) or not isinstance(created.get("id"), str) or not created["id"]:
+        raise MalformedReply(f"RunPod accepted the spot pod request for {gpu} but returned no pod id")
+    return created["id"]
+
+
 def create_pod(request: dict) -> str:
     """Deploys an on-demand pod (podFindAndDeployOnDemand); returns its id. `request`: runpod.create_pod kwargs.
     Never retried here: after an ApiUnavailable the pod may exist (look for it by its name)."""

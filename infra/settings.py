@@ -59,6 +59,8 @@ MAX_GPUS = 8  # the most GPUs RunPod puts in one pod
 MAX_CAPACITY_ROUNDS = 20  # with the doubling wait (capped at Timing.backoff_max_s), about an hour of asking
 MAX_DISK_GB = 4000
 MAX_PROVISION_TIMEOUT_S = 7200.0  # two hours to pull an image is a stuck host
+MAX_BID_PER_GPU_USD = 100.0  # far above any GPU-hour RunPod lists: a larger bid is a typo
+MAX_RECOVERIES = 20  # each relaunch pays a new start; the caps still count every attempt
 
 
 class InfraSettings(BaseModel):
@@ -88,6 +90,19 @@ class InfraSettings(BaseModel):
     # Hub dataset for the run's logs; None: <the HF_TOKEN's user>/t2s-runs (infra.preflight).
     logs_repo: str | None = Field(default=None, pattern=HUB_ID.pattern)
     env: dict[str, str] = {}  # extra non-secret environment for the job (values are checked with the whole config)
+    # Spot pods (infra/recovery.py): RunPod may stop one at any time; the run is relaunched and resumes from its
+    # synced checkpoint (train.checkpoint_sync: hub) or its network volume.
+    interruptible: bool = False
+    # None: RunPod's listed spot price
+    bid_per_gpu_usd: float | None = Field(default=None, gt=0, le=MAX_BID_PER_GPU_USD, allow_inf_nan=False)
+    # Pods relaunched after one ends unannounced; None: 3 spot, 0 on-demand.
+    max_recoveries: int | None = Field(default=None, ge=0, le=MAX_RECOVERIES)
+    # Then on-demand (also after no spot capacity).
+    on_demand_after_preemptions: int | None = Field(default=None, gt=0, le=MAX_RECOVERIES)
+
+    @property
+    def recoveries(self) -> int:
+        return self.max_recoveries if self.max_recoveries is not None else (3 if self.interruptible else 0)
 
     @field_validator("env")
     @classmethod

@@ -10,6 +10,7 @@ created, whose answer never came, is looked up by its pod's name (`settle_creati
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from jobs.errors import T2SError
 from infra import records
@@ -63,6 +64,8 @@ def check(launch: Launch, say: Say, timing: Timing | None = None) -> Launch:
         return launch
     if pod is None:
         return records.end(launch, "gone", "pod no longer exists")
+    if launch.status == "running" and not launch.keep_pod and not pod.is_live:
+        return _exited_unannounced(launch, pod, say)
     if pod.cost_per_hr is not None and pod.cost_per_hr != launch.cost_per_hr:
         launch = records.update(launch, cost_per_hr=pod.cost_per_hr)
     reason = limit_exceeded(launch, records.now_iso(), (timing or current_timing()).watchdog_grace_s)
@@ -77,8 +80,23 @@ def check(launch: Launch, say: Say, timing: Timing | None = None) -> Launch:
     return records.end(launch, "stopped", reason)
 
 
-def watch(say: Say, once: bool, timing: Timing | None = None) -> int:
-    """Checks every live launch until none is left (or once); returns how many pods it stopped."""
+def _exited_unannounced(launch: Launch, pod: api.Pod, say: Say) -> Launch:
+    """A running pod RunPod shows EXITED, its job's end line never seen: a spot pod taken back (RunPod gives no
+    notice), or one stopped by hand. It is terminated (an exited pod keeps its volume, which bills) and ends `gone`."""
+    why = pod.last_status_change or f"status {pod.desired_status}"
+    try:
+        api.terminate_pod(launch.pod_id)
+    except T2SError as exc:
+        say(f"run {launch.run_id}: pod {launch.pod_id} exited, but terminating it failed ({exc}): terminate it in the "
+            "RunPod console")
+    kind = "spot pod taken back by RunPod" if launch.interruptible else "pod stopped"
+    return records.end(launch, "gone", f"{kind} without the job's end ({why})")
+
+
+def watch(say: Say, once: bool, timing: Timing | None = None,
+          on_gone: Callable[[Launch], None] | None = None) -> int:
+    """Checks every live launch until none is left (or once); returns how many pods it stopped. on_gone hears of
+    each launch whose pod ended without the job's end (infra.recovery relaunches it)."""
     timing = timing or current_timing()
     stopped = 0
     while True:
@@ -90,6 +108,8 @@ def watch(say: Say, once: bool, timing: Timing | None = None) -> int:
                 say(f"stopped run {after.run_id} (pod {after.pod_id}): {after.note}")
             elif after.status == "gone":
                 say(f"run {after.run_id}: pod {after.pod_id} has ended")
+                if on_gone is not None:
+                    on_gone(after)
         if once or not any(launch.is_live for launch in records.load_all()):
             return stopped
         time.sleep(timing.watch_every_s)

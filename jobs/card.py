@@ -300,6 +300,12 @@ def _cost_section(cfg: Config, train_done: dict | None, run_span_s: float | None
     else:
         cost = "unknown"
     rows.append(("cost", cost))
+    if cfg.push.attempts > 1:
+        spent = [f"≈ {cfg.push.earlier_attempts_min:,.1f} min" if cfg.push.earlier_attempts_min is not None else "",
+                 f"≈ ${cfg.push.earlier_attempts_usd:,.2f}" if cfg.push.earlier_attempts_usd is not None else ""]
+        earlier = ", ".join(part for part in spent if part) or "time and cost unknown"
+        rows.append(("attempts", f"{cfg.push.attempts} pods: {cfg.push.attempts - 1} preempted or lost before the one "
+                                 f"that finished ({earlier}, not in the figures above)"))
     return "## Hardware, time and cost\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 

@@ -100,6 +100,10 @@ class TrainConfig(Section):
     torch_compile: bool = False
     liger_kernel: bool = False
     dataloader_workers: int = Field(default=0, ge=0)
+    # hub: each complete checkpoint also goes to a private Hub model repo (newest only), so that a new pod of the run
+    # (a spot preemption) resumes from it; a network volume (infra.network_volume_id) keeps them instead.
+    checkpoint_sync: Literal["none", "hub"] = "none"
+    checkpoint_repo: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class MergeConfig(Section):
@@ -152,6 +156,11 @@ class PushConfig(Section):
     # Hardware, time and cost for the model card; filled in by infra when it launched the run.
     hardware: str | None = None
     cost_per_hour_usd: float | None = Field(default=None, ge=0)
+    # Filled in by infra when it relaunched the run after a preemption or a lost pod (infra.max_recoveries): the pods
+    # the run took, and what the earlier ones ran and cost.
+    attempts: int = Field(default=1, ge=1)
+    earlier_attempts_min: float | None = Field(default=None, ge=0)
+    earlier_attempts_usd: float | None = Field(default=None, ge=0)
 
 
 class Config(Section):

@@ -41,6 +41,8 @@ JOBS = ("prep", "train", "merge", "eval", "push")
 # finishes; READS: what each job takes from its config that must agree with the run.
 BASE_MODEL = ("model.name_or_path", "model.tokenizer", "model.gguf_file")
 PINNED_BY = {"prep": (*BASE_MODEL, "data"), "train": ("model", "train")}
+# Where train's checkpoints are kept, not how the model is made: never pinned, so turning it on resumes a run.
+UNPINNED = ("train.checkpoint_sync", "train.checkpoint_repo")
 READS = {"prep": PINNED_BY["prep"], "train": (*PINNED_BY["prep"], *PINNED_BY["train"]),
          "merge": BASE_MODEL, "eval": BASE_MODEL, "push": ()}
 
@@ -64,7 +66,7 @@ def select(settings: dict, keys: tuple[str, ...]) -> dict:
     """The part of nested `settings` that `keys` (sections or dotted keys) name, nested as it was."""
     out: dict = {}
     for key, value in flat(settings).items():
-        if _covered(key, keys):
+        if _covered(key, keys) and not _covered(key, UNPINNED):
             *parents, leaf = key.split(".")
             node = out
             for part in parents:

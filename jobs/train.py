@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 from jobs.config import Config, TrainConfig, load_config, read_yaml_mapping
@@ -239,6 +240,16 @@ def check(cfg: Config, run: RunDir) -> None:
     attention = pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
     check_stack(cfg.train, accelerate, attention, gpus, None, installed_stack())
     check_source(base_model_path(cfg, run), "model")
+    restore_synced_checkpoint(cfg, run)
+
+
+def restore_synced_checkpoint(cfg: Config, run: RunDir) -> None:
+    """train.checkpoint_sync: hub on a volume without checkpoints (a new pod of the run): the synced one comes back."""
+    from jobs import checkpoint_sync
+
+    repo = checkpoint_sync.sync_repo(cfg)
+    if repo is not None:
+        checkpoint_sync.restore(run, cfg, repo, checkpoint_sync.hub_token(), say=lambda line: print(line, flush=True))
 
 
 def run(cfg: Config, run: RunDir) -> str:
@@ -481,7 +492,33 @@ def make_callbacks(cfg: Config, run: RunDir):
                 shown.append(f"eta {record['eta_s']:.0f}s")
             print(" · ".join([f"step {state.global_step}/{state.max_steps}", *shown]), flush=True)
 
-    return [ProgressAndPreemption()]
+    callbacks = [ProgressAndPreemption()]
+    from jobs import checkpoint_sync
+
+    repo = checkpoint_sync.sync_repo(cfg)
+    if repo is not None:
+        syncer = checkpoint_sync.HubCheckpointSync(repo, checkpoint_sync.hub_token(),
+                                                   say=lambda line: print(line, flush=True))
+
+        class SyncCheckpoints(TrainerCallback):
+            """Each complete checkpoint (on_save comes after trainer_state.json) to the Hub, in the background."""
+
+            def on_save(self, args, state, control, **kwargs):
+                if state.is_world_process_zero:
+                    syncer.submit(Path(args.output_dir) / f"checkpoint-{state.global_step}", run.checkpoint_settings_file)
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if state.is_world_process_zero and not syncer.wait():
+                    print(f"checkpoint sync: the last upload to {repo} did not finish in time", flush=True)
+
+        callbacks.append(SyncCheckpoints())
+    return callbacks
+
+
+def checkpoint_is_final(checkpoint: Path, max_steps: int) -> bool:
+    """The checkpoint was saved at train.max_steps (when that, not epochs, ends training)."""
+    state = read_json(checkpoint / "trainer_state.json") or {}
+    return max_steps > 0 and isinstance(state.get("global_step"), int) and state["global_step"] >= max_steps
 
 
 def load_tokenized(run: RunDir, split: str):
@@ -541,7 +578,18 @@ def worker(config_path: str) -> int:
     elif trainer.is_world_process_zero():
         run.metrics.unlink(missing_ok=True)  # a fresh start: no lines from an earlier attempt
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume and checkpoint_is_final(resume, args.max_steps) and not deepspeed:
+        # A checkpoint of the last step (a pod lost after it, e.g. during eval): resuming would train one step more
+        # (transformers skips the step's batches, then steps once before it checks max_steps); its weights are the
+        # trained model.
+        from transformers.trainer_callback import TrainerState
+
+        print(f"{resume.name} is the last step (train.max_steps): its weights are the trained model", flush=True)
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        result = SimpleNamespace(metrics={})
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if callbacks[0].preempted:
         print("SIGTERM: checkpoint saved, stopping; rerun to resume", flush=True)
         return PREEMPTED_EXIT

@@ -59,10 +59,12 @@ NO_CAPACITY = ("There are no longer any instances available with the requested s
                "Please refresh and try again.")
 
 GPU_TYPES = {
-    "NVIDIA L4": {"displayName": "L4", "memoryInGb": 24, "securePrice": 0.43, "communityPrice": 0.28},
-    "NVIDIA RTX A5000": {"displayName": "RTX A5000", "memoryInGb": 24, "securePrice": 0.27, "communityPrice": 0.16},
+    "NVIDIA L4": {"displayName": "L4", "memoryInGb": 24, "securePrice": 0.43, "communityPrice": 0.28,
+                  "secureSpotPrice": 0.22, "communitySpotPrice": 0.14},
+    "NVIDIA RTX A5000": {"displayName": "RTX A5000", "memoryInGb": 24, "securePrice": 0.27, "communityPrice": 0.16,
+                         "secureSpotPrice": 0.14, "communitySpotPrice": 0.08},
     "NVIDIA H100 80GB HBM3": {"displayName": "H100 SXM", "memoryInGb": 80, "securePrice": 2.99,
-                              "communityPrice": 2.69},
+                              "communityPrice": 2.69, "secureSpotPrice": 1.75, "communitySpotPrice": 1.49},
 }
 
 
@@ -88,6 +90,10 @@ class Faults:
     self_terminate: bool = True  # the entrypoint's `t2s-infra self-terminate` after the exit line
     terminate_after_exit_s: float = 0.3  # the entrypoint uploads the logs between the exit line and that
     cost_per_hr_per_gpu: float = 0.43
+    # Spot pods (podRentInterruptable): GPU type -> spot pods it can still rent (absent: any); a bid below the minimum
+    # is refused. A spot pod bills its bid.
+    spot_capacity: dict[str, int] = field(default_factory=dict)
+    minimum_bid_per_gpu: float = 0.1
 
 
 # Lines a launches.jsonl may hold that are JSON but no launch record (a hand edit, another tool, a bad clock).
@@ -188,6 +194,9 @@ class FakePod:
     last_status_change: str = ""
     stream_connections: int = 0
     container: Container | None = None  # a real pod's
+    interruptible: bool = False
+    bid_per_gpu: float | None = None
+    preempted_at: float | None = None  # time.monotonic() of `preempt`: a scripted job prints nothing after it
 
     @property
     def pullable(self) -> bool:
@@ -217,7 +226,11 @@ class FakePod:
 
     @property
     def lines(self) -> list[tuple[float, str, str]]:
-        return self.container.lines if self.container else self.scripted_lines
+        if self.container:
+            return self.container.lines
+        if self.preempted_at is not None:
+            return [line for line in self.scripted_lines if line[0] <= self.preempted_at]
+        return self.scripted_lines
 
     @functools.cached_property
     def system_lines(self) -> list[tuple[float, str, str]]:
@@ -235,7 +248,7 @@ class FakePod:
         return sorted([*self.system_lines, *self.lines], key=lambda line: line[1])
 
     def end_time(self) -> float | None:
-        if self.container or self.start_time is None or not self.faults.self_terminate:
+        if self.container or self.start_time is None or not self.faults.self_terminate or self.preempted_at:
             return None
         return self.scripted_lines[-1][0] + self.faults.terminate_after_exit_s
 
@@ -338,6 +351,17 @@ class FakeRunPod:
     def operations(self) -> list[str]:
         return [name for name, _ in self.calls]
 
+    def preempt(self, pod_id: str) -> None:
+        """What RunPod does to a spot pod it takes back: no notice, the container is killed at once (no exit line, no
+        log upload, no self-terminate), and the pod stays, EXITED, until someone terminates it."""
+        with self.lock:
+            pod = self.pods[pod_id]
+            pod.stopped, pod.preempted_at = True, time.monotonic()
+            pod.last_status_change = f"Exited by Runpod: {datetime.now(timezone.utc):%a %b %d %Y %H:%M:%S} GMT"
+            container = pod.container
+        if container:
+            container.stop()
+
     # --- GraphQL -----------------------------------------------------------------------------------------
 
     def pod_of_key(self, key: str) -> FakePod | None:
@@ -382,13 +406,28 @@ class FakeRunPod:
         given = args.get("input", {})
         if name == "gpuTypes":
             wanted = [given["id"]] if "id" in given else list(GPU_TYPES)
-            unlisted = {"securePrice": None, "communityPrice": None}
+            unlisted = {"securePrice": None, "communityPrice": None, "secureSpotPrice": None, "communitySpotPrice": None}
             return [{"id": gpu, "maxGpuCount": 8, "secureCloud": True, "communityCloud": True,
-                     "lowestPrice": {"minimumBidPrice": 0.1, "uninterruptablePrice": GPU_TYPES[gpu]["securePrice"]},
+                     "lowestPrice": {"minimumBidPrice": self.faults.minimum_bid_per_gpu,
+                                     "uninterruptablePrice": GPU_TYPES[gpu]["securePrice"]},
                      **GPU_TYPES[gpu], **(unlisted if gpu in self.faults.unlisted_prices else {})}
                     for gpu in wanted if gpu in GPU_TYPES]
         if name == "podFindAndDeployOnDemand":
             return self._create(given, now)
+        if name == "podRentInterruptable":
+            bid = given.get("bidPerGpu")
+            if not isinstance(bid, (int, float)) or bid < self.faults.minimum_bid_per_gpu:
+                raise GraphQLError(f"Your bid is below the minimum bid price of ${self.faults.minimum_bid_per_gpu}/hr")
+            free = self.faults.spot_capacity.get(given.get("gpuTypeId"))
+            if free is not None:
+                if free <= 0:
+                    raise GraphQLError(NO_CAPACITY)
+                self.faults.spot_capacity[given["gpuTypeId"]] = free - 1
+            created = self._create(given, now)
+            pod = self.pods[created["id"]]
+            pod.interruptible, pod.bid_per_gpu = True, float(bid)
+            pod.cost_per_hr = round(float(bid) * pod.gpu_count, 4)
+            return created
         if name == "pod":
             pod = self.pods.get(given.get("podId"))
             return pod.as_graphql(now) if pod and not pod.terminated else None

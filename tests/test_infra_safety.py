@@ -113,8 +113,7 @@ def test_make_passes_dry_run_and_yes_and_has_follow_and_ls():
         return subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", *args], cwd=ROOT,
                               capture_output=True, text=True, check=True).stdout
 
-    assert ".venv/bin/t2s-infra launch --config c.yaml" in planned("launch-train", "CONFIG=c.yaml", "DRY_RUN=1")
-    assert planned("launch-train", "CONFIG=c.yaml", "DRY_RUN=1").rstrip().endswith("--dry-run")
+    # launch-train's DRY_RUN: tests/test_ux.py runs the recipe with a stub t2s-infra and reads the arguments it gets.
     assert ".venv/bin/t2s-infra logs --follow r1" in planned("follow", "RUN=r1")
     assert ".venv/bin/t2s-infra ls" in planned("ls")
     assert planned("down", "RUN=r1", "YES=1").rstrip().endswith(".venv/bin/t2s-infra down r1 --yes")
@@ -274,7 +273,7 @@ def test_infra_env_may_not_redirect_traffic_load_code_or_break_the_runner(world,
     result = launch("--set", f"infra.env.{name}={value}", "--yes")
     assert result.exit_code == 2
     error = one_error(result)
-    assert f"config key 'infra.env' in run.yaml: {name} {why}" in error
+    assert f"config key 'infra.env' in --set infra.env.{name}: {name} {why}" in error
     assert "a pod's environment may not set it" in error
     assert runpod.calls == [] and hub.requests == []  # refused before any network call
 

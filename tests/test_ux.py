@@ -269,6 +269,8 @@ def test_make_launch_train_carries_values_with_spaces_in_set_file(tmp_path):
     assert args == ["launch", "--config", "configs/default.yaml", "--set", "infra.max_cost_usd=3", "--set",
                     "push.private=true", "--set", 'infra.gpu_types=["NVIDIA L40S", "NVIDIA A40"]', "--set",
                     "train.epochs=1", "--yes"]
+    dry = _stub_make(tmp_path, "DRY_RUN=1")
+    assert [line[1:-1] for line in dry.stdout.splitlines() if line.startswith("[")][-1] == "--dry-run"
     missing = _stub_make(tmp_path, f"SET_FILE={tmp_path / 'absent.txt'}")
     assert missing.returncode != 0 and "SET_FILE=" in missing.stderr and "not found" in missing.stderr
     assert "[launch]" not in missing.stdout
