@@ -212,8 +212,8 @@ def from_run(run: RunDir) -> ModelSource:
         return ModelSource(str(run.merged))
     run.require("train", "t2s ask")
     if run.trained() == "adapter":
-        return ModelSource(str(run.adapter), run)
-    return ModelSource(str(run.adapter))  # a full fine-tune saves the whole model there
+        return ModelSource(str(run.trained_model()), run)
+    return ModelSource(str(run.trained_model()))  # a full fine-tune saves the whole model there
 
 
 def resolve_model(source: str) -> ModelSource:
@@ -226,7 +226,7 @@ def resolve_model(source: str) -> ModelSource:
             return ModelSource(str(path))
         if (path / "adapter_config.json").is_file():
             run = RunDir(path.parent)
-            if run.adapter == path and run.settings_file.is_file():
+            if path in (run.adapter, run.rl) and run.settings_file.is_file():
                 return from_run(run)
             raise T2SError(f"{source} is a LoRA adapter outside a t2s run: pass the run directory it was trained "
                            "in, or a model merged from it")

@@ -247,7 +247,7 @@ def models_to_evaluate(cfg: Config, run: RunDir) -> list[tuple[str, str, str]]:
 
 def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, variant: str) -> dict:
     """What decides a model's answers to the split: saved answers are reused only for the same key."""
-    jobs = {"base": ("prep",), "adapter": ("prep", "train"), "merged": ("prep", "train", "merge")}[which]
+    jobs = {"base": ("prep",), "adapter": ("prep", "train", "rl"), "merged": ("prep", "train", "rl", "merge")}[which]
     questions = json.dumps([[row["context"], row["question"]] for row in rows], ensure_ascii=False)
     key = {"model": cfg.model.model_dump(mode="json"), "which": which, "variant": variant, "split": cfg.eval.split,
            "questions_sha256": hashlib.sha256(questions.encode()).hexdigest(),

@@ -62,7 +62,7 @@ def artifact_folder(cfg: Config, run: RunDir) -> Path:
         folder, job = run.merged, "merge"
     else:
         run.require("train", "push")
-        folder, job = run.adapter, "train"
+        folder, job = run.trained_model(), "rl" if run.is_done("rl") else "train"
         if run.trained() != "adapter":
             raise T2SError(f"push.artifact=adapter, but {folder} holds a full fine-tune (no adapter_config.json): "
                            "set push.artifact=merged")
