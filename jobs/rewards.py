@@ -6,8 +6,8 @@ query on eval's generated databases (jobs.scoring.execution_match: same time, ro
   execution   1 when it returns the gold query's rows on every database, else 0
   sql_only    1 when it is one SQL query and nothing else, else 0
   ended       1 when the model ended it itself (an end-of-turn token), not cut at the completion length, else 0
-A completion the sandbox had to stop (past its time limit, refused, or its worker killed: a printf or recursive-CTE
-bomb) is hostile and earns 0 from every reward. trl weighs them with rl.reward_weights and logs each one's mean/std.
+A completion the sandbox had to stop (past its time limit or a size limit, refused, or its worker killed: a printf or
+recursive-CTE bomb) is hostile and earns 0 from every reward. trl weighs them with rl.reward_weights and logs each one's mean/std.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from jobs.sandbox import QueryError, QueryTimeout, Sandbox, working_on
 REWARDS = ("execution", "sql_only", "ended")
 # outcomes where the sandbox had to stop the completion (pred_killed: its worker died, e.g. out of memory)
 STOPPED = ("pred_timeout", "pred_refused", "pred_killed")
+# SQLite errors that mean a limit stopped the query (a printf bomb meets SQLITE_LIMIT_LENGTH), not a plain mistake
+LIMIT_ERRORS = ("too big", "row limit", "exceeds", "out of memory")
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,13 @@ class Judgement:
     """What the sandbox found out about one completion."""
     sql_only: bool
     execution: str  # one of jobs.scoring.OUTCOMES, or pred_killed
+    detail: str = ""
 
     @property
     def hostile(self) -> bool:
-        return self.execution in STOPPED
+        """The sandbox had to stop it: a time, size or memory limit, or something besides reading."""
+        return self.execution in STOPPED or (
+            self.execution == "pred_error" and any(words in self.detail for words in LIMIT_ERRORS))
 
 
 # ---------- the rewards (pure) ----------
@@ -61,11 +66,11 @@ def judge(context: str, gold_sql: str, completion: str, seed: int, databases: in
     from jobs.scoring import execution_match
 
     working_on("answer")  # parsing it: a completion that hangs the parser is the model's failure
-    if not sqlcheck.is_sql_only(completion):
-        return Judgement(False, "not_sql")
+    sql_only = sqlcheck.is_sql_only(completion)
+    # run even when not a query alone: one statement that writes is refused there, so hostile like a bomb
     result = execution_match(context, gold_sql, completion, databases=databases, rows_per_table=rows_per_table,
                              seed=seed, timeout_s=timeout_s, row_limit=row_limit)
-    return Judgement(True, result.outcome)
+    return Judgement(sql_only, result.outcome, result.detail)
 
 
 def judgement_after_kill(task: tuple, error: QueryError) -> Judgement:
@@ -75,7 +80,7 @@ def judgement_after_kill(task: tuple, error: QueryError) -> Judgement:
         return Judgement(False, "gold_error")
     if error.role == "databases":
         return Judgement(False, "build_error")
-    return Judgement(False, "pred_timeout" if isinstance(error, QueryTimeout) else "pred_killed")
+    return Judgement(False, "pred_timeout" if isinstance(error, QueryTimeout) else "pred_killed", str(error))
 
 
 @dataclass
