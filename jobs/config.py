@@ -160,8 +160,12 @@ class EvalConfig(Section):
     # greedy: greedy answers only. checked: each fine-tuned model is also evaluated with checked decoding (jobs.checked:
     # the first of up to `candidates` answers that parses, resolves against the schema and runs), side by side with
     # its greedy answers. Base models answer greedily only: they chat, and every answer would go to the beam search.
-    decoding: Literal["greedy", "checked"] = "checked"
+    decoding: Literal["greedy", "checked", "vote"] = "checked"
     candidates: int = Field(default=4, ge=1)  # checked decoding: the greedy answer, then a beam search's
+    # vote: each fine-tuned model also answers by vote decoding (jobs.vote): the greedy answer plus vote_samples
+    # sampled ones, run on generated databases; the largest group of equal results wins (row "<model>+vote")
+    vote_samples: int = Field(default=8, ge=1)
+    vote_temperature: float = Field(default=0.7, gt=0)
 
 
 class PushGates(Section):

@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlglot import exp
 from tqdm.auto import tqdm
 
-from jobs import checked, scoring, sqlcheck
+from jobs import checked, scoring, sqlcheck, vote
 from jobs.chat import render_prompt
 from jobs.config import Config
 from jobs.errors import T2SError
@@ -126,6 +126,8 @@ def decoding_mode(result: dict) -> str:
     """How a row's answers were decoded, in a few words (a report from before decodings were recorded: greedy)."""
     if result.get("decoding") == "checked":
         return f"checked, up to {result.get('candidates', '?')} candidates"
+    if result.get("decoding") == "vote":
+        return f"vote, greedy + {result.get('samples', '?')} samples"
     return "greedy"
 
 
@@ -436,10 +438,17 @@ def run(cfg: Config, run: RunDir) -> str:
                     cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox)
                 searched = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then beam search"}
                 decodings.append((label + CHECKED, checked_generations, checked_s, searched, checks))
+            if cfg.eval.decoding == "vote" and which != "base":  # jobs.vote: answers chosen by their results
+                voted, voted_s, votes = vote.eval_vote_answers(cfg, run, rows, label, which, variant,
+                                                               staging / GENERATIONS, generations, elapsed, sandbox)
+                sampled = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then sampling"}
+                decodings.append((label + vote.VOTE, voted, voted_s, sampled, votes))
             for name, answers, seconds, decoder, checks in decodings:
                 scored, speed = evaluate_model(answers, seconds, decoder, rows, cfg, sandbox)
-                mode = {"decoding": "greedy"} if checks is None else {
-                    "decoding": "checked", "candidates": cfg.eval.candidates, **check_summary(checks)}
+                mode = ({"decoding": "greedy"} if checks is None else
+                        {"decoding": "vote", "samples": cfg.eval.vote_samples, **vote.vote_summary(checks)}
+                        if name.endswith(vote.VOTE) else
+                        {"decoding": "checked", "candidates": cfg.eval.candidates, **check_summary(checks)})
                 for s, check in zip(scored, checks or [{}] * len(scored)):
                     s.update(check)
                 results[name] = {**summarize(scored), **speed, **mode}
