@@ -283,6 +283,17 @@ class SQLGenerator:
         if self.decoding == "greedy":
             return [Answer(question, g.text, sqlcheck.is_sql_only(g.text), g.latency_s * 1000)
                     for (_, question), g in zip(pairs, generations)]
+        if self.decoding == "vote":  # jobs.vote: greedy + `candidates` samples, the largest group of equal results
+            from jobs.chat import render_prompt
+            from jobs.vote import vote_with_model
+
+            votes = vote_with_model(self.model, self.tokenizer, [render_prompt(self.tokenizer, c, q) for c, q in pairs],
+                                    [c for c, _ in pairs], generations, sandbox.shared(), samples=self.candidates,
+                                    batch_size=batch_size, max_new_tokens=self.max_new_tokens)
+            latency_ms = (time.perf_counter() - started) * 1000
+            return [Answer(question, v.text, sqlcheck.is_sql_only(v.text), latency_ms, v.voted,
+                           "" if v.voted else "no candidate ran on the generated databases", v.candidates)
+                    for (_, question), v in zip(pairs, votes)]
         choices = checked.choose_answers(
             [context for context, _ in pairs], generations,
             lambda indices: self.search([pairs[i] for i in indices], [generations[i] for i in indices], batch_size),
@@ -506,9 +517,11 @@ def ask_command(
     decoding: str = typer.Option("greedy", "--decoding", help="greedy, or checked: the first of up to --candidates "
                                  "answers that parses, resolves against the schema and runs on databases built "
                                  "from it (with --db, that file's schema); when none does, the best-scored one, "
-                                 "with a warning."),
+                                 "with a warning. vote: the greedy answer and --candidates samples run on "
+                                 "generated databases; the largest group of equal results wins."),
     candidates: int = typer.Option(CANDIDATES, "--candidates", help="Checked decoding: the most candidates a "
-                                   "question gets (the greedy answer, then a beam search's)."),
+                                   "question gets (the greedy answer, then a beam search's). Vote decoding: the "
+                                   "samples beside the greedy answer."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say on stderr where the time went: start-up, model "
                                  "load, answering, CUDA graph capture."),
 ):
