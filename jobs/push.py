@@ -411,7 +411,8 @@ def run(cfg: Config, run: RunDir) -> str:
     suffix = trained_prompt_suffix(template, special_tokens) if template else None
     shown_id = repo_id or f"your-name/{cfg.run_id}"
     card = render_model_card(card_config(cfg, run), shown_id, report=report,
-                             train_done=read_json(run.marker("train")), prompt_suffix=suffix)
+                             train_done=read_json(run.marker("train")), prompt_suffix=suffix,
+                             rl_done=read_json(run.marker("rl")))
     run.pushed.mkdir(exist_ok=True)
     card_path = run.pushed / "README.md"
     write_atomic(card_path, card)

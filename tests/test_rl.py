@@ -106,3 +106,17 @@ def test_rl_raises_the_mean_reward_stops_on_sigterm_and_resumes(copy_run, tmp_pa
     merged = t2s("merge", "--config", str(config))  # merge now folds rl's adapter in
     assert merged.returncode == 0, merged.stderr
     assert "merge: already" not in merged.stdout
+
+
+def test_the_model_card_says_what_rl_did_only_when_it_ran(tmp_path):
+    from jobs.card import render_model_card
+
+    cfg = load_config(None, [f"runs_dir={tmp_path}"])
+    done = {"settings": {"rl": {"reward_weights": {"execution": 1.0, "sql_only": 0.2}, "prompts_per_step": 8,
+                                "group_size": 4, "learning_rate": 1e-5, "beta": 0.0}},
+            "global_step": 30, "first_reward": 0.41, "last_reward": 0.63, "rl_runtime_s": 95.0}
+    card = render_model_card(cfg, "a/b", report=None, train_done=None, prompt_suffix=None, rl_done=done)
+    section = card.split("## Reinforcement learning")[1].split("##")[0]
+    assert "| reward weights | execution 1, sql_only 0.2 |" in section
+    assert "| steps | 30 × 8 prompts × 4 completions |" in section and "0.41 → 0.63" in section
+    assert "Reinforcement" not in render_model_card(cfg, "a/b", report=None, train_done=None, prompt_suffix=None)
