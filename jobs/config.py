@@ -162,7 +162,7 @@ class EvalConfig(Section):
     # its greedy answers. Base models answer greedily only: they chat, and every answer would go to the beam search.
     decoding: Literal["greedy", "checked", "vote"] = "checked"
     candidates: int = Field(default=4, ge=1)  # checked decoding: the greedy answer, then a beam search's
-    # vote: each fine-tuned model also answers by vote decoding (jobs.vote): the greedy answer plus vote_samples
+    # vote: as checked, and each fine-tuned model also answers by vote decoding (jobs.vote): greedy plus vote_samples
     # sampled ones, run on generated databases; the largest group of equal results wins (row "<model>+vote")
     vote_samples: int = Field(default=8, ge=1)
     vote_temperature: float = Field(default=0.7, gt=0)

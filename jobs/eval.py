@@ -433,7 +433,7 @@ def run(cfg: Config, run: RunDir) -> str:
             print(f"evaluating {label} on {len(rows)} {cfg.eval.split} examples", flush=True)
             generations, elapsed, decoding = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS)
             decodings = [(label, generations, elapsed, decoding, None)]
-            if cfg.eval.decoding == "checked" and which != "base":
+            if cfg.eval.decoding in ("checked", "vote") and which != "base":  # vote: beside checked
                 checked_generations, checked_s, checks = checked_answers_for(
                     cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox)
                 searched = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then beam search"}
