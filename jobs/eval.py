@@ -439,8 +439,9 @@ def run(cfg: Config, run: RunDir) -> str:
                 searched = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then beam search"}
                 decodings.append((label + CHECKED, checked_generations, checked_s, searched, checks))
             if cfg.eval.decoding == "vote" and which != "base":  # jobs.vote: answers chosen by their results
-                voted, voted_s, votes = vote.eval_vote_answers(cfg, run, rows, label, which, variant,
-                                                               staging / GENERATIONS, generations, elapsed, sandbox)
+                voted, voted_s, votes = vote.eval_vote_answers(
+                    cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox,
+                    generation_key(cfg, run, rows, which, variant))
                 sampled = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then sampling"}
                 decodings.append((label + vote.VOTE, voted, voted_s, sampled, votes))
             for name, answers, seconds, decoder, checks in decodings:

@@ -171,6 +171,8 @@ def build_grpo_config(cfg: Config, run: RunDir, on_gpu: bool):
     r = cfg.rl
     fields = GRPOConfig.__dataclass_fields__
     tensorboard = {"logging_dir": os.environ.get("TENSORBOARD_LOGGING_DIR")} if "logging_dir" in fields else {}
+    # trl < 1 (the cu118 set's 0.22) cuts prompts to max_prompt_length (512 by default) from the left; later trl never
+    prompt_cap = {"max_prompt_length": cfg.data.max_length} if "max_prompt_length" in fields else {}
     return GRPOConfig(
         output_dir=str(run.rl_checkpoints),
         max_steps=r.max_steps,
@@ -181,6 +183,8 @@ def build_grpo_config(cfg: Config, run: RunDir, on_gpu: bool):
         temperature=r.temperature,
         learning_rate=r.learning_rate,
         lr_scheduler_type="constant",
+        gradient_checkpointing=cfg.train.gradient_checkpointing,  # (GRPOConfig's default is on: slower, for memory)
+        generation_kwargs={"use_cache": True},  # train turned the model's cache off; sampling needs it
         beta=r.beta,
         reward_weights=[getattr(r.reward_weights, name) for name in type(r.reward_weights).model_fields],
         bf16=precision_plan(cfg.train, cfg.model.dtype, on_gpu).autocast_bf16,
@@ -196,6 +200,7 @@ def build_grpo_config(cfg: Config, run: RunDir, on_gpu: bool):
         disable_tqdm=True,
         log_completions=False,
         **tensorboard,
+        **prompt_cap,
     )
 
 

@@ -221,28 +221,33 @@ VOTE = "+vote"  # the label suffix of a model's vote-decoding row in eval's repo
 
 
 def eval_vote_answers(cfg, run, rows: list[dict], label: str, which: str, variant: str, folder, greedy: list,
-                      greedy_s: float, sandbox: Sandbox) -> tuple[list, float, list[dict]]:
+                      greedy_s: float, sandbox: Sandbox, generation_key: dict) -> tuple[list, float, list[dict]]:
     """Vote decoding's answers for eval, from the model's greedy ones: as Generations to score, the seconds they took
     in all (greedy_s, the sampling and the votes; loading the model left out, as greedy's load is), and what the vote
-    said of each. Saved in `folder` like eval's other answers, and reused by a rerun with the same key."""
+    said of each. Saved in `folder` like eval's other answers (under eval's generation_key and the vote's settings),
+    and reused by a rerun with the same key."""
     import dataclasses
     import json
     import time
 
+    import torch
+
     from jobs.chat import render_prompt
-    from jobs.eval import free_gpu_memory, generation_key, saved_generations
     from jobs.generate import Generation
     from jobs.models import default_device, load_run_model
     from jobs.rundir import write_atomic
 
     path = folder / f"{label.replace(':', '-')}{VOTE}.json"
-    key = json.loads(json.dumps({**generation_key(cfg, run, rows, which, variant), "decoding": "vote",
-                                 "samples": cfg.eval.vote_samples, "temperature": cfg.eval.vote_temperature,
-                                 "greedy_s": greedy_s, "checks": [cfg.eval.query_timeout_s, cfg.eval.row_limit]}))
-    saved = saved_generations(path, key)
-    if saved is not None:
-        print(f"  {label}{VOTE}: reusing the {len(saved[0])} answers an interrupted eval saved in {path}", flush=True)
-        return saved[0], saved[1], json.loads(path.read_text())["votes"]
+    key = json.loads(json.dumps({**generation_key, "decoding": "vote", "samples": cfg.eval.vote_samples,
+                                 "temperature": cfg.eval.vote_temperature, "greedy_s": greedy_s,
+                                 "checks": [cfg.eval.query_timeout_s, cfg.eval.row_limit]}))
+    try:
+        saved = json.loads(path.read_text())
+        if saved["key"] == key:
+            print(f"  {label}{VOTE}: reusing the answers an interrupted eval saved in {path}", flush=True)
+            return [Generation(**g) for g in saved["generations"]], saved["generation_s"], saved["votes"]
+    except (OSError, ValueError, KeyError, TypeError):  # none saved, or by another version of t2s: vote again
+        pass
     model, tokenizer = load_run_model(cfg, run, which)
     model = model.to(default_device()).eval()
     started = time.perf_counter()
@@ -253,7 +258,8 @@ def eval_vote_answers(cfg, run, rows: list[dict], label: str, which: str, varian
                             timeout_s=cfg.eval.query_timeout_s, row_limit=cfg.eval.row_limit)
     extra_s = time.perf_counter() - started
     del model
-    free_gpu_memory()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     generations = [Generation(v.text, v.candidate.new_tokens, g.latency_s + extra_s, v.candidate.ended == "eos")
                    for v, g in zip(votes, greedy)]
     record = [{"voted": v.voted, "votes": v.votes, "vote_candidates": v.candidates,
