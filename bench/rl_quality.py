@@ -80,7 +80,7 @@ def main() -> None:
     shutil.rmtree(Path(args.runs) / "rl", ignore_errors=True)
     common = [f"runs_dir={args.runs}", "run_id=rl", "eval.models=[merged]", "eval.split=validation"]
     rl = [f"rl.max_steps={args.rl_steps}", "rl.group_size=8", "rl.prompts_per_step=16", "rl.max_completion_length=96",
-          "rl.learning_rate=5e-6", "rl.beta=0.0", "rl.temperature=1.0", "rl.logging_steps=5",
+          "rl.learning_rate=1e-5", "rl.beta=0.0", "rl.temperature=1.0", "rl.logging_steps=5",
           f"rl.save_every_steps={max(args.rl_steps // 2, 1)}", "rl.reward_workers=8"]
     if args.smoke:
         config = ROOT / "configs" / "demo.yaml"

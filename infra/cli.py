@@ -31,7 +31,7 @@ from infra.settings import load_infra_settings, redact, require_secret
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods.")
 
-LAUNCHABLE = (*JOBS, "pipeline")
+LAUNCHABLE = (*(job for job in JOBS if job != "rl"), "pipeline")  # rl: no image entrypoint; pipeline runs it
 
 
 def say(message: str) -> None:
