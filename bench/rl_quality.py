@@ -119,6 +119,12 @@ def main() -> None:
               f"{rl_done['rl_runtime_s']:.0f} s ({rl_done['global_step']} GRPO steps, mean reward "
               f"{rl_done['first_reward']:.3f} -> {rl_done['last_reward']:.3f}); device "
               f"{first.get('device')}; {len(rows)} rows on {first['n_examples']} {first['split']} examples")
+    steps = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()
+             if '"stage": "rl"' in line]
+    step_s = [r["step_time"] for r in steps if isinstance(r.get("step_time"), (int, float))]
+    if step_s:
+        timing += (f"; RL step {sum(step_s) / len(step_s):.1f} s on average (sampling, rewards, update), "
+                   f"completions {steps[-1].get('completions/mean_length', 0):.0f} tokens long at the end")
     text = table(rows) + "\n\n" + timing + "\n"
     (out / "rl_quality.md").write_text(text)
     (out / "rl_quality.json").write_text(json.dumps({"rows": rows, "train_done": train_done, "rl_done": rl_done},
