@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from jobs import sqlcheck
+from jobs.errors import T2SError
 from jobs.sandbox import QueryError, QueryTimeout, Sandbox, working_on
 
 REWARDS = ("execution", "sql_only", "ended")
@@ -110,22 +111,25 @@ class Rewards:
             self._last = (key, list(self.sandbox.map(judge, tasks, judgement_after_kill)))
         return self._last[1]
 
-    def functions(self) -> list[Callable]:
-        """[execution, sql_only, ended]: trl's reward functions, named so that its logs say which is which."""
+    def functions(self, names: Sequence[str] = REWARDS) -> list[Callable]:
+        """trl's reward functions for `names` (of REWARDS), named so that its logs say which is which."""
 
         def make(name: str) -> Callable:
-            def reward(prompts, completions, completion_ids, context, gold, seed, **_) -> list[float]:
+            def reward(prompts, completions, context, gold, seed, completion_ids=None, **_) -> list[float]:
                 judged = self.judgements(context, gold, [as_text(c) for c in completions], seed)
                 if name == "execution":
                     return [execution_reward(j) for j in judged]
                 if name == "sql_only":
                     return [sql_only_reward(j) for j in judged]
+                if completion_ids is None:  # an older trl that does not pass the token ids
+                    raise T2SError("the installed trl does not give reward functions the completions' token ids, "
+                                   "which the 'ended' reward needs: set rl.reward_weights.ended: 0")
                 return [ended_reward(ended_itself(ids, self.stop_ids), j) for ids, j in zip(completion_ids, judged)]
 
             reward.__name__ = name
             return reward
 
-        return [make(name) for name in REWARDS]
+        return [make(name) for name in names]
 
 
 def as_text(completion) -> str:

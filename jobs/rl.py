@@ -46,6 +46,12 @@ def checkpoint_record(cfg: Config, train_done: dict | None) -> dict:
     return {"settings": rl_settings(cfg), "trained_at": (train_done or {}).get("finished_at")}
 
 
+def active_rewards(cfg: Config) -> dict[str, float]:
+    """The rewards trl is given: those of weight > 0, by name (jobs.rewards.REWARDS), with their weights."""
+    weights = cfg.rl.reward_weights
+    return {name: getattr(weights, name) for name in type(weights).model_fields if getattr(weights, name) > 0}
+
+
 def describe_reward_weights(cfg: Config) -> str:
     w = cfg.rl.reward_weights
     return ", ".join(f"{name} {getattr(w, name):g}" for name in type(w).model_fields)
@@ -186,7 +192,7 @@ def build_grpo_config(cfg: Config, run: RunDir, on_gpu: bool):
         gradient_checkpointing=cfg.train.gradient_checkpointing,  # (GRPOConfig's default is on: slower, for memory)
         generation_kwargs={"use_cache": True},  # train turned the model's cache off; sampling needs it
         beta=r.beta,
-        reward_weights=[getattr(r.reward_weights, name) for name in type(r.reward_weights).model_fields],
+        reward_weights=list(active_rewards(cfg).values()),
         bf16=precision_plan(cfg.train, cfg.model.dtype, on_gpu).autocast_bf16,
         use_cpu=not on_gpu,
         logging_steps=r.logging_steps,
@@ -289,8 +295,8 @@ def run(cfg: Config, run: RunDir) -> str:
     try:
         with Sandbox(workers=min(r.reward_workers, scoring_workers())) as sandbox:
             rewards = Rewards(sandbox, stops, settings)
-            trainer = GRPOTrainer(model=model, reward_funcs=rewards.functions(), args=args, train_dataset=dataset,
-                                  processing_class=tokenizer, callbacks=[callback])
+            trainer = GRPOTrainer(model=model, reward_funcs=rewards.functions(list(active_rewards(cfg))), args=args,
+                                  train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
             trainer.remove_callback(PrinterCallback)  # the callback prints one line per logging step instead
             if kind == "adapter" and not trainer.is_deepspeed_enabled:
                 keep_trainable_in_fp32(trainer.model)

@@ -120,3 +120,13 @@ def test_the_model_card_says_what_rl_did_only_when_it_ran(tmp_path):
     assert "| reward weights | execution 1, sql_only 0.2 |" in section
     assert "| steps | 30 × 8 prompts × 4 completions |" in section and "0.41 → 0.63" in section
     assert "Reinforcement" not in render_model_card(cfg, "a/b", report=None, train_done=None, prompt_suffix=None)
+
+
+def test_only_rewards_of_weight_above_zero_go_to_trl():
+    from jobs.rl import active_rewards, build_grpo_config
+
+    cfg = load_config(None, ["rl.reward_weights.sql_only=0", "rl.reward_weights.execution=2"])
+    assert active_rewards(cfg) == {"execution": 2.0, "ended": 0.1}
+    args = build_grpo_config(cfg, RunDir(ROOT / "runs" / "unused"), on_gpu=False)
+    assert args.reward_weights == [2.0, 0.1] and args.num_generations == cfg.rl.group_size
+    assert args.per_device_train_batch_size == cfg.rl.prompts_per_step * cfg.rl.group_size

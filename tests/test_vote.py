@@ -43,3 +43,21 @@ def test_when_nothing_runs_the_greedy_answer_is_given_unvoted(sandbox):
     [vote] = choose_by_votes([CONTEXT], [[greedy, bomb, Candidate("The answer is 3.", "eos", 0.0)]], sandbox,
                              timeout_s=0.3)
     assert not vote.voted and vote.text == greedy.text and vote.votes == 0
+
+
+@pytest.mark.slow
+def test_eval_shows_vote_beside_greedy_and_checked_in_every_bucket(copy_run):
+    import json
+
+    from tests.conftest import t2s
+
+    run, config = copy_run(eval={"models": ["merged"], "decoding": "vote", "vote_samples": 3, "max_examples": 6})
+    for job in ("train", "merge", "eval"):
+        result = t2s(job, "--config", str(config))
+        assert result.returncode == 0, result.stderr
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert list(report["results"]) == ["merged", "merged+checked", "merged+vote"]
+    vote = report["results"]["merged+vote"]
+    assert vote["decoding"] == "vote" and vote["samples"] == 3 and 0 <= vote["voted"] <= 1
+    assert set(report["buckets"]["merged+vote"]) == set(report["buckets"]["merged"])
+    assert "| merged+vote | vote, greedy + 3 samples |" in (run / "eval" / "report.md").read_text()
