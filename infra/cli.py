@@ -47,7 +47,7 @@ def _options(_version: bool = typer.Option(False, "--version", callback=_print_v
                                            help="Print the version of t2s-infra and exit.")):
     """Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods."""
 
-LAUNCHABLE = (*JOBS, "pipeline")
+LAUNCHABLE = (*(job for job in JOBS if job != "rl"), "pipeline")  # rl: no image entrypoint; pipeline runs it
 LOGS_RUNS_DIR = Path("runs")  # where `logs RUN` (make logs RUN=...) puts a run's logs and report by default
 
 

@@ -249,8 +249,8 @@ def from_run(run: RunDir) -> ModelSource:
         return ModelSource(str(run.merged))
     run.require("train", "t2s ask")
     if run.trained() == "adapter":
-        return ModelSource(str(run.adapter), run)
-    return ModelSource(str(run.adapter))  # a full fine-tune saves the whole model there
+        return ModelSource(str(run.trained_model()), run)
+    return ModelSource(str(run.trained_model()))  # a full fine-tune saves the whole model there
 
 
 def resolve_model(source: str) -> ModelSource:
@@ -263,7 +263,7 @@ def resolve_model(source: str) -> ModelSource:
             return ModelSource(str(path))
         if (path / "adapter_config.json").is_file():
             run = RunDir(path.parent)
-            if run.adapter == path and run.settings_file.is_file():
+            if path in (run.adapter, run.rl) and run.settings_file.is_file():
                 return from_run(run)
             raise T2SError(f"{source} is a LoRA adapter outside a t2s run: pass the run directory it was trained "
                            "in, or a model merged from it")
@@ -349,6 +349,17 @@ class SQLGenerator:
         if self.decoding == "greedy":
             return [Answer(question, g.text, sqlcheck.is_sql_only(g.text), g.latency_s * 1000)
                     for (_, question), g in zip(pairs, generations)]
+        if self.decoding == "vote":  # jobs.vote: greedy + `candidates` samples, the largest group of equal results
+            from jobs.chat import render_prompt
+            from jobs.vote import vote_with_model
+
+            votes = vote_with_model(self.model, self.tokenizer, [render_prompt(self.tokenizer, c, q) for c, q in pairs],
+                                    [c for c, _ in pairs], generations, sandbox.shared(), samples=self.candidates,
+                                    batch_size=batch_size, max_new_tokens=self.max_new_tokens)
+            latency_ms = (time.perf_counter() - started) * 1000
+            return [Answer(question, v.text, sqlcheck.is_sql_only(v.text), latency_ms, v.voted,
+                           "" if v.voted else "no candidate ran on the generated databases", v.candidates)
+                    for (_, question), v in zip(pairs, votes)]
         choices = checked.choose_answers(
             [context for context, _ in pairs], generations,
             lambda indices: self.search([pairs[i] for i in indices], [generations[i] for i in indices], batch_size),
@@ -572,9 +583,11 @@ def ask_command(
     decoding: str = typer.Option("greedy", "--decoding", help="greedy, or checked: the first of up to --candidates "
                                  "answers that parses, resolves against the schema and runs on databases built "
                                  "from it (with --db, that file's schema); when none does, the best-scored one, "
-                                 "with a warning."),
+                                 "with a warning. vote: the greedy answer and --candidates samples run on "
+                                 "generated databases; the largest group of equal results wins."),
     candidates: int = typer.Option(CANDIDATES, "--candidates", help="Checked decoding: the most candidates a "
-                                   "question gets (the greedy answer, then a beam search's)."),
+                                   "question gets (the greedy answer, then a beam search's). Vote decoding: the "
+                                   "samples beside the greedy answer."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say on stderr where the time went: start-up, model "
                                  "load, answering, CUDA graph capture."),
 ):

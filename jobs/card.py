@@ -73,7 +73,7 @@ def trained_prompt_suffix(chat_template: str, special_tokens: dict[str, str]) ->
 
 def render_model_card(cfg: Config, repo_id: str, *, report: dict | None, train_done: dict | None,
                       prompt_suffix: str | None, run_span_s: float | None = None,
-                      training_curves: bool = False) -> str:
+                      training_curves: bool = False, rl_done: dict | None = None) -> str:
     """README.md for the Hub: metadata, what the model does, usage, eval, training, hardware, time and cost.
     Every number comes from the run (eval/report.json, train.done, the config); what is missing says so."""
     from huggingface_hub import ModelCardData
@@ -106,6 +106,7 @@ def render_model_card(cfg: Config, repo_id: str, *, report: dict | None, train_d
         _usage_section(repo_id, adapter, prompt_suffix, cfg.eval.max_new_tokens),
         _eval_section(report, cfg.push.artifact, base),
         _training_section(cfg, train_done, dataset_md, training_curves),
+        *([_rl_section(rl_done)] if rl_done else []),
         _cost_section(cfg, train_done, run_span_s),
         _files_section(adapter, report is not None),
     ]
@@ -253,6 +254,24 @@ def _training_section(cfg: Config, train_done: dict | None, dataset_md: str, tra
     curves = ("\n\nLoss and learning rate per step (`eval/training_curves.png`, from `logs/metrics.jsonl`):\n\n"
               "![training and validation loss, learning rate](eval/training_curves.png)" if training_curves else "")
     return f"## Training\n\n{source}\n\n| | |\n|---|---|\n{table}{curves}"
+
+
+def _rl_section(done: dict) -> str:
+    """What `t2s rl` did after training (run/rl.done): GRPO with execution rewards, its settings and its rewards."""
+    rl = (done.get("settings") or {}).get("rl") or {}
+    weights = rl.get("reward_weights") or {}
+    rows = [
+        ("method", "GRPO (trl's GRPOTrainer) from the fine-tuned model, rewarded by executing its answers"),
+        ("reward weights", ", ".join(f"{k} {v:g}" for k, v in weights.items() if _is_number(v)) or "not recorded"),
+        ("steps", f"{_count(done.get('global_step'))} × {_count(rl.get('prompts_per_step'))} prompts × "
+                  f"{_count(rl.get('group_size'))} completions"),
+        ("learning rate / KL coefficient", f"{_number(rl.get('learning_rate'))} / {_number(rl.get('beta'))}"),
+        ("mean reward, first → last logging step", f"{_number(done.get('first_reward'))} → "
+                                                    f"{_number(done.get('last_reward'))}"),
+        ("wall time", _duration(done["rl_runtime_s"]) if _is_number(done.get("rl_runtime_s")) else "not recorded"),
+    ]
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    return f"## Reinforcement learning\n\nAs `t2s rl` recorded it (`run/rl.done`).\n\n| | |\n|---|---|\n{table}"
 
 
 def _precision(cfg: Config, done: dict) -> str:

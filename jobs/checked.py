@@ -34,7 +34,7 @@ from jobs.sandbox import QueryError, QueryFailed, QueryRefused, QueryTimeout, Sa
 if TYPE_CHECKING:  # not imported here: sandbox workers import this module, and must not load torch
     from jobs.generate import Candidate, Generation
 
-DECODINGS = ("greedy", "checked")
+DECODINGS = ("greedy", "checked", "vote")  # vote: jobs.vote
 CHECKS = ("finished", "parses", "runs", "resolves", "runs_with_rows")
 CHECK_ROWS_PER_TABLE = 8  # rows a table of the filled database gets (as eval's scoring databases)
 CHECK_TIMEOUT_S = 1.0  # a query's time limit on the check databases (8 rows a table: a second is very long)

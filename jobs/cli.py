@@ -41,6 +41,8 @@ def job_module(job: str) -> ModuleType:
         from jobs import prep as module
     elif job == "train":
         from jobs import train as module
+    elif job == "rl":
+        from jobs import rl as module
     elif job == "merge":
         from jobs import merge as module
     elif job == "eval":
@@ -112,6 +114,10 @@ def what_a_rerun_does(job: str, run: RunDir) -> str:
         from jobs.train import what_a_rerun_does as train_rerun
 
         return train_rerun(run)
+    if job == "rl":
+        from jobs.rl import what_a_rerun_does as rl_rerun
+
+        return rl_rerun(run)
     return "rerun the same command to run it again (nothing it had finished before is lost)"
 
 
@@ -127,6 +133,7 @@ def _job_command(job: str, help_text: str):
 JOB_HELP = {
     "prep": "Validate, split, render and tokenize the dataset into the run directory.",
     "train": "Fine-tune (LoRA / QLoRA / full) through accelerate; resumes from the latest complete checkpoint.",
+    "rl": "GRPO with execution rewards (trl) from the trained model; resumes from its latest complete checkpoint.",
     "merge": "Merge the adapter into the fp32 base, check the logits, save in merge.dtype.",
     "eval": "Generate SQL for a split and score SQL-only rate, exact match and execution accuracy.",
     "push": "Upload the model, card, report and logs to the Hugging Face Hub (or --set push.dry_run=true).",
@@ -137,10 +144,12 @@ for _job in JOBS:
 
 @app.command()
 def pipeline(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, force: bool = ForceOption):
-    """Run prep → train → merge → eval → push in order; finished jobs are skipped unless --force."""
+    """Run prep → train → (rl, if rl.enabled) → merge → eval → push; finished jobs are skipped unless --force."""
     with one_line_errors("t2s pipeline"):
         cfg = load_config(config, set_)
         for job in JOBS:
+            if job == "rl" and not cfg.rl.enabled:
+                continue  # rl runs in the pipeline only when rl.enabled
             run_job(job, cfg, force)  # prints its summary (or that it was finished before) once
         print(f"report: {RunDir(cfg.run_dir).report_md}")
 

@@ -106,6 +106,41 @@ class TrainConfig(Section):
     checkpoint_repo: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+class RLRewardWeights(Section):
+    """How much each reward counts (trl sums them, weighted): finite numbers >= 0, at least one above 0."""
+    execution: float = Field(default=1.0, ge=0)  # same rows as the gold query on eval's generated databases
+    sql_only: float = Field(default=0.2, ge=0)  # exactly one SQL statement that parses, nothing else
+    ended: float = Field(default=0.1, ge=0)  # the model ended the answer itself (not cut at max_completion_length)
+
+    @model_validator(mode="after")
+    def _some_reward_counts(self) -> "RLRewardWeights":
+        if not any(getattr(self, name) > 0 for name in type(self).model_fields):
+            raise ValueError("every reward weight is 0: give at least one (execution, sql_only, ended) a weight > 0")
+        return self
+
+
+class RLConfig(Section):
+    """`t2s rl`: GRPO (trl's GRPOTrainer) with execution rewards, from the trained model (jobs/rl.py)."""
+    enabled: bool = False  # whether `t2s pipeline` runs rl between train and merge (`t2s rl` always runs it)
+    max_steps: int = Field(default=100, gt=0)  # optimizer steps
+    group_size: int = Field(default=8, ge=2)  # completions per prompt, compared with each other (GRPO's group)
+    prompts_per_step: int = Field(default=8, gt=0)  # prompts per optimizer step (x group_size completions)
+    learning_rate: float = Field(default=1e-5, gt=0)
+    beta: float = Field(default=0.0, ge=0)  # KL coefficient against the trained model (0: no reference model)
+    temperature: float = Field(default=1.0, gt=0)  # sampling temperature of the completions
+    max_completion_length: int = Field(default=128, gt=0)  # tokens; longer completions are cut (and earn no 'ended')
+    reward_weights: RLRewardWeights = RLRewardWeights()
+    databases_per_example: int = Field(default=2, gt=0)  # generated databases the execution reward compares on
+    rows_per_table: int = Field(default=8, gt=0)
+    query_timeout_s: float = Field(default=1.0, gt=0)  # per query; a completion past it earns 0
+    reward_workers: int = Field(default=4, gt=0)  # sandbox worker processes scoring completions
+    max_prompts: int | None = Field(default=None, gt=0)  # cap on the train rows RL draws prompts from
+    save_every_steps: int = Field(default=25, gt=0)
+    save_total_limit: int = Field(default=2, gt=0)
+    logging_steps: int = Field(default=5, gt=0)
+    seed: int = 42
+
+
 class MergeConfig(Section):
     # The dtype the merged model is saved in: what users deploy. Training and the merge itself run in higher precision.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -129,8 +164,12 @@ class EvalConfig(Section):
     # greedy: greedy answers only. checked: each fine-tuned model is also evaluated with checked decoding (jobs.checked:
     # the first of up to `candidates` answers that parses, resolves against the schema and runs), side by side with
     # its greedy answers. Base models answer greedily only: they chat, and every answer would go to the beam search.
-    decoding: Literal["greedy", "checked"] = "checked"
+    decoding: Literal["greedy", "checked", "vote"] = "checked"
     candidates: int = Field(default=4, ge=1)  # checked decoding: the greedy answer, then a beam search's
+    # vote: as checked, and each fine-tuned model also answers by vote decoding (jobs.vote): greedy plus vote_samples
+    # sampled ones, run on generated databases; the largest group of equal results wins (row "<model>+vote")
+    vote_samples: int = Field(default=8, ge=1)
+    vote_temperature: float = Field(default=0.7, gt=0)
 
 
 class PushGates(Section):
@@ -170,6 +209,7 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    rl: RLConfig = RLConfig()
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
     push: PushConfig = PushConfig()

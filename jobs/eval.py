@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlglot import exp
 from tqdm.auto import tqdm
 
-from jobs import checked, curves, scoring, sqlcheck
+from jobs import checked, curves, scoring, sqlcheck, vote
 from jobs.chat import render_prompt
 from jobs.config import Config
 from jobs.errors import T2SError
@@ -132,6 +132,8 @@ def decoding_mode(result: dict) -> str:
     """How a row's answers were decoded, in a few words (a report from before decodings were recorded: greedy)."""
     if result.get("decoding") == "checked":
         return f"checked, up to {result.get('candidates', '?')} candidates"
+    if result.get("decoding") == "vote":
+        return f"vote, greedy + {result.get('samples', '?')} samples"
     return "greedy"
 
 
@@ -273,7 +275,7 @@ def device_name() -> str:
 
 def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, variant: str) -> dict:
     """What decides a model's answers to the split: saved answers are reused only for the same key."""
-    jobs = {"base": ("prep",), "adapter": ("prep", "train"), "merged": ("prep", "train", "merge")}[which]
+    jobs = {"base": ("prep",), "adapter": ("prep", "train", "rl"), "merged": ("prep", "train", "rl", "merge")}[which]
     questions = json.dumps([[row["context"], row["question"]] for row in rows], ensure_ascii=False)
     key = {"model": cfg.model.model_dump(mode="json"), "which": which, "variant": variant, "split": cfg.eval.split,
            "questions_sha256": hashlib.sha256(questions.encode()).hexdigest(),
@@ -455,15 +457,23 @@ def run(cfg: Config, run: RunDir) -> str:
             print(f"evaluating {label} on {subset(len(rows), manifest, cfg.eval.split)}", flush=True)
             generations, elapsed, decoding = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS)
             decodings = [(label, generations, elapsed, decoding, None)]
-            if cfg.eval.decoding == "checked" and which != "base":
+            if cfg.eval.decoding in ("checked", "vote") and which != "base":  # vote: beside checked
                 checked_generations, checked_s, checks = checked_answers_for(
                     cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox)
                 searched = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then beam search"}
                 decodings.append((label + CHECKED, checked_generations, checked_s, searched, checks))
+            if cfg.eval.decoding == "vote" and which != "base":  # jobs.vote: answers chosen by their results
+                voted, voted_s, votes = vote.eval_vote_answers(
+                    cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox,
+                    generation_key(cfg, run, rows, which, variant))
+                sampled = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then sampling"}
+                decodings.append((label + vote.VOTE, voted, voted_s, sampled, votes))
             for name, answers, seconds, decoder, checks in decodings:
                 scored, speed = evaluate_model(answers, seconds, decoder, rows, cfg, sandbox)
-                mode = {"decoding": "greedy"} if checks is None else {
-                    "decoding": "checked", "candidates": cfg.eval.candidates, **check_summary(checks)}
+                mode = ({"decoding": "greedy"} if checks is None else
+                        {"decoding": "vote", "samples": cfg.eval.vote_samples, **vote.vote_summary(checks)}
+                        if name.endswith(vote.VOTE) else
+                        {"decoding": "checked", "candidates": cfg.eval.candidates, **check_summary(checks)})
                 for s, check in zip(scored, checks or [{}] * len(scored)):
                     s.update(check)
                 results[name] = {**summarize(scored), **speed, **mode}

@@ -64,14 +64,14 @@ def run(cfg: Config, run: RunDir) -> str:
     from peft import PeftModel
 
     save_dtype = getattr(torch, cfg.merge.dtype)
-    tokenizer = load_tokenizer(str(run.adapter))
+    tokenizer = load_tokenizer(str(run.trained_model()))
     prompts = sample_prompts(run, tokenizer, cfg.merge.verify_prompts) if cfg.merge.verify else []
     is_lora = run.trained() == "adapter"
     checks = []
     if is_lora:
         base = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=torch.float32)
         base = base.to(default_device())
-        model = PeftModel.from_pretrained(base, str(run.adapter)).eval()
+        model = PeftModel.from_pretrained(base, str(run.trained_model())).eval()
         reference = prompt_logits(model, tokenizer, prompts)
         model = model.merge_and_unload()
         if prompts:
@@ -81,7 +81,7 @@ def run(cfg: Config, run: RunDir) -> str:
                                f"fp32): the adapter does not match the base {base_model_path(cfg, run)}")
             checks.append(f"logits match base + adapter (rel. error {error:.1e} on {len(prompts)} prompts, fp32)")
     else:  # a full fine-tune: the trained folder is already the whole model
-        model = load_model(str(run.adapter), dtype=torch.float32).to(default_device()).eval()
+        model = load_model(str(run.trained_model()), dtype=torch.float32).to(default_device()).eval()
         reference = prompt_logits(model, tokenizer, prompts)
         checks.append("full fine-tune, nothing to merge")
 

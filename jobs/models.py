@@ -154,5 +154,5 @@ def load_run_model(cfg: Config, run: RunDir, which: str):
     if which == "adapter":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(run.adapter))
+        model = PeftModel.from_pretrained(model, str(run.trained_model()))
     return model, tokenizer

@@ -62,7 +62,7 @@ def artifact_folder(cfg: Config, run: RunDir) -> Path:
         folder, job = run.merged, "merge"
     else:
         run.require("train", "push")
-        folder, job = run.adapter, "train"
+        folder, job = run.trained_model(), "rl" if run.is_done("rl") else "train"
         if run.trained() != "adapter":
             raise T2SError(f"push.artifact=adapter, but {folder} holds a full fine-tune (no adapter_config.json): "
                            "set push.artifact=merged")
@@ -433,7 +433,7 @@ def run(cfg: Config, run: RunDir) -> str:
     card = render_model_card(card_config(cfg, run), shown_id, report=report,
                              train_done=read_json(run.marker("train")), prompt_suffix=suffix,
                              run_span_s=run_span_s(run), training_curves=report is not None and (
-                                 run.eval / "training_curves.png").is_file())
+                                 run.eval / "training_curves.png").is_file(), rl_done=read_json(run.marker("rl")))
     run.pushed.mkdir(exist_ok=True)
     card_path = run.pushed / "README.md"
     write_atomic(card_path, card)

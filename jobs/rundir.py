@@ -32,18 +32,20 @@ from typing import Any, Literal
 
 import yaml
 
-from jobs.config import Config, dump_config
+from jobs.config import Config, RLConfig, dump_config
 from jobs.errors import T2SError
 
-JOBS = ("prep", "train", "merge", "eval", "push")
+JOBS = ("prep", "train", "rl", "merge", "eval", "push")
 
 # The run's settings, as sections or dotted keys. Each is pinned by the job whose output depends on it, when that job
 # finishes; READS: what each job takes from its config that must agree with the run.
 BASE_MODEL = ("model.name_or_path", "model.tokenizer", "model.gguf_file")
-PINNED_BY = {"prep": (*BASE_MODEL, "data"), "train": ("model", "train")}
+PINNED_BY = {"prep": (*BASE_MODEL, "data"), "train": ("model", "train"),
+             "rl": tuple(f"rl.{key}" for key in RLConfig.model_fields if key != "enabled")}  # (enabled: the pipeline's)
 # Where train's checkpoints are kept, not how the model is made: never pinned, so turning it on resumes a run.
 UNPINNED = ("train.checkpoint_sync", "train.checkpoint_repo")
 READS = {"prep": PINNED_BY["prep"], "train": (*PINNED_BY["prep"], *PINNED_BY["train"]),
+         "rl": (*PINNED_BY["prep"], *PINNED_BY["train"], *PINNED_BY["rl"]),
          "merge": BASE_MODEL, "eval": BASE_MODEL, "push": ()}
 
 
@@ -152,6 +154,20 @@ class RunDir:
         return self.root / "adapter"
 
     @property
+    def rl(self) -> Path:
+        """What `t2s rl` made from adapter/: the same kind of folder (an adapter, or a whole model)."""
+        return self.root / "rl"
+
+    @property
+    def rl_checkpoints(self) -> Path:
+        return self.root / "rl-checkpoints"
+
+    def trained_model(self) -> Path:
+        """The latest trained stage's folder, the one merge, eval, ask and push use: rl/ once rl has finished,
+        else adapter/."""
+        return self.rl if self.is_done("rl") else self.adapter
+
+    @property
     def merged(self) -> Path:
         return self.root / "merged"
 
@@ -202,7 +218,7 @@ class RunDir:
 
     def trained(self) -> Literal["adapter", "model"]:
         """What train left in adapter/: a LoRA / QLoRA adapter, or (a full fine-tune) the whole model."""
-        return "adapter" if (self.adapter / "adapter_config.json").is_file() else "model"
+        return "adapter" if (self.trained_model() / "adapter_config.json").is_file() else "model"
 
     def pinned_settings(self) -> dict:
         """The settings the run was made with ({} before prep has finished)."""
@@ -239,7 +255,7 @@ class RunDir:
         keys = tuple(k for k in READS[job] if not (force and k in PINNED_BY.get(job, ())))
         differences = settings_differences(self.pinned_settings(), mine, keys)
         if differences:
-            redo = "prep" if any(_covered(key, PINNED_BY["prep"]) for key, _, _ in differences) else "train"
+            redo = next(job for job in PINNED_BY if any(_covered(key, PINNED_BY[job]) for key, _, _ in differences))
             raise T2SError(f"run {cfg.run_id} was made with other settings than yours: "
                            f"{describe_differences(differences)} ({self.settings_file}). Use the run's, or "
                            f"`t2s {redo} --force` to redo {redo} with yours (and what follows it)")
@@ -297,6 +313,8 @@ class RunDir:
         resumes (so rerunning an interrupted `t2s train --force ...` goes on where it stopped); a fresh start records
         the settings the checkpoints are made with."""
         write_atomic(self.job_config(job), dump_config(cfg))
+        if job == "rl" and force:  # rl, like train, resumes from its checkpoints; --force starts it over
+            shutil.rmtree(self.rl_checkpoints, ignore_errors=True)
         if job != "train":
             return
         if force and self.interrupted_training(cfg) is None:
@@ -327,6 +345,8 @@ class RunDir:
     def _pin(self, job: str, cfg: Config) -> None:
         # prep starts the record over (what train pinned went with train.done); train adds its sections to prep's.
         pinned = {} if job == "prep" else self.pinned_settings()
+        if job == "train":
+            pinned.pop("rl", None)  # what rl pinned went with rl.done
         pinned.update(select(cfg.model_dump(mode="json"), PINNED_BY[job]))
         pinned = {"run_id": cfg.run_id, **{k: v for k, v in pinned.items() if k != "run_id"}}
         header = ("# The settings run {} was made with, pinned by prep and train as they finished. A job whose config "

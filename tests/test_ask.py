@@ -265,7 +265,7 @@ def test_no_such_model_path_in_a_real_process():
     (["--schema", SONGS_SCHEMA, "--decoding", "checked", "--candidates", "0", "q"], None,
      "the candidate count must be a whole number of at least 1 (got 0)"),
     (["--schema", SONGS_SCHEMA, "--decoding", "beam", "q"], None,
-     "unknown decoding 'beam': use one of greedy, checked"),
+     "unknown decoding 'beam': use one of greedy, checked, vote"),
     (["--schema", "CREATE TABLE songs (title", "--decoding", "checked", "q"], None,
      "--schema does not parse as CREATE TABLE statements"),
     (["--db", "{text}", "--decoding", "checked", "--run", "q"], None, "not a readable SQLite database"),

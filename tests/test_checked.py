@@ -214,7 +214,7 @@ def test_a_candidate_count_below_one_is_one_line(count):
     with pytest.raises(T2SError, match=r"the candidate count must be a whole number of at least 1") as caught:
         checked.check_candidates_count(count)
     assert "\n" not in str(caught.value)
-    with pytest.raises(T2SError, match="unknown decoding 'beam': use one of greedy, checked"):
+    with pytest.raises(T2SError, match="unknown decoding 'beam': use one of greedy, checked, vote"):
         checked.check_decoding("beam")
 
 
@@ -389,7 +389,8 @@ def test_the_checks_load_no_torch_in_a_sandbox_worker():
 @pytest.mark.parametrize("override, expected", [
     ("eval.candidates=0", "config key 'eval.candidates' in --set eval.candidates: Input should be greater than or equal to 1"),
     ("eval.candidates=2.5", "config key 'eval.candidates'"),
-    ("eval.decoding=beam", "config key 'eval.decoding' in --set eval.decoding: Input should be 'greedy' or 'checked'"),
+    ("eval.decoding=beam",
+     "config key 'eval.decoding' in --set eval.decoding: Input should be 'greedy', 'checked' or 'vote'"),
 ])
 def test_eval_settings_of_checked_decoding_are_one_line(override, expected):
     from jobs.config import load_config
