@@ -66,7 +66,7 @@ def _dockerfile_args() -> dict[str, str]:
 # --- Dockerfile ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "cpu-base.Dockerfile"])
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "cpu-base.Dockerfile", "cpu-base-cu118.Dockerfile"])
 def test_hadolint(dockerfile):
     hadolint = _tool("hadolint")
     if hadolint is None:
