@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -168,47 +169,54 @@ def _kill_tree(pid: int, sig: int) -> None:
             process.send_signal(sig)
 
 
-@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
-def test_a_stopped_or_killed_training_resumes_to_the_same_step_count(copy_run, stop):
-    # SIGTERM (spot preemption): a checkpoint is saved on the way out. SIGKILL (a pod that dies) between two
-    # checkpoints: the rerun resumes from the last one and redoes the steps after it. On every stack, torch 2.1 too.
-    train = {"max_steps": -1, "epochs": 1, "save_every_steps": 3, "per_device_batch_size": 4}
-    run, config = copy_run(f"interrupted-{stop}", train=train)
+def stop_then_resume(copy_run, name: str, train: dict, stop: str, env: dict | None = None, timeout: int = 240):
+    """`t2s train` stopped once its first checkpoint is complete — SIGTERM (spot preemption: a checkpoint is saved on
+    the way out) or SIGKILL to every process (a pod that dies, between two checkpoints: the steps after the last one
+    are redone) — then rerun; then the same config uninterrupted. Checks that the rerun resumed from the last
+    complete checkpoint and ends at the uninterrupted run's step count and learning rate (the schedule came back:
+    transformers loads scheduler.pt with optimizer.pt, on torch < 2.6 only through jobs/resume.py)."""
+    run, config = copy_run(f"{name}-{stop}", train=train)
+    env = {**os.environ, **(env or {})}
     process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--config", str(config)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + timeout
     while not any((p / "trainer_state.json").is_file() for p in (run / "checkpoints").glob("checkpoint-*")) \
-            and time.monotonic() < deadline:
+            and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
     if stop == "sigterm":
         process.send_signal(signal.SIGTERM)
     else:
         _kill_tree(process.pid, signal.SIGKILL)
-    out, err = process.communicate(timeout=240)
+    out, err = process.communicate(timeout=timeout)
     if stop == "sigterm":
         assert process.returncode == 2, out[-2000:] + err[-2000:]
         assert "stopped (SIGTERM) after saving a checkpoint" in err
     else:
-        assert process.returncode == -signal.SIGKILL
+        assert process.returncode == -signal.SIGKILL, out[-2000:] + err[-2000:]
     assert not (run / "train.done").exists()
-    checkpoints = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*")
-                   if (p / "trainer_state.json").is_file()]
-    interrupted_at = max(checkpoints)
+    interrupted_at = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*")
+                         if (p / "trainer_state.json").is_file())
 
-    result = t2s("train", "--config", str(config))
+    result = t2s("train", "--config", str(config), env=env, timeout=2 * timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resuming from {run / 'checkpoints'}/checkpoint-{interrupted_at}" in result.stdout
     resumed = _done(run, "train")["global_step"]
     assert resumed > interrupted_at
 
-    fresh, fresh_config = copy_run(f"uninterrupted-{stop}", train=train)
-    assert t2s("train", "--config", str(fresh_config)).returncode == 0
+    fresh, fresh_config = copy_run(f"{name}-uninterrupted-{stop}", train=train)
+    assert t2s("train", "--config", str(fresh_config), env=env, timeout=2 * timeout).returncode == 0
     assert resumed == _done(fresh, "train")["global_step"]
-    # the schedule came back (transformers loads scheduler.pt and optimizer.pt together, and on torch < 2.6 only
-    # through jobs/resume.py): the last logged step's learning rate is the uninterrupted run's (a resumed run's later
-    # lines replace the earlier ones)
+    # (a resumed run's later lines in metrics.jsonl replace the earlier ones)
     logged = [{m["step"]: m for m in map(json.loads, (r / "logs" / "metrics.jsonl").read_text().splitlines())
                if "loss" in m} for r in (run, fresh)]
     last = max(logged[1])
     assert last > interrupted_at and last in logged[0]
     assert logged[0][last]["learning_rate"] == pytest.approx(logged[1][last]["learning_rate"], rel=1e-6)
+    return run
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_a_stopped_or_killed_training_resumes_to_the_same_step_count(copy_run, stop):
+    # On every stack, torch 2.1 (the cu118 set) too.
+    stop_then_resume(copy_run, "interrupted", {"max_steps": -1, "epochs": 1, "save_every_steps": 3,
+                                               "per_device_batch_size": 4}, stop)
