@@ -3,6 +3,8 @@
 # Debian bookworm has no Python 3.10, so the machine's own build is copied in (images/smoke.sh puts it in the
 # context as python/): a pyenv-style build finds its libpython by the path it was built for, so it goes to that
 # same path (PYTHON_PREFIX). torch 2.1.2 is PyPI's build (CUDA 12.1 libraries, runs on the CPU), as in .venv-cu118.
+# Python 3.10's own pip (23.0) trusts only its bundled certifi: PIP_CERT points it at the system's store (with the
+# host's CAs) for the upgrade; pip 26 uses the system's store itself.
 # Context: python/, certs/ (the host's extra CA certificates: HTTPS to PyPI may pass through an egress proxy that
 # only the host trusts).
 ARG DEBIAN_BASE=local/debian:bookworm
@@ -22,7 +24,7 @@ COPY python/ ${PYTHON_PREFIX}/
 # hadolint ignore=DL3013
 RUN "${PYTHON_PREFIX}/bin/python3.10" -c "import ssl, sqlite3, ctypes, lzma, bz2, zlib, uuid, venv" \
  && "${PYTHON_PREFIX}/bin/python3.10" -m venv /opt/py \
- && /opt/py/bin/pip install --no-cache-dir --upgrade pip==26.3 \
+ && PIP_CERT=/etc/ssl/certs/ca-certificates.crt /opt/py/bin/pip install --no-cache-dir --upgrade pip==26.3 \
  && /opt/py/bin/pip install --no-cache-dir torch==2.1.2
 ENV PATH=/opt/py/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1

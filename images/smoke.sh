@@ -245,12 +245,14 @@ make_torch_base_cu12() {
 
 # The machine's Python 3.10 (bookworm has none): python3.10 on PATH, else pyenv's; its installation prefix.
 python310_prefix() {
-  local python candidate
+  local candidate
   for candidate in "${PYTHON_CU118:-}" python3.10 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10; do
-    [ -n "$candidate" ] && python="$(command -v "$candidate" 2>/dev/null)" && break
+    if [ -z "$candidate" ] || ! command -v "$candidate" >/dev/null 2>&1; then continue; fi
+    # (a pyenv shim answers to python3.10 without one selected: the next candidate then)
+    "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 10) and sys.prefix == sys.base_prefix; print(sys.prefix)' \
+      2>/dev/null && return 0
   done
-  [ -n "${python:-}" ] || return 1
-  "$python" -c 'import sys; assert sys.version_info[:2] == (3, 10) and sys.prefix == sys.base_prefix; print(sys.prefix)' 2>/dev/null
+  return 1
 }
 
 make_torch_base_cu118() {
