@@ -28,4 +28,7 @@ RUN "${PYTHON_PREFIX}/bin/python3.10" -c "import ssl, sqlite3, ctypes, lzma, bz2
  && /opt/py/bin/pip install --no-cache-dir torch==2.1.2
 ENV PATH=/opt/py/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# The prefix may be under a home folder (pyenv's: /root/.pyenv/...): the jobs run as any uid (docker run --user),
+# so every folder above it must let them through to the interpreter.
+RUN d="${PYTHON_PREFIX}"; while [ "$d" != / ]; do chmod a+rx "$d"; d="$(dirname "$d")"; done
 RUN python -c "import sys, torch; assert sys.version_info[:2] == (3, 10); print('torch', torch.__version__, 'python', sys.version.split()[0])"

@@ -35,7 +35,11 @@ NEED_GB=3
 
 flavor_python() { case "$1" in cu12) echo 3.11 ;; cu118) echo 3.10 ;; esac; }
 flavor_torch() { case "$1" in cu12) echo 2.13.0 ;; cu118) echo 2.1.2 ;; esac; }
-flavor_default_base() { echo "local/torch-cpu$([ "$1" = cu12 ] || echo "-$1"):$(flavor_torch "$1")"; }
+flavor_dockerfile() { echo "$REPO/images/cpu-base$([ "$1" = cu12 ] || echo "-$1").Dockerfile"; }
+# Tagged with its Dockerfile's hash, so that a changed stand-in is made again rather than reused.
+flavor_default_base() {
+  echo "local/torch-cpu$([ "$1" = cu12 ] || echo "-$1"):$(flavor_torch "$1")-$(sha256sum <"$(flavor_dockerfile "$1")" | cut -c1-8)"
+}
 flavor_base() {  # the stand-in base the flavor builds on: the default, or the one T2S_SMOKE_BASE[_CU118] names
   case "$1" in
     cu12) echo "${T2S_SMOKE_BASE:-$(flavor_default_base cu12)}" ;;
