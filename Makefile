@@ -167,6 +167,6 @@ images-committed:
 	@test -z "$$(git status --porcelain -- $(IMAGE_SOURCES))" || { echo "push-images: error: uncommitted changes in\
 	 $(IMAGE_SOURCES): commit them first, so that the tag -$(GIT_SHA) names what the image holds" >&2; exit 2; }
 
-# Builds the cu12 image on a CPU stand-in base and runs every job image on the tiny model (images/smoke.sh).
+# Builds the cu12 and cu118 images on CPU stand-in bases and runs every job image on the tiny model (images/smoke.sh).
 image-smoke: install
 	images/smoke.sh

@@ -1,33 +1,53 @@
 #!/usr/bin/env bash
-# `make image-smoke`: the cu12 image built and run for real on a CPU machine without Docker Hub or GitHub.
+# `make image-smoke`: each flavor's image (cu12, then cu118) built and run for real on a CPU machine without
+# Docker Hub or GitHub.
 #
 #   engine   DOCKER_HOST's, else /var/run/docker.sock's, else a private dockerd (as root: Debian's docker.io,
 #            installed if missing) with its own roots, no network set-up, stopped at exit
-#   bases    made once, kept in the engine: local/debian:bookworm (debootstrap) and local/torch-cpu:2.13.0
-#            (images/cpu-base.Dockerfile), the CPU stand-in for pytorch/pytorch
-#   build    `make images FLASH_ATTN_WHEEL=` on that base, from a copy of the tree holding decoy secrets
+#   bases    made once, kept in the engine: local/debian:bookworm (debootstrap), then per flavor a CPU stand-in
+#            for its pytorch/pytorch base: local/torch-cpu:2.13.0 (cu12, images/cpu-base.Dockerfile) and
+#            local/torch-cpu-cu118:2.1.2 (cu118: the machine's Python 3.10, images/cpu-base-cu118.Dockerfile)
+#   build    `make images FLAVOR=<flavor> FLASH_ATTN_WHEEL=` on that base, from a copy of the tree holding decoy secrets
 #   jobs     `docker run t2s:<job>` on the tiny model with runs volumes: train on a fresh volume (prep first),
 #            SIGTERM and resume, merge, eval, push (dry run), prep + pipeline, a failing job; then no secret in
 #            the images or the run's files, and the files are the invoking user's to read and delete
-#   launch   tests/test_launch_e2e.py against the image, when that file exists
+#   launch   tests/test_launch_e2e.py against the image, when that file exists (cu118: the card's config's test)
+# The build, the jobs and the launch run once per flavor (smoke_flavor): a new flavor is a line in each flavor_*.
 #
 # Environment: DOCKER_HOST (an engine to use); T2S_SMOKE_CACHE (the private engine's data root and lock,
-# default ~/.cache/t2s-image-smoke); T2S_SMOKE_BASE (a Python 3.11 + torch image in the engine to build on,
-# instead of local/torch-cpu:2.13.0); T2S_SMOKE_OWNER (uid:gid the volumes belong to when run as root,
+# default ~/.cache/t2s-image-smoke); T2S_SMOKE_FLAVORS (default "cu12 cu118"); T2S_SMOKE_BASE (a Python 3.11 +
+# torch image in the engine to build cu12 on, instead of local/torch-cpu:2.13.0), T2S_SMOKE_BASE_CU118 (the same
+# with Python 3.10, for cu118, instead of local/torch-cpu-cu118:2.1.2); T2S_SMOKE_OWNER (uid:gid the volumes belong to when run as root,
 # default 4242:4242); T2S_SMOKE_KEEP=1 keeps the work dir. Bad input is one line and a non-zero exit.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${T2S_SMOKE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/t2s-image-smoke}"
 DEBIAN_BASE=local/debian:bookworm
-TORCH_VERSION=2.13.0
-DEFAULT_BASE=local/torch-cpu:$TORCH_VERSION
-BASE="${T2S_SMOKE_BASE:-$DEFAULT_BASE}"
-JOBS=(prep train merge eval push pipeline)
+read -r -a FLAVORS <<<"${T2S_SMOKE_FLAVORS:-cu12 cu118}"
+JOBS=(prep train merge eval push pipeline serve)
 STEPS=200  # training steps: long enough (~15 s) for a SIGTERM to land mid-run
-# Disk the engine needs, measured (images/README.md): the bases' build peaks at ~3 GB, the t2s build adds ~2 GB.
-NEED_GB_WITH_BASES=7
+# Disk the engine needs, measured (images/README.md): the cu12 base's build peaks at ~3 GB, cu118's (torch 2.1.2
+# with PyPI's CUDA libraries) at ~7 GB; a t2s build adds ~2 GB.
 NEED_GB=3
+
+# --- flavors: what differs between them (add a flavor here) ---------------------------------------------
+
+flavor_python() { case "$1" in cu12) echo 3.11 ;; cu118) echo 3.10 ;; esac; }
+flavor_torch() { case "$1" in cu12) echo 2.13.0 ;; cu118) echo 2.1.2 ;; esac; }
+flavor_dockerfile() { echo "$REPO/images/cpu-base$([ "$1" = cu12 ] || echo "-$1").Dockerfile"; }
+# Tagged with its Dockerfile's hash, so that a changed stand-in is made again rather than reused.
+flavor_default_base() {
+  echo "local/torch-cpu$([ "$1" = cu12 ] || echo "-$1"):$(flavor_torch "$1")-$(sha256sum <"$(flavor_dockerfile "$1")" | cut -c1-8)"
+}
+flavor_base() {  # the stand-in base the flavor builds on: the default, or the one T2S_SMOKE_BASE[_CU118] names
+  case "$1" in
+    cu12) echo "${T2S_SMOKE_BASE:-$(flavor_default_base cu12)}" ;;
+    cu118) echo "${T2S_SMOKE_BASE_CU118:-$(flavor_default_base cu118)}" ;;
+  esac
+}
+flavor_base_setting() { case "$1" in cu12) echo T2S_SMOKE_BASE ;; cu118) echo T2S_SMOKE_BASE_CU118 ;; esac; }
+flavor_need_gb_with_base() { case "$1" in cu12) echo 7 ;; cu118) echo 11 ;; esac; }
 
 WORK=""
 DOCKERD_PID=""
@@ -48,10 +68,11 @@ stage() {
   stage_started=$SECONDS
   say "$*"
 }
+FLAVOR_LABEL=""  # "<flavor>: " while a flavor's stages run
 stage_done() {
   local took=$((SECONDS - stage_started))
-  TIMES+=("$(printf '%4ss  %s' "$took" "$1")")
-  say "$1: ok (${took}s)"
+  TIMES+=("$(printf '%4ss  %s%s' "$took" "$FLAVOR_LABEL" "$1")")
+  say "$FLAVOR_LABEL$1: ok (${took}s)"
 }
 
 # --- engine ---------------------------------------------------------------------------------------------
@@ -208,19 +229,48 @@ make_debian_base() {
   rm -rf "$WORK/rootfs"
 }
 
-make_torch_base() {
-  local ctx="$WORK/ctx-base" python="$REPO/.venv/bin/python"
+# make_torch_base_<flavor> BASE: the flavor's CPU stand-in, tagged BASE.
+make_torch_base_cu12() {
+  local base="$1" ctx="$WORK/ctx-base" python="$REPO/.venv/bin/python" torch_version
+  torch_version="$(flavor_torch cu12)"
   [ -x "$python" ] || python=python3
-  mkdir -p "$ctx/certs"
+  rm -rf "$ctx" && mkdir -p "$ctx/certs"
   cp /usr/local/share/ca-certificates/*.crt "$ctx/certs/" 2>/dev/null || true
   # The host's pip finds the CPU build (2.13.0+cpu) where it has one (CI keeps it on disk); else PyPI's.
-  "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 -d "$ctx" "torch==$TORCH_VERSION" \
+  "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 -d "$ctx" "torch==$torch_version" \
     >"$WORK/logs/torch-download.log" 2>&1 \
-    || die "pip cannot download torch==$TORCH_VERSION for Python 3.11 (log: $WORK/logs/torch-download.log)"
+    || die "pip cannot download torch==$torch_version for Python 3.11 (log: $WORK/logs/torch-download.log)"
   cp "$REPO/images/cpu-base.Dockerfile" "$ctx/Dockerfile"
-  DOCKER_BUILDKIT=0 docker build --network host --build-arg "DEBIAN_BASE=$DEBIAN_BASE" -t "$BASE" "$ctx" 2>&1 \
-    | timestamped >"$WORK/logs/build-base.log" || build_failed "the CPU base $BASE" "$WORK/logs/build-base.log"
+  DOCKER_BUILDKIT=0 docker build --network host --build-arg "DEBIAN_BASE=$DEBIAN_BASE" -t "$base" "$ctx" 2>&1 \
+    | timestamped >"$WORK/logs/build-base-cu12.log" || build_failed "the CPU base $base" "$WORK/logs/build-base-cu12.log"
   docker image prune -f --filter label=t2s.smoke.stage=wheel >/dev/null  # the wheel's stage, no longer needed
+  rm -rf "$ctx"
+}
+
+# The machine's Python 3.10 (bookworm has none): python3.10 on PATH, else pyenv's; its installation prefix.
+python310_prefix() {
+  local candidate
+  for candidate in "${PYTHON_CU118:-}" python3.10 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10; do
+    if [ -z "$candidate" ] || ! command -v "$candidate" >/dev/null 2>&1; then continue; fi
+    # (a pyenv shim answers to python3.10 without one selected: the next candidate then)
+    "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 10) and sys.prefix == sys.base_prefix; print(sys.prefix)' \
+      2>/dev/null && return 0
+  done
+  return 1
+}
+
+make_torch_base_cu118() {
+  local base="$1" ctx="$WORK/ctx-base" prefix
+  prefix="$(python310_prefix)" \
+    || die "the cu118 stand-in base needs a Python 3.10 on this machine (not a venv's) to copy in: pyenv install 3.10, or set PYTHON_CU118 to one, or T2S_SMOKE_BASE_CU118 to an image with Python 3.10 and torch 2.1.2"
+  rm -rf "$ctx" && mkdir -p "$ctx/certs"
+  cp /usr/local/share/ca-certificates/*.crt "$ctx/certs/" 2>/dev/null || true
+  cp -a "$prefix" "$ctx/python"
+  find "$ctx/python" -name __pycache__ -prune -exec rm -rf {} +
+  cp "$REPO/images/cpu-base-cu118.Dockerfile" "$ctx/Dockerfile"
+  DOCKER_BUILDKIT=0 docker build --network host --build-arg "DEBIAN_BASE=$DEBIAN_BASE" --build-arg "PYTHON_PREFIX=$prefix" \
+    -t "$base" "$ctx" 2>&1 | timestamped >"$WORK/logs/build-base-cu118.log" \
+    || build_failed "the CPU base $base" "$WORK/logs/build-base-cu118.log"
   rm -rf "$ctx"
 }
 
@@ -238,13 +288,14 @@ build_failed() {
   die "building $1 failed (the end of its log is above; all of it: $2)"
 }
 
-# The base must be what the Dockerfile expects of pytorch/pytorch: python (3.11 for cu12) with torch, on PATH.
-check_base() {
-  local out
-  out="$(docker run --rm --network none --entrypoint python "$BASE" -W ignore -c \
-    'import sys, torch; assert sys.version_info[:2] == (3, 11), sys.version; print(torch.__version__)' 2>&1)" \
-    || die "$BASE is not a Python 3.11 image with torch on PATH ($(printf '%s' "$out" | grep -v -e '--help' -e '^$' | tail -n 1 | sed 's/.*exec: //' | cut -c1-160)): pass another T2S_SMOKE_BASE, or remove it (docker rmi $BASE) so that it is made again"
-  say "base $BASE: torch $(printf '%s' "$out" | tail -n 1)"
+# The base must be what the Dockerfile expects of the flavor's pytorch/pytorch: its Python with torch, on PATH.
+check_base() {  # check_base FLAVOR BASE
+  local flavor="$1" base="$2" python out
+  python="$(flavor_python "$flavor")"
+  out="$(docker run --rm --network none --entrypoint python "$base" -W ignore -c \
+    "import sys, torch; assert sys.version_info[:2] == (${python/./, }), sys.version; print(torch.__version__)" 2>&1)" \
+    || die "$base is not a Python $python image with torch on PATH ($(printf '%s' "$out" | grep -v -e '--help' -e '^$' | tail -n 1 | sed 's/.*exec: //' | cut -c1-160)): pass another $(flavor_base_setting "$flavor"), or remove it (docker rmi $base) so that it is made again"
+  say "base $base ($flavor): torch $(printf '%s' "$out" | tail -n 1)"
 }
 
 # --- the job containers ---------------------------------------------------------------------------------
@@ -302,15 +353,15 @@ volume() {  # a fresh runs folder belonging to the owner
 
 # --- main -----------------------------------------------------------------------------------------------
 
-# serve_smoke MERGED_DIR: docker run t2s:serve on a merged model (host network, loopback, an API key), answered
+# serve_smoke MERGED_DIR: docker run t2s:serve-$flavor (smoke_flavor's) on a merged model (host network, loopback, an API key), answered
 # through the official openai client from .venv, then stopped: SIGTERM drains and exits 0. (issue 26)
 serve_smoke() {
-  local merged="$1" container="t2s-smoke-$$-serve" port key tries rc
+  local merged="$1" container="t2s-smoke-$$-serve-$flavor" port key tries rc
   port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   key="smoke-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
   CONTAINERS+=("$container")
   docker run -d --name "$container" --network host -e T2S_SERVE_API_KEY="$key" -v "$merged:/models:ro" \
-    t2s:serve --model /models --host 127.0.0.1 --port "$port" --max-tokens 16 >/dev/null
+    "t2s:serve-$flavor" --model /models --host 127.0.0.1 --port "$port" --max-tokens 16 >/dev/null
   for ((tries = 0; tries < 600; tries++)); do
     python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
       "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
@@ -333,69 +384,59 @@ print("serve answered:", repr(answer.choices[0].message.content))
   expect in_log serve "draining" -- "t2s:serve did not drain on SIGTERM (log: $WORK/logs/serve.log)"
 }
 
-main() {
-  local started=$SECONDS
-  trap cleanup EXIT
-  trap 'ERROR="interrupted"; exit 130' INT
-  trap 'ERROR="stopped (SIGTERM)"; exit 143' TERM
-  mkdir -p "$CACHE" || die "cannot create T2S_SMOKE_CACHE=$CACHE"
-  exec 9>"$CACHE/lock"
-  flock -n 9 || die "another image-smoke is running on $CACHE: wait for it, or set T2S_SMOKE_CACHE to another folder"
-  WORK="$(mktemp -d "${TMPDIR:-/tmp}/t2s-image-smoke.XXXXXX")"
-  chmod 755 "$WORK"  # the volumes' owner must reach them
-  mkdir -p "$WORK/logs"
-  check_disk "$WORK" 1 "the work dir (runs volumes, logs)" "set TMPDIR to a bigger disk"
-  SECRET="hf_smoke$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
-  if [ "$(id -u)" = 0 ]; then OWNER="${T2S_SMOKE_OWNER:-4242:4242}"; else OWNER="$(id -u):$(id -g)"; fi
-  [[ "$OWNER" =~ ^[0-9]+:[0-9]+$ ]] || die "T2S_SMOKE_OWNER=$OWNER is not uid:gid"
-
-  stage "engine"
-  use_engine
-  stage_done "engine"
-
-  stage "CPU base"
-  if [ -n "${T2S_SMOKE_BASE:-}" ]; then
-    has_image "$BASE" || die "base image $BASE (T2S_SMOKE_BASE) is not in the engine: build or load it first (docker images lists what is there), or unset T2S_SMOKE_BASE to make $DEFAULT_BASE"
+# The build, the jobs, the secrets and the launch for one flavor, on its own images and volumes.
+smoke_flavor() {
+  local flavor="$1"
+  FLAVOR_LABEL="$flavor: "
+  local base setting
+  base="$(flavor_base "$flavor")"
+  setting="$(flavor_base_setting "$flavor")"
+  stage "CPU base ($flavor)"
+  if [ -n "${!setting:-}" ]; then
+    has_image "$base" || die "base image $base ($setting) is not in the engine: build or load it first (docker images lists what is there), or unset $setting to make $(flavor_default_base "$flavor")"
     check_engine_disk "$NEED_GB"
-  elif has_image "$BASE"; then
+  elif has_image "$base"; then
     check_engine_disk "$NEED_GB"
   else
-    check_engine_disk "$NEED_GB_WITH_BASES"
+    check_engine_disk "$(flavor_need_gb_with_base "$flavor")"
     has_image "$DEBIAN_BASE" || make_debian_base
-    make_torch_base
+    "make_torch_base_$flavor" "$base"
   fi
-  check_base
+  check_base "$flavor" "$base"
   stage_done "CPU base"
 
-  stage "make images (cu12 on $BASE, no flash-attn), from a copy of the tree with decoy secrets"
-  mkdir -p "$WORK/ctx"
-  (cd "$REPO" && git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf -) \
-    | tar -C "$WORK/ctx" -xf - || die "cannot copy the tree's files (git ls-files in $REPO): is it a git checkout?"
-  for decoy in .env configs/.env hf_token.txt; do
-    printf 'HF_TOKEN=%s\nRUNPOD_API_KEY=%s\n' "$SECRET" "$SECRET" >"$WORK/ctx/$decoy"
-  done
-  (cd "$WORK/ctx" && HF_TOKEN="$SECRET" RUNPOD_API_KEY="$SECRET" make images FLAVOR=cu12 BASE_IMAGE="$BASE" \
-    FLASH_ATTN_WHEEL= BUILD_NETWORK=host) 2>&1 | timestamped >"$WORK/logs/build.log" \
-    || build_failed "the t2s images" "$WORK/logs/build.log"
+  stage "make images ($flavor on $base, no flash-attn), from a copy of the tree with decoy secrets"
+  if [ ! -d "$WORK/ctx" ]; then
+    mkdir -p "$WORK/ctx"
+    (cd "$REPO" && git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf -) \
+      | tar -C "$WORK/ctx" -xf - || die "cannot copy the tree's files (git ls-files in $REPO): is it a git checkout?"
+    for decoy in .env configs/.env hf_token.txt; do
+      printf 'HF_TOKEN=%s\nRUNPOD_API_KEY=%s\n' "$SECRET" "$SECRET" >"$WORK/ctx/$decoy"
+    done
+  fi
+  (cd "$WORK/ctx" && HF_TOKEN="$SECRET" RUNPOD_API_KEY="$SECRET" make images FLAVOR="$flavor" BASE_IMAGE="$base" \
+    FLASH_ATTN_WHEEL= BUILD_NETWORK=host) 2>&1 | timestamped >"$WORK/logs/build-$flavor.log" \
+    || build_failed "the t2s $flavor images" "$WORK/logs/build-$flavor.log"
   local image
   for image in "${JOBS[@]}"; do
     expect has_image "t2s:$image" -- "make images did not tag t2s:$image"
-    expect has_image "t2s:$image-cu12" -- "make images did not tag t2s:$image-cu12"
+    expect has_image "t2s:$image-$flavor" -- "make images did not tag t2s:$image-$flavor"
   done
-  docker history t2s:train >"$WORK/logs/history.txt"
-  say "t2s:train is $(docker image inspect --format '{{.Size}}' t2s:train | awk '{ printf "%.2f GB", $1 / 1e9 }')"
+  docker history "t2s:train-$flavor" >"$WORK/logs/history-$flavor.txt"
+  say "t2s:train-$flavor is $(docker image inspect --format '{{.Size}}' "t2s:train-$flavor" | awk '{ printf "%.2f GB", $1 / 1e9 }')"
   stage_done "make images"
 
+  # The jobs run this flavor's images (t2s:<job>-<flavor>), each on volumes of its own.
   local vol_main vol_pipe out
-  vol_main="$(volume vol-main)"
-  vol_pipe="$(volume vol-pipe)"
+  vol_main="$(volume "vol-main-$flavor")"
+  vol_pipe="$(volume "vol-pipe-$flavor")"
   local main_run="$vol_main/main" pipe_run="$vol_pipe/pipe" as_user=(--user "$OWNER")
 
   stage "docker run t2s:train on a fresh volume as $OWNER, stopped (SIGTERM) mid-training"
-  local trainer="t2s-smoke-$$-train-stopped" step="" tries rc
+  local trainer="t2s-smoke-$$-$flavor-train-stopped" step="" tries rc
   CONTAINERS+=("$trainer")
   docker run -d --name "$trainer" --network none -e HF_TOKEN="$SECRET" -e RUNPOD_API_KEY="$SECRET" "${as_user[@]}" \
-    -v "$vol_main:/workspace/runs" -e T2S_CONFIG_YAML="$(config main)" t2s:train >/dev/null
+    -v "$vol_main:/workspace/runs" -e T2S_CONFIG_YAML="$(config main)" "t2s:train-$flavor" >/dev/null
   for ((tries = 0; tries < 1200; tries++)); do
     step="$(docker logs "$trainer" 2>&1 | grep -oE 'step [0-9]+/' | tail -n 1 | tr -dc 0-9 || true)"
     [ -n "$step" ] && [ "$step" -ge 5 ] && break
@@ -404,37 +445,37 @@ main() {
   done
   docker stop --time 120 "$trainer" >/dev/null
   rc="$(docker wait "$trainer")"
-  docker logs "$trainer" >"$WORK/logs/train-stopped.log" 2>&1
-  [ -n "$step" ] && [ "$step" -ge 5 ] || die "train-stopped: training never reached step 5 before the container ended (log: $WORK/logs/train-stopped.log)"
-  expect test "$(grep -c 'prep has not run' "$WORK/logs/train-stopped.log")" = 1 -- "train on a fresh volume did not say once that prep has not run"
-  expect in_log train-stopped "prep has not run in runs/main: running t2s prep first" -- "train on a fresh volume did not say it runs prep first"
+  docker logs "$trainer" >"$WORK/logs/train-stopped-$flavor.log" 2>&1
+  [ -n "$step" ] && [ "$step" -ge 5 ] || die "train-stopped: training never reached step 5 before the container ended (log: $WORK/logs/train-stopped-$flavor.log)"
+  expect test "$(grep -c 'prep has not run' "$WORK/logs/train-stopped-$flavor.log")" = 1 -- "train on a fresh volume did not say once that prep has not run"
+  expect in_log "train-stopped-$flavor" "prep has not run in runs/main: running t2s prep first" -- "train on a fresh volume did not say it runs prep first"
   expect test -f "$main_run/prep.done" -a -f "$main_run/data/manifest.json" -- "prep did not run before train on a fresh volume"
-  expect in_log train-stopped "SIGTERM: checkpoint saved" -- "the training container did not checkpoint on SIGTERM (log: $WORK/logs/train-stopped.log)"
+  expect in_log "train-stopped-$flavor" "SIGTERM: checkpoint saved" -- "the training container did not checkpoint on SIGTERM (log: $WORK/logs/train-stopped-$flavor.log)"
   expect test "$rc" != 0 -a "$rc" != 137 -- "docker stop: exit code $rc (0: it finished anyway; 137: killed, not stopped cleanly)"
   expect test ! -e "$main_run/train.done" -- "a stopped training wrote train.done"
   local checkpoint
   checkpoint="$(find "$main_run/checkpoints" -maxdepth 1 -name 'checkpoint-*' -printf '%f\n' 2>/dev/null | sort -t- -k2 -n | tail -n 1 || true)"
   expect test -n "$checkpoint" -- "no checkpoint after the SIGTERM in $main_run/checkpoints"
   expect test "${checkpoint#checkpoint-}" -ge 5 -a "${checkpoint#checkpoint-}" -lt "$STEPS" -- "no checkpoint from the SIGTERM (found: ${checkpoint:-none})"
-  expect grep -q "^t2s train: error: training was stopped (SIGTERM)" <(last_line train-stopped) -- "the stopped container's last line is not its error: $(last_line train-stopped)"
+  expect grep -q "^t2s train: error: training was stopped (SIGTERM)" <(last_line "train-stopped-$flavor") -- "the stopped container's last line is not its error: $(last_line "train-stopped-$flavor")"
   stage_done "train stopped at step $step, ${checkpoint} saved, exit code $rc"
 
   stage "docker run t2s:train again: resumes from $checkpoint"
-  job train-resumed 0 "${as_user[@]}" -v "$vol_main:/workspace/runs" -e T2S_CONFIG_YAML="$(config main)" t2s:train
-  expect in_log train-resumed "resuming from runs/main/checkpoints/$checkpoint" -- "the second train did not resume from $checkpoint"
-  expect test "$(grep -c 'prep has not run' "$WORK/logs/train-resumed.log")" = 0 -- "train ran prep again although it had finished"
+  job "train-resumed-$flavor" 0 "${as_user[@]}" -v "$vol_main:/workspace/runs" -e T2S_CONFIG_YAML="$(config main)" "t2s:train-$flavor"
+  expect in_log "train-resumed-$flavor" "resuming from runs/main/checkpoints/$checkpoint" -- "the second train did not resume from $checkpoint"
+  expect test "$(grep -c 'prep has not run' "$WORK/logs/train-resumed-$flavor.log")" = 0 -- "train ran prep again although it had finished"
   expect test -f "$main_run/train.done" -a -f "$main_run/adapter/adapter_model.safetensors" -- "no adapter after the resumed training"
   local resumed_steps
   resumed_steps="$(done_field "$main_run/train.done" global_step)"
   stage_done "train resumed to step $resumed_steps"
 
   stage "docker run t2s:merge, t2s:eval, t2s:push (dry run)"
-  job merge 0 "${as_user[@]}" -v "$vol_main:/workspace/runs" -e T2S_CONFIG_YAML="$(config main)" t2s:merge
+  job "merge-$flavor" 0 "${as_user[@]}" -v "$vol_main:/workspace/runs" -e T2S_CONFIG_YAML="$(config main)" "t2s:merge-$flavor"
   expect test -f "$main_run/merge.done" -a -f "$main_run/merged/model.safetensors" -- "merge left no merged model"
-  job eval 0 "${as_user[@]}" -v "$vol_main:/workspace/runs" -e T2S_CONFIG_YAML="$(config main)" t2s:eval
+  job "eval-$flavor" 0 "${as_user[@]}" -v "$vol_main:/workspace/runs" -e T2S_CONFIG_YAML="$(config main)" "t2s:eval-$flavor"
   expect test -f "$main_run/eval.done" -a -f "$main_run/eval/report.json" -a -f "$main_run/eval/metrics.png" -- "eval left no report"
-  job push 0 "${as_user[@]}" -v "$vol_main:/workspace/runs" -e T2S_CONFIG_YAML="$(config main)" t2s:push
-  expect in_log push "dry run: [0-9]+ files .* would go to someone/t2s-smoke" -- "push's dry run did not list what it would upload"
+  job "push-$flavor" 0 "${as_user[@]}" -v "$vol_main:/workspace/runs" -e T2S_CONFIG_YAML="$(config main)" "t2s:push-$flavor"
+  expect in_log "push-$flavor" "dry run: [0-9]+ files .* would go to someone/t2s-smoke" -- "push's dry run did not list what it would upload"
   expect test -f "$main_run/push/README.md" -- "push's dry run wrote no model card"
   stage_done "merge, eval, push"
 
@@ -443,10 +484,10 @@ main() {
   stage_done "serve"
 
   stage "docker run t2s:prep, then t2s:pipeline (as root, T2S_OWNER=$OWNER)"
-  job prep 0 -e T2S_OWNER="$OWNER" -v "$vol_pipe:/workspace/runs" -e T2S_CONFIG_YAML="$(config pipe)" t2s:prep
+  job "prep-$flavor" 0 -e T2S_OWNER="$OWNER" -v "$vol_pipe:/workspace/runs" -e T2S_CONFIG_YAML="$(config pipe)" "t2s:prep-$flavor"
   expect test -f "$pipe_run/prep.done" -a -d "$pipe_run/data/tokenized/train" -- "prep left no tokenized data"
-  job pipeline 0 -e T2S_OWNER="$OWNER" -v "$vol_pipe:/workspace/runs" -e T2S_CONFIG_YAML="$(config pipe)" t2s:pipeline
-  expect in_log pipeline "prep: already finished" -- "the pipeline redid the prep that had finished in another container"
+  job "pipeline-$flavor" 0 -e T2S_OWNER="$OWNER" -v "$vol_pipe:/workspace/runs" -e T2S_CONFIG_YAML="$(config pipe)" "t2s:pipeline-$flavor"
+  expect in_log "pipeline-$flavor" "prep: already finished" -- "the pipeline redid the prep that had finished in another container"
   local f
   for f in train.done merge.done eval.done eval/report.json push/README.md; do
     expect test -f "$pipe_run/$f" -- "the pipeline left no $f"
@@ -457,17 +498,19 @@ main() {
   stage_done "prep + pipeline; $straight_steps steps uninterrupted = $resumed_steps resumed"
 
   stage "a failing job: docker run t2s:merge before any training"
-  job failing 2 -e T2S_CONFIG_YAML="$(config nothing-trained)" t2s:merge
-  expect grep -q "^t2s merge: error: merge needs a finished train" <(last_line failing) -- "the failing container's last line is not its one-line error: $(last_line failing)"
+  job "failing-$flavor" 2 -e T2S_CONFIG_YAML="$(config nothing-trained)" "t2s:merge-$flavor"
+  expect grep -q "^t2s merge: error: merge needs a finished train" <(last_line "failing-$flavor") -- "the failing container's last line is not its one-line error: $(last_line "failing-$flavor")"
   stage_done "failing job: exit code 2, its error last"
 
   stage "no secret in the images, their history, the run's files or the logs"
   for image in "${JOBS[@]}"; do
-    docker history --no-trunc "t2s:$image" >>"$WORK/logs/history-no-trunc.txt"
+    docker history --no-trunc "t2s:$image-$flavor" >>"$WORK/logs/history-no-trunc.txt"
   done
   expect test "$(grep -c -F -- "$SECRET" "$WORK/logs/history-no-trunc.txt" || true)" = 0 -- "a secret is in docker history"
   local hits
-  docker save "${JOBS[@]/#/t2s:}" | { grep -caF -- "$SECRET" || true; } >"$WORK/hits" \
+  local tags=()
+  for image in "${JOBS[@]}"; do tags+=("t2s:$image-$flavor"); done
+  docker save "${tags[@]}" | { grep -caF -- "$SECRET" || true; } >"$WORK/hits" \
     || die "docker save of the t2s images failed"
   hits="$(cat "$WORK/hits")"
   expect test "${hits:-0}" = 0 -- "a secret is in the saved images' layers or configs ($hits hits)"
@@ -485,12 +528,49 @@ main() {
   stage_done "ownership (--user for the first run, T2S_OWNER for the second)"
 
   if [ -f "$REPO/tests/test_launch_e2e.py" ]; then
-    stage "launch end to end: tests/test_launch_e2e.py with T2S_POD_IMAGE=t2s:pipeline"
+    # cu12 runs every scenario; another flavor the card's config (configs/l4x2-qlora.yaml) launched on its image.
+    local selection=()
+    [ "$flavor" = cu12 ] || selection=(-k cards_two_gpu)
+    stage "launch end to end: tests/test_launch_e2e.py ${selection[*]} with T2S_POD_IMAGE=t2s:pipeline-$flavor"
     [ -x "$REPO/.venv/bin/pytest" ] || die "tests/test_launch_e2e.py needs .venv: run make install"
-    (cd "$REPO" && T2S_POD_IMAGE=t2s:pipeline DOCKER_HOST="${DOCKER_HOST:-unix:///var/run/docker.sock}" PYTHONPATH="$REPO" \
-      .venv/bin/pytest -q tests/test_launch_e2e.py) || die "tests/test_launch_e2e.py failed against t2s:pipeline"
+    (cd "$REPO" && T2S_POD_IMAGE="t2s:pipeline-$flavor" T2S_POD_FLAVOR="$flavor" \
+      DOCKER_HOST="${DOCKER_HOST:-unix:///var/run/docker.sock}" PYTHONPATH="$REPO" \
+      .venv/bin/pytest -q tests/test_launch_e2e.py "${selection[@]}") \
+      || die "tests/test_launch_e2e.py failed against t2s:pipeline-$flavor"
     stage_done "launch end to end"
   fi
+  FLAVOR_LABEL=""
+}
+
+main() {
+  local started=$SECONDS
+  trap cleanup EXIT
+  trap 'ERROR="interrupted"; exit 130' INT
+  trap 'ERROR="stopped (SIGTERM)"; exit 143' TERM
+  mkdir -p "$CACHE" || die "cannot create T2S_SMOKE_CACHE=$CACHE"
+  exec 9>"$CACHE/lock"
+  flock -n 9 || die "another image-smoke is running on $CACHE: wait for it, or set T2S_SMOKE_CACHE to another folder"
+  WORK="$(mktemp -d "${TMPDIR:-/tmp}/t2s-image-smoke.XXXXXX")"
+  chmod 755 "$WORK"  # the volumes' owner must reach them
+  mkdir -p "$WORK/logs"
+  check_disk "$WORK" 1 "the work dir (runs volumes, logs)" "set TMPDIR to a bigger disk"
+  SECRET="hf_smoke$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+  if [ "$(id -u)" = 0 ]; then OWNER="${T2S_SMOKE_OWNER:-4242:4242}"; else OWNER="$(id -u):$(id -g)"; fi
+  [[ "$OWNER" =~ ^[0-9]+:[0-9]+$ ]] || die "T2S_SMOKE_OWNER=$OWNER is not uid:gid"
+
+  local flavor
+  for flavor in "${FLAVORS[@]}"; do
+    [ -n "$(flavor_python "$flavor")" ] || die "T2S_SMOKE_FLAVORS: '$flavor' is not a flavor (cu12, cu118)"
+  done
+
+  stage "engine"
+  use_engine
+  stage_done "engine"
+
+  for flavor in "${FLAVORS[@]}"; do
+    say "--- flavor $flavor ---"
+    smoke_flavor "$flavor"
+  done
 
   FAILED=0
   say "all checks passed in $((SECONDS - started))s:"

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from jobs.config import Config, TrainConfig, load_config, read_yaml_mapping
 from jobs.errors import T2SError, one_line_errors
+from jobs.resume import own_checkpoint_loads
 from jobs.rundir import RunDir, fresh_staging, read_json, run_settings
 from jobs.quiet import one_line_per_log, quiet_library_output
 from jobs.shipped import accelerate_configs_dir
@@ -161,34 +162,27 @@ def check_precision(train: TrainConfig, model_dtype: str, accelerate: dict, on_g
 class Stack(NamedTuple):
     """What the installed packages can do that the cu118 set's (torch 2.1, bitsandbytes 0.45) cannot."""
     masks_packed_examples: bool  # keeps padding-free examples apart without flash-attn (torch >= 2.6)
-    loads_checkpoints: bool  # loads a checkpoint's optimizer state, so a run resumes (torch >= 2.6)
     trains_on_cpu_processes: bool  # accelerate's torch.cpu.set_device; gloo all-gathers for ZeRO-3 (torch >= 2.2)
     quantizes_on_cpu: bool  # bitsandbytes' CPU backend for QLoRA without a GPU (bitsandbytes >= 0.46)
 
 
 def installed_stack() -> Stack:
-    # transformers masks packed examples by position_ids, and torch.loads checkpoints (CVE-2025-32434), only on
-    # torch >= 2.6; trl 0.22 (the cu118 set's) also hands position_ids to flash-attn alone.
+    # transformers masks packed examples by position_ids only on torch >= 2.6; trl 0.22 (the cu118 set's) also hands
+    # position_ids to flash-attn alone. (Checkpoints resume on every stack: jobs/resume.py.)
     from transformers.utils import is_torch_greater_or_equal
 
     bitsandbytes = importlib.util.find_spec("bitsandbytes")  # found, not imported: that takes seconds
     return Stack(masks_packed_examples=is_torch_greater_or_equal("2.6"),
-                 loads_checkpoints=is_torch_greater_or_equal("2.6"),
                  trains_on_cpu_processes=is_torch_greater_or_equal("2.2"),
                  quantizes_on_cpu=bitsandbytes is not None and any(
                      (Path(folder) / "backends" / "cpu").is_dir() for folder in bitsandbytes.submodule_search_locations))
 
 
-def check_stack(train: TrainConfig, accelerate: dict, attention: str, gpus_present: int, checkpoint: str | None,
-                stack: Stack) -> None:
+def check_stack(train: TrainConfig, accelerate: dict, attention: str, gpus_present: int, stack: Stack) -> None:
     """What the installed stack cannot do for this run, as one line each."""
     if train.packing == "padding_free" and attention != "flash_attention_2" and not stack.masks_packed_examples:
         raise T2SError(f"train.packing padding_free would let packed examples attend to each other with {attention} "
                        "on torch < 2.6: set train.packing: none, or use flash-attn on a GPU")
-    if checkpoint and not stack.loads_checkpoints:
-        raise T2SError(f"cannot resume from {checkpoint}: transformers loads a checkpoint's optimizer state only on "
-                       "torch >= 2.6 (CVE-2025-32434): delete the run's checkpoints/ to train from the start, "
-                       "or resume on torch >= 2.6")
     processes = int(accelerate.get("num_processes", 1)) * int(accelerate.get("num_machines", 1))
     if accelerate.get("use_cpu") and processes > 1 and not stack.trains_on_cpu_processes:
         raise T2SError(f"the accelerate config trains on {processes} CPU processes, which needs torch >= 2.2: "
@@ -238,7 +232,7 @@ def check(cfg: Config, run: RunDir) -> None:
     on_gpu = gpus > 0 and not accelerate.get("use_cpu")
     check_precision(cfg.train, cfg.model.dtype, accelerate, on_gpu, gpu_has_bf16(), _has("optimi"))
     attention = pick_attention(cfg.model.attn_implementation)  # a forced, missing flash-attn fails here, before loading
-    check_stack(cfg.train, accelerate, attention, gpus, None, installed_stack())
+    check_stack(cfg.train, accelerate, attention, gpus, installed_stack())
     check_source(base_model_path(cfg, run), "model")
     restore_synced_checkpoint(cfg, run)
 
@@ -261,9 +255,8 @@ def run(cfg: Config, run: RunDir) -> str:
     for folder, moved in run.set_aside_incomplete_checkpoints():
         print(f"set aside {folder.name}, cut off while it was saved (no complete trainer_state.json), as {moved}",
               flush=True)
-    resume = run.last_checkpoint()
     check_stack(cfg.train, accelerate, pick_attention(cfg.model.attn_implementation), torch.cuda.device_count(),
-                str(resume) if resume else None, installed_stack())
+                installed_stack())
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel_path)]
     if not torch.cuda.is_available() and not accelerate.get("use_cpu"):
@@ -589,7 +582,8 @@ def worker(config_path: str) -> int:
         trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
         result = SimpleNamespace(metrics={})
     else:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with own_checkpoint_loads(resume, run.checkpoints):  # torch < 2.6: transformers' load gate (jobs/resume.py)
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if callbacks[0].preempted:
         print("SIGTERM: checkpoint saved, stopping; rerun to resume", flush=True)
         return PREEMPTED_EXIT

@@ -86,3 +86,24 @@ def test_qlora_on_cpu_trains_4bit_and_merges_into_the_full_precision_base(copy_r
     model, _ = load_base_for_training(load_config(config), RunDir(run), on_gpu=False)
     assert model.is_loaded_in_4bit
     assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_zero3_qlora_on_two_cpu_processes_resumes_to_the_same_step_count(copy_run, stop):
+    """Two-process ZeRO-3 QLoRA stopped (SIGTERM) or killed between checkpoints, then rerun: DeepSpeed restores its
+    sharded optimizer and the Trainer the schedule (scheduler.pt, through jobs/resume.py on torch < 2.6)."""
+    from tests.test_train import stop_then_resume
+
+    _require("deepspeed")
+    _require("bitsandbytes")
+    stack = installed_stack()
+    if not (stack.trains_on_cpu_processes and stack.quantizes_on_cpu):
+        pytest.skip("torch < 2.2 / bitsandbytes < 0.46 (the cu118 set): ZeRO-3 over CPU processes and QLoRA without "
+                    "CUDA are refused before training (check_stack), so this resume runs on GPUs there; the gate "
+                    "lifted for the resume is the single-process tests' (test_train.py)")
+    run = stop_then_resume(copy_run, "zero3-qlora", {"method": "qlora", "accelerate_config": "zero3-cpu",
+                                                     "max_steps": 8, "save_every_steps": 2}, stop,
+                           env=DEEPSPEED_ON_CPU, timeout=480)
+    done = _done(run, "train")
+    assert done["num_processes"] == 2 and done["method"] == "qlora" and done["global_step"] == 8
+    assert adapter_problems(run / "adapter") == []

@@ -1,6 +1,8 @@
 """train and merge: setup checks, packing isolation, adapter integrity, resume after SIGTERM, merge equivalence."""
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -55,27 +57,24 @@ def test_good_setups_pass():
     check_setup(TrainConfig(), {"num_processes": 1}, 0, False)
 
 
-OLD_STACK = Stack(masks_packed_examples=False, loads_checkpoints=False, trains_on_cpu_processes=False,
-                  quantizes_on_cpu=False)
-CHECKPOINT = "runs/t/checkpoints/checkpoint-3"
+OLD_STACK = Stack(masks_packed_examples=False, trains_on_cpu_processes=False, quantizes_on_cpu=False)
 
 
-@pytest.mark.parametrize("train, accelerate, checkpoint, expected", [
-    ({"packing": "padding_free"}, {}, None, "packed examples attend to each other with sdpa on torch < 2.6"),
-    ({}, {}, CHECKPOINT, f"cannot resume from {CHECKPOINT}"),
-    ({}, {"use_cpu": True, "num_processes": 2}, None, "trains on 2 CPU processes, which needs torch >= 2.2"),
-    ({"method": "qlora"}, {}, None, "qlora without a GPU needs bitsandbytes >= 0.46"),
+@pytest.mark.parametrize("train, accelerate, expected", [
+    ({"packing": "padding_free"}, {}, "packed examples attend to each other with sdpa on torch < 2.6"),
+    ({}, {"use_cpu": True, "num_processes": 2}, "trains on 2 CPU processes, which needs torch >= 2.2"),
+    ({"method": "qlora"}, {}, "qlora without a GPU needs bitsandbytes >= 0.46"),
 ])
-def test_what_an_old_stack_cannot_do_fails_before_loading(train, accelerate, checkpoint, expected):
+def test_what_an_old_stack_cannot_do_fails_before_loading(train, accelerate, expected):
     train = TrainConfig(**{"packing": "none", **train})
     with pytest.raises(T2SError, match=expected):
-        check_stack(train, accelerate, "sdpa", 0, checkpoint, OLD_STACK)
-    check_stack(train, accelerate, "sdpa", 0, checkpoint, Stack(True, True, True, True))
+        check_stack(train, accelerate, "sdpa", 0, OLD_STACK)
+    check_stack(train, accelerate, "sdpa", 0, Stack(True, True, True))
 
 
 def test_an_old_stack_runs_what_it_can_on_gpus():
-    check_stack(TrainConfig(packing="padding_free"), {}, "flash_attention_2", 1, None, OLD_STACK)  # varlen
-    check_stack(TrainConfig(method="qlora", packing="none"), {"num_processes": 2}, "sdpa", 2, None, OLD_STACK)
+    check_stack(TrainConfig(packing="padding_free"), {}, "flash_attention_2", 1, OLD_STACK)  # varlen
+    check_stack(TrainConfig(method="qlora", packing="none"), {"num_processes": 2}, "sdpa", 2, OLD_STACK)
 
 
 @pytest.mark.skipif(not installed_stack().masks_packed_examples,
@@ -160,31 +159,64 @@ def test_train_then_merge_gives_a_working_adapter_and_equal_logits(copy_run):
     assert not torch.allclose(before, after, atol=1e-4)
 
 
-def test_sigterm_checkpoints_and_a_rerun_resumes_to_the_same_step_count(copy_run):
-    train = {"max_steps": -1, "epochs": 1, "save_every_steps": 3, "per_device_batch_size": 4}
-    run, config = copy_run("interrupted", train=train)
-    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--config", str(config)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not list((run / "checkpoints").glob("checkpoint-*")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=240)
-    assert process.returncode == 2, out[-2000:] + err[-2000:]
-    assert "stopped (SIGTERM) after saving a checkpoint" in err
-    assert not (run / "train.done").exists()
-    interrupted_at = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
+def _kill_tree(pid: int, sig: int) -> None:
+    """Sends sig to a process and every process under it (a pod that dies takes the accelerate workers with it)."""
+    import psutil
 
-    result = t2s("train", "--config", str(config))
-    if not installed_stack().loads_checkpoints:
-        assert result.returncode == 2 and "cannot resume from" in result.stderr.strip().splitlines()[-1]
-        pytest.skip("torch < 2.6: transformers cannot load the checkpoint's optimizer state, so the rerun is refused "
-                    "(check_stack) instead of resuming")
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(sig)
+
+
+def stop_then_resume(copy_run, name: str, train: dict, stop: str, env: dict | None = None, timeout: int = 240):
+    """`t2s train` stopped once its first checkpoint is complete — SIGTERM (spot preemption: a checkpoint is saved on
+    the way out) or SIGKILL to every process (a pod that dies, between two checkpoints: the steps after the last one
+    are redone) — then rerun; then the same config uninterrupted. Checks that the rerun resumed from the last
+    complete checkpoint and ends at the uninterrupted run's step count and learning rate (the schedule came back:
+    transformers loads scheduler.pt with optimizer.pt, on torch < 2.6 only through jobs/resume.py)."""
+    run, config = copy_run(f"{name}-{stop}", train=train)
+    env = {**os.environ, **(env or {})}
+    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--config", str(config)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + timeout
+    while not any((p / "trainer_state.json").is_file() for p in (run / "checkpoints").glob("checkpoint-*")) \
+            and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    if stop == "sigterm":
+        process.send_signal(signal.SIGTERM)
+    else:
+        _kill_tree(process.pid, signal.SIGKILL)
+    out, err = process.communicate(timeout=timeout)
+    if stop == "sigterm":
+        assert process.returncode == 2, out[-2000:] + err[-2000:]
+        assert "stopped (SIGTERM) after saving a checkpoint" in err
+    else:
+        assert process.returncode == -signal.SIGKILL, out[-2000:] + err[-2000:]
+    assert not (run / "train.done").exists()
+    interrupted_at = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*")
+                         if (p / "trainer_state.json").is_file())
+
+    result = t2s("train", "--config", str(config), env=env, timeout=2 * timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resuming from {run / 'checkpoints'}/checkpoint-{interrupted_at}" in result.stdout
     resumed = _done(run, "train")["global_step"]
     assert resumed > interrupted_at
 
-    fresh, fresh_config = copy_run("uninterrupted", train=train)
-    assert t2s("train", "--config", str(fresh_config)).returncode == 0
+    fresh, fresh_config = copy_run(f"{name}-uninterrupted-{stop}", train=train)
+    assert t2s("train", "--config", str(fresh_config), env=env, timeout=2 * timeout).returncode == 0
     assert resumed == _done(fresh, "train")["global_step"]
+    # (a resumed run's later lines in metrics.jsonl replace the earlier ones)
+    logged = [{m["step"]: m for m in map(json.loads, (r / "logs" / "metrics.jsonl").read_text().splitlines())
+               if "loss" in m} for r in (run, fresh)]
+    last = max(logged[1])
+    assert last > interrupted_at and last in logged[0]
+    assert logged[0][last]["learning_rate"] == pytest.approx(logged[1][last]["learning_rate"], rel=1e-6)
+    return run
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_a_stopped_or_killed_training_resumes_to_the_same_step_count(copy_run, stop):
+    # On every stack, torch 2.1 (the cu118 set) too.
+    stop_then_resume(copy_run, "interrupted", {"max_steps": -1, "epochs": 1, "save_every_steps": 3,
+                                               "per_device_batch_size": 4}, stop)
