@@ -130,6 +130,14 @@ def test_headline_is_the_best_fine_tuned_row():
     assert human_size(512) == "512 B" and human_size(3 * 2**20) == "3.0 MB"
 
 
+def test_headline_skips_what_is_not_a_finite_score():
+    # an eval.done written by hand or by another t2s: a string or NaN neither wins nor breaks the comparison
+    results = {"a": {"execution_accuracy": "x", "exact_match": 0.9}, "b": {"execution_accuracy": 0.5},
+               "c": {"execution_accuracy": float("nan"), "sql_only": float("inf"), "exact_match": True}}
+    assert headline(results) == ("b", {"execution_accuracy": 0.5})
+    assert headline({"c": results["c"]}) == ("c", {})
+
+
 def test_runs_lists_each_run_with_jobs_model_metrics_and_size(copy_run, tmp_path):
     run, config = copy_run("listed")
     (run / "eval.done").write_text(json.dumps({"job": "eval", "finished_at": "2030-01-01T10:00:00Z", "results": {
