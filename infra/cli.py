@@ -416,9 +416,13 @@ def _keep_pod_log(launch: Launch, runpod_key: str, runs_dir: Path) -> tuple[Path
     if not lines:
         return None
     path = RunDir(runs_dir / launch.run_id).logs / f"pod-{launch.pod_id}-down.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
     hide = redactor()
-    write_atomic(path, "".join(hide(line) + "\n" for line in lines))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, "".join(hide(line) + "\n" for line in lines))
+    except OSError as error:  # the pod is terminated all the same: its billing matters more than its log
+        say(f"could not keep pod {launch.pod_id}'s log in {path} ({error.strerror or error}); terminating it anyway")
+        return None
     return path, len(lines)
 
 

@@ -157,6 +157,18 @@ def test_down_asks_first_keeps_the_pods_log_and_logs_tells_what_exists(pods, mon
                              f"machine: {kept}"]
 
 
+def test_down_terminates_even_where_the_pods_log_cannot_be_kept(pods):
+    server, _ = pods
+    server.faults.job_lines = 100
+    assert infra("launch", "--config", "run.yaml", "--job", "train", "--no-follow", "--yes").exit_code == 0
+    [pod] = server.live_pods()
+    Path("not-a-folder").write_text("")
+    result = infra("down", "demo", "--yes", "--runs-dir", "not-a-folder")
+    assert result.exit_code == 0, result.output
+    assert f"could not keep pod {pod.id}'s log in not-a-folder/demo/logs/pod-{pod.id}-down.log" in result.stderr
+    assert f"terminated pod {pod.id}" in result.stderr and server.live_pods() == []
+
+
 def test_ctrl_c_on_watch_is_not_an_error(pods, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
