@@ -22,7 +22,7 @@ import typer
 
 from jobs.ask import ask_command
 from jobs.config import Config, load_config
-from jobs.errors import T2SError, one_line_errors
+from jobs.errors import T2SError, one_line_errors, version_option
 from jobs.rundir import JOBS, RunDir, open_run
 from jobs.serve import serve_command
 
@@ -161,17 +161,8 @@ app.command(name="ask")(ask_command)
 app.command(name="serve")(serve_command)
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version
-
-        print(f"t2s {version('t2s')}")
-        raise typer.Exit()
-
-
 @app.callback()
-def _options(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                           help="Print the version of t2s and exit.")):
+def _options(_version: bool = version_option("t2s")):
     """Fine-tune small chat models into SQL-only text-to-SQL models."""
 
 
