@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs import checked, sandbox, sqlcheck
 from jobs.ask import ModelSource, load
+from jobs.credentials import redact
 from jobs.errors import T2SError, first_line, printable
 from jobs.serve_api import (Answered, ApiError, ChatRequest, Limits, Question, SqlRequest, authorized, chat_chunks,
                             chat_completion, chat_question, dumps, error_body, parse_body, sql_question, sql_response,
@@ -40,7 +41,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 def log(message: str) -> None:
-    print(f"t2s serve: {printable(message)}", file=sys.stderr, flush=True)
+    """One line to the server's log; a secret in it (a token in a library's failure, a traceback) is hidden."""
+    print(f"t2s serve: {printable(redact(message))}", file=sys.stderr, flush=True)
 
 
 class Metrics:
@@ -392,11 +394,11 @@ def load_in_background(engine: Engine, state: ServerState, on_failure) -> thread
         try:
             engine.load()
         except T2SError as error:
-            state.failed = str(error)
-            on_failure(str(error))
+            state.failed = redact(str(error))  # /health shows it to any client, without the API key
+            on_failure(state.failed)
         except Exception as error:  # noqa: BLE001 - a bug, or a library's failure to load: one line, and the log
-            traceback.print_exc()
-            state.failed = f"{type(error).__name__}: {first_line(error)}"
+            log("loading failed: " + traceback.format_exc().strip())
+            state.failed = redact(f"{type(error).__name__}: {first_line(error)}")
             on_failure(state.failed)
 
     thread = threading.Thread(target=run, name="t2s-load", daemon=True)

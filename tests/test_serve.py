@@ -188,6 +188,28 @@ def test_a_failing_batch_fails_its_requests_not_the_batcher():
     assert isinstance(got[0], RuntimeError) and got[1] == "ok"
 
 
+def test_a_load_failure_that_names_a_secret_reaches_neither_health_nor_the_log(monkeypatch, capsys):
+    from jobs.errors import T2SError
+    from jobs.serve_app import ServerState, load_in_background
+
+    token = "secret-value-for-the-load-failure-0123"
+    monkeypatch.setenv("WANDB_API_KEY", token)
+
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def load(self):
+            raise self.error
+
+    for error in (T2SError(f"cannot read model with {token}"), RuntimeError(f"library said {token}")):
+        state, said = ServerState(), []
+        load_in_background(Failing(error), state, said.append).join(10)
+        assert said == [state.failed] and state.failed and token not in state.failed
+        assert "<WANDB_API_KEY>" in state.failed
+    assert token not in capsys.readouterr().err
+
+
 # ---------- the app in-process, with a fake model: the sandbox path ----------
 
 def digest(path: Path) -> str:
