@@ -20,11 +20,7 @@ from jobs.errors import T2SError
 from jobs.generate import Candidate, Generation
 from jobs.models import load_run_model
 from jobs.rundir import RunDir
-from tests.conftest import ROOT, t2s, tiny_config, write_config
-
-SONGS_SCHEMA = "CREATE TABLE songs (title VARCHAR, artist VARCHAR, genre VARCHAR, year INTEGER)"
-SONGS = [("blue", "nova", "jazz", 1999), ("river", "kite", "rock", 2005), ("echo", None, "jazz", 2020)]
-
+from tests.conftest import ROOT, SONGS_SCHEMA, t2s, tiny_config, write_config
 
 @pytest.fixture(scope="module")
 def merged_run(prepared_run, tmp_path_factory) -> Path:
@@ -37,17 +33,6 @@ def merged_run(prepared_run, tmp_path_factory) -> Path:
         result = t2s(job, "--config", str(config))
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return run
-
-
-@pytest.fixture(scope="module")
-def songs_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("db") / "songs.sqlite"
-    conn = sqlite3.connect(path)
-    conn.execute(SONGS_SCHEMA)
-    conn.executemany("INSERT INTO songs VALUES (?, ?, ?, ?)", SONGS)
-    conn.commit()
-    conn.close()
-    return path
 
 
 def t2s_stdin(*args: str, input: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,10 +23,8 @@ import pytest
 from jobs.serve_api import (Answered, ApiError, ChatRequest, Limits, SqlRequest, authorized, chat_chunks,
                             chat_completion, chat_question, cut_at_stop, is_loopback, parse_body, sql_question, sse)
 from jobs.serve_batching import Batcher, Closed, DeadlinePassed, Pending, QueueFull
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SONGS_SCHEMA
 
-SCHEMA = "CREATE TABLE songs (title VARCHAR, artist VARCHAR, genre VARCHAR, year INTEGER)"
-SONGS = [("blue", "nova", "jazz", 1999), ("river", "kite", "rock", 2005), ("echo", None, "jazz", 2020)]
 API_KEY = "test-key-0123456789-abcdefghij"
 QUESTIONS = ["How many songs are there?", "Which songs are jazz?", "What is the latest year?",
              "List the artists of rock songs released after 2000.", "Count the genres."]
@@ -41,27 +38,27 @@ def chat(messages, **extra) -> ChatRequest:
 
 
 def test_chat_question_is_system_schema_and_user_question():
-    q = chat_question(chat([{"role": "system", "content": SCHEMA}, {"role": "user", "content": " How many? "}],
+    q = chat_question(chat([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": " How many? "}],
                            max_tokens=5, stop=[";"]), None, LIMITS)
-    assert (q.schema, q.question, q.max_tokens, q.stop) == (SCHEMA, "How many?", 5, (";",))
+    assert (q.schema, q.question, q.max_tokens, q.stop) == (SONGS_SCHEMA, "How many?", 5, (";",))
     default = chat_question(chat([{"role": "user", "content": [{"type": "text", "text": "How many?"}]}]),
-                            SCHEMA, LIMITS)
-    assert (default.schema, default.max_tokens) == (SCHEMA, LIMITS.max_tokens)
+                            SONGS_SCHEMA, LIMITS)
+    assert (default.schema, default.max_tokens) == (SONGS_SCHEMA, LIMITS.max_tokens)
 
 
 @pytest.mark.parametrize("messages, extra, says", [
     ([{"role": "user", "content": "q"}], {}, "no schema"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q"}, {"role": "user", "content": "r"}],
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q"}, {"role": "user", "content": "r"}],
      {}, "roles"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q"}], {"n": 2}, "n must be 1"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q"}], {"max_tokens": 17}, "between 1 and 16"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q"}], {"max_tokens": 0}, "between 1"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q"}], {"n": 2}, "n must be 1"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q"}], {"max_tokens": 17}, "between 1 and 16"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q"}], {"max_tokens": 0}, "between 1"),
     ([{"role": "system", "content": "DROP TABLE x"}, {"role": "user", "content": "q"}], {}, "CREATE TABLE"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q\x1b[2J"}], {}, "U+001B"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q\u202e"}], {}, "U+202E"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "x" * 101}], {}, "at most 100"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "   "}], {}, "empty"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q"}], {"stop": [""]}, "stop"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q\x1b[2J"}], {}, "U+001B"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q\u202e"}], {}, "U+202E"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "x" * 101}], {}, "at most 100"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "   "}], {}, "empty"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q"}], {"stop": [""]}, "stop"),
 ])
 def test_chat_question_refuses_what_it_cannot_honour(messages, extra, says):
     with pytest.raises(ApiError) as refused:
@@ -95,8 +92,8 @@ def test_parse_body_survives_deep_nesting_within_the_size_limit():
 def test_sql_question_needs_a_database_to_run_on():
     request = parse_body(b'{"question": "How many?", "run": true}', SqlRequest, LIMITS)
     with pytest.raises(ApiError, match="without --db"):
-        sql_question(request, SCHEMA, has_db=False, limits=LIMITS)
-    assert sql_question(request, SCHEMA, has_db=True, limits=LIMITS).schema == SCHEMA
+        sql_question(request, SONGS_SCHEMA, has_db=False, limits=LIMITS)
+    assert sql_question(request, SONGS_SCHEMA, has_db=True, limits=LIMITS).schema == SONGS_SCHEMA
 
 
 def test_stop_sequences_cut_the_answer_as_openai_does():
@@ -216,17 +213,6 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def songs_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("serve-db") / "songs.sqlite"
-    conn = sqlite3.connect(path)
-    conn.execute(SCHEMA)
-    conn.executemany("INSERT INTO songs VALUES (?, ?, ?, ?)", SONGS)
-    conn.commit()
-    conn.close()
-    return path
-
-
 def fake_app(db: Path, replies: dict[str, str], **limits):
     """The real app and engine, the model replaced by `replies` (question -> answer)."""
     from jobs.ask import ModelSource
@@ -246,7 +232,7 @@ def fake_app(db: Path, replies: dict[str, str], **limits):
                              batch_size=len(batch)) for p in batch]
 
     engine = FakeEngine(ModelSource("fake"), "fake", limits=Limits(**limits), decoding="greedy", candidates=1,
-                        device="cpu", db=db, default_schema=SCHEMA, max_batch=8, wait_s=0.001, max_queue=8,
+                        device="cpu", db=db, default_schema=SONGS_SCHEMA, max_batch=8, wait_s=0.001, max_queue=8,
                         request_timeout_s=20, sql_workers=1, metrics=Metrics())
     engine.load()
     return engine, create_app(engine, ServerState(), None)
@@ -362,7 +348,7 @@ def test_openai_client_chat_streaming_and_models(server, model_dir):
 
     client = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     assert [m.id for m in client.models.list()] == [str(model_dir)]
-    messages = [{"role": "system", "content": SCHEMA}, {"role": "user", "content": QUESTIONS[0]}]
+    messages = [{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": QUESTIONS[0]}]
     completion = client.chat.completions.create(model=str(model_dir), messages=messages)
     text = completion.choices[0].message.content
     assert text and completion.choices[0].finish_reason in ("length", "stop")
@@ -373,7 +359,7 @@ def test_openai_client_chat_streaming_and_models(server, model_dir):
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == text
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
     with server.client() as http:  # the chat endpoint's answer is /v1/sql's (and so t2s ask's, tested below)
-        assert sql(server, http, QUESTIONS[0], schema=SCHEMA).json()["sql"] == text
+        assert sql(server, http, QUESTIONS[0], schema=SONGS_SCHEMA).json()["sql"] == text
     shorter = client.chat.completions.create(model="any", messages=messages, max_tokens=2)
     assert shorter.usage.completion_tokens <= 2 < completion.usage.completion_tokens
     from openai import BadRequestError
@@ -542,12 +528,12 @@ def test_checked_decoding_answers_are_t2s_asks(model_dir):
                     request_timeout_s=60, sql_workers=1, metrics=Metrics())
     engine.load()
     try:
-        got = engine.answer_batch([Pending(Question(SCHEMA, q, MAX_TOKENS), float("inf"), lambda _: None)
+        got = engine.answer_batch([Pending(Question(SONGS_SCHEMA, q, MAX_TOKENS), float("inf"), lambda _: None)
                                    for q in QUESTIONS[:3]])
     finally:
         engine.close(timeout_s=1)
     expected = ask.load(str(model_dir), "cpu", MAX_TOKENS, decoding="checked", candidates=2).answers(
-        [(SCHEMA, q) for q in QUESTIONS[:3]])
+        [(SONGS_SCHEMA, q) for q in QUESTIONS[:3]])
     assert [(a.text, a.checked, a.why_unchecked) for a in got] == [(e.text, e.checked, e.why_unchecked)
                                                                    for e in expected]
     assert all(a.checked is False and a.why_unchecked for a in got)  # the untrained model's answers fail the checks
