@@ -292,16 +292,16 @@ def one_error(result) -> str:
                          "goes with the pod: launch the pipeline"),
     (["--job", "prep"], "--job prep leaves its output (the prepared data) on the pod's own volume"),
     # Issue 31: caps that never fire (infinite, absurd) are refused, one line each, before any pod exists.
-    (["infra.max_runtime_min=.inf"], "'infra.max_runtime_min' in run.yaml: Input should be a finite number"),
-    (["infra.max_runtime_min=1e300"], "'infra.max_runtime_min' in run.yaml: Input should be less than or equal to"),
-    (["infra.max_cost_usd=1e300"], "'infra.max_cost_usd' in run.yaml: Input should be less than or equal to 10000"),
-    (["infra.max_cost_usd=.nan"], "'infra.max_cost_usd' in run.yaml: Input should be a finite number"),
-    (["infra.provision_timeout_s=1e300"], "'infra.provision_timeout_s' in run.yaml: Input should be less than or equal"),
-    (["infra.capacity_rounds=1000000000"], "'infra.capacity_rounds' in run.yaml: Input should be less than or equal to 20"),
-    (["infra.capacity_rounds=1e9"], "'infra.capacity_rounds' in run.yaml: Input should be a valid integer"),
-    (["infra.expected_min=.inf"], "'infra.expected_min' in run.yaml: Input should be a finite number"),
-    (["infra.volume_gb=1000000"], "'infra.volume_gb' in run.yaml: Input should be less than or equal to"),
-    (["infra.gpu_count=64"], "'infra.gpu_count' in run.yaml: Input should be less than or equal to 8"),
+    (["infra.max_runtime_min=.inf"], "'infra.max_runtime_min' in --set infra.max_runtime_min: Input should be a finite number"),
+    (["infra.max_runtime_min=1e300"], "'infra.max_runtime_min' in --set infra.max_runtime_min: Input should be less than or equal to"),
+    (["infra.max_cost_usd=1e300"], "'infra.max_cost_usd' in --set infra.max_cost_usd: Input should be less than or equal to 10000"),
+    (["infra.max_cost_usd=.nan"], "'infra.max_cost_usd' in --set infra.max_cost_usd: Input should be a finite number"),
+    (["infra.provision_timeout_s=1e300"], "'infra.provision_timeout_s' in --set infra.provision_timeout_s: Input should be less than or equal"),
+    (["infra.capacity_rounds=1000000000"], "'infra.capacity_rounds' in --set infra.capacity_rounds: Input should be less than or equal to 20"),
+    (["infra.capacity_rounds=1e9"], "'infra.capacity_rounds' in --set infra.capacity_rounds: Input should be a valid integer"),
+    (["infra.expected_min=.inf"], "'infra.expected_min' in --set infra.expected_min: Input should be a finite number"),
+    (["infra.volume_gb=1000000"], "'infra.volume_gb' in --set infra.volume_gb: Input should be less than or equal to"),
+    (["infra.gpu_count=64"], "'infra.gpu_count' in --set infra.gpu_count: Input should be less than or equal to 8"),
 ])
 def test_a_bad_config_or_set_is_one_line_before_any_network_call(world, sets, message):
     runpod, hub = world
