@@ -4,6 +4,7 @@ Each test failed on the code before these fixes."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,9 @@ def test_make_passes_dry_run_and_yes_and_has_follow_and_ls():
                               capture_output=True, text=True, check=True).stdout
 
     assert ".venv/bin/t2s-infra launch --config c.yaml" in planned("launch-train", "CONFIG=c.yaml", "DRY_RUN=1")
-    assert planned("launch-train", "CONFIG=c.yaml", "DRY_RUN=1").rstrip().endswith("--dry-run")
+    # the recipe builds the command as a bash array (SET_FILE's lines join it): --dry-run is its last word
+    command = re.search(r"command=\((.*?)\);", planned("launch-train", "CONFIG=c.yaml", "DRY_RUN=1"), re.S)
+    assert command and command.group(1).split()[-1] == "--dry-run"
     assert ".venv/bin/t2s-infra logs --follow r1" in planned("follow", "RUN=r1")
     assert ".venv/bin/t2s-infra ls" in planned("ls")
     assert planned("down", "RUN=r1", "YES=1").rstrip().endswith(".venv/bin/t2s-infra down r1 --yes")
@@ -286,7 +289,7 @@ def test_infra_env_may_not_redirect_traffic_load_code_or_break_the_runner(world,
     result = launch("--set", f"infra.env.{name}={value}", "--yes")
     assert result.exit_code == 2
     error = one_error(result)
-    assert f"config key 'infra.env' in run.yaml: {name} {why}" in error
+    assert f"config key 'infra.env' in --set infra.env.{name}: {name} {why}" in error
     assert "a pod's environment may not set it" in error
     assert runpod.calls == [] and hub.requests == []  # refused before any network call
 
