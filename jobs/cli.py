@@ -178,6 +178,8 @@ def runs(config: Optional[Path] = typer.Option(None, "--config", "-c", help="A r
         from jobs.runlist import as_json, list_runs, render_table
 
         folder = runs_dir or Path(load_config(config).runs_dir if config else "runs")
+        if folder.exists() and not folder.is_dir():
+            raise T2SError(f"{folder} is a file, not a folder of runs: pass --runs-dir the folder that holds them")
         found = list_runs(folder)
         if json_:
             print(json.dumps(as_json(found), indent=2))

@@ -130,6 +130,14 @@ def test_headline_is_the_best_fine_tuned_row():
     assert human_size(512) == "512 B" and human_size(3 * 2**20) == "3.0 MB"
 
 
+def test_runs_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "runs.txt").write_text("")
+    result = t2s("runs", "--runs-dir", str(tmp_path / "runs.txt"))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"t2s runs: error: {tmp_path / 'runs.txt'} is a file, not a folder of runs: pass --runs-dir the folder that "
+        "holds them")
+
+
 def test_headline_skips_what_is_not_a_finite_score():
     # an eval.done written by hand or by another t2s: a string or NaN neither wins nor breaks the comparison
     results = {"a": {"execution_accuracy": "x", "exact_match": 0.9}, "b": {"execution_accuracy": 0.5},
