@@ -168,8 +168,9 @@ class Engine:
 
     # ---- the event loop's side ----
 
-    async def answer(self, question: Question) -> Answered:
-        """The model's answer, from the next batch; ApiError 429 (queue full), 503 (closing), 504 (deadline)."""
+    async def answer(self, question: Question, deadline: float) -> Answered:
+        """The model's answer, from the next batch, by `deadline` (time.monotonic(): the request's arrival plus
+        --request-timeout-s); ApiError 429 (queue full), 503 (closing), 504 (deadline)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -177,8 +178,7 @@ class Engine:
             if not future.done():
                 future.set_result(result)
 
-        pending = Pending(question, time.monotonic() + self.request_timeout_s,
-                          lambda result: loop.call_soon_threadsafe(resolve, result))
+        pending = Pending(question, deadline, lambda result: loop.call_soon_threadsafe(resolve, result))
         try:
             self.batcher.submit(pending)
         except QueueFull:
@@ -189,7 +189,7 @@ class Engine:
             raise ApiError(503, "the server is shutting down", "server_error") from None
         self.metrics.queue_depth.set(self.batcher.depth())
         try:
-            result = await asyncio.wait_for(asyncio.shield(future), self.request_timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             pending.abandoned = True
             self.metrics.rejections.labels("deadline").inc()
@@ -358,9 +358,10 @@ def create_app(engine: Engine, state: ServerState, api_key: str | None) -> FastA
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         require_ready()
+        deadline = time.monotonic() + engine.request_timeout_s  # one deadline from arrival to answer
         body = parse_body(await read_body(request, limits, engine.request_timeout_s), ChatRequest, limits)
         question = await run_in_threadpool(chat_question, body, engine.default_schema, limits)
-        answer = await engine.answer(question)
+        answer = await engine.answer(question, deadline)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -375,7 +376,7 @@ def create_app(engine: Engine, state: ServerState, api_key: str | None) -> FastA
         body = parse_body(await read_body(request, limits, engine.request_timeout_s), SqlRequest, limits)
         question = await run_in_threadpool(sql_question, body, engine.default_schema, engine.db is not None,
                                            limits)
-        answer = await engine.answer(question)
+        answer = await engine.answer(question, deadline)
         if not body.run:
             return json_response(sql_response(answer))
         if not sqlcheck.is_sql_only(answer.text):

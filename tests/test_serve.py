@@ -129,6 +129,18 @@ def collect() -> tuple[list, callable]:
     return got, got.append
 
 
+def test_a_receiver_that_is_gone_does_not_stop_the_batcher():
+    def gone(result):  # what a request's delivery raises once the server's event loop is closed
+        raise RuntimeError("Event loop is closed")
+
+    batcher = Batcher(lambda batch: ["ok"] * len(batch), max_batch=1, wait_s=0, max_queue=8)
+    got, deliver = collect()
+    batcher.submit(Pending(1, time.monotonic() + 30, gone))
+    batcher.submit(Pending(2, time.monotonic() + 30, deliver))
+    batcher.close(timeout_s=5)
+    assert got == ["ok"]
+
+
 def test_batcher_batches_what_waits_together_and_keeps_each_answer_with_its_question():
     batches = []
     gate = threading.Event()
@@ -213,8 +225,8 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def fake_app(db: Path, replies: dict[str, str], **limits):
-    """The real app and engine, the model replaced by `replies` (question -> answer)."""
+def fake_app(db: Path, replies: dict[str, str], request_timeout_s: float = 20, generate_s: float = 0.0, **limits):
+    """The real app and engine, the model replaced by `replies` (question -> answer, after `generate_s`)."""
     from jobs.ask import ModelSource
     from jobs.serve_app import Engine, Metrics, ServerState, create_app
 
@@ -228,14 +240,38 @@ def fake_app(db: Path, replies: dict[str, str], **limits):
             self.ready = True
 
         def answer_batch(self, batch):
+            time.sleep(generate_s)
             return [Answered(replies[p.payload.question], "eos", 5, 5, queue_s=0.001, generate_s=0.002,
                              batch_size=len(batch)) for p in batch]
 
     engine = FakeEngine(ModelSource("fake"), "fake", limits=Limits(**limits), decoding="greedy", candidates=1,
                         device="cpu", db=db, default_schema=SONGS_SCHEMA, max_batch=8, wait_s=0.001, max_queue=8,
-                        request_timeout_s=20, sql_workers=1, metrics=Metrics())
+                        request_timeout_s=request_timeout_s, sql_workers=1, metrics=Metrics())
     engine.load()
     return engine, create_app(engine, ServerState(), None)
+
+
+def test_the_deadline_runs_from_the_requests_arrival_not_from_its_question_being_queued(songs_db):
+    # a body that takes 0.6 s to arrive and an answer that takes 0.6 s: 1.2 s from arrival, past a 1 s deadline
+    engine, app = fake_app(songs_db, {"q": "SELECT 1"}, request_timeout_s=1.0, generate_s=0.6)
+
+    async def trickle():
+        for part in (b'{"question": ', b'"q"}'):
+            yield part
+            await asyncio.sleep(0.3)
+
+    async def ask(body):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post("/v1/sql", content=body, headers={"content-type": "application/json"})
+
+    try:
+        assert asyncio.run(ask(b'{"question": "q"}')).status_code == 200  # 0.6 s: within it
+        late = asyncio.run(ask(trickle()))
+        assert late.status_code == 504, late.text
+        assert "request deadline of 1 s" in late.json()["error"]["message"]
+    finally:
+        engine.close(timeout_s=2)
 
 
 BOMBS = {
