@@ -140,14 +140,15 @@ class Engine:
                 continue
             groups.setdefault(q.max_tokens, []).append((index, prompt_tokens))
         for max_tokens, members in groups.items():
-            started = time.perf_counter()
+            started = time.monotonic()  # the clock of Pending.enqueued
             answers = self._generate([batch[i].payload for i, _ in members], max_tokens)
-            elapsed = time.perf_counter() - started
+            elapsed = time.monotonic() - started
             for (index, prompt_tokens), (text, ended, new_tokens, passed, why) in zip(members, answers):
                 self.metrics.tokens.inc(new_tokens)
                 self.metrics.prompt_tokens.inc(prompt_tokens)
+                # waiting ends where its own group's generation starts (an earlier group's is waiting too)
                 results[index] = Answered(text, ended, prompt_tokens, new_tokens, passed, why,
-                                          queue_s=max(0.0, time.monotonic() - elapsed - batch[index].enqueued),
+                                          queue_s=max(0.0, started - batch[index].enqueued),
                                           generate_s=elapsed, batch_size=len(members))
         return results
 
