@@ -238,6 +238,7 @@ def test_no_such_model_path_in_a_real_process():
     (["--schema", "SELECT * FROM songs", "q"], None, "--schema does not parse as CREATE TABLE statements"),
     (["--schema", "this is not sql", "q"], None, "--schema does not parse as CREATE TABLE statements"),
     (["--db", "{missing}", "q"], None, "no such file; pass --db the path of a SQLite database file"),
+    (["--db", "{folder}", "q"], None, "a folder, not a file; pass --db the path of a SQLite database file"),
     (["--db", "{text}", "q"], None, "not a readable SQLite database"),
     (["--schema", SONGS_SCHEMA], "", "no question given"),
     (["--schema", SONGS_SCHEMA, "-"], "\n  \n", "no question given"),
@@ -259,7 +260,7 @@ def test_bad_inputs_fail_in_one_line(tmp_path, songs_db, args, input, expected):
     (tmp_path / "empty.sql").write_text("  \n")
     (tmp_path / "notes.txt").write_text("hello\n")
     files = {"missing": tmp_path / "missing.sqlite", "text": tmp_path / "notes.txt", "empty": tmp_path / "empty.sql",
-             "db": songs_db}
+             "db": songs_db, "folder": tmp_path}
     args = [a.format(**files) if a.startswith("{") else a for a in args]
     result = CliRunner().invoke(app, ["ask", "--model", "org/never-loaded", *args], input=input)
     assert expected in one_error_line(result)
