@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -69,7 +71,8 @@ def start_server(args, port: int, log_path: Path) -> tuple[subprocess.Popen, flo
                "--batch-wait-ms", str(args.batch_wait_ms), "--max-queue", str(max(256, args.clients * 4)),
                "--request-timeout-s", "300"] + (["--device", args.device] if args.device else [])
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    with log_path.open("w") as log:  # the server writes to its own copy of the handle
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     while time.perf_counter() - started < 900:
         if process.poll() is not None:
             raise SystemExit(f"the server ended (exit code {process.returncode}):\n{log_path.read_text()[-3000:]}")
@@ -175,6 +178,7 @@ def main() -> None:
     global ENDPOINT
     ENDPOINT = args.endpoint
     work = Path(tempfile.mkdtemp(prefix="t2s-serve-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the smoke's model, and the server log without --out
     if args.smoke:
         args.model = args.model or smoke_model(work / "tiny")
         args.device, args.single, args.clients, args.per_client, args.baseline = "cpu", 5, 16, 2, 4
@@ -196,7 +200,11 @@ def main() -> None:
         served = asyncio.run(single(url, pairs[:args.baseline]))[1]
     finally:
         server.terminate()
-        code = server.wait(120)
+        try:
+            code = server.wait(120)
+        except subprocess.TimeoutExpired:  # it did not drain: not left running behind the bench
+            server.kill()
+            code = server.wait()
     base = baseline(args, pairs[:args.baseline])
     answers = len(load_s)
     result = {

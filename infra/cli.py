@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from jobs.config import load_config
-from jobs.errors import T2SError, one_line_errors
+from jobs.errors import T2SError, one_line_errors, version_option
 from jobs.credentials import find_secret
 from jobs.rundir import JOBS, RunDir, read_json, write_atomic
 from infra import preflight, records, recovery, watchdog
@@ -34,21 +34,15 @@ app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_e
                   help="Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods.")
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version
-
-        print(f"t2s-infra {version('t2s')}")
-        raise typer.Exit()
-
-
 @app.callback()
-def _options(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                           help="Print the version of t2s-infra and exit.")):
+def _options(_version: bool = version_option("t2s-infra")):
     """Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods."""
 
+
 LAUNCHABLE = (*(job for job in JOBS if job != "rl"), "pipeline")  # rl: no image entrypoint; pipeline runs it
-LOGS_RUNS_DIR = Path("runs")  # where `logs RUN` (make logs RUN=...) puts a run's logs and report by default
+# Where `logs RUN` (make logs RUN=...) puts a run's logs and report by default, and where `down` keeps a pod's last log
+# lines: one place, so that `logs` finds what `down` kept.
+LOGS_RUNS_DIR = Path("runs")
 
 
 def say(message: str) -> None:
@@ -408,7 +402,7 @@ def down(
     run: Optional[str] = typer.Argument(None, help="Run id whose pods to terminate."),
     all_runs: bool = typer.Option(False, "--all", help="Terminate every pod launched from this machine."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Terminate without asking (scripts; make down ... YES=1)."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs/<id>/ lives locally (a terminated "
+    runs_dir: Path = typer.Option(LOGS_RUNS_DIR, "--runs-dir", help="Where runs/<id>/ lives locally (a terminated "
                                   "pod's last log lines are kept in its logs/)."),
 ):
     """Terminate the pods of a run (or --all pods t2s-infra launched from here): billing stops. Asks first;
@@ -480,9 +474,13 @@ def _keep_pod_log(launch: Launch, runpod_key: str, runs_dir: Path) -> tuple[Path
     if not lines:
         return None
     path = RunDir(runs_dir / launch.run_id).logs / f"pod-{launch.pod_id}-down.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
     hide = redactor()
-    write_atomic(path, "".join(hide(line) + "\n" for line in lines))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, "".join(hide(line) + "\n" for line in lines))
+    except OSError as error:  # the pod is terminated all the same: its billing matters more than its log
+        say(f"could not keep pod {launch.pod_id}'s log in {path} ({error.strerror or error}); terminating it anyway")
+        return None
     return path, len(lines)
 
 

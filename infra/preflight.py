@@ -120,11 +120,9 @@ def package_problem(cfg: Config, accelerate: Accelerate, image: str) -> str | No
 
 def local_path_problem(cfg: Config) -> str | None:
     """The pod sees the Hub, not this machine: a model or dataset given as a local path cannot reach it."""
-    sources = [("model.name_or_path", cfg.model.name_or_path, "tiny"), ("model.tokenizer", cfg.model.tokenizer, None),
-               ("data.source", cfg.data.source, "synthetic")]
-    for key, value, built_in in sources:
-        if value and value != built_in and (names_local_path(value) or Path(value).expanduser().exists()):
-            return (f"{key} is {value}, a path on this machine, which the pod cannot see: use a Hub id "
+    for source in hub_sources(cfg):
+        if source.skipped == LOCAL_PATH:
+            return (f"{source.key} is {source.name}, a path on this machine, which the pod cannot see: use a Hub id "
                     "(upload it with `huggingface-cli upload`), or a network volume (infra.network_volume_id)")
     return None
 
@@ -244,6 +242,9 @@ class Source:
         return f"{self.key} {self.name}: {outcome}"
 
 
+LOCAL_PATH = "a local path, not on the Hub (not looked up)"
+
+
 def hub_sources(cfg: Config) -> list[Source]:
     """The base model, its tokenizer (when it is another repo) and the dataset, each a Hub repo the pod downloads
     with HF_TOKEN, or something that is not looked up (built in; a local path, which check_locally refused)."""
@@ -258,14 +259,14 @@ def hub_sources(cfg: Config) -> list[Source]:
         if name == built_in:
             skipped = "built in, made on the pod (not looked up)"
         elif names_local_path(name) or Path(name).expanduser().exists():
-            skipped = "a local path, not on the Hub (not looked up)"
+            skipped = LOCAL_PATH
         sources.append(Source(key, name, repo_type, skipped))
     return sources
 
 
 def source_problem(source: Source, answer: str, user: str) -> str | None:
     """The one line for a source HF_TOKEN cannot read (answer: "ok", "gated" or "missing", from logs.hub_access)."""
-    kind = "model" if source.repo_type == "model" else "dataset"
+    kind = source.repo_type
     url = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{source.name}"
     if answer == "gated":
         return (f"{source.key} {source.name} is a gated {kind} that HF_TOKEN's user {user} has not been granted: ask "

@@ -188,9 +188,9 @@ def _eval_section(report: dict | None, artifact: str, base: str) -> str:
     lines += ["", "| model | SQL-only | exact match | execution accuracy | examples | gold SQL errors | decoding |",
               "|---|---|---|---|---|---|---|"]
     for label, scores in results.items():
-        name = _model_label(label, base) + (" — **this repo**" if label.removesuffix(CHECKED) == artifact else "")
-        name = name.replace(" — **this repo**", ", checked decoding — **this repo**") if label.endswith(CHECKED) \
-            else name  # the same model twice: the two rows say which decoding they are
+        # the same model twice (greedy, checked): each row says which decoding it is
+        name = (_model_label(label, base) + (", checked decoding" if label.endswith(CHECKED) else "")
+                + (" — **this repo**" if label.removesuffix(CHECKED) == artifact else ""))
         lines.append(f"| {name} | {_percent(scores.get('sql_only'))} | {_percent(scores.get('exact_match'))} | "
                      f"{_percent(scores.get('execution_accuracy'))} | {_count(scores.get('n'))} | "
                      f"{_count(scores.get('gold_error'))} | {_decoding(scores)} |")

@@ -22,7 +22,7 @@ import typer
 
 from jobs.ask import ask_command
 from jobs.config import Config, load_config
-from jobs.errors import T2SError, one_line_errors
+from jobs.errors import T2SError, one_line_errors, version_option
 from jobs.rundir import JOBS, RunDir, open_run
 from jobs.serve import serve_command
 
@@ -170,17 +170,8 @@ app.command(name="ask")(ask_command)
 app.command(name="serve")(serve_command)
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version
-
-        print(f"t2s {version('t2s')}")
-        raise typer.Exit()
-
-
 @app.callback()
-def _options(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                           help="Print the version of t2s and exit.")):
+def _options(_version: bool = version_option("t2s")):
     """Fine-tune small chat models into SQL-only text-to-SQL models."""
 
 
@@ -196,6 +187,8 @@ def runs(config: Optional[Path] = typer.Option(None, "--config", "-c", help="A r
         from jobs.runlist import as_json, list_runs, render_table
 
         folder = runs_dir or Path(load_config(config).runs_dir if config else "runs")
+        if folder.exists() and not folder.is_dir():
+            raise T2SError(f"{folder} is a file, not a folder of runs: pass --runs-dir the folder that holds them")
         found = list_runs(folder)
         if json_:
             print(json.dumps(as_json(found), indent=2))

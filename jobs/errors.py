@@ -54,3 +54,19 @@ def one_line_errors(command: str, interrupted: str = "interrupted") -> Iterator[
     except KeyboardInterrupt:
         print(f"{command}: error: {redact(interrupted)}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+
+
+def version_option(program: str):
+    """The `--version` option of a command line's callback (t2s, t2s-infra: one package, one version): prints
+    `<program> <version>` and exits before any command runs."""
+    import typer
+
+    def show(value: bool) -> None:
+        if value:
+            from importlib.metadata import version
+
+            print(f"{program} {version('t2s')}")
+            raise typer.Exit()
+
+    return typer.Option(False, "--version", callback=show, is_eager=True,
+                        help=f"Print the version of {program} and exit.")

@@ -10,8 +10,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from jobs.config import Config, names_local_path
+
 # "owner/name" of a model or dataset repo (the Hub's own rule for both parts).
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+HUB_ID = re.compile(rf"^{_PART}/{_PART}$")
 
 
 def is_hub_id(name: str) -> bool:
@@ -20,15 +23,15 @@ def is_hub_id(name: str) -> bool:
 
 
 # A repo id as the Hub takes it for a model: "owner/name", or a bare legacy name ("gpt2").
-_MODEL_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
-DEFAULT_RUNS_DIR = "runs"
+_MODEL_ID = re.compile(rf"^(?:{_PART}/)?{_PART}$")
+DEFAULT_RUNS_DIR = Config.model_fields["runs_dir"].default
 
 
 def names_local_model(name: str) -> bool:
     """Whether a --model name means something on this machine, so that a missing one is one line at once rather than
     a Hub lookup with its retries: a path (./x, /x, ~/x, a/b/c, x/), anything that is not a Hub repo id, or an id whose
     first part is a folder here or the runs folder (runs/nope: a run that is not there, not the user "runs")."""
-    if name.startswith((".", "/", "~")) or name.endswith("/") or not _MODEL_ID.match(name):
+    if names_local_path(name) or not _MODEL_ID.match(name):
         return True
     first = name.split("/", 1)[0]
     return "/" in name and (first == DEFAULT_RUNS_DIR or Path(first).expanduser().is_dir())

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,12 +35,18 @@ class RunSummary:
 
 def headline(results: dict[str, dict]) -> tuple[str | None, dict[str, float]]:
     """The row to show from eval's results: the fine-tuned one with the best execution accuracy, else the base's."""
-    rows = {name: r for name, r in results.items() if isinstance(r, dict)}
+    rows = {name: {m: r[m] for m in HEADLINE if _is_score(r.get(m))}
+            for name, r in results.items() if isinstance(r, dict)}
     tuned = {name: r for name, r in rows.items() if not name.startswith("base")} or rows
     if not tuned:
         return None, {}
-    best = max(tuned, key=lambda name: tuned[name].get("execution_accuracy") or 0)
-    return best, {m: tuned[best][m] for m in HEADLINE if isinstance(tuned[best].get(m), (int, float))}
+    best = max(tuned, key=lambda name: tuned[name].get("execution_accuracy", 0))
+    return best, tuned[best]
+
+
+def _is_score(value) -> bool:
+    """A number a table can show and compare: a marker written by hand or by another t2s may hold anything."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def human_size(size: int) -> str:

@@ -205,7 +205,8 @@ def schema_from_sqlite(path: str | Path) -> str:
     joined by "; ", with declared types and no constraints. Nothing is written beside the file."""
     file = Path(path)
     if not file.is_file():
-        raise T2SError(f"{path}: no such file; pass --db the path of a SQLite database file")
+        what = "a folder, not a file" if file.is_dir() else "no such file"
+        raise T2SError(f"{path}: {what}; pass --db the path of a SQLite database file")
     try:
         with tempfile.TemporaryDirectory(prefix="t2s-schema-") as private:
             conn = connect_readonly(readable_path(file, Path(private)))

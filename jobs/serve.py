@@ -68,7 +68,6 @@ def bind(host: str, port: int) -> socket.socket:
                            "one") from None
         raise T2SError(f"cannot listen on {host}:{port} ({error.strerror or error}): pass another --host or "
                        "--port") from None
-    sock.set_inheritable(True)
     return sock
 
 

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs import checked, sandbox, sqlcheck
 from jobs.ask import ModelSource, load
+from jobs.credentials import redact
 from jobs.errors import T2SError, first_line, printable
 from jobs.serve_api import (Answered, ApiError, ChatRequest, Limits, Question, SqlRequest, authorized, chat_chunks,
                             chat_completion, chat_question, dumps, error_body, parse_body, sql_question, sql_response,
@@ -40,7 +41,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 def log(message: str) -> None:
-    print(f"t2s serve: {printable(message)}", file=sys.stderr, flush=True)
+    """One line to the server's log; a secret in it (a token in a library's failure, a traceback) is hidden."""
+    print(f"t2s serve: {printable(redact(message))}", file=sys.stderr, flush=True)
 
 
 class Metrics:
@@ -138,14 +140,15 @@ class Engine:
                 continue
             groups.setdefault(q.max_tokens, []).append((index, prompt_tokens))
         for max_tokens, members in groups.items():
-            started = time.perf_counter()
+            started = time.monotonic()  # the clock of Pending.enqueued
             answers = self._generate([batch[i].payload for i, _ in members], max_tokens)
-            elapsed = time.perf_counter() - started
+            elapsed = time.monotonic() - started
             for (index, prompt_tokens), (text, ended, new_tokens, passed, why) in zip(members, answers):
                 self.metrics.tokens.inc(new_tokens)
                 self.metrics.prompt_tokens.inc(prompt_tokens)
+                # waiting ends where its own group's generation starts (an earlier group's is waiting too)
                 results[index] = Answered(text, ended, prompt_tokens, new_tokens, passed, why,
-                                          queue_s=max(0.0, time.monotonic() - elapsed - batch[index].enqueued),
+                                          queue_s=max(0.0, started - batch[index].enqueued),
                                           generate_s=elapsed, batch_size=len(members))
         return results
 
@@ -166,8 +169,9 @@ class Engine:
 
     # ---- the event loop's side ----
 
-    async def answer(self, question: Question) -> Answered:
-        """The model's answer, from the next batch; ApiError 429 (queue full), 503 (closing), 504 (deadline)."""
+    async def answer(self, question: Question, deadline: float) -> Answered:
+        """The model's answer, from the next batch, by `deadline` (time.monotonic(): the request's arrival plus
+        --request-timeout-s); ApiError 429 (queue full), 503 (closing), 504 (deadline)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -175,8 +179,7 @@ class Engine:
             if not future.done():
                 future.set_result(result)
 
-        pending = Pending(question, time.monotonic() + self.request_timeout_s,
-                          lambda result: loop.call_soon_threadsafe(resolve, result))
+        pending = Pending(question, deadline, lambda result: loop.call_soon_threadsafe(resolve, result))
         try:
             self.batcher.submit(pending)
         except QueueFull:
@@ -187,7 +190,7 @@ class Engine:
             raise ApiError(503, "the server is shutting down", "server_error") from None
         self.metrics.queue_depth.set(self.batcher.depth())
         try:
-            result = await asyncio.wait_for(asyncio.shield(future), self.request_timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             pending.abandoned = True
             self.metrics.rejections.labels("deadline").inc()
@@ -356,9 +359,10 @@ def create_app(engine: Engine, state: ServerState, api_key: str | None) -> FastA
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         require_ready()
+        deadline = time.monotonic() + engine.request_timeout_s  # one deadline from arrival to answer
         body = parse_body(await read_body(request, limits, engine.request_timeout_s), ChatRequest, limits)
         question = await run_in_threadpool(chat_question, body, engine.default_schema, limits)
-        answer = await engine.answer(question)
+        answer = await engine.answer(question, deadline)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -373,7 +377,7 @@ def create_app(engine: Engine, state: ServerState, api_key: str | None) -> FastA
         body = parse_body(await read_body(request, limits, engine.request_timeout_s), SqlRequest, limits)
         question = await run_in_threadpool(sql_question, body, engine.default_schema, engine.db is not None,
                                            limits)
-        answer = await engine.answer(question)
+        answer = await engine.answer(question, deadline)
         if not body.run:
             return json_response(sql_response(answer))
         if not sqlcheck.is_sql_only(answer.text):
@@ -392,11 +396,11 @@ def load_in_background(engine: Engine, state: ServerState, on_failure) -> thread
         try:
             engine.load()
         except T2SError as error:
-            state.failed = str(error)
-            on_failure(str(error))
+            state.failed = redact(str(error))  # /health shows it to any client, without the API key
+            on_failure(state.failed)
         except Exception as error:  # noqa: BLE001 - a bug, or a library's failure to load: one line, and the log
-            traceback.print_exc()
-            state.failed = f"{type(error).__name__}: {first_line(error)}"
+            log("loading failed: " + traceback.format_exc().strip())
+            state.failed = redact(f"{type(error).__name__}: {first_line(error)}")
             on_failure(state.failed)
 
     thread = threading.Thread(target=run, name="t2s-load", daemon=True)

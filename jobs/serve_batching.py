@@ -95,7 +95,7 @@ class Batcher:
                 if pending.abandoned:
                     continue
                 if now > pending.deadline:
-                    pending.deliver(DeadlinePassed())
+                    _deliver(pending, DeadlinePassed())
                     continue
                 live.append(pending)
             if not live:
@@ -110,4 +110,14 @@ class Batcher:
             finally:
                 self.busy = False
             for pending, result in zip(live, results):
-                pending.deliver(result)
+                if not pending.abandoned:  # (its client stopped waiting while the batch ran)
+                    _deliver(pending, result)
+
+
+def _deliver(pending: Pending, result: Any) -> None:
+    """Hands one result over; a receiver that is gone (its event loop closed at shutdown) costs the others nothing:
+    the worker thread goes on to the next batch."""
+    try:
+        pending.deliver(result)
+    except Exception:  # noqa: BLE001 - whatever the receiver raises, the batcher must outlive it
+        pass

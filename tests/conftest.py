@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,19 @@ def copy_run(prepared_run, tmp_path):
         return runs / "t", config
 
     return make
+
+
+# A small SQLite database for the jobs that run SQL on a user's file (ask --db, serve --db).
+SONGS_SCHEMA = "CREATE TABLE songs (title VARCHAR, artist VARCHAR, genre VARCHAR, year INTEGER)"
+SONGS = [("blue", "nova", "jazz", 1999), ("river", "kite", "rock", 2005), ("echo", None, "jazz", 2020)]
+
+
+@pytest.fixture(scope="module")
+def songs_db(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("db") / "songs.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute(SONGS_SCHEMA)
+    conn.executemany("INSERT INTO songs VALUES (?, ?, ?, ?)", SONGS)
+    conn.commit()
+    conn.close()
+    return path

@@ -20,11 +20,7 @@ from jobs.errors import T2SError
 from jobs.generate import Candidate, Generation
 from jobs.models import load_run_model
 from jobs.rundir import RunDir
-from tests.conftest import ROOT, t2s, tiny_config, write_config
-
-SONGS_SCHEMA = "CREATE TABLE songs (title VARCHAR, artist VARCHAR, genre VARCHAR, year INTEGER)"
-SONGS = [("blue", "nova", "jazz", 1999), ("river", "kite", "rock", 2005), ("echo", None, "jazz", 2020)]
-
+from tests.conftest import ROOT, SONGS_SCHEMA, t2s, tiny_config, write_config
 
 @pytest.fixture(scope="module")
 def merged_run(prepared_run, tmp_path_factory) -> Path:
@@ -37,17 +33,6 @@ def merged_run(prepared_run, tmp_path_factory) -> Path:
         result = t2s(job, "--config", str(config))
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return run
-
-
-@pytest.fixture(scope="module")
-def songs_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("db") / "songs.sqlite"
-    conn = sqlite3.connect(path)
-    conn.execute(SONGS_SCHEMA)
-    conn.executemany("INSERT INTO songs VALUES (?, ?, ?, ?)", SONGS)
-    conn.commit()
-    conn.close()
-    return path
 
 
 def t2s_stdin(*args: str, input: str) -> subprocess.CompletedProcess:
@@ -253,6 +238,7 @@ def test_no_such_model_path_in_a_real_process():
     (["--schema", "SELECT * FROM songs", "q"], None, "--schema does not parse as CREATE TABLE statements"),
     (["--schema", "this is not sql", "q"], None, "--schema does not parse as CREATE TABLE statements"),
     (["--db", "{missing}", "q"], None, "no such file; pass --db the path of a SQLite database file"),
+    (["--db", "{folder}", "q"], None, "a folder, not a file; pass --db the path of a SQLite database file"),
     (["--db", "{text}", "q"], None, "not a readable SQLite database"),
     (["--schema", SONGS_SCHEMA], "", "no question given"),
     (["--schema", SONGS_SCHEMA, "-"], "\n  \n", "no question given"),
@@ -274,7 +260,7 @@ def test_bad_inputs_fail_in_one_line(tmp_path, songs_db, args, input, expected):
     (tmp_path / "empty.sql").write_text("  \n")
     (tmp_path / "notes.txt").write_text("hello\n")
     files = {"missing": tmp_path / "missing.sqlite", "text": tmp_path / "notes.txt", "empty": tmp_path / "empty.sql",
-             "db": songs_db}
+             "db": songs_db, "folder": tmp_path}
     args = [a.format(**files) if a.startswith("{") else a for a in args]
     result = CliRunner().invoke(app, ["ask", "--model", "org/never-loaded", *args], input=input)
     assert expected in one_error_line(result)

@@ -4,6 +4,7 @@ Each test failed on the code before these fixes."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +114,10 @@ def test_make_passes_dry_run_and_yes_and_has_follow_and_ls():
         return subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", *args], cwd=ROOT,
                               capture_output=True, text=True, check=True).stdout
 
-    # launch-train's DRY_RUN: tests/test_ux.py runs the recipe with a stub t2s-infra and reads the arguments it gets.
+    assert ".venv/bin/t2s-infra launch --config c.yaml" in planned("launch-train", "CONFIG=c.yaml", "DRY_RUN=1")
+    # the recipe builds the command as a bash array (SET_FILE's lines join it): --dry-run is its last word
+    command = re.search(r"command=\((.*?)\);", planned("launch-train", "CONFIG=c.yaml", "DRY_RUN=1"), re.S)
+    assert command and command.group(1).split()[-1] == "--dry-run"
     assert ".venv/bin/t2s-infra logs --follow r1" in planned("follow", "RUN=r1")
     assert ".venv/bin/t2s-infra ls" in planned("ls")
     assert planned("down", "RUN=r1", "YES=1").rstrip().endswith(".venv/bin/t2s-infra down r1 --yes")
@@ -154,6 +158,18 @@ def test_down_asks_first_keeps_the_pods_log_and_logs_tells_what_exists(pods, mon
     assert errors(ended) == [f"t2s-infra logs: error: Hub dataset someone/t2s-runs has no logs of run demo: its pod "
                              f"{pod.id} ended (stopped: t2s-infra down) without uploading them; kept on this "
                              f"machine: {kept}"]
+
+
+def test_down_terminates_even_where_the_pods_log_cannot_be_kept(pods):
+    server, _ = pods
+    server.faults.job_lines = 100
+    assert infra("launch", "--config", "run.yaml", "--job", "train", "--no-follow", "--yes").exit_code == 0
+    [pod] = server.live_pods()
+    Path("not-a-folder").write_text("")
+    result = infra("down", "demo", "--yes", "--runs-dir", "not-a-folder")
+    assert result.exit_code == 0, result.output
+    assert f"could not keep pod {pod.id}'s log in not-a-folder/demo/logs/pod-{pod.id}-down.log" in result.stderr
+    assert f"terminated pod {pod.id}" in result.stderr and server.live_pods() == []
 
 
 def test_ctrl_c_on_watch_is_not_an_error(pods, monkeypatch):

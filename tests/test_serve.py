@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,10 +23,8 @@ import pytest
 from jobs.serve_api import (Answered, ApiError, ChatRequest, Limits, SqlRequest, authorized, chat_chunks,
                             chat_completion, chat_question, cut_at_stop, is_loopback, parse_body, sql_question, sse)
 from jobs.serve_batching import Batcher, Closed, DeadlinePassed, Pending, QueueFull
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SONGS_SCHEMA
 
-SCHEMA = "CREATE TABLE songs (title VARCHAR, artist VARCHAR, genre VARCHAR, year INTEGER)"
-SONGS = [("blue", "nova", "jazz", 1999), ("river", "kite", "rock", 2005), ("echo", None, "jazz", 2020)]
 API_KEY = "test-key-0123456789-abcdefghij"
 QUESTIONS = ["How many songs are there?", "Which songs are jazz?", "What is the latest year?",
              "List the artists of rock songs released after 2000.", "Count the genres."]
@@ -41,27 +38,27 @@ def chat(messages, **extra) -> ChatRequest:
 
 
 def test_chat_question_is_system_schema_and_user_question():
-    q = chat_question(chat([{"role": "system", "content": SCHEMA}, {"role": "user", "content": " How many? "}],
+    q = chat_question(chat([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": " How many? "}],
                            max_tokens=5, stop=[";"]), None, LIMITS)
-    assert (q.schema, q.question, q.max_tokens, q.stop) == (SCHEMA, "How many?", 5, (";",))
+    assert (q.schema, q.question, q.max_tokens, q.stop) == (SONGS_SCHEMA, "How many?", 5, (";",))
     default = chat_question(chat([{"role": "user", "content": [{"type": "text", "text": "How many?"}]}]),
-                            SCHEMA, LIMITS)
-    assert (default.schema, default.max_tokens) == (SCHEMA, LIMITS.max_tokens)
+                            SONGS_SCHEMA, LIMITS)
+    assert (default.schema, default.max_tokens) == (SONGS_SCHEMA, LIMITS.max_tokens)
 
 
 @pytest.mark.parametrize("messages, extra, says", [
     ([{"role": "user", "content": "q"}], {}, "no schema"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q"}, {"role": "user", "content": "r"}],
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q"}, {"role": "user", "content": "r"}],
      {}, "roles"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q"}], {"n": 2}, "n must be 1"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q"}], {"max_tokens": 17}, "between 1 and 16"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q"}], {"max_tokens": 0}, "between 1"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q"}], {"n": 2}, "n must be 1"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q"}], {"max_tokens": 17}, "between 1 and 16"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q"}], {"max_tokens": 0}, "between 1"),
     ([{"role": "system", "content": "DROP TABLE x"}, {"role": "user", "content": "q"}], {}, "CREATE TABLE"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q\x1b[2J"}], {}, "U+001B"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q\u202e"}], {}, "U+202E"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "x" * 101}], {}, "at most 100"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "   "}], {}, "empty"),
-    ([{"role": "system", "content": SCHEMA}, {"role": "user", "content": "q"}], {"stop": [""]}, "stop"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q\x1b[2J"}], {}, "U+001B"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q\u202e"}], {}, "U+202E"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "x" * 101}], {}, "at most 100"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "   "}], {}, "empty"),
+    ([{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": "q"}], {"stop": [""]}, "stop"),
 ])
 def test_chat_question_refuses_what_it_cannot_honour(messages, extra, says):
     with pytest.raises(ApiError) as refused:
@@ -95,8 +92,8 @@ def test_parse_body_survives_deep_nesting_within_the_size_limit():
 def test_sql_question_needs_a_database_to_run_on():
     request = parse_body(b'{"question": "How many?", "run": true}', SqlRequest, LIMITS)
     with pytest.raises(ApiError, match="without --db"):
-        sql_question(request, SCHEMA, has_db=False, limits=LIMITS)
-    assert sql_question(request, SCHEMA, has_db=True, limits=LIMITS).schema == SCHEMA
+        sql_question(request, SONGS_SCHEMA, has_db=False, limits=LIMITS)
+    assert sql_question(request, SONGS_SCHEMA, has_db=True, limits=LIMITS).schema == SONGS_SCHEMA
 
 
 def test_stop_sequences_cut_the_answer_as_openai_does():
@@ -130,6 +127,18 @@ def test_loopback_and_api_key():
 def collect() -> tuple[list, callable]:
     got = []
     return got, got.append
+
+
+def test_a_receiver_that_is_gone_does_not_stop_the_batcher():
+    def gone(result):  # what a request's delivery raises once the server's event loop is closed
+        raise RuntimeError("Event loop is closed")
+
+    batcher = Batcher(lambda batch: ["ok"] * len(batch), max_batch=1, wait_s=0, max_queue=8)
+    got, deliver = collect()
+    batcher.submit(Pending(1, time.monotonic() + 30, gone))
+    batcher.submit(Pending(2, time.monotonic() + 30, deliver))
+    batcher.close(timeout_s=5)
+    assert got == ["ok"]
 
 
 def test_batcher_batches_what_waits_together_and_keeps_each_answer_with_its_question():
@@ -188,25 +197,36 @@ def test_a_failing_batch_fails_its_requests_not_the_batcher():
     assert isinstance(got[0], RuntimeError) and got[1] == "ok"
 
 
+def test_a_load_failure_that_names_a_secret_reaches_neither_health_nor_the_log(monkeypatch, capsys):
+    from jobs.errors import T2SError
+    from jobs.serve_app import ServerState, load_in_background
+
+    token = "secret-value-for-the-load-failure-0123"
+    monkeypatch.setenv("WANDB_API_KEY", token)
+
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def load(self):
+            raise self.error
+
+    for error in (T2SError(f"cannot read model with {token}"), RuntimeError(f"library said {token}")):
+        state, said = ServerState(), []
+        load_in_background(Failing(error), state, said.append).join(10)
+        assert said == [state.failed] and state.failed and token not in state.failed
+        assert "<WANDB_API_KEY>" in state.failed
+    assert token not in capsys.readouterr().err
+
+
 # ---------- the app in-process, with a fake model: the sandbox path ----------
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def songs_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("serve-db") / "songs.sqlite"
-    conn = sqlite3.connect(path)
-    conn.execute(SCHEMA)
-    conn.executemany("INSERT INTO songs VALUES (?, ?, ?, ?)", SONGS)
-    conn.commit()
-    conn.close()
-    return path
-
-
-def fake_app(db: Path, replies: dict[str, str], **limits):
-    """The real app and engine, the model replaced by `replies` (question -> answer)."""
+def fake_app(db: Path, replies: dict[str, str], request_timeout_s: float = 20, generate_s: float = 0.0, **limits):
+    """The real app and engine, the model replaced by `replies` (question -> answer, after `generate_s`)."""
     from jobs.ask import ModelSource
     from jobs.serve_app import Engine, Metrics, ServerState, create_app
 
@@ -220,14 +240,38 @@ def fake_app(db: Path, replies: dict[str, str], **limits):
             self.ready = True
 
         def answer_batch(self, batch):
+            time.sleep(generate_s)
             return [Answered(replies[p.payload.question], "eos", 5, 5, queue_s=0.001, generate_s=0.002,
                              batch_size=len(batch)) for p in batch]
 
     engine = FakeEngine(ModelSource("fake"), "fake", limits=Limits(**limits), decoding="greedy", candidates=1,
-                        device="cpu", db=db, default_schema=SCHEMA, max_batch=8, wait_s=0.001, max_queue=8,
-                        request_timeout_s=20, sql_workers=1, metrics=Metrics())
+                        device="cpu", db=db, default_schema=SONGS_SCHEMA, max_batch=8, wait_s=0.001, max_queue=8,
+                        request_timeout_s=request_timeout_s, sql_workers=1, metrics=Metrics())
     engine.load()
     return engine, create_app(engine, ServerState(), None)
+
+
+def test_the_deadline_runs_from_the_requests_arrival_not_from_its_question_being_queued(songs_db):
+    # a body that takes 0.6 s to arrive and an answer that takes 0.6 s: 1.2 s from arrival, past a 1 s deadline
+    engine, app = fake_app(songs_db, {"q": "SELECT 1"}, request_timeout_s=1.0, generate_s=0.6)
+
+    async def trickle():
+        for part in (b'{"question": ', b'"q"}'):
+            yield part
+            await asyncio.sleep(0.3)
+
+    async def ask(body):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post("/v1/sql", content=body, headers={"content-type": "application/json"})
+
+    try:
+        assert asyncio.run(ask(b'{"question": "q"}')).status_code == 200  # 0.6 s: within it
+        late = asyncio.run(ask(trickle()))
+        assert late.status_code == 504, late.text
+        assert "request deadline of 1 s" in late.json()["error"]["message"]
+    finally:
+        engine.close(timeout_s=2)
 
 
 BOMBS = {
@@ -340,7 +384,7 @@ def test_openai_client_chat_streaming_and_models(server, model_dir):
 
     client = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     assert [m.id for m in client.models.list()] == [str(model_dir)]
-    messages = [{"role": "system", "content": SCHEMA}, {"role": "user", "content": QUESTIONS[0]}]
+    messages = [{"role": "system", "content": SONGS_SCHEMA}, {"role": "user", "content": QUESTIONS[0]}]
     completion = client.chat.completions.create(model=str(model_dir), messages=messages)
     text = completion.choices[0].message.content
     assert text and completion.choices[0].finish_reason in ("length", "stop")
@@ -351,7 +395,7 @@ def test_openai_client_chat_streaming_and_models(server, model_dir):
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == text
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
     with server.client() as http:  # the chat endpoint's answer is /v1/sql's (and so t2s ask's, tested below)
-        assert sql(server, http, QUESTIONS[0], schema=SCHEMA).json()["sql"] == text
+        assert sql(server, http, QUESTIONS[0], schema=SONGS_SCHEMA).json()["sql"] == text
     shorter = client.chat.completions.create(model="any", messages=messages, max_tokens=2)
     assert shorter.usage.completion_tokens <= 2 < completion.usage.completion_tokens
     from openai import BadRequestError
@@ -520,12 +564,12 @@ def test_checked_decoding_answers_are_t2s_asks(model_dir):
                     request_timeout_s=60, sql_workers=1, metrics=Metrics())
     engine.load()
     try:
-        got = engine.answer_batch([Pending(Question(SCHEMA, q, MAX_TOKENS), float("inf"), lambda _: None)
+        got = engine.answer_batch([Pending(Question(SONGS_SCHEMA, q, MAX_TOKENS), float("inf"), lambda _: None)
                                    for q in QUESTIONS[:3]])
     finally:
         engine.close(timeout_s=1)
     expected = ask.load(str(model_dir), "cpu", MAX_TOKENS, decoding="checked", candidates=2).answers(
-        [(SCHEMA, q) for q in QUESTIONS[:3]])
+        [(SONGS_SCHEMA, q) for q in QUESTIONS[:3]])
     assert [(a.text, a.checked, a.why_unchecked) for a in got] == [(e.text, e.checked, e.why_unchecked)
                                                                    for e in expected]
     assert all(a.checked is False and a.why_unchecked for a in got)  # the untrained model's answers fail the checks

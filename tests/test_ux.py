@@ -130,6 +130,22 @@ def test_headline_is_the_best_fine_tuned_row():
     assert human_size(512) == "512 B" and human_size(3 * 2**20) == "3.0 MB"
 
 
+def test_runs_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "runs.txt").write_text("")
+    result = t2s("runs", "--runs-dir", str(tmp_path / "runs.txt"))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"t2s runs: error: {tmp_path / 'runs.txt'} is a file, not a folder of runs: pass --runs-dir the folder that "
+        "holds them")
+
+
+def test_headline_skips_what_is_not_a_finite_score():
+    # an eval.done written by hand or by another t2s: a string or NaN neither wins nor breaks the comparison
+    results = {"a": {"execution_accuracy": "x", "exact_match": 0.9}, "b": {"execution_accuracy": 0.5},
+               "c": {"execution_accuracy": float("nan"), "sql_only": float("inf"), "exact_match": True}}
+    assert headline(results) == ("b", {"execution_accuracy": 0.5})
+    assert headline({"c": results["c"]}) == ("c", {})
+
+
 def test_runs_lists_each_run_with_jobs_model_metrics_and_size(copy_run, tmp_path):
     run, config = copy_run("listed")
     (run / "eval.done").write_text(json.dumps({"job": "eval", "finished_at": "2030-01-01T10:00:00Z", "results": {
@@ -269,8 +285,6 @@ def test_make_launch_train_carries_values_with_spaces_in_set_file(tmp_path):
     assert args == ["launch", "--config", "configs/default.yaml", "--set", "infra.max_cost_usd=3", "--set",
                     "push.private=true", "--set", 'infra.gpu_types=["NVIDIA L40S", "NVIDIA A40"]', "--set",
                     "train.epochs=1", "--yes"]
-    dry = _stub_make(tmp_path, "DRY_RUN=1")
-    assert [line[1:-1] for line in dry.stdout.splitlines() if line.startswith("[")][-1] == "--dry-run"
     missing = _stub_make(tmp_path, f"SET_FILE={tmp_path / 'absent.txt'}")
     assert missing.returncode != 0 and "SET_FILE=" in missing.stderr and "not found" in missing.stderr
     assert "[launch]" not in missing.stdout
