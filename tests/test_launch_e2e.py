@@ -215,7 +215,7 @@ def test_make_launch_train_trains_evaluates_pushes_and_the_pod_ends_itself(world
     card = world.hub_file(f"{USER}/t2s-e2e", "README.md")
     assert "| model | SQL-only | exact match | execution accuracy |" in card
     assert "| hardware | 1x NVIDIA L4 (RunPod secure cloud) |" in card
-    assert re.search(r"\| cost \| ≈ \$\d+\.\d\d \(training time × \$0\.43/h", card), card
+    assert re.search(r"\| cost \| ≈ \$\d+\.\d\d at \$0\.43/h for the run time", card), card
     assert "exact match" in world.hub_file(f"{USER}/t2s-e2e", "eval/report.md").lower()
     assert world.hub.repo(f"{USER}/t2s-runs", "dataset").private
 
@@ -268,7 +268,7 @@ def test_the_cards_two_gpu_zero3_qlora_config_runs_on_two_cpu_processes(world):
     card = world.hub_file(f"{USER}/t2s-e2e-zero3", "README.md")
     method = "lora" if POD_FLAVOR == "cu118" else "qlora"
     assert f"| hardware | {processes}x NVIDIA L4 (RunPod secure cloud) |" in card and method in card
-    assert "completion only" in card and "none / " in card  # the loss and the packing of this config
+    assert "completion only" in card and "| packing / max length | none; " in card  # this config's loss and packing
     world.assert_no_secret_anywhere()
 
 
@@ -347,7 +347,7 @@ def test_bad_input_is_refused_in_one_line_before_any_network_call(world):
     result = world.launch("train.epochs=-1")
     assert result.returncode == 2
     [error] = [line for line in result.stderr.splitlines() if "error" in line]
-    assert error.startswith("t2s-infra launch: error: config key 'train.epochs' in my-run.yaml") and "(got -1)" in error
+    assert error.startswith("t2s-infra launch: error: config key 'train.epochs' in --set train.epochs") and "(got -1)" in error
     assert world.runpod.calls == [] and world.hub.requests == []
     # Without --yes and without a terminal to ask on, nothing waits and nothing is created.
     unasked = world.make("launch-train", "CONFIG=my-run.yaml")

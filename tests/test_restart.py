@@ -51,9 +51,9 @@ def test_a_tiny_base_cut_off_while_it_was_saved_does_not_wedge_prep(copy_run):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("train.epochs=1e400", "config key 'train.epochs' in the config: Input should be a finite number (got inf)"),
-    ("eval.query_timeout_s=.inf", "config key 'eval.query_timeout_s' in the config: Input should be a finite number"),
-    ("train.learning_rate=.nan", "config key 'train.learning_rate' in the config: Input should be a finite number"),
+    ("train.epochs=1e400", "config key 'train.epochs' in --set train.epochs: Input should be a finite number (got inf)"),
+    ("eval.query_timeout_s=.inf", "config key 'eval.query_timeout_s' in --set eval.query_timeout_s: Input should be a finite number"),
+    ("train.learning_rate=.nan", "config key 'train.learning_rate' in --set train.learning_rate: Input should be a finite number"),
     ("train.max_seq_length=9", "train.max_seq_length 9 is shorter than data.max_length 512, the longest example prep "
                                "keeps: training would cut examples before their answer"),
 ])
