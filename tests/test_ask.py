@@ -121,6 +121,7 @@ def test_python_api_on_the_tiny_model(merged_run):
         generator.sql("DROP TABLE songs", "anything?")
 
 
+@pytest.mark.slow
 def test_verbose_says_where_the_time_to_the_first_answer_went(merged_run):
     for decoder in ("dynamic", "static"):
         result = t2s("ask", "--verbose", "--model", str(merged_run), "--schema", SONGS_SCHEMA, "How many songs?",

@@ -160,6 +160,7 @@ def test_saved_generations_are_reused_only_under_the_same_key(tmp_path):
     assert eval_job.saved_generations(path, key) is None
 
 
+@pytest.mark.slow
 def test_eval_through_the_static_decoder_scores_the_same_answers_and_names_its_decoder(copy_run):
     predictions, reports = {}, {}
     for decoder in ("dynamic", "static"):
@@ -239,6 +240,7 @@ def test_a_crash_while_scoring_never_costs_the_generation_again(copy_run, monkey
     assert (run / "eval.done").is_file() and not (run / "eval.partial").exists()
 
 
+@pytest.mark.slow
 def test_checked_decoding_beside_greedy_and_a_crash_costs_neither_again(copy_run, monkeypatch):
     """eval.decoding: checked scores the fine-tuned model twice, greedy and checked, side by side; a kill while scoring
     the checked answers costs neither the generation nor the search again."""

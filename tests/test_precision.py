@@ -193,6 +193,7 @@ def _update_kept(initial: dict, trained: dict, state: dict) -> float:
     return moved / sum(int(f.sum()) for f in flowed.values())
 
 
+@pytest.mark.slow
 def test_default_precision_keeps_every_update_and_is_recorded(copy_run):
     run, _, result = _train(copy_run, "default")
     assert DEFAULT.method == "full" and DEFAULT.learning_rate <= 2e-5  # the case bf16 weights lose
@@ -203,6 +204,7 @@ def test_default_precision_keeps_every_update_and_is_recorded(copy_run):
     assert line in result.stdout and line in (run / "logs" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_bf16_weights_lose_most_updates(copy_run):
     """The same check on bf16 weights with plain AdamW (what a GPU did before train.precision): most are lost."""
     run, _, _ = _train(copy_run, "bf16", precision="bf16")
@@ -212,6 +214,7 @@ def test_bf16_weights_lose_most_updates(copy_run):
     assert not _moved(initial["model.norm.weight"], trained["model.norm.weight"]).any()  # 1.0 + 2e-5 is 1.0 in bf16
 
 
+@pytest.mark.slow
 def test_bf16_kahan_carries_the_lost_bits_in_the_optimizer_state(copy_run):
     """bf16 weights + their Kahan compensation (in the optimizer state) moved wherever gradients flowed."""
     run, _, _ = _train(copy_run, "kahan", precision="bf16_kahan")
@@ -225,6 +228,7 @@ def test_bf16_kahan_carries_the_lost_bits_in_the_optimizer_state(copy_run):
     assert _update_kept(initial, {n: t.double() for n, t in trained.items()}, state) < 0.9  # the bf16 weights alone
 
 
+@pytest.mark.slow
 def test_merge_saves_bf16_after_fp32_master_training_and_checks_the_rounding(copy_run):
     from safetensors import safe_open
 
@@ -240,6 +244,7 @@ def test_merge_saves_bf16_after_fp32_master_training_and_checks_the_rounding(cop
     assert result.returncode == 0 and json.loads((run / "merge.done").read_text())["rounding_error"] == 0
 
 
+@pytest.mark.slow
 def test_merge_checks_fail_when_the_merge_or_the_rounding_is_wrong(copy_run, monkeypatch):
     from peft.tuners.tuners_utils import BaseTuner
 

@@ -19,6 +19,7 @@ def ok(result):
     return result
 
 
+@pytest.mark.slow
 def test_a_checkpoint_cut_off_while_it_was_saved_is_set_aside_and_training_goes_on(copy_run):
     run, config = copy_run(train={"save_every_steps": 2, "save_total_limit": 3})
     ok(t2s("train", "--config", str(config)))
@@ -63,6 +64,7 @@ def test_values_that_validate_but_cannot_train_are_refused_when_the_config_is_re
     assert expected in str(refused.value)
 
 
+@pytest.mark.slow
 def test_rerun_to_resume_is_said_only_when_a_rerun_can_resume(copy_run, tmp_path):
     from jobs.train import what_a_rerun_does
 
@@ -84,6 +86,7 @@ def test_rerun_to_resume_is_said_only_when_a_rerun_can_resume(copy_run, tmp_path
         f"rerun `t2s train --config {config}` to resume from checkpoint-3"
 
 
+@pytest.mark.slow
 def test_no_validation_split_trains_without_evaluation(tmp_path):
     # data.validation_fraction=0 leaves prep's validation split empty; datasets cannot load an empty saved split, so
     # the worker crashed with an IndexError traceback. It trains, without evaluation, and says so.

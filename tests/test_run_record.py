@@ -92,6 +92,7 @@ def copy_finished(finished_run, tmp_path):
     return make
 
 
+@pytest.mark.slow
 def test_a_force_with_a_typo_loses_nothing(copy_finished):
     """Issue 16: `--force` validated nothing before clearing the later jobs' markers, so a typo left a run whose merged
     model `t2s ask` refused. Each refusal here is one line, and the run is byte-identical after it."""
@@ -113,6 +114,7 @@ def test_a_force_with_a_typo_loses_nothing(copy_finished):
     assert ask.load(str(run), device="cpu").answers([("CREATE TABLE t (a INTEGER)", "How many rows?")])
 
 
+@pytest.mark.slow
 def test_the_record_says_what_train_really_used(copy_finished, tmp_path):
     """Issue 16: after `t2s train --set ...` and a plain `t2s push`, the card and the uploaded config stated the
     config file's learning rate and epochs. Now they state train's, as train.done recorded them."""
@@ -133,6 +135,7 @@ def test_the_record_says_what_train_really_used(copy_finished, tmp_path):
     assert train_config["train"]["learning_rate"] == 1e-3  # and each job's own config, as it ran, in logs/
 
 
+@pytest.mark.slow
 def test_force_starts_over_and_a_plain_rerun_resumes_only_what_it_would_make_again(copy_finished):
     """Issue 17: `--force` resumed from the finished run's last checkpoint and trained nothing, in the old precision;
     a plain rerun with other settings resumed checkpoints made with different ones. Now --force trains from step 0
@@ -163,6 +166,7 @@ def test_force_starts_over_and_a_plain_rerun_resumes_only_what_it_would_make_aga
     assert "resuming" not in result.stdout and done(run, "train")["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_eval_of_an_adapter_that_a_full_fine_tune_never_made_is_one_line(copy_run):
     run, config = copy_run(train={"method": "full", "max_steps": 2, "lora": {"modules_to_save": None}},
                            eval={"models": ["base", "adapter"]})
@@ -173,6 +177,7 @@ def test_eval_of_an_adapter_that_a_full_fine_tune_never_made_is_one_line(copy_ru
     assert not (run / "eval").exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_force_resumes_with_the_command_it_prints_and_loses_nothing_finished(copy_finished):
     """Issue 31: an interrupted `t2s train --force --set ...` said "rerun the same command to resume", but that command
     discarded the checkpoint and every other one was refused; and --force removed train.done as it started, so merge

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
 import torch
 
 from jobs.eval import answer_endings, render_endings
@@ -43,6 +44,7 @@ def test_answer_endings_and_their_report_section():
     assert render_endings({"config": {}, "results": {"old": {}}}) == []
 
 
+@pytest.mark.slow
 def test_pipeline_ends_with_the_failed_gate_not_an_upload(copy_run):
     with socket.socket() as s:  # a Hub that is not there: any attempt to upload would fail differently
         s.bind(("127.0.0.1", 0))

@@ -128,6 +128,7 @@ def _done(run: Path, job: str) -> dict:
     return json.loads((run / f"{job}.done").read_text())
 
 
+@pytest.mark.slow
 def test_train_then_merge_gives_a_working_adapter_and_equal_logits(copy_run):
     run, config = copy_run()
     result = t2s("train", "--config", str(config))
