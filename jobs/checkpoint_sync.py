@@ -147,11 +147,12 @@ def restore(run: RunDir, cfg: Config, repo: str, token: str, say: Callable[[str]
     synced, or not usable: the line says why, and training starts over)."""
     if run.last_checkpoint() is not None:
         return None
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
+    hub = HfApi(token=token)
     try:
-        files = HfApi(token=token).list_repo_files(repo, repo_type="model")
+        files = hub.list_repo_files(repo, repo_type="model")
     except RepositoryNotFoundError:
         say(f"checkpoint sync: no checkpoint of run {cfg.run_id} on the Hub yet ({repo}): training starts")
         return None
@@ -165,8 +166,8 @@ def restore(run: RunDir, cfg: Config, repo: str, token: str, say: Callable[[str]
     run.root.mkdir(parents=True, exist_ok=True)
     download = Path(tempfile.mkdtemp(prefix="t2s-restore-", dir=run.root))
     try:
-        snapshot_download(repo, repo_type="model", allow_patterns=[f"{name}/*", SETTINGS_NAME],
-                          local_dir=str(download), token=token)
+        hub.snapshot_download(repo, repo_type="model", allow_patterns=[f"{name}/*", SETTINGS_NAME],
+                              local_dir=str(download))
         folder = download / name
         if not run.checkpoint_is_complete(folder):
             say(f"checkpoint sync: {name} on the Hub is incomplete (no trainer_state.json with its step): "

@@ -26,6 +26,7 @@ import yaml
 
 from jobs.config import Config
 from jobs.errors import T2SError
+from jobs.resume import own_checkpoint_loads
 from jobs.rundir import PINNED_BY, RunDir, fresh_staging, read_json, select, write_atomic
 
 SETTINGS = "settings.yaml"  # in rl-checkpoints/: what the checkpoints are being made with
@@ -280,6 +281,8 @@ def run(cfg: Config, run: RunDir) -> str:
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.logs / "tensorboard" / "rl")
     tokenizer = load_tokenizer(str(run.adapter))
     tokenizer.padding_side = "left"
+    # A causal LM takes no token_type_ids; trl 0.22 passes whatever the tokenizer returns on to generate, which refuses them.
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
     dataset = prompt_dataset(cfg, run, tokenizer)
     args = build_grpo_config(cfg, run, on_gpu)
     model, kind = load_policy(cfg, run, on_gpu)
@@ -305,7 +308,8 @@ def run(cfg: Config, run: RunDir) -> str:
             else:
                 drop_rl_metrics(run.metrics)
             started = time.monotonic()
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            with own_checkpoint_loads(resume, run.rl_checkpoints):  # torch < 2.6: transformers' load gate
+                result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             runtime_s = result.metrics.get("train_runtime", time.monotonic() - started)
     finally:
         callback.restore()

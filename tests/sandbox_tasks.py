@@ -28,3 +28,8 @@ def sleep(seconds: float) -> float:
 
 def fail() -> None:
     raise ValueError("a bug")
+
+
+def open_connections() -> int:
+    """How many database files this worker holds open."""
+    return len(sandbox._connections)

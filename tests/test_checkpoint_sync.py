@@ -26,8 +26,13 @@ def hub(monkeypatch):
 
     with FakeHub({TOKEN: ["alice"]}) as fake:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake.url)  # read at import
-        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            fake.url + "/{repo_id}/resolve/{revision}/{filename}")
+        template = fake.url + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        # huggingface_hub < 1.0 (the cu118 set) copied the template into file_download when it was first imported.
+        import huggingface_hub.file_download
+
+        if hasattr(huggingface_hub.file_download, "HUGGINGFACE_CO_URL_TEMPLATE"):
+            monkeypatch.setattr(huggingface_hub.file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         yield fake

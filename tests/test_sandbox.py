@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs import ask, eval as eval_job, sandbox
+from tests import sandbox_tasks
 from jobs.cli import app
 from jobs.config import EvalConfig
 from jobs.errors import T2SError
@@ -300,7 +301,7 @@ def test_a_wal_database_being_written_is_copied_once_a_state_and_its_old_copies_
         # the one copy and its -wal: about the database's size, not 58 copies of it
         assert on_disk() < 2 * (db.stat().st_size + Path(f"{db}-wal").stat().st_size)
         # the worker closed its connections to the freed copies, so their disk space is given back
-        assert sandbox.run(_open_connections) <= 2
+        assert sandbox.run(sandbox_tasks.open_connections) <= 2
 
         others = []
         for i in range(MAX_DATABASE_COPIES + 3):
@@ -313,12 +314,6 @@ def test_a_wal_database_being_written_is_copied_once_a_state_and_its_old_copies_
             assert sandbox.query_file(other, "SELECT a FROM t", 1, 10).rows == [(i,)]
         assert len(list(private.rglob("database.sqlite"))) == MAX_DATABASE_COPIES
     writer.close()
-
-
-def _open_connections() -> int:
-    from jobs import sandbox
-
-    return len(sandbox._connections)
 
 
 def test_a_query_that_fails_as_the_database_switches_to_wal_runs_again_on_it_as_it_is_now(tmp_path, monkeypatch):
