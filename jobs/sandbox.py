@@ -280,7 +280,7 @@ def serve() -> None:
     while True:
         try:
             task = pipe.recv_bytes()
-        except EOFError:  # the Sandbox closed, or its process ended
+        except (EOFError, OSError):  # the Sandbox closed, or its process ended (a reset pipe is an OSError)
             return
         working_on("")
         try:
