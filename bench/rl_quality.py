@@ -72,12 +72,15 @@ def main() -> None:
     parser.add_argument("--rl-steps", type=int, default=30)
     parser.add_argument("--votes", default="4,8", help="the two vote sample counts N")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on synthetic data, on a CPU")
+    parser.add_argument("--keep", action="store_true",
+                        help="continue the run in --runs (a call cut by its time limit) instead of starting afresh")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="more config overrides")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n1, n2 = (int(n) for n in args.votes.split(","))
-    shutil.rmtree(Path(args.runs) / "rl", ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(Path(args.runs) / "rl", ignore_errors=True)
     common = [f"runs_dir={args.runs}", "run_id=rl", "eval.models=[merged]", "eval.split=validation"]
     rl = [f"rl.max_steps={args.rl_steps}", "rl.group_size=8", "rl.prompts_per_step=16", "rl.max_completion_length=96",
           "rl.learning_rate=1e-5", "rl.beta=0.0", "rl.temperature=1.0", "rl.logging_steps=5",
@@ -99,8 +102,12 @@ def main() -> None:
     for job in ("prep", "train", "merge"):
         t2s(job, config, sets)
     t2s("eval", config, sets + ["eval.decoding=checked"])
-    sft = json.loads((run / "eval" / "report.json").read_text())
-    shutil.copy(run / "eval" / "report.md", out / "sft_report.md")
+    kept = Path(args.runs) / "sft_report"  # SFT's report, beside the run: evals after rl replace run/eval (--keep)
+    if not (args.keep and kept.with_suffix(".json").is_file() and (run / "rl.done").is_file()):
+        for suffix in (".json", ".md"):
+            shutil.copy((run / "eval" / "report").with_suffix(suffix), kept.with_suffix(suffix))
+    sft = json.loads(kept.with_suffix(".json").read_text())
+    shutil.copy(kept.with_suffix(".md"), out / "sft_report.md")
     t2s("rl", config, sets)
     t2s("merge", config, sets)
     t2s("eval", config, sets + ["eval.decoding=vote", f"eval.vote_samples={n1}"])
