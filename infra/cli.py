@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from jobs.config import load_config
-from jobs.errors import T2SError, one_line_errors, version_option
+from jobs.errors import T2SError, one_line_errors, run_app, version_option
 from jobs.credentials import find_secret
 from jobs.rundir import JOBS, RunDir, read_json, write_atomic
 from infra import preflight, records, recovery, watchdog
@@ -584,7 +584,7 @@ def main() -> None:
     from jobs.dotenv_settings import load_dotenv_settings
 
     load_dotenv_settings()  # .env's T2S_STATE_DIR, T2S_LOGS_REPO, ... (the environment wins)
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import typer
 
 from jobs.ask import ask_command
 from jobs.config import Config, load_config
-from jobs.errors import T2SError, one_line_errors, version_option
+from jobs.errors import T2SError, one_line_errors, run_app, version_option
 from jobs.rundir import JOBS, RunDir, open_run
 from jobs.serve import serve_command
 
@@ -236,7 +236,7 @@ def main() -> None:
 
     quiet_library_output(sys.stderr)
     load_dotenv_settings()
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

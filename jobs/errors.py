@@ -56,6 +56,35 @@ def one_line_errors(command: str, interrupted: str = "interrupted") -> Iterator[
         raise SystemExit(130) from None
 
 
+def run_app(app) -> None:
+    """Runs a typer app as a console script with usage errors as one line, like every other error: a bad option or
+    value prints `<command>: error: <what typer found> (see <command> --help)` and exits 2, instead of typer's boxed
+    usage text. Help, `--version`, completion and every command's own errors behave as before."""
+    import typer
+
+    try:
+        from typer._click import exceptions  # a typer that carries its own click (0.29 here)
+    except ImportError:  # an older typer, on click
+        from click import exceptions
+    try:
+        code = app(standalone_mode=False)
+    except exceptions.NoArgsIsHelpError as exc:  # `t2s` alone: its help, as typer prints it
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except exceptions.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "t2s"
+        print(f"{command}: error: {printable(redact(exc.format_message()))} (see {command} --help)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
+    except exceptions.ClickException as exc:  # e.g. an unreadable file argument
+        print(f"error: {printable(redact(exc.format_message()))}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:  # end of input at a prompt
+        print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit(code) comes back as its code
+
+
 def version_option(program: str):
     """The `--version` option of a command line's callback (t2s, t2s-infra: one package, one version): prints
     `<program> <version>` and exits before any command runs."""

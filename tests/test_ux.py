@@ -111,6 +111,22 @@ def test_version_of_both_commands():
     assert infra.returncode == 0 and infra.stdout.strip() == f"t2s-infra {version('t2s')}"
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["jobs.cli", "serve", "--request-timeout-s", "nan"], "t2s serve: error: Invalid value for '--request-timeout-s'"),
+    (["jobs.cli", "train", "--bogus"], "t2s train: error: No such option: --bogus (see t2s train --help)"),
+    (["jobs.cli", "nosuch"], "t2s: error: No such command 'nosuch'."),
+    (["infra.cli", "launch", "--gpus", "9"], "t2s-infra launch: error: Invalid value for '--gpus'"),
+])
+def test_a_usage_error_is_one_line_and_exit_code_2(argv, says):
+    """typer's own checks (unknown options, out-of-range values) answer like every other error: one line, not a box."""
+    name = "t2s-infra" if argv[0] == "infra.cli" else "t2s"
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; "
+                             f"from {argv[0]} import main; main()", *argv[1:]],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(says), result.stderr
+
+
 def test_shell_completion_completes_commands():
     script = Path(sys.executable).parent / "t2s"  # the installed command: completion goes by the program's name
     if not script.is_file():
