@@ -319,8 +319,7 @@ def test_sigterm_is_forwarded_and_the_jobs_code_returned(stubbed, term_rc):
     proc = subprocess.Popen(
         [str(ENTRYPOINTS / "run-job"), "train"],
         env={**stubbed.env, "T2S_CONFIG_YAML": "run_id: r1\n", "STUB_T2S_SLEEP": "60",
-             "STUB_T2S_TERM_RC": str(term_rc), "RUNPOD_POD_ID": "pod-123",
-             "T2S_TERM_UPLOAD_S": "600"},  # no early upload (tests/test_infra_safety.py has it), however slow the stub
+             "STUB_T2S_TERM_RC": str(term_rc), "RUNPOD_POD_ID": "pod-123"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
