@@ -94,7 +94,10 @@ t2s_stop_log() {
   _t2s_tee_pids=()
 }
 
+# A subshell forked in a handler (the early upload) can take a signal before it resets these traps: only the
+# entrypoint's own shell ($$) forwards signals and cleans up, or a pod's clean-up ran twice.
 t2s_forward_signal() {
+  [ "$BASHPID" = "$$" ] || exit 0
   if [ -n "$_t2s_child_pid" ] && kill -0 "$_t2s_child_pid" 2>/dev/null; then
     t2s_say "stop requested: sending SIGTERM to the job (pid $_t2s_child_pid) and waiting for it"
     kill -TERM "$_t2s_child_pid" 2>/dev/null || true
@@ -243,6 +246,7 @@ t2s_repeat_error() {
 
 t2s_on_exit() {
   local rc=$?
+  [ "$BASHPID" = "$$" ] || exit "$rc"  # (see t2s_forward_signal)
   trap - EXIT
   trap '' INT TERM  # the clean-up below must run to the end
   t2s_stop_upload_early  # (an early upload still under way is stopped: the one below sends everything)
