@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 import yaml
 
-from tests.fake_runpod import FAST_TIMING as FAST, FakeRunPod, LocalHub
+from tests.fake_hub import LocalHub
+from tests.fake_runpod import FAST_TIMING as FAST, FakeRunPod
 from infra import launch as launching
 from infra import logs as infra_logs
 from infra import records

@@ -1,5 +1,5 @@
 """Issue 31 (nothing paid for is lost) and issue 24 (checks before money is spent, hints that run), on the
-launcher: against the fake RunPod (tests/fake_runpod.py) and the fake Hub (tests/fake_hub.py, or LocalHub).
+launcher: against the fake RunPod (tests/fake_runpod.py) and the fake Hub (tests/fake_hub.py: FakeHub, or its LocalHub).
 Each test failed on the code before these fixes."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from infra import records
 from infra import timing as timing_module
 from infra import watchdog
 from infra.cli import app
-from tests.fake_runpod import FAST_TIMING, FakeRunPod, LocalHub
+from tests.fake_hub import LocalHub
+from tests.fake_runpod import FAST_TIMING, FakeRunPod
 from tests.test_infra_pods import API_KEY, CONFIG, HF_TOKEN
 from tests.test_entrypoints import box, stubbed  # noqa: F401 (fixtures)
 from tests.test_infra_preflight import HF_TOKEN as PREFLIGHT_TOKEN, launch, one_error, world  # noqa: F401 (fixture)
