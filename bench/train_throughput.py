@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from jobs.config import load_config  # noqa: E402
 from jobs.rundir import RunDir  # noqa: E402
-from jobs.train import read_accelerate_config  # noqa: E402
+from jobs.accelerate_config import read_accelerate_config  # noqa: E402
 
 HOPPER_BF16_DENSE = 989e12  # FLOP/s, the datasheet's dense bf16 peak for H100 and H200 SXM (same chip)
 PARAMS = 1.1e9

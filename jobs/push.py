@@ -37,7 +37,7 @@ from jobs.card import read_chat_template, render_model_card, run_span_s, trained
 from jobs.config import Config, PushGates, secret
 from jobs.errors import T2SError
 from jobs.credentials import known_secrets, redact, redacted_bytes, redactor
-from jobs.hub import HUB_ID, causes, http_status, network_error, use_request_timeout
+from jobs.hub import causes, check_repo_id, http_status, network_error, use_request_timeout
 from jobs.rundir import JOBS, RunDir, read_json, write_atomic
 
 TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
@@ -371,18 +371,6 @@ def check_gates(cfg: Config, report: dict | None) -> None:
     else:
         print(f"note: publishing although {'; '.join(failures)} (push.enforce_gates=false)", file=sys.stderr,
               flush=True)
-
-
-def check_repo_id(repo_id: str | None, dry_run: bool) -> str | None:
-    if repo_id is None:
-        if dry_run:
-            return None
-        raise T2SError("push.repo_id is not set: add `push: {repo_id: your-name/model-name}` to the config, "
-                       "or --set push.repo_id=your-name/model-name (--set push.dry_run=true shows what would go up)")
-    if not HUB_ID.match(repo_id) or len(repo_id.split("/")[1]) > 96:
-        raise T2SError(f"push.repo_id {repo_id!r} is not 'owner/name' of a model repo (letters, digits, '-', '_', "
-                       "'.'; no URL and no datasets/ or spaces/ prefix): fix push.repo_id")
-    return repo_id
 
 
 def check(cfg: Config, run: RunDir) -> None:

@@ -23,52 +23,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
-from jobs.config import Config, TrainConfig, load_config, read_yaml_mapping
+from jobs.accelerate_config import read_accelerate_config
+from jobs.config import Config, TrainConfig, load_config
 from jobs.errors import T2SError, one_line_errors
 from jobs.resume import own_checkpoint_loads
 from jobs.rundir import RunDir, fresh_staging, read_json, run_settings
 from jobs.quiet import one_line_per_log, quiet_library_output
-from jobs.shipped import accelerate_configs_dir
 
-ACCELERATE_CONFIGS = accelerate_configs_dir()  # configs/accelerate/, in a checkout or the installed package
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: checkpointed and stopped, rerun to resume
 
 
 # ---------- pure core ----------
-
-def accelerate_config_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in {".yaml", ".yml"} and path.is_file():
-        return path
-    shipped = ACCELERATE_CONFIGS / f"{name}.yaml"
-    if shipped.is_file():
-        return shipped
-    known = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
-    raise T2SError(f"train.accelerate_config '{name}' is neither a YAML file nor a shipped config ({known})")
-
-
-def check_accelerate_config(accelerate: dict, where: Path) -> None:
-    """The keys t2s reads from an accelerate config hold what accelerate expects (accelerate itself would fail only
-    after the launch, in every process)."""
-    for key in ("num_processes", "num_machines"):
-        value = accelerate.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise T2SError(f"accelerate config {where}: {key} must be a whole number >= 1 (got {value!r})")
-    deepspeed = accelerate.get("deepspeed_config", {})
-    if not isinstance(deepspeed, dict):
-        raise T2SError(f"accelerate config {where}: deepspeed_config must be a mapping (got {deepspeed!r})")
-    stage = deepspeed.get("zero_stage", 0)
-    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
-        raise T2SError(f"accelerate config {where}: deepspeed_config.zero_stage must be 0, 1, 2 or 3 (got {stage!r})")
-
-
-def read_accelerate_config(name: str) -> tuple[Path, dict]:
-    """(path, settings) of train.accelerate_config, checked; one line for a file that is not one."""
-    path = accelerate_config_path(name)
-    accelerate = read_yaml_mapping(path, "accelerate config", "e.g. train.accelerate_config: single")
-    check_accelerate_config(accelerate, path)
-    return path, accelerate
-
 
 def check_setup(train: TrainConfig, accelerate: dict, gpus_present: int, have_bitsandbytes: bool) -> None:
     """Everything that can be known wrong before a model is loaded, as one line each."""

@@ -58,6 +58,19 @@ def test_no_job_imports_the_cli_and_no_import_runs_in_a_circle():
     assert {"jobs.prep", "jobs.train", "jobs.merge", "jobs.eval", "jobs.push"} <= graph["jobs.cli"]  # named, not looked up
 
 
+# The jobs and the commands: what infra must not import (it launches them on a pod by name, through the image).
+JOB_MODULES = {"jobs.cli", "jobs.prep", "jobs.train", "jobs.merge", "jobs.eval", "jobs.push", "jobs.rl", "jobs.compare",
+               "jobs.ask", "jobs.serve", "jobs.serve_app", "jobs.serve_api", "jobs.vote"}
+
+
+def test_infra_imports_only_the_jobs_shared_library():
+    graph = import_graph()
+    assert JOB_MODULES <= set(graph), f"not modules any more: {sorted(JOB_MODULES - set(graph))}"
+    into_jobs = {module: sorted(imports & JOB_MODULES) for module, imports in graph.items()
+                 if module.startswith("infra.") and imports & JOB_MODULES}
+    assert into_jobs == {}, f"infra/ imports job modules (move what it needs into the shared library): {into_jobs}"
+
+
 def test_the_cycle_finder_can_fail():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -88,7 +88,7 @@ def test_a_built_wheel_ships_the_configs_and_trains_with_single(tmp_path):
                             text=True, env=env, timeout=120)
     assert listed.returncode == 0, listed.stderr
     assert str(venv) in listed.stdout and "accelerate/single" in listed.stdout and str(ROOT) not in listed.stdout
-    probe = ("import jobs, jobs.train as t; p = t.accelerate_config_path('single'); "
+    probe = ("import jobs, jobs.accelerate_config as t; p = t.accelerate_config_path('single'); "
              "print(jobs.__file__); print(p); print(t.read_accelerate_config('single')[1]['num_processes'])")
     resolved = subprocess.run([str(python), "-c", probe], cwd=outside, capture_output=True, text=True, env=env,
                               timeout=120)
