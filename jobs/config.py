@@ -8,7 +8,9 @@ holds one (a known secret's value, or anything token-shaped: jobs/credentials.py
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +150,9 @@ class MergeConfig(Section):
     verify_prompts: int = Field(default=4, gt=0)
 
 
+DECODERS = ("auto", "cudagraph", "compiled", "static", "dynamic")  # eval.decoder, T2S_DECODER (jobs.generate)
+
+
 class EvalConfig(Section):
     split: Literal["train", "validation", "test"] = "test"
     models: list[Literal["base", "adapter", "merged"]] = ["base", "merged"]
@@ -170,6 +175,8 @@ class EvalConfig(Section):
     # sampled ones, run on generated databases; the largest group of equal results wins (row "<model>+vote")
     vote_samples: int = Field(default=8, ge=1)
     vote_temperature: float = Field(default=0.7, gt=0)
+    # How greedy answers are decoded (jobs.generate): auto is cudagraph on a GPU, transformers' generate on a CPU.
+    decoder: Literal["auto", "cudagraph", "compiled", "static", "dynamic"] = "auto"
 
 
 class PushGates(Section):
@@ -189,6 +196,8 @@ class PushConfig(Section):
     dry_run: bool = False
     license: str = "apache-2.0"
     retries: int = Field(default=4, ge=0)
+    timeout_s: float = Field(default=300.0, gt=0)  # how long one stalled request to the Hub may wait
+    backoff_s: float = Field(default=2.0, gt=0)  # the first wait before a retry (doubled each time)
     # A model below the gates, or not evaluated, is not published unless enforce_gates is false.
     enforce_gates: bool = True
     gates: PushGates = PushGates()
@@ -245,11 +254,51 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for item in overrides:
         _apply_override(data, item)
     refuse_secrets(data, "in a --set")
+    for key, value in environment_overrides(os.environ).items():
+        section, leaf = key.split(".")
+        if isinstance(data.setdefault(section, {}), dict):  # else the file's own error is the one to say
+            data[section][leaf] = value
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         raise T2SError(describe_error(error, where_given(error["loc"], path, overrides), Config)) from None
+
+
+# Environment variables that still set a config key, over the file and every --set: the key, and how the value reads.
+ENVIRONMENT_KEYS = {"T2S_DECODER": "eval.decoder", "T2S_PUSH_TIMEOUT_S": "push.timeout_s",
+                    "T2S_PUSH_BACKOFF_S": "push.backoff_s"}
+
+
+def environment_overrides(environ) -> dict[str, Any]:
+    """{config key: value} that the environment sets (ENVIRONMENT_KEYS), each said on stderr: the job's config record
+    (logs/<job>.config.yaml) then holds the value it ran with. A value that cannot be one is one line."""
+    found: dict[str, Any] = {}
+    for name, key in ENVIRONMENT_KEYS.items():
+        raw = environ.get(name, "").strip()
+        if not raw:
+            continue
+        section, leaf = key.split(".")
+        if key == "eval.decoder":
+            value: Any = raw.lower()
+            if value not in DECODERS:
+                raise T2SError(f"{name}={value!r} is not a decoder: use one of {', '.join(DECODERS)}")
+        else:
+            value = _seconds(name, raw, PushConfig.model_fields[leaf].default)
+        print(f"note: {name}={value} from the environment sets {key}", file=sys.stderr, flush=True)
+        found[key] = value
+    return found
+
+
+def _seconds(name: str, raw: str, default: float) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise T2SError(f"{name}={raw[:40]!r} is not a number of seconds above 0: set e.g. {name}={default:g}, or "
+                       "unset it")
+    return value
 
 
 def where_given(loc: tuple, path: str | Path | None, overrides: list[str] | tuple = ()) -> str:

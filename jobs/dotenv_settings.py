@@ -13,9 +13,9 @@ from dotenv import dotenv_values
 
 # name → where it is read (for .env.example's comments; tests/test_ux.py checks that the two agree)
 DOTENV_SETTINGS = {
-    "T2S_DECODER": "jobs.generate: eval, ask and the Python API",
-    "T2S_PUSH_BACKOFF_S": "jobs.push",
-    "T2S_PUSH_TIMEOUT_S": "jobs.push",
+    "T2S_DECODER": "eval.decoder (jobs.config), and jobs.generate: ask and the Python API",
+    "T2S_PUSH_BACKOFF_S": "push.backoff_s (jobs.config)",
+    "T2S_PUSH_TIMEOUT_S": "push.timeout_s (jobs.config)",
     "T2S_STATE_DIR": "infra.records: t2s-infra",
     "T2S_LOGS_REPO": "t2s-infra logs, upload-logs",
 }

@@ -33,7 +33,7 @@ from jobs import checked, curves, scoring, sqlcheck, vote
 from jobs.chat import render_prompt
 from jobs.config import Config
 from jobs.errors import T2SError
-from jobs.generate import Generation, decoding_info, generate_batched, requested_decoder
+from jobs.generate import Generation, decoding_info, generate_batched
 from jobs.models import default_device, load_run_model
 from jobs.rundir import RunDir, fresh_staging, read_json, write_atomic
 from jobs.sandbox import Sandbox
@@ -280,7 +280,7 @@ def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, varia
     key = {"model": cfg.model.model_dump(mode="json"), "which": which, "variant": variant, "split": cfg.eval.split,
            "questions_sha256": hashlib.sha256(questions.encode()).hexdigest(),
            "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size, "device": device_name(),
-           "decoder": requested_decoder(),  # in bf16 another decoder may flip a near-tie (README: fast decoding)
+           "decoder": cfg.eval.decoder,  # in bf16 another decoder may flip a near-tie (README: fast decoding)
            "finished": {job: read_json(run.marker(job)) for job in jobs}}  # a retrained model is another model
     return json.loads(json.dumps(key))  # as it reads back from the file
 
@@ -308,7 +308,7 @@ def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
     prompts = [render_prompt(tokenizer, r["context"], r["question"], variant) for r in rows]
     started = time.perf_counter()
     generations = generate_batched(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                                   progress=True)
+                                   progress=True, decoder=cfg.eval.decoder)
     elapsed = time.perf_counter() - started
     decoding = decoding_info(model)
     del model

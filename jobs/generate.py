@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from jobs.chat import stop_token_ids
+from jobs.config import DECODERS
 from jobs.errors import T2SError, first_line
 
-DECODERS = ("auto", "cudagraph", "compiled", "static", "dynamic")
 
 
 @dataclass

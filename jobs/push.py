@@ -22,12 +22,12 @@ Every file goes into one commit; huggingface_hub leaves out the files the repo a
 with the ones the Hub reports) and makes no commit when nothing changed, so a rerun with unchanged content uploads
 nothing. (`t2s push` after a finished push is skipped by the CLI, as every finished job is; `--force` pushes again.)
 Network failures and 408/429/5xx answers are retried push.retries times with exponential backoff (tenacity; base
-T2S_PUSH_BACKOFF_S, default 2 s); T2S_PUSH_TIMEOUT_S (default 300 s) bounds a stalled request.
+push.backoff_s, default 2 s); push.timeout_s (default 300 s) bounds a stalled request. T2S_PUSH_BACKOFF_S and
+T2S_PUSH_TIMEOUT_S still set them, over the config (jobs.config.ENVIRONMENT_KEYS).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,21 +272,6 @@ def _shown(text: str) -> str:
     return " ".join(redact(text).split())[:200]
 
 
-def seconds_from_env(name: str, default: float) -> float:
-    """A number of seconds from the environment (T2S_PUSH_TIMEOUT_S, T2S_PUSH_BACKOFF_S), or one line."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (0 < value < float("inf")):
-        raise T2SError(f"{name}={raw[:40]!r} is not a number of seconds above 0: set e.g. {name}={default:g}, or "
-                       "unset it")
-    return value
-
-
 # ---------------------------------------------------------------- the job
 
 
@@ -385,8 +370,6 @@ def check(cfg: Config, run: RunDir) -> None:
                            "(HF_TOKEN=...), or use --set push.dry_run=true")
         if constants.HF_HUB_OFFLINE:
             raise T2SError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset it, or use push.dry_run=true")
-        seconds_from_env("T2S_PUSH_TIMEOUT_S", 300)
-        seconds_from_env("T2S_PUSH_BACKOFF_S", 2.0)
     artifact_folder(cfg, run)
     run.require("train", "push")
     check_gates(cfg, read_eval_report(run))
@@ -440,11 +423,11 @@ def run(cfg: Config, run: RunDir) -> str:
     from huggingface_hub import HfApi
 
     token = secret("HF_TOKEN")
-    use_request_timeout(seconds_from_env("T2S_PUSH_TIMEOUT_S", 300))
+    use_request_timeout(push.timeout_s)
     api = HfApi(token=token)  # endpoint: HF_ENDPOINT, else huggingface.co
     result = push_to_hub(api, repo_id, files, private=push.private,
                          message=f"t2s push: run {cfg.run_id} ({push.artifact})",
-                         attempts=push.retries + 1, backoff_s=seconds_from_env("T2S_PUSH_BACKOFF_S", 2.0))
+                         attempts=push.retries + 1, backoff_s=push.backoff_s)
     url = f"{api.endpoint}/{repo_id}"
     run.finish("push", cfg, repo_id=repo_id, url=url, commit=result.commit, artifact=push.artifact,
                evaluated=report is not None, files=len(files), new_commit=result.new_commit)
