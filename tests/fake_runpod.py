@@ -644,6 +644,7 @@ def parse_root_fields(query: str) -> list[tuple[str, dict]]:
     for selection in operation.selection_set.selections:
         if not isinstance(selection, graphql.FieldNode):
             raise GraphQLSyntaxError("only fields may stand at the root here")
-        fields.append((selection.name.value,
-                       {arg.name.value: graphql.value_from_ast_untyped(arg.value) for arg in selection.arguments}))
+        arguments = selection.arguments or ()  # None for a field without any (graphql-core 3.3)
+        fields.append((selection.name.value, {arg.name.value: graphql.value_from_ast_untyped(arg.value)
+                                              for arg in arguments}))
     return fields

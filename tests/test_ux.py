@@ -462,8 +462,9 @@ def test_dotenv_settings_fill_in_what_the_environment_leaves_unset(tmp_path, mon
 
     env = tmp_path / ".env"
     env.write_text("T2S_DECODER=dynamic\nT2S_STATE_DIR=/from/dotenv\nT2S_JOB=train\nHF_TOKEN=hf_notputintheenvironment\n")
-    monkeypatch.delenv("T2S_DECODER", raising=False)
-    monkeypatch.delenv("T2S_JOB", raising=False)
+    for name in ("T2S_DECODER", "T2S_JOB", "T2S_STATE_DIR"):  # set, then unset: monkeypatch undoes what the test sets
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("T2S_STATE_DIR", "/from/environment")
     assert load_dotenv_settings(env) == {"T2S_DECODER": "dynamic"}
