@@ -46,8 +46,8 @@ def child(model: str, device: str | None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     marks["transformers imported"] = process_age_s()
     from jobs import ask
-    from jobs.generate import decoding_info
-    from jobs.models import load_model, load_tokenizer, pick_dtype
+    from jobs.lib.generate import decoding_info
+    from jobs.lib.models import load_model, load_tokenizer, pick_dtype
 
     source = ask.resolve_model(model)
     tokenizer = load_tokenizer(source.model)

@@ -2,7 +2,7 @@
 
 The shell around infra's modules: it loads the config and secrets, prints (job output on stdout, t2s-infra's
 own lines on stderr, every line through `redact`), and turns T2SError into one line and its exit code (2, or 1 for a
-job that failed on its pod) through jobs.errors.one_line_errors, as t2s does.
+job that failed on its pod) through jobs.lib.errors.one_line_errors, as t2s does.
 Ctrl-C while following detaches: the job keeps running and the message says how to come back or stop it.
 """
 
@@ -16,10 +16,10 @@ from typing import Optional
 
 import typer
 
-from jobs.config import load_config
-from jobs.errors import T2SError, one_line_errors, version_option
-from jobs.credentials import find_secret
-from jobs.rundir import JOBS, RunDir, read_json, write_atomic
+from jobs.lib.config import load_config
+from jobs.lib.errors import T2SError, one_line_errors, version_option
+from jobs.lib.credentials import find_secret
+from jobs.lib.rundir import JOBS, RunDir, read_json, write_atomic
 from infra import preflight, records, recovery, watchdog
 from infra import runpod_api as api
 from infra.hints import me
@@ -581,7 +581,7 @@ def self_terminate(
 
 
 def main() -> None:
-    from jobs.dotenv_settings import load_dotenv_settings
+    from jobs.lib.dotenv_settings import load_dotenv_settings
 
     load_dotenv_settings()  # .env's T2S_STATE_DIR, T2S_LOGS_REPO, ... (the environment wins)
     app()

@@ -23,10 +23,10 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
-from jobs.errors import T2SError
-from jobs.credentials import known_secrets, redacted_bytes
-from jobs.hub import http_status, network_error
-from jobs.rundir import RunDir
+from jobs.lib.errors import T2SError
+from jobs.lib.credentials import known_secrets, redacted_bytes
+from jobs.lib.hub import http_status, network_error
+from jobs.lib.rundir import RunDir
 from infra import records, watchdog
 from infra import runpod_api as api
 from infra.hints import me

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from jobs import accelerate_config
-from jobs.accelerate_config import Accelerate
-from jobs.config import Config, dump_config, names_local_path
-from jobs.errors import T2SError
-from jobs.hub import check_repo_id
+from jobs.lib import accelerate_config
+from jobs.lib.accelerate_config import Accelerate
+from jobs.lib.config import Config, dump_config, names_local_path
+from jobs.lib.errors import T2SError
+from jobs.lib.hub import check_repo_id
 from infra import tables
 from infra.settings import IMAGE_REFERENCE, InfraSettings, default_image, image_flavor
 

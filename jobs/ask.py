@@ -4,11 +4,11 @@
     t2s ask --model runs/<id> --db shop.sqlite --run "Which product sold most?"
     t2s ask --model org/name --schema-file schema.sql --json - < questions.txt
 
-The model sees exactly the prompt it was trained on (jobs.chat.render_prompt) and answers greedily, or, with
-`--decoding checked`, with the first of up to --candidates answers that passes its checks (jobs.checked: it parses,
+The model sees exactly the prompt it was trained on (jobs.lib.chat.render_prompt) and answers greedily, or, with
+`--decoding checked`, with the first of up to --candidates answers that passes its checks (jobs.lib.checked: it parses,
 its tables and columns resolve against the schema, it runs read-only on databases built from the schema; with --db,
 that file's schema). An answer that is not one SQL query is refused (NotSQLError, carrying the raw text); with --run
-the query is executed on the SQLite file read-only in a jobs.sandbox worker (reading only, time, memory and row
+the query is executed on the SQLite file read-only in a jobs.lib.sandbox worker (reading only, time, memory and row
 limits, nothing written beside the file). What reaches the terminal cannot drive it: control characters in the
 model's SQL, in database values and in error lines are printed as escapes (printable).
 
@@ -33,11 +33,11 @@ from typing import Callable, Optional
 
 import typer
 
-from jobs import checked, sandbox, sqlcheck
-from jobs.hub import names_local_model
-from jobs.errors import T2SError, first_line, one_line_errors, printable
-from jobs.rundir import RunDir
-from jobs.sandbox import QueryRows
+from jobs.lib import checked, sandbox, sqlcheck
+from jobs.lib.hub import names_local_model
+from jobs.lib.errors import T2SError, first_line, one_line_errors, printable
+from jobs.lib.rundir import RunDir
+from jobs.lib.sandbox import QueryRows
 
 MAX_NEW_TOKENS = 128
 CANDIDATES = 4  # checked decoding: the greedy answer, then up to three more from a beam search of four
@@ -271,7 +271,7 @@ def resolve_model(source: str) -> ModelSource:
                        "directory, its merged/ folder, or a Hub id like org/name")
     if path.exists():
         raise T2SError(f"{source} is a file: pass a run directory, a merged model folder or a Hub id like org/name")
-    if names_local_model(source):  # never asked of the Hub (jobs.hub)
+    if names_local_model(source):  # never asked of the Hub (jobs.lib.hub)
         raise T2SError(f"model path {source} does not exist: pass a run directory, a merged model folder or a Hub "
                        "id like org/name")
     return ModelSource(source)
@@ -279,7 +279,7 @@ def resolve_model(source: str) -> ModelSource:
 
 class SQLGenerator:
     """A loaded chat model that answers (schema, question) pairs with one SQL query each: greedily, or with checked
-    decoding (jobs.checked: the first of up to `candidates` answers that passes its checks)."""
+    decoding (jobs.lib.checked: the first of up to `candidates` answers that passes its checks)."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = MAX_NEW_TOKENS, decoding: str = "greedy",
                  candidates: int = CANDIDATES):
@@ -290,9 +290,9 @@ class SQLGenerator:
         self.answer_s: list[float] = []  # seconds of each call that ran the model
 
     def respond(self, pairs: list[tuple[str, str]], batch_size: int):
-        """The model's raw generations (jobs.generate.Generation), in order: the only step that runs the model."""
-        from jobs.chat import render_prompt
-        from jobs.generate import generate_batched
+        """The model's raw generations (jobs.lib.generate.Generation), in order: the only step that runs the model."""
+        from jobs.lib.chat import render_prompt
+        from jobs.lib.generate import generate_batched
 
         started = time.perf_counter()
         prompts = [render_prompt(self.tokenizer, context, question) for context, question in pairs]
@@ -302,9 +302,9 @@ class SQLGenerator:
         return generations
 
     def search(self, pairs: list[tuple[str, str]], greedy: list, batch_size: int) -> list[list]:
-        """Checked decoding's further candidates (jobs.generate.Candidate) for each pair: its greedy answer, scored,
+        """Checked decoding's further candidates (jobs.lib.generate.Candidate) for each pair: its greedy answer, scored,
         then a beam search's answers, best-scored first. Only questions whose greedy answer failed get here."""
-        from jobs.chat import render_prompt
+        from jobs.lib.chat import render_prompt
 
         prompts = [render_prompt(self.tokenizer, context, question) for context, question in pairs]
         return checked.search_with_model(self.model, self.tokenizer, prompts, greedy, self.candidates, batch_size,
@@ -313,7 +313,7 @@ class SQLGenerator:
     def check_prompt_lengths(self, pairs: list[tuple[str, str]]) -> None:
         """Every prompt, with max_new_tokens after it, fits the model's context (max_position_embeddings): one line
         naming the first that does not, before anything is generated, whatever the decoding."""
-        from jobs.chat import render_prompt
+        from jobs.lib.chat import render_prompt
 
         context_tokens = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if self.tokenizer is None or not isinstance(context_tokens, int):
@@ -349,9 +349,9 @@ class SQLGenerator:
         if self.decoding == "greedy":
             return [Answer(question, g.text, sqlcheck.is_sql_only(g.text), g.latency_s * 1000)
                     for (_, question), g in zip(pairs, generations)]
-        if self.decoding == "vote":  # jobs.vote: greedy + `candidates` samples, the largest group of equal results
-            from jobs.chat import render_prompt
-            from jobs.vote import vote_with_model
+        if self.decoding == "vote":  # jobs.lib.vote: greedy + `candidates` samples, the largest group of equal results
+            from jobs.lib.chat import render_prompt
+            from jobs.lib.vote import vote_with_model
 
             votes = vote_with_model(self.model, self.tokenizer, [render_prompt(self.tokenizer, c, q) for c, q in pairs],
                                     [c for c, _ in pairs], generations, sandbox.shared(), samples=self.candidates,
@@ -384,9 +384,9 @@ def load(model: str | ModelSource, device: str | None = None, max_new_tokens: in
     checked.check_candidates_count(candidates)
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     started = time.perf_counter()
-    from jobs.chat import check_chat_template
-    from jobs.config import load_config
-    from jobs.models import default_device, load_model, load_run_model, load_tokenizer, pick_dtype
+    from jobs.lib.chat import check_chat_template
+    from jobs.lib.config import load_config
+    from jobs.lib.models import default_device, load_model, load_run_model, load_tokenizer, pick_dtype
 
     if source.run:  # base + adapter, loaded with the model settings the run was made with
         loaded, tokenizer = load_run_model(load_config(source.run.settings_file), source.run, "adapter")
@@ -436,7 +436,7 @@ def process_age_s() -> float | None:
 
 def timing_line(generator: SQLGenerator, started_s: float | None, answered_s: float | None) -> str:
     """--verbose: where the time to the first answer went (start-up, model load, decoding, graph capture)."""
-    from jobs.generate import decoding_info
+    from jobs.lib.generate import decoding_info
 
     decoding = decoding_info(generator.model)
     answers = sum(generator.answer_s)

@@ -2,14 +2,14 @@
 
 For each model (the base, with the seed's prompt variants; base + adapter; the merged model) it generates
 greedy answers for a split in length-sorted batches and scores every answer on
-  sql_only             one SQL query and nothing else (jobs.sqlcheck, a parser)
-  exact_match          after normalisation (jobs.sqlcheck.normalize_sql)
-  execution_accuracy   same rows as the gold query on several generated SQLite databases (jobs.scoring, run in
-                       jobs.sandbox's worker processes); examples whose gold query fails to run (gold_error) or
+  sql_only             one SQL query and nothing else (jobs.lib.sqlcheck, a parser)
+  exact_match          after normalisation (jobs.lib.sqlcheck.normalize_sql)
+  execution_accuracy   same rows as the gold query on several generated SQLite databases (jobs.lib.scoring, run in
+                       jobs.lib.sandbox's worker processes); examples whose gold query fails to run (gold_error) or
                        whose tables SQLite cannot hold (build_error) are counted apart with their reason, not as misses
   fails_to_execute     the share of predictions that do not run at all (not SQL, an SQLite error, refused, timed out)
 plus latency and throughput. With eval.decoding: checked, each fine-tuned model is also scored with checked decoding
-(jobs.checked), as its own row "<model>+checked" beside the greedy one, in every table and bucket; its queries/s
+(jobs.lib.checked), as its own row "<model>+checked" beside the greedy one, in every table and bucket; its queries/s
 count the greedy answers it starts from, the checks and the beam search. Writes eval/report.json, report.md,
 predictions.jsonl and metrics.png. Each model's answers are saved (eval.partial/generations/) as soon as they exist,
 so a rerun after a crash or kill only scores.
@@ -29,14 +29,15 @@ from pathlib import Path
 from sqlglot import exp
 from tqdm.auto import tqdm
 
-from jobs import checked, curves, scoring, sqlcheck, vote
-from jobs.chat import render_prompt
-from jobs.config import Config
-from jobs.errors import T2SError
-from jobs.generate import Generation, decoding_info, generate_batched
-from jobs.models import default_device, load_run_model
-from jobs.rundir import RunDir, fresh_staging, read_json, write_atomic
-from jobs.sandbox import Sandbox
+from jobs import curves
+from jobs.lib import checked, scoring, sqlcheck, vote
+from jobs.lib.chat import render_prompt
+from jobs.lib.config import Config
+from jobs.lib.errors import T2SError
+from jobs.lib.generate import Generation, decoding_info, generate_batched
+from jobs.lib.models import default_device, load_run_model
+from jobs.lib.rundir import RunDir, fresh_staging, read_json, write_atomic
+from jobs.lib.sandbox import Sandbox
 
 METRICS = ("sql_only", "exact_match", "execution_accuracy")
 NOT_SCORED = ("gold_error", "build_error")  # left out of execution accuracy: the example's fault, not the model's
@@ -179,8 +180,8 @@ def render_decoding(report: dict) -> list[str]:
     if not parts:
         return []
     captured = any(r.get("compile_s") for r in report["results"].values())  # none on a CPU: nothing to leave out
-    head = "Decoding (jobs.generate; queries/s leave out the one-time CUDA graph captures): " if captured else \
-        "Decoding (jobs.generate): "
+    head = "Decoding (jobs.lib.generate; queries/s leave out the one-time CUDA graph captures): " if captured else \
+        "Decoding (jobs.lib.generate): "
     return ["", head + "; ".join(parts) + "."]
 
 
@@ -287,7 +288,7 @@ def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, varia
 
 def saved_generations(path: Path, key: dict) -> tuple[list[Generation], float, dict] | None:
     """The answers saved at `path` under `key`, the seconds they took and how they were decoded
-    (jobs.generate.decoding_info); None when there are none to reuse."""
+    (jobs.lib.generate.decoding_info); None when there are none to reuse."""
     try:
         saved = json.loads(path.read_text())
         if saved["key"] != key:
@@ -300,7 +301,7 @@ def saved_generations(path: Path, key: dict) -> tuple[list[Generation], float, d
 def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
                      variant: str) -> tuple[list[Generation], float, dict]:
     """The model's greedy answers to the split's questions, the seconds generation took (CUDA graph captures
-    included) and how they were decoded (jobs.generate.decoding_info: backend, compile_s, fallback)."""
+    included) and how they were decoded (jobs.lib.generate.decoding_info: backend, compile_s, fallback)."""
     import torch
 
     model, tokenizer = load_run_model(cfg, run, which)
@@ -337,7 +338,7 @@ def answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: s
 def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: str, variant: str,
                         folder: Path, greedy: list[Generation], greedy_s: float,
                         sandbox: Sandbox) -> tuple[list[Generation], float, list[dict]]:
-    """Checked decoding's answers (jobs.checked), starting from the model's greedy ones: as Generations to score,
+    """Checked decoding's answers (jobs.lib.checked), starting from the model's greedy ones: as Generations to score,
     the seconds they took in all (greedy_s, the checks and the search; loading the model for the search left out, as
     greedy's load is), and what the checks said of each. Saved in `folder` as answers_for saves, reused the same way."""
     path = folder / f"{label.replace(':', '-')}{CHECKED}.json"
@@ -397,7 +398,7 @@ def check_summary(checks: list[dict]) -> dict:
 
 
 def score_answers(rows: list[dict], responses: list[str], eval_cfg, sandbox: Sandbox) -> list[dict]:
-    """Every answer's scores (jobs.scoring.score_answer), computed in the sandbox's workers."""
+    """Every answer's scores (jobs.lib.scoring.score_answer), computed in the sandbox's workers."""
     score = functools.partial(scoring.score_answer, databases=eval_cfg.databases_per_example,
                               rows_per_table=eval_cfg.rows_per_table, timeout_s=eval_cfg.query_timeout_s,
                               row_limit=eval_cfg.row_limit)
@@ -462,7 +463,7 @@ def run(cfg: Config, run: RunDir) -> str:
                     cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox)
                 searched = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then beam search"}
                 decodings.append((label + CHECKED, checked_generations, checked_s, searched, checks))
-            if cfg.eval.decoding == "vote" and which != "base":  # jobs.vote: answers chosen by their results
+            if cfg.eval.decoding == "vote" and which != "base":  # jobs.lib.vote: answers chosen by their results
                 voted, voted_s, votes = vote.eval_vote_answers(
                     cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox,
                     generation_key(cfg, run, rows, which, variant))

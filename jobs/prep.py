@@ -12,13 +12,13 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from jobs import sqlcheck
-from jobs.chat import check_chat_template, tokenize_examples
-from jobs.config import Config, names_local_path
-from jobs.errors import T2SError, first_line
-from jobs.models import TINY, check_source, load_run_tokenizer, tokenizer_path
-from jobs.rundir import RunDir, fresh_staging, write_atomic
-from jobs.synthetic import synthetic_rows
+from jobs.lib import sqlcheck
+from jobs.lib.chat import check_chat_template, tokenize_examples
+from jobs.lib.config import Config, names_local_path
+from jobs.lib.errors import T2SError, first_line
+from jobs.lib.models import TINY, check_source, load_run_tokenizer, tokenizer_path
+from jobs.lib.rundir import RunDir, fresh_staging, write_atomic
+from jobs.lib.synthetic import synthetic_rows
 
 FIELDS = ("question", "context", "answer")
 SPLITS = ("train", "validation", "test")
@@ -232,7 +232,7 @@ def run(cfg: Config, run: RunDir) -> str:
     if cfg.model.name_or_path == TINY:
         # Built afresh beside the old one, and put in place with the data it was built from: a kill while it is
         # written leaves no half a model in base/ for the next prep to trust.
-        from jobs.tiny import save_tiny_base
+        from jobs.lib.tiny import save_tiny_base
 
         base = fresh_staging(run.base)
         texts = [r["context"] + "\n" + r["question"] + "\n" + r["answer"] for r in splits["train"]]

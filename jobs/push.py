@@ -1,4 +1,4 @@
-"""push: the merged model (or the adapter), a model card (jobs.card), the eval report and the logs, to a
+"""push: the merged model (or the adapter), a model card (jobs.lib.card), the eval report and the logs, to a
 Hugging Face Hub model repo (private unless push.private=false).
 
     repo path                     ← run directory
@@ -23,7 +23,7 @@ with the ones the Hub reports) and makes no commit when nothing changed, so a re
 nothing. (`t2s push` after a finished push is skipped by the CLI, as every finished job is; `--force` pushes again.)
 Network failures and 408/429/5xx answers are retried push.retries times with exponential backoff (tenacity; base
 push.backoff_s, default 2 s); push.timeout_s (default 300 s) bounds a stalled request. T2S_PUSH_BACKOFF_S and
-T2S_PUSH_TIMEOUT_S still set them, over the config (jobs.config.ENVIRONMENT_KEYS).
+T2S_PUSH_TIMEOUT_S still set them, over the config (jobs.lib.config.ENVIRONMENT_KEYS).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from jobs.card import read_chat_template, render_model_card, run_span_s, trained_prompt_suffix
-from jobs.config import Config, PushGates, secret
-from jobs.errors import T2SError
-from jobs.credentials import known_secrets, redact, redacted_bytes, redactor
-from jobs.hub import causes, check_repo_id, http_status, network_error, use_request_timeout
-from jobs.rundir import JOBS, RunDir, read_json, write_atomic
+from jobs.lib.card import read_chat_template, render_model_card, run_span_s, trained_prompt_suffix
+from jobs.lib.config import Config, PushGates, secret
+from jobs.lib.errors import T2SError
+from jobs.lib.credentials import known_secrets, redact, redacted_bytes, redactor
+from jobs.lib.hub import causes, check_repo_id, http_status, network_error, use_request_timeout
+from jobs.lib.rundir import JOBS, RunDir, read_json, write_atomic
 
 TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
 

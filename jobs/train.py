@@ -23,12 +23,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
-from jobs.accelerate_config import read_accelerate_config
-from jobs.config import Config, TrainConfig, load_config
-from jobs.errors import T2SError, one_line_errors
-from jobs.resume import own_checkpoint_loads
-from jobs.rundir import RunDir, fresh_staging, read_json, run_settings
-from jobs.quiet import one_line_per_log, quiet_library_output
+from jobs.lib.accelerate_config import read_accelerate_config
+from jobs.lib.config import Config, TrainConfig, load_config
+from jobs.lib.errors import T2SError, one_line_errors
+from jobs.lib.resume import own_checkpoint_loads
+from jobs.lib.rundir import RunDir, fresh_staging, read_json, run_settings
+from jobs.lib.quiet import one_line_per_log, quiet_library_output
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: checkpointed and stopped, rerun to resume
 
@@ -133,7 +133,7 @@ class Stack(NamedTuple):
 
 def installed_stack() -> Stack:
     # transformers masks packed examples by position_ids only on torch >= 2.6; trl 0.22 (the cu118 set's) also hands
-    # position_ids to flash-attn alone. (Checkpoints resume on every stack: jobs/resume.py.)
+    # position_ids to flash-attn alone. (Checkpoints resume on every stack: jobs/lib/resume.py.)
     from transformers.utils import is_torch_greater_or_equal
 
     bitsandbytes = importlib.util.find_spec("bitsandbytes")  # found, not imported: that takes seconds
@@ -188,7 +188,7 @@ def check(cfg: Config, run: RunDir) -> None:
     """Everything that can be known wrong before training starts (and before any model loads), as one line each."""
     import torch
 
-    from jobs.models import base_model_path, check_source, gpu_has_bf16, pick_attention
+    from jobs.lib.models import base_model_path, check_source, gpu_has_bf16, pick_attention
 
     run.require("prep", "train")
     _, accelerate = read_accelerate_config(cfg.train.accelerate_config)
@@ -214,7 +214,7 @@ def restore_synced_checkpoint(cfg: Config, run: RunDir) -> None:
 def run(cfg: Config, run: RunDir) -> str:
     import torch
 
-    from jobs.models import pick_attention
+    from jobs.lib.models import pick_attention
 
     accel_path, accelerate = read_accelerate_config(cfg.train.accelerate_config)
     for folder, moved in run.set_aside_incomplete_checkpoints():
@@ -353,7 +353,7 @@ def load_base_for_training(cfg: Config, run: RunDir, on_gpu: bool):
     import torch
     from peft import LoraConfig
 
-    from jobs.models import base_model_path, load_model, pick_attention
+    from jobs.lib.models import base_model_path, load_model, pick_attention
 
     t = cfg.train
     plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
@@ -495,7 +495,7 @@ def worker(config_path: str) -> int:
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
-    from jobs.models import load_run_tokenizer
+    from jobs.lib.models import load_run_tokenizer
 
     cfg = load_config(config_path)
     run = RunDir(Path(cfg.run_dir))
@@ -547,7 +547,7 @@ def worker(config_path: str) -> int:
         trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
         result = SimpleNamespace(metrics={})
     else:
-        with own_checkpoint_loads(resume, run.checkpoints):  # torch < 2.6: transformers' load gate (jobs/resume.py)
+        with own_checkpoint_loads(resume, run.checkpoints):  # torch < 2.6: transformers' load gate (jobs/lib/resume.py)
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if callbacks[0].preempted:
         print("SIGTERM: checkpoint saved, stopping; rerun to resume", flush=True)

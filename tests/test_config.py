@@ -2,8 +2,8 @@
 
 import pytest
 
-from jobs.config import Config, load_config, secret
-from jobs.errors import T2SError
+from jobs.lib.config import Config, load_config, secret
+from jobs.lib.errors import T2SError
 from tests.conftest import t2s
 
 
@@ -81,7 +81,7 @@ def test_a_set_key_thousands_of_levels_deep_is_one_line(tmp_path):
 def test_an_environment_variable_that_sets_a_config_key_says_so_and_the_run_records_it(monkeypatch, capsys):
     import yaml
 
-    from jobs.config import dump_config
+    from jobs.lib.config import dump_config
 
     monkeypatch.setenv("T2S_DECODER", "Static")
     monkeypatch.setenv("T2S_PUSH_TIMEOUT_S", "12.5")

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from jobs import eval as eval_job
 from jobs.cli import app
-from jobs.config import EvalConfig
-from jobs.generate import Generation
-from jobs.sandbox import Sandbox
+from jobs.lib.config import EvalConfig
+from jobs.lib.generate import Generation
+from jobs.lib.sandbox import Sandbox
 from tests.conftest import t2s
 
 MATCH = {"sql_only": True, "exact_match": True, "execution": "match", "execution_detail": ""}
@@ -140,7 +140,7 @@ def test_throughput_leaves_out_graph_capture_and_the_report_names_the_decoder():
     assert eval_job.decoding_speed(answers, 2.0, {})["decoder"] == "dynamic"  # answers saved by an older t2s
     report = {"results": {"base": fell_back, "merged": speed, "old": {"queries_per_s": 1.0}}}
     assert eval_job.render_decoding(report) == [
-        "", "Decoding (jobs.generate; queries/s leave out the one-time CUDA graph captures): base: dynamic; fell "
+        "", "Decoding (jobs.lib.generate; queries/s leave out the one-time CUDA graph captures): base: dynamic; fell "
         "back: capture failed; merged: cudagraph, 1.0 s of CUDA graph capture."]
     assert eval_job.render_decoding({"results": {"old": {"queries_per_s": 1.0}}}) == []
 
@@ -301,8 +301,8 @@ def test_saved_answers_name_the_gpu_model_so_another_gpu_type_generates_and_time
     first GPU's answers and published their throughput under the second GPU's name."""
     import torch
 
-    from jobs.config import load_config
-    from jobs.rundir import RunDir
+    from jobs.lib.config import load_config
+    from jobs.lib.rundir import RunDir
 
     cfg, run = load_config(None), RunDir(tmp_path)
     rows = [{"context": "CREATE TABLE t (a INTEGER)", "question": "How many?"}]

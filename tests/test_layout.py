@@ -60,7 +60,7 @@ def test_no_job_imports_the_cli_and_no_import_runs_in_a_circle():
 
 # The jobs and the commands: what infra must not import (it launches them on a pod by name, through the image).
 JOB_MODULES = {"jobs.cli", "jobs.prep", "jobs.train", "jobs.merge", "jobs.eval", "jobs.push", "jobs.rl", "jobs.compare",
-               "jobs.ask", "jobs.serve", "jobs.serve_app", "jobs.serve_api", "jobs.vote"}
+               "jobs.ask", "jobs.serve", "jobs.serve_app", "jobs.serve_api"}
 
 
 def test_infra_imports_only_the_jobs_shared_library():

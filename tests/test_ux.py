@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs import shipped
-from jobs.config import load_config
-from jobs.errors import T2SError
-from jobs.hub import names_local_model
+from jobs.lib import shipped
+from jobs.lib.config import load_config
+from jobs.lib.errors import T2SError
+from jobs.lib.hub import names_local_model
 from jobs.runlist import headline, human_size, list_runs
 from tests.conftest import ROOT, t2s, tiny_config, write_config
 
@@ -88,7 +88,7 @@ def test_a_built_wheel_ships_the_configs_and_trains_with_single(tmp_path):
                             text=True, env=env, timeout=120)
     assert listed.returncode == 0, listed.stderr
     assert str(venv) in listed.stdout and "accelerate/single" in listed.stdout and str(ROOT) not in listed.stdout
-    probe = ("import jobs, jobs.accelerate_config as t; p = t.accelerate_config_path('single'); "
+    probe = ("import jobs, jobs.lib.accelerate_config as t; p = t.accelerate_config_path('single'); "
              "print(jobs.__file__); print(p); print(t.read_accelerate_config('single')[1]['num_processes'])")
     resolved = subprocess.run([str(python), "-c", probe], cwd=outside, capture_output=True, text=True, env=env,
                               timeout=120)
@@ -220,7 +220,7 @@ def test_a_wrong_set_key_is_blamed_on_the_set(tmp_path):
 # --- 12. logs for people --------------------------------------------------------------------------------------------
 
 def test_quiet_library_output(monkeypatch):
-    from jobs import quiet
+    from jobs.lib import quiet
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
@@ -337,7 +337,7 @@ def test_training_curves_from_metrics_jsonl(tmp_path):
 
 def test_eval_report_and_card_show_the_training_curves(tmp_path):
     from jobs import eval as eval_job
-    from jobs.card import render_model_card
+    from jobs.lib.card import render_model_card
     from tests.test_push import REPORT, TRAIN_DONE, make_run
 
     report = {**REPORT, "buckets": {"base": {}, "merged": {}}, "build_errors": {},
@@ -359,7 +359,7 @@ def test_eval_report_and_card_show_the_training_curves(tmp_path):
 # --- 11. the model card -----------------------------------------------------------------------------------------------
 
 def test_card_rows_say_what_they_measured(tmp_path):
-    from jobs.card import render_model_card
+    from jobs.lib.card import render_model_card
     from tests.test_push import REPORT, TRAIN_DONE, make_run
 
     config, _ = make_run(tmp_path)
@@ -382,8 +382,8 @@ def test_card_rows_say_what_they_measured(tmp_path):
 
 
 def test_run_span_counts_from_the_first_job_start(tmp_path):
-    from jobs.card import run_span_s
-    from jobs.rundir import RunDir
+    from jobs.lib.card import run_span_s
+    from jobs.lib.rundir import RunDir
 
     run = RunDir(tmp_path / "r")
     assert run_span_s(run) is None
@@ -412,11 +412,11 @@ def test_eval_names_its_subset_apart_from_the_split():
     assert subset(12, {"rows": {"test": 40}}, "test") == "the first 12 of the 40 test examples (eval.max_examples)"
     assert subset(40, {"rows": {"test": 40}}, "test") == "all 40 test examples"
     cpu = {"results": {"base": {"decoder": "dynamic", "compile_s": 0.0}, "merged": {"decoder": "dynamic"}}}
-    assert render_decoding(cpu) == ["", "Decoding (jobs.generate): base: dynamic; merged: dynamic."]  # no CUDA graphs
+    assert render_decoding(cpu) == ["", "Decoding (jobs.lib.generate): base: dynamic; merged: dynamic."]  # no CUDA graphs
 
 
 def test_a_fresh_train_start_drops_old_tensorboard_events(copy_run):
-    from jobs.rundir import RunDir
+    from jobs.lib.rundir import RunDir
 
     run_path, config = copy_run("tb")
     run, cfg = RunDir(run_path), load_config(config)
@@ -451,14 +451,14 @@ def _section_variables(title_start: str) -> set[str]:
 
 
 def test_env_example_section_read_from_dotenv_is_what_the_commands_read():
-    from jobs.dotenv_settings import DOTENV_SETTINGS
+    from jobs.lib.dotenv_settings import DOTENV_SETTINGS
 
     assert _section_variables("# --- read from .env by t2s and t2s-infra") == set(DOTENV_SETTINGS)
     assert {"T2S_JOB", "T2S_CONFIG", "HF_HOME"} <= _section_variables("# --- inside the job container")
 
 
 def test_dotenv_settings_fill_in_what_the_environment_leaves_unset(tmp_path, monkeypatch):
-    from jobs.dotenv_settings import load_dotenv_settings
+    from jobs.lib.dotenv_settings import load_dotenv_settings
 
     env = tmp_path / ".env"
     env.write_text("T2S_DECODER=dynamic\nT2S_STATE_DIR=/from/dotenv\nT2S_JOB=train\nHF_TOKEN=hf_notputintheenvironment\n")

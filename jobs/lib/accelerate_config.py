@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.config import read_yaml_mapping
-from jobs.errors import T2SError
-from jobs.shipped import accelerate_configs_dir
+from jobs.lib.config import read_yaml_mapping
+from jobs.lib.errors import T2SError
+from jobs.lib.shipped import accelerate_configs_dir
 
 ACCELERATE_CONFIGS = accelerate_configs_dir()  # configs/accelerate/, in a checkout or the installed package
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from jobs.config import Config, names_local_path
-from jobs.errors import T2SError
+from jobs.lib.config import Config, names_local_path
+from jobs.lib.errors import T2SError
 
 # "owner/name" of a model or dataset repo (the Hub's own rule for both parts).
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"

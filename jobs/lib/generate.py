@@ -2,10 +2,10 @@
 turn.
 
 Shared by eval (a whole split) and ask (a few questions). Prompts are exactly the prefix the model was
-trained on (jobs.chat.render_prompt).
+trained on (jobs.lib.chat.render_prompt).
 
 Two ways to decode, the same answers (chosen once per model in a process; T2S_DECODER overrides the choice):
-  cudagraph  a static KV cache, each decode step a CUDA graph replayed per token (jobs.static_decoding): the default
+  cudagraph  a static KV cache, each decode step a CUDA graph replayed per token (jobs.lib.static_decoding): the default
              on a GPU, where transformers' generate is bound by its per-step host time
   compiled   cudagraph with the decode step's forward compiled by torch.compile (T2S_DECODER=compiled): fewer,
              fused kernels per token, for a compilation of tens of seconds per shape (so not the default)
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from jobs.chat import stop_token_ids
-from jobs.config import DECODERS
-from jobs.errors import T2SError, first_line
+from jobs.lib.chat import stop_token_ids
+from jobs.lib.config import DECODERS
+from jobs.lib.errors import T2SError, first_line
 
 
 
@@ -50,9 +50,9 @@ _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def decoder_for(model, decoder: str | None = None):
-    """The model's decoder: a jobs.static_decoding.StaticDecoder, or None for transformers' generate. `decoder`
+    """The model's decoder: a jobs.lib.static_decoding.StaticDecoder, or None for transformers' generate. `decoder`
     (one of DECODERS) overrides T2S_DECODER for this call, e.g. to time both in one process."""
-    from jobs import static_decoding
+    from jobs.lib import static_decoding
 
     wanted = decoder or requested_decoder()
     if wanted == "auto":
@@ -145,7 +145,7 @@ def generate_batched(model, tokenizer, prompts: list[str], batch_size: int, max_
     return results
 
 
-# ---------- candidates for checked decoding (jobs.checked): beam search, a repetition guard, model scores ----------
+# ---------- candidates for checked decoding (jobs.lib.checked): beam search, a repetition guard, model scores ----------
 # Kept apart from the greedy path above: checked decoding takes the greedy answer as its first candidate, and asks
 # for these only for the questions whose greedy answer fails its checks.
 
@@ -192,7 +192,7 @@ class RepetitionGuard:
 
 
 def _answer_ids(ids: list[int], stops: list[int], pad_token_id: int | None) -> tuple[list[int], str]:
-    """The generated ids up to and including the first stop token (jobs.chat.stop_token_ids; padding after it
+    """The generated ids up to and including the first stop token (jobs.lib.chat.stop_token_ids; padding after it
     dropped), and how they ended."""
     stop_at = next((k for k, t in enumerate(ids) if t in stops), None)
     if stop_at is not None:

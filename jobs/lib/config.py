@@ -3,7 +3,7 @@
 Defaults live here and only here. `load_config` merges defaults + file + `--set key=value` overrides,
 validates the result before any work starts, and turns every problem into a one-line T2SError.
 Secrets never live in the config: `secret()` reads them from the environment or `.env`, and a config that
-holds one (a known secret's value, or anything token-shaped: jobs/credentials.py) is refused without echoing it.
+holds one (a known secret's value, or anything token-shaped: jobs/lib/credentials.py) is refused without echoing it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from jobs.errors import T2SError
-from jobs.credentials import SECRET_NAMES, find_secret_in_config, redact, secret  # noqa: F401 (secret: re-exported)
+from jobs.lib.errors import T2SError
+from jobs.lib.credentials import SECRET_NAMES, find_secret_in_config, redact, secret  # noqa: F401 (secret: re-exported)
 
 
 class Section(BaseModel):
@@ -150,7 +150,7 @@ class MergeConfig(Section):
     verify_prompts: int = Field(default=4, gt=0)
 
 
-DECODERS = ("auto", "cudagraph", "compiled", "static", "dynamic")  # eval.decoder, T2S_DECODER (jobs.generate)
+DECODERS = ("auto", "cudagraph", "compiled", "static", "dynamic")  # eval.decoder, T2S_DECODER (jobs.lib.generate)
 
 
 class EvalConfig(Section):
@@ -166,16 +166,16 @@ class EvalConfig(Section):
     rows_per_table: int = Field(default=8, gt=0)
     query_timeout_s: float = Field(default=1.0, gt=0)
     row_limit: int = Field(default=10_000, gt=0)
-    # greedy: greedy answers only. checked: each fine-tuned model is also evaluated with checked decoding (jobs.checked:
+    # greedy: greedy answers only. checked: each fine-tuned model is also evaluated with checked decoding (jobs.lib.checked:
     # the first of up to `candidates` answers that parses, resolves against the schema and runs), side by side with
     # its greedy answers. Base models answer greedily only: they chat, and every answer would go to the beam search.
     decoding: Literal["greedy", "checked", "vote"] = "checked"
     candidates: int = Field(default=4, ge=1)  # checked decoding: the greedy answer, then a beam search's
-    # vote: as checked, and each fine-tuned model also answers by vote decoding (jobs.vote): greedy plus vote_samples
+    # vote: as checked, and each fine-tuned model also answers by vote decoding (jobs.lib.vote): greedy plus vote_samples
     # sampled ones, run on generated databases; the largest group of equal results wins (row "<model>+vote")
     vote_samples: int = Field(default=8, ge=1)
     vote_temperature: float = Field(default=0.7, gt=0)
-    # How greedy answers are decoded (jobs.generate): auto is cudagraph on a GPU, transformers' generate on a CPU.
+    # How greedy answers are decoded (jobs.lib.generate): auto is cudagraph on a GPU, transformers' generate on a CPU.
     decoder: Literal["auto", "cudagraph", "compiled", "static", "dynamic"] = "auto"
 
 

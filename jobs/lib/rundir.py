@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import yaml
 
-from jobs.config import Config, RLConfig, dump_config
-from jobs.errors import T2SError
+from jobs.lib.config import Config, RLConfig, dump_config
+from jobs.lib.errors import T2SError
 
 JOBS = ("prep", "train", "rl", "merge", "eval", "push")
 
