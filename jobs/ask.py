@@ -302,7 +302,7 @@ class SQLGenerator:
         return generations
 
     def search(self, pairs: list[tuple[str, str]], greedy: list, batch_size: int) -> list[list]:
-        """Checked decoding's further candidates (jobs.lib.generate.Candidate) for each pair: its greedy answer, scored,
+        """Checked decoding's further candidates (jobs.lib.checked.Candidate) for each pair: its greedy answer, scored,
         then a beam search's answers, best-scored first. Only questions whose greedy answer failed get here."""
         from jobs.lib.chat import render_prompt
 

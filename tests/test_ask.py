@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from jobs import ask
 from jobs.cli import app
+from jobs.lib.checked import Candidate
 from jobs.lib.config import load_config
 from jobs.lib.errors import T2SError
-from jobs.lib.generate import Candidate, Generation
+from jobs.lib.generate import Generation
 from jobs.lib.models import load_run_model
 from jobs.lib.rundir import RunDir
 from tests.conftest import ROOT, SONGS_SCHEMA, t2s, tiny_config, write_config

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from jobs.lib import checked
-from jobs.lib.checked import Choice, Verdict, check_candidate, choose_answers, resolution_problem, verdict_after_kill
+from jobs.lib.candidates import (RepetitionGuard, _answer_ids, answer_scores, generate_candidates, repeats_itself,
+                                  sequence_scores)
+from jobs.lib.checked import (Candidate, Choice, Verdict, check_candidate, choose_answers, resolution_problem,
+                              verdict_after_kill)
 from jobs.lib.errors import T2SError
-from jobs.lib.generate import (Candidate, Generation, RepetitionGuard, _answer_ids, answer_scores, generate_candidates,
-                           repeats_itself, sequence_scores)
+from jobs.lib.generate import Generation
 from jobs.lib.sandbox import Sandbox
 from jobs.lib.sqlcheck import parse_schema, single_query
 from tests.conftest import shared_path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.lib.generate import Candidate
+from jobs.lib.checked import Candidate
 from jobs.lib.sandbox import Sandbox
 from jobs.lib.vote import choose_by_votes, pick
 

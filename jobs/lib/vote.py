@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from jobs.lib import sqlcheck
+from jobs.lib.checked import Candidate
 from jobs.lib.sandbox import QueryError, Sandbox, run_readonly, working_on
 
 if TYPE_CHECKING:  # not imported here: sandbox workers import this module, and must not load torch
-    from jobs.lib.generate import Candidate, Generation
+    from jobs.lib.generate import Generation
 
 VOTE_DATABASES = 2
 VOTE_ROWS_PER_TABLE = 8
@@ -161,7 +162,7 @@ def sample_candidates(model, tokenizer, prompts: list[str], n: int, batch_size: 
     import torch
 
     from jobs.lib.chat import stop_token_ids
-    from jobs.lib.generate import Candidate, _answer_ids, sequence_scores
+    from jobs.lib.candidates import _answer_ids, sequence_scores
 
     tokenizer.padding_side = "left"
     stops = stop_token_ids(tokenizer)
@@ -199,7 +200,7 @@ def vote_with_model(model, tokenizer, prompts: list[str], contexts: list[str], g
     from dataclasses import replace
 
     from jobs.lib.checked import first_candidate
-    from jobs.lib.generate import answer_scores
+    from jobs.lib.candidates import answer_scores
 
     first = [first_candidate(g) for g in greedy]
     scores = answer_scores(model, tokenizer, prompts, first)
