@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from jobs.lib.errors import T2SError, printable
-from jobs.eval import METRICS, plot
+from jobs.lib.report import METRICS, plot
 from jobs.lib.rundir import RunDir, read_json, write_atomic
 
 

@@ -10,6 +10,7 @@ from jobs import eval as eval_job
 from jobs.cli import app
 from jobs.lib.config import EvalConfig
 from jobs.lib.generate import Generation
+from jobs.lib.report import render_decoding, render_markdown
 from jobs.lib.sandbox import Sandbox
 from tests.conftest import t2s
 
@@ -95,7 +96,7 @@ def test_render_markdown():
                           "merged+checked": {"tables=1": eval_job.summarize([MATCH])}},
               "build_errors": {"SQLite cannot create table t (incomplete input)": 1},
               "config": {"databases_per_example": 3, "query_timeout_s": 1.0}}
-    assert eval_job.render_markdown(report) == "\n".join([
+    assert render_markdown(report) == "\n".join([
         "# t2s eval · run r1 · test split, 3 examples", "",
         "Base model: `tiny` · fine-tuned: `runs/r1/merged` · dataset `synthetic` (hash 0123456789ab)", "",
         "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | gold fails to run "
@@ -124,8 +125,8 @@ def test_render_markdown():
         "databases per example, read-only, with a 1.0 s limit per query.", ""])
     older = {**report, "results": {"merged": {k: v for k, v in result.items() if k != "fails_to_execute"}},
              "buckets": {"merged": report["buckets"]["merged"]}}
-    assert "| merged | greedy | 100.0% | 66.7% | 50.0% | not measured | 0 | 1 |" in eval_job.render_markdown(older)
-    assert "## Greedy vs checked" not in eval_job.render_markdown(older)
+    assert "| merged | greedy | 100.0% | 66.7% | 50.0% | not measured | 0 | 1 |" in render_markdown(older)
+    assert "## Greedy vs checked" not in render_markdown(older)
 
 
 def test_throughput_leaves_out_graph_capture_and_the_report_names_the_decoder():
@@ -139,10 +140,10 @@ def test_throughput_leaves_out_graph_capture_and_the_report_names_the_decoder():
     assert fell_back["queries_per_s"] == 2.0 and fell_back["decoder_fallback"] == "capture failed"
     assert eval_job.decoding_speed(answers, 2.0, {})["decoder"] == "dynamic"  # answers saved by an older t2s
     report = {"results": {"base": fell_back, "merged": speed, "old": {"queries_per_s": 1.0}}}
-    assert eval_job.render_decoding(report) == [
+    assert render_decoding(report) == [
         "", "Decoding (jobs.lib.generate; queries/s leave out the one-time CUDA graph captures): base: dynamic; fell "
         "back: capture failed; merged: cudagraph, 1.0 s of CUDA graph capture."]
-    assert eval_job.render_decoding({"results": {"old": {"queries_per_s": 1.0}}}) == []
+    assert render_decoding({"results": {"old": {"queries_per_s": 1.0}}}) == []
 
 
 def test_saved_generations_are_reused_only_under_the_same_key(tmp_path):

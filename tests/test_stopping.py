@@ -9,7 +9,8 @@ import socket
 import pytest
 import torch
 
-from jobs.eval import answer_endings, render_endings
+from jobs.eval import answer_endings
+from jobs.lib.report import render_endings
 from jobs.lib.generate import Generation, generate_batched
 from tests.conftest import t2s
 

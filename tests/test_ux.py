@@ -336,18 +336,18 @@ def test_training_curves_from_metrics_jsonl(tmp_path):
 
 
 def test_eval_report_and_card_show_the_training_curves(tmp_path):
-    from jobs import eval as eval_job
     from jobs.lib.card import render_model_card
+    from jobs.lib.report import render_markdown
     from tests.test_push import REPORT, TRAIN_DONE, make_run
 
     report = {**REPORT, "buckets": {"base": {}, "merged": {}}, "build_errors": {},
               "config": {"databases_per_example": 3, "query_timeout_s": 1.0}, "training_curves": "training_curves.png"}
     for r in report["results"].values():
         r.update(fails_to_execute=0.0, gold_error=3, build_error=0)
-    markdown = eval_job.render_markdown(report)
+    markdown = render_markdown(report)
     assert "![training: loss and learning rate per step](training_curves.png)" in markdown
     assert "![scores](metrics.png)" in markdown
-    assert "training_curves" not in eval_job.render_markdown({**report, "training_curves": None})
+    assert "training_curves" not in render_markdown({**report, "training_curves": None})
     config, _ = make_run(tmp_path)
     card = render_model_card(load_config(config), "alice/x", report=REPORT, train_done=TRAIN_DONE, prompt_suffix="",
                              training_curves=True)
@@ -407,7 +407,7 @@ def test_dropped_rows_say_why():
 
 
 def test_eval_names_its_subset_apart_from_the_split():
-    from jobs.eval import render_decoding, subset
+    from jobs.lib.report import render_decoding, subset
 
     assert subset(12, {"rows": {"test": 40}}, "test") == "the first 12 of the 40 test examples (eval.max_examples)"
     assert subset(40, {"rows": {"test": 40}}, "test") == "all 40 test examples"
