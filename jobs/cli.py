@@ -20,7 +20,7 @@ from typing import Optional
 
 import typer
 
-from jobs.ask import ask_command
+from jobs.ask_command import ask_command
 from jobs.lib.config import Config, load_config
 from jobs.lib.errors import T2SError, one_line_errors, version_option
 from jobs.lib.rundir import JOBS, RunDir, open_run

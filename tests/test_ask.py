@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from jobs import ask
+from jobs import ask, ask_command
 from jobs.cli import app
 from jobs.lib.checked import Candidate
 from jobs.lib.config import load_config
@@ -303,8 +303,8 @@ def test_an_unmerged_run_answers_as_its_merged_model_does(merged_run, tmp_path):
 
 
 def test_format_table_without_column_names():
-    assert ask.format_table(ask.QueryRows(None, [(1, "a"), (22, None)])) == "1   a\n22  NULL\n(2 rows)"
-    assert ask.format_table(ask.QueryRows(["n"], [])) == "n\n-\n(0 rows)"
+    assert ask_command.format_table(ask.QueryRows(None, [(1, "a"), (22, None)])) == "1   a\n22  NULL\n(2 rows)"
+    assert ask_command.format_table(ask.QueryRows(["n"], [])) == "n\n-\n(0 rows)"
 
 
 def test_a_device_that_is_not_there_is_one_line(merged_run):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from jobs import ask, eval as eval_job
+from jobs import ask, ask_command, eval as eval_job
 from jobs.lib import sandbox
 from tests import sandbox_tasks
 from jobs.cli import app
@@ -227,7 +227,7 @@ def test_a_wal_database_is_read_without_writing_anything_beside_it(tmp_path, mon
     writer.execute("INSERT INTO orders VALUES ('ink', 9)")
     writer.commit()
     before = folder_state(tmp_path)
-    assert ask.default_context(None, None, db) == "CREATE TABLE orders (item VARCHAR, price INTEGER)"
+    assert ask_command.default_context(None, None, db) == "CREATE TABLE orders (item VARCHAR, price INTEGER)"
     assert ask.run_on_database(db, "SELECT sum(price) FROM orders", 1, 10).rows == [(12,)]
     link = tmp_path / "elsewhere" / "link.sqlite"  # through a link, as SQLite follows it
     link.parent.mkdir()
