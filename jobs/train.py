@@ -27,7 +27,7 @@ from jobs.lib.accelerate_config import read_accelerate_config
 from jobs.lib.config import Config, TrainConfig, load_config
 from jobs.lib.errors import T2SError, one_line_errors
 from jobs.lib.resume import own_checkpoint_loads
-from jobs.lib.rundir import RunDir, fresh_staging, read_json, run_settings
+from jobs.lib.rundir import RunDir, fresh_staging, read_json, run_settings, staging_path
 from jobs.lib.quiet import one_line_per_log, quiet_library_output
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: checkpointed and stopped, rerun to resume
@@ -490,6 +490,90 @@ def load_tokenized(run: RunDir, split: str):
     return load_from_disk(str(run.tokenized / split))
 
 
+def load_datasets(cfg: Config, run: RunDir):
+    """(train, validation or None) as prep tokenized them; with completion_only_loss off, the loss is on the prompt
+    too (the seed's way)."""
+    train_data = load_tokenized(run, "train")
+    eval_data = load_tokenized(run, "validation")
+    if not cfg.train.completion_only_loss:  # the seed's way: loss on the prompt too
+        train_data = train_data.map(lambda row: {"labels": row["input_ids"]})
+        eval_data = eval_data.map(lambda row: {"labels": row["input_ids"]}) if eval_data is not None else None
+    if eval_data is None or len(eval_data) == 0:
+        print("no validation rows (data.validation_fraction 0, or none left): training without evaluation", flush=True)
+        return train_data, None
+    return train_data, eval_data
+
+
+def check_trainable(trainer, plan, adapter: bool) -> bool:
+    """Trainable weights kept as the precision plan says (LoRA's in fp32); whether DeepSpeed holds them instead."""
+    deepspeed = trainer.is_deepspeed_enabled
+    if adapter and not deepspeed:
+        keep_trainable_in_fp32(trainer.model)
+    kept = trainable_dtypes(trainer.model)
+    if not deepspeed and kept != {plan.weights}:  # a library changed what the plan promised: say so, do not train
+        raise T2SError(f"trainable weights are {', '.join(sorted(kept))}, not {plan.weights} as train.precision "
+                       f"{plan.precision} requires: this is a bug in t2s's handling of this package set")
+    if deepspeed:
+        print("DeepSpeed keeps fp32 master weights of the trainable parameters", flush=True)
+    return deepspeed
+
+
+def train_from_last_checkpoint(trainer, run: RunDir, max_steps: int, deepspeed: bool):
+    """trainer.train(), resumed from the run's last checkpoint when there is one; the train result."""
+    resume = run.last_checkpoint()
+    if resume:
+        print(f"resuming from {resume}", flush=True)
+    elif trainer.is_world_process_zero():
+        run.metrics.unlink(missing_ok=True)  # a fresh start: no lines from an earlier attempt
+    if resume and checkpoint_is_final(resume, max_steps) and not deepspeed:
+        # A checkpoint of the last step (a pod lost after it, e.g. during eval): resuming would train one step more
+        # (transformers skips the step's batches, then steps once before it checks max_steps); its weights are the
+        # trained model.
+        from transformers.trainer_callback import TrainerState
+
+        print(f"{resume.name} is the last step (train.max_steps): its weights are the trained model", flush=True)
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        return SimpleNamespace(metrics={})
+    with own_checkpoint_loads(resume, run.checkpoints):  # torch < 2.6: transformers' load gate (jobs/lib/resume.py)
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def save_trained(cfg: Config, run: RunDir, trainer, tokenizer, plan, record: dict) -> int:
+    """The adapter (or full model) into run.adapter, with train.done: what it was trained with (`record`: the
+    counts of this training), written by rank 0 once every rank has handed over its shards. The exit code."""
+    import torch
+
+    zero = trainer.is_world_process_zero()
+    staging = fresh_staging(run.adapter) if zero else staging_path(run.adapter)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # gathers ZeRO-3 shards on every rank, writes on rank 0
+    if zero:
+        tokenizer.save_pretrained(str(staging))
+        if cfg.train.method in ("lora", "qlora"):  # trained through a peft config: an adapter
+            problems = adapter_problems(staging)
+            if problems:
+                print(f"error: the saved adapter is unusable: {'; '.join(problems)}", file=sys.stderr)
+                return 1
+        on_gpu = torch.cuda.is_available()
+        run.finish(
+            "train", cfg, [(staging, run.adapter)],
+            settings=run_settings(cfg),  # what the card and the uploads say the model was trained with
+            method=cfg.train.method,
+            precision=plan.precision,
+            weights_dtype="float32 (DeepSpeed master weights)" if trainer.is_deepspeed_enabled else plan.weights,
+            compute_dtype=plan.compute,
+            optimizer=plan.optimizer,
+            **record,
+            num_gpus=torch.cuda.device_count() if on_gpu else 0,
+            num_processes=trainer.accelerator.num_processes,
+            gpu_name=torch.cuda.get_device_name(0) if on_gpu else None,
+            peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+        )
+    trainer.accelerator.wait_for_everyone()
+    return 0
+
+
 def worker(config_path: str) -> int:
     import torch
     from transformers import EarlyStoppingCallback
@@ -501,90 +585,33 @@ def worker(config_path: str) -> int:
     run = RunDir(Path(cfg.run_dir))
     on_gpu = torch.cuda.is_available()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs / "tensorboard"))
-    train_data = load_tokenized(run, "train")
-    eval_data = load_tokenized(run, "validation")
-    if not cfg.train.completion_only_loss:  # the seed's way: loss on the prompt too
-        train_data = train_data.map(lambda row: {"labels": row["input_ids"]})
-        eval_data = eval_data.map(lambda row: {"labels": row["input_ids"]}) if eval_data is not None else None
-    has_eval = eval_data is not None and len(eval_data) > 0
-    if not has_eval:
-        print("no validation rows (data.validation_fraction 0, or none left): training without evaluation", flush=True)
-    args = build_sft_config(cfg, run, has_eval, on_gpu)  # before the model: ZeRO-3 init hooks into loading
+    train_data, eval_data = load_datasets(cfg, run)
+    args = build_sft_config(cfg, run, eval_data is not None, on_gpu)  # before the model: ZeRO-3 init hooks in
     model, peft_config = load_base_for_training(cfg, run, on_gpu)
     tokenizer = load_run_tokenizer(cfg, run)
     callbacks = make_callbacks(cfg, run)
-    if has_eval and cfg.train.early_stopping_patience:
+    if eval_data is not None and cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
     optimizer = kahan_adamw(args) if plan.kahan else None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
                          optimizer_cls_and_kwargs=optimizer)
     one_line_per_log(trainer)
-    deepspeed = trainer.is_deepspeed_enabled
-    if peft_config is not None and not deepspeed:
-        keep_trainable_in_fp32(trainer.model)
-    kept = trainable_dtypes(trainer.model)
-    if not deepspeed and kept != {plan.weights}:  # a library changed what the plan promised: say so, do not train
-        raise T2SError(f"trainable weights are {', '.join(sorted(kept))}, not {plan.weights} as train.precision "
-                       f"{plan.precision} requires: this is a bug in t2s's handling of this package set")
-    if deepspeed:
-        print("DeepSpeed keeps fp32 master weights of the trainable parameters", flush=True)
-    resume = run.last_checkpoint()
-    if resume:
-        print(f"resuming from {resume}", flush=True)
-    elif trainer.is_world_process_zero():
-        run.metrics.unlink(missing_ok=True)  # a fresh start: no lines from an earlier attempt
+    deepspeed = check_trainable(trainer, plan, adapter=peft_config is not None)
     started = time.monotonic()
-    if resume and checkpoint_is_final(resume, args.max_steps) and not deepspeed:
-        # A checkpoint of the last step (a pod lost after it, e.g. during eval): resuming would train one step more
-        # (transformers skips the step's batches, then steps once before it checks max_steps); its weights are the
-        # trained model.
-        from transformers.trainer_callback import TrainerState
-
-        print(f"{resume.name} is the last step (train.max_steps): its weights are the trained model", flush=True)
-        trainer._load_from_checkpoint(str(resume))
-        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
-        result = SimpleNamespace(metrics={})
-    else:
-        with own_checkpoint_loads(resume, run.checkpoints):  # torch < 2.6: transformers' load gate (jobs/lib/resume.py)
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = train_from_last_checkpoint(trainer, run, args.max_steps, deepspeed)
     if callbacks[0].preempted:
         print("SIGTERM: checkpoint saved, stopping; rerun to resume", flush=True)
         return PREEMPTED_EXIT
-
-    staging = fresh_staging(run.adapter) if trainer.is_world_process_zero() else run.adapter.with_name("adapter.partial")
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # gathers ZeRO-3 shards on every rank, writes on rank 0
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(staging))
-        if peft_config is not None:
-            problems = adapter_problems(staging)
-            if problems:
-                print(f"error: the saved adapter is unusable: {'; '.join(problems)}", file=sys.stderr)
-                return 1
-        state = trainer.state
-        run.finish(
-            "train", cfg, [(staging, run.adapter)],
-            settings=run_settings(cfg),  # what the card and the uploads say the model was trained with
-            method=cfg.train.method,
-            precision=plan.precision,
-            weights_dtype="float32 (DeepSpeed master weights)" if deepspeed else plan.weights,
-            compute_dtype=plan.compute,
-            optimizer=plan.optimizer,
-            global_step=state.global_step,
-            examples_seen=int(len(train_data) * min(state.epoch or 0, cfg.train.epochs)),
-            tokens_seen=int(state.num_input_tokens_seen or 0),
-            train_runtime_s=result.metrics.get("train_runtime", time.monotonic() - started),
-            train_loss=result.metrics.get("train_loss"),
-            best_eval_loss=state.best_metric,
-            num_gpus=torch.cuda.device_count() if on_gpu else 0,
-            num_processes=trainer.accelerator.num_processes,
-            gpu_name=torch.cuda.get_device_name(0) if on_gpu else None,
-            peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
-        )
-    trainer.accelerator.wait_for_everyone()
-    return 0
+    state = trainer.state
+    record = {"global_step": state.global_step,
+              "examples_seen": int(len(train_data) * min(state.epoch or 0, cfg.train.epochs)),
+              "tokens_seen": int(state.num_input_tokens_seen or 0),
+              "train_runtime_s": result.metrics.get("train_runtime", time.monotonic() - started),
+              "train_loss": result.metrics.get("train_loss"),
+              "best_eval_loss": state.best_metric}
+    return save_trained(cfg, run, trainer, tokenizer, plan, record)
 
 
 if __name__ == "__main__":  # the worker, one per process, as `t2s train` launches it through accelerate
