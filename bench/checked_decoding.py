@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 STARTED = time.perf_counter()  # before the heavy imports: --deadline and total_s count them
 import torch  # noqa: E402
 
-from jobs.lib import checked  # noqa: E402
+from jobs.lib import candidates, checked  # noqa: E402
 from jobs.lib.chat import render_prompt  # noqa: E402
 from jobs.lib.config import EvalConfig  # noqa: E402
 from jobs.lib.errors import T2SError  # noqa: E402
@@ -129,7 +129,7 @@ def main() -> None:
         # warm-up, untimed: the whole greedy pass once (kernels, allocator growth, a fast decoder's graph capture for
         # this batch shape), a small beam search, the sandbox workers' imports
         warm = generate_batched(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
-        checked.search_with_model(model, tokenizer, prompts[:2], warm[:2], 2, 8, 8)
+        candidates.search_with_model(model, tokenizer, prompts[:2], warm[:2], 2, 8, 8)
         list(sandbox.map(checked.check_candidate, [(contexts[0], rows[0]["answer"], "eos", 0)] * workers,
                          checked.verdict_after_kill))
         synchronize()
@@ -152,9 +152,9 @@ def main() -> None:
 
             def search(indices: list[int]) -> list[list]:
                 clock = time.perf_counter()
-                found = checked.search_with_model(model, tokenizer, [prompts[i] for i in indices],
-                                                  [greedy[i] for i in indices], count, args.batch_size,
-                                                  args.max_new_tokens)
+                found = candidates.search_with_model(model, tokenizer, [prompts[i] for i in indices],
+                                                     [greedy[i] for i in indices], count, args.batch_size,
+                                                     args.max_new_tokens)
                 synchronize()
                 search_s.append(time.perf_counter() - clock)
                 return found

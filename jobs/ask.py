@@ -232,11 +232,12 @@ class SQLGenerator:
     def search(self, pairs: list[tuple[str, str]], greedy: list, batch_size: int) -> list[list]:
         """Checked decoding's further candidates (jobs.lib.checked.Candidate) for each pair: its greedy answer, scored,
         then a beam search's answers, best-scored first. Only questions whose greedy answer failed get here."""
+        from jobs.lib import candidates  # torch: loaded with the model, not when ask is imported
         from jobs.lib.chat import render_prompt
 
         prompts = [render_prompt(self.tokenizer, context, question) for context, question in pairs]
-        return checked.search_with_model(self.model, self.tokenizer, prompts, greedy, self.candidates, batch_size,
-                                         self.max_new_tokens)
+        return candidates.search_with_model(self.model, self.tokenizer, prompts, greedy, self.candidates, batch_size,
+                                            self.max_new_tokens)
 
     def check_prompt_lengths(self, pairs: list[tuple[str, str]]) -> None:
         """Every prompt, with max_new_tokens after it, fits the model's context (max_position_embeddings): one line

@@ -30,7 +30,7 @@ from sqlglot import exp
 from tqdm.auto import tqdm
 
 from jobs import curves
-from jobs.lib import checked, scoring, sqlcheck, vote
+from jobs.lib import candidates, checked, scoring, sqlcheck, vote
 from jobs.lib.chat import render_prompt
 from jobs.lib.config import Config
 from jobs.lib.errors import T2SError
@@ -226,8 +226,8 @@ def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, 
             load_s = time.perf_counter() - clock
         model, tokenizer = loaded
         prompts = [render_prompt(tokenizer, rows[i]["context"], rows[i]["question"], variant) for i in indices]
-        return checked.search_with_model(model, tokenizer, prompts, [greedy[i] for i in indices],
-                                         cfg.eval.candidates, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        return candidates.search_with_model(model, tokenizer, prompts, [greedy[i] for i in indices],
+                                            cfg.eval.candidates, cfg.eval.batch_size, cfg.eval.max_new_tokens)
 
     started = time.perf_counter()
     choices = checked.choose_answers([row["context"] for row in rows], greedy, search, sandbox,

@@ -248,8 +248,8 @@ def test_checked_decoding_beside_greedy_and_a_crash_costs_neither_again(copy_run
     run, config = copy_run("checked", eval={"models": ["adapter"], "candidates": 3, "decoding": "checked"})
     result = t2s("train", "--config", str(config))
     assert result.returncode == 0, result.stderr[-2000:]
-    searched, real_search, real_summarize = [], eval_job.checked.search_with_model, eval_job.summarize
-    monkeypatch.setattr(eval_job.checked, "search_with_model",
+    searched, real_search, real_summarize = [], eval_job.candidates.search_with_model, eval_job.summarize
+    monkeypatch.setattr(eval_job.candidates, "search_with_model",
                         lambda *args, **kwargs: searched.append(real_search(*args, **kwargs)) or searched[-1])
     summaries = []
 
@@ -270,7 +270,7 @@ def test_checked_decoding_beside_greedy_and_a_crash_costs_neither_again(copy_run
     monkeypatch.setattr(eval_job, "summarize", real_summarize)
     for name in ("generate_batched", "load_run_model"):
         monkeypatch.setattr(eval_job, name, must_not_run)
-    monkeypatch.setattr(eval_job.checked, "search_with_model", must_not_run)
+    monkeypatch.setattr(eval_job.candidates, "search_with_model", must_not_run)
     result = CliRunner().invoke(app, ["eval", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "adapter+checked: reusing the 12 answers an interrupted eval saved in" in result.output

@@ -8,10 +8,13 @@ module's checks run in sandbox workers, which must not load torch.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from jobs.lib.chat import stop_token_ids
-from jobs.lib.checked import Candidate
+from jobs.lib.checked import Candidate, first_candidate
+from jobs.lib.generate import Generation
 
 
 REPEAT_MAX_PERIOD = 24  # longest block of tokens the guard looks for said again and again
@@ -135,3 +138,13 @@ def sequence_scores(model, prompt_ids: list[list[int]], answer_ids: list[list[in
             taken = logits[row, tail].gather(-1, torch.tensor(a, device=logits.device)[:, None])[:, 0]
             scores.append((taken - normalizer[row, tail]).mean().item())
     return scores
+
+
+def search_with_model(model, tokenizer, prompts: list[str], greedy: list[Generation], candidates: int,
+                      batch_size: int, max_new_tokens: int) -> list[list[Candidate]]:
+    """choose_answers' search, with a model: for each prompt its greedy answer scored, then the answers of a beam
+    search of `candidates` beams (generate_candidates), best-scored first."""
+    first = [first_candidate(g) for g in greedy]
+    scores = answer_scores(model, tokenizer, prompts, first)
+    beams = generate_candidates(model, tokenizer, prompts, candidates, batch_size, max_new_tokens)
+    return [[replace(f, score=score), *others] for f, score, others in zip(first, scores, beams)]

@@ -275,17 +275,3 @@ def choose_answers(contexts: list[str], greedy: list[Generation], search: Search
         if choice is None:
             choices[i] = Choice(best_scored([c for c, _ in tried[i]]), False, tried[i])
     return choices
-
-
-def search_with_model(model, tokenizer, prompts: list[str], greedy: list[Generation], candidates: int,
-                      batch_size: int, max_new_tokens: int) -> list[list[Candidate]]:
-    """choose_answers' search, with a model: for each prompt its greedy answer scored, then the answers of a beam
-    search of `candidates` beams (jobs.lib.candidates.generate_candidates), best-scored first."""
-    from dataclasses import replace
-
-    from jobs.lib.candidates import answer_scores, generate_candidates  # torch: here, never in a sandbox worker
-
-    first = [first_candidate(g) for g in greedy]
-    scores = answer_scores(model, tokenizer, prompts, first)
-    beams = generate_candidates(model, tokenizer, prompts, candidates, batch_size, max_new_tokens)
-    return [[replace(f, score=score), *others] for f, score, others in zip(first, scores, beams)]
