@@ -24,8 +24,9 @@ from infra import preflight, records, recovery, watchdog
 from infra import runpod_api as api
 from infra.hints import me
 from infra.launch import launch_pod
+from infra.hub_checks import hub_access, hub_whoami
 from infra.logs import (BACKFILL_LINES, NoLogs, Outcome, end_note, end_status, exit_line, fetch_run_logs, follow,
-                        hub_access, hub_whoami, pod_end_file, upload_run_logs)
+                        pod_end_file, upload_run_logs)
 from infra.records import Launch
 from infra.settings import load_infra_settings, redact, redactor, require_secret
 from infra.timing import current_timing

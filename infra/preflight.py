@@ -250,7 +250,8 @@ def hub_sources(cfg: Config) -> list[Source]:
 
 
 def source_problem(source: Source, answer: str, user: str) -> str | None:
-    """The one line for a source HF_TOKEN cannot read (answer: "ok", "gated" or "missing", from logs.hub_access)."""
+    """The one line for a source HF_TOKEN cannot read (answer: "ok", "gated" or "missing", from
+    hub_checks.hub_access)."""
     kind = source.repo_type
     url = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{source.name}"
     if answer == "gated":

@@ -468,11 +468,10 @@ def _handler_for(hub: FakeHub):
 
 
 class LocalHub:
-    """A folder standing in for Hub datasets: the huggingface_hub calls infra.logs makes, nothing more.
+    """A folder standing in for Hub datasets: the huggingface_hub calls infra makes (infra.logs, infra.hub_checks),
+    nothing more.
 
-        hub = LocalHub(tmp_path / "hub")
-        monkeypatch.setattr(infra.logs, "HfApi", hub.client)
-        monkeypatch.setattr(infra.logs, "snapshot_download", hub.snapshot_download)
+        hub = LocalHub(tmp_path / "hub").install(monkeypatch)
     """
 
     def __init__(self, root: Path, user: str = "someone", role: str = "write"):
@@ -483,6 +482,15 @@ class LocalHub:
         self.offline = False  # every call fails as without network
         self.rejects_token = False  # whoami answers 401
         self.unreadable: dict[str, str] = {}  # model/dataset id -> "missing" or "gated" (auth_check); others readable
+
+    def install(self, monkeypatch) -> "LocalHub":
+        """Every huggingface_hub call of infra's answered by this hub, for the test's duration."""
+        from infra import hub_checks, logs
+
+        monkeypatch.setattr(logs, "HfApi", self.client)
+        monkeypatch.setattr(logs, "snapshot_download", self.snapshot_download)
+        monkeypatch.setattr(hub_checks, "HfApi", self.client)
+        return self
 
     def client(self, token: str | None = None) -> "LocalHub._Client":
         return LocalHub._Client(self, token)

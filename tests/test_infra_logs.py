@@ -40,9 +40,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     monkeypatch.setenv("T2S_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.delenv("T2S_LOGS_REPO", raising=False)
-    local = LocalHub(tmp_path / "hub")
-    monkeypatch.setattr(infra_logs, "HfApi", local.client)
-    monkeypatch.setattr(infra_logs, "snapshot_download", local.snapshot_download)
+    local = LocalHub(tmp_path / "hub").install(monkeypatch)
     return local
 
 

@@ -13,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from infra import cli as infra_cli
-from infra import logs as infra_logs
 from infra import records
 from infra import timing as timing_module
 from infra import watchdog
@@ -38,9 +37,7 @@ def pods(tmp_path, monkeypatch):
     monkeypatch.delenv("RUNPOD_POD_ID", raising=False)
     monkeypatch.delenv("T2S_LOGS_REPO", raising=False)
     monkeypatch.setattr(timing_module, "TIMING", FAST_TIMING)
-    hub = LocalHub(tmp_path / "hub")
-    monkeypatch.setattr(infra_logs, "HfApi", hub.client)
-    monkeypatch.setattr(infra_logs, "snapshot_download", hub.snapshot_download)
+    hub = LocalHub(tmp_path / "hub").install(monkeypatch)
     Path("run.yaml").write_text(CONFIG)
     yield server, hub
     for pod in server.live_pods():
