@@ -140,7 +140,7 @@ def load_policy(cfg: Config, run: RunDir, on_gpu: bool):
     import torch
 
     from jobs.lib.models import load_model, pick_attention
-    from jobs.train import load_base_for_training, precision_plan
+    from jobs.lib.training import load_base_for_training, precision_plan
 
     plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
     if (run.adapter / "adapter_config.json").is_file():
@@ -173,7 +173,7 @@ def prompt_dataset(cfg: Config, run: RunDir, tokenizer):
 def build_grpo_config(cfg: Config, run: RunDir, on_gpu: bool):
     from trl import GRPOConfig
 
-    from jobs.train import _has, precision_plan
+    from jobs.lib.training import _has, precision_plan
 
     r = cfg.rl
     fields = GRPOConfig.__dataclass_fields__
@@ -274,7 +274,7 @@ def run(cfg: Config, run: RunDir) -> str:
     from jobs.lib.models import load_tokenizer
     from jobs.rewards import RewardSettings, Rewards
     from jobs.lib.sandbox import Sandbox
-    from jobs.train import adapter_problems, keep_trainable_in_fp32
+    from jobs.lib.training import adapter_problems, keep_trainable_in_fp32
 
     on_gpu = torch.cuda.is_available()
     resume = prepare_checkpoints(cfg, run)

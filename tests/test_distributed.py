@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.train import adapter_problems, installed_stack
+from jobs.lib.training import adapter_problems, installed_stack
 from tests.conftest import t2s
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ def test_qlora_on_cpu_trains_4bit_and_merges_into_the_full_precision_base(copy_r
 
     from jobs.lib.config import load_config
     from jobs.lib.rundir import RunDir
-    from jobs.train import load_base_for_training
+    from jobs.lib.training import load_base_for_training
 
     model, _ = load_base_for_training(load_config(config), RunDir(run), on_gpu=False)
     assert model.is_loaded_in_4bit

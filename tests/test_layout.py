@@ -24,7 +24,8 @@ LONG_MODULES = {
     "jobs/push.py": (470, "push's checks, the Hub upload with its retries and the one-line reading of every Hub "
                           "failure: one job's I/O"),
     "jobs/serve_app.py": (440, "the FastAPI app: routes, batching engine and lifespan share one state object"),
-    "jobs/train.py": (660, "the train job: its checks, the accelerate launcher and the worker it launches"),
+    "jobs/train.py": (470, "the train job: its checks, the accelerate launcher and the worker it launches as "
+                           "`python -m jobs.train --worker` (what it shares with rl is jobs/lib/training.py)"),
 }
 # Functions over MAX_FUNCTION_LINES, as "path:name", each with the most lines it may have and why it is one function.
 LONG_FUNCTIONS = {

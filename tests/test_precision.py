@@ -16,7 +16,7 @@ import torch
 
 from jobs.lib.config import TrainConfig, load_config
 from jobs.lib.errors import T2SError
-from jobs.train import check_precision, kahan_adamw, keep_trainable_in_fp32, precision_plan, trainable_dtypes
+from jobs.lib.training import check_precision, kahan_adamw, keep_trainable_in_fp32, precision_plan, trainable_dtypes
 from tests.conftest import ROOT, t2s
 
 DEFAULT = load_config(ROOT / "configs" / "default.yaml").train  # the shipped default's method and learning rate

@@ -188,7 +188,7 @@ def test_an_interrupted_force_resumes_with_the_command_it_prints_and_loses_nothi
     import sys
     import time
 
-    from jobs.train import installed_stack
+    from jobs.lib.training import installed_stack
     from tests.conftest import ROOT
 
     run, config = copy_finished()

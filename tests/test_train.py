@@ -14,7 +14,8 @@ import torch
 
 from jobs.lib.config import TrainConfig
 from jobs.lib.errors import T2SError
-from jobs.train import Stack, adapter_problems, check_setup, check_stack, installed_stack
+from jobs.lib.training import Stack, adapter_problems, check_stack, installed_stack
+from jobs.train import check_setup
 from tests.conftest import ROOT, t2s
 
 ZERO3 = {"distributed_type": "DEEPSPEED", "num_processes": 2,
