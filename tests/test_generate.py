@@ -98,7 +98,7 @@ def often_generated_token(model, tokenizer, prompts: list[str]) -> int:
     return max((t for t, rows in rows_with.items() if len(rows) < len(prompts)), key=lambda t: len(rows_with[t]))
 
 
-@pytest.mark.parametrize("batch_size", [1, 5, 8])
+@pytest.mark.parametrize("batch_size", [1, *(pytest.param(n, marks=pytest.mark.slow) for n in (5, 8))])  # 1: fast lane
 def test_static_decoder_answers_token_for_token_as_transformers_generate(tiny_model, batch_size):
     model, tokenizer, prompts = tiny_model
     original_eos = tokenizer.eos_token

@@ -217,6 +217,7 @@ def stop_then_resume(copy_run, name: str, train: dict, stop: str, env: dict | No
     return run
 
 
+@pytest.mark.slow  # two real trainings each (~2 min on 2 cores): the fast lane keeps train's checks and test_resume.py
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
 def test_a_stopped_or_killed_training_resumes_to_the_same_step_count(copy_run, stop):
     # On every stack, torch 2.1 (the cu118 set) too.
