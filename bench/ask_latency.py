@@ -7,7 +7,7 @@ For each decoder (a T2S_DECODER value; "auto" is the CUDA graph decoder on a GPU
 at a time, greedily, as ask runs them, after one warm-up question (which pays the decoder's CUDA graph capture:
 reported as warmup_ms and compile_s). Time to first token is generation with max_new_tokens=1 (prompt rendering,
 tokenizing, prefill, decode); ms per token is (query - first token) / (new tokens - 1). Questions are the first rows
-of --rows (context, question), or synthetic rows (jobs.synthetic) without it. `--cli N` also runs N whole
+of --rows (context, question), or synthetic rows (jobs.lib.synthetic) without it. `--cli N` also runs N whole
 `t2s ask --verbose` processes per decoder: what a user waits, from process start to the first answer, with ask's own
 breakdown (start-up, model load, answering; bench/ask_startup.py splits it finer). Prints one JSON line per decoder
 and a table; --out keeps the JSON.
@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from jobs import ask  # noqa: E402
-from jobs.generate import decoding_info  # noqa: E402
-from jobs.synthetic import synthetic_rows  # noqa: E402
+from jobs.lib.generate import decoding_info  # noqa: E402
+from jobs.lib.synthetic import synthetic_rows  # noqa: E402
 
 
 def summary_ms(seconds: list[float]) -> dict:
@@ -42,7 +42,7 @@ def summary_ms(seconds: list[float]) -> dict:
 
 def timed(generator: ask.SQLGenerator, pair: tuple[str, str], max_new_tokens: int, decoder: str):
     generator.max_new_tokens = max_new_tokens
-    os.environ["T2S_DECODER"] = decoder  # read by jobs.generate on every call
+    os.environ["T2S_DECODER"] = decoder  # read by jobs.lib.generate on every call
     started = time.perf_counter()
     [generation] = generator.respond([pair], batch_size=1)
     return time.perf_counter() - started, generation

@@ -25,7 +25,7 @@ QUESTION = "How many songs came out after 2000?"
 
 
 def process_age_s() -> float:
-    """Seconds since this process started (Linux /proc), as jobs.ask.process_age_s, without importing jobs."""
+    """Seconds since this process started (Linux /proc), as jobs.ask_command.process_age_s, without importing jobs."""
     with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
         started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
         return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
@@ -46,8 +46,8 @@ def child(model: str, device: str | None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     marks["transformers imported"] = process_age_s()
     from jobs import ask
-    from jobs.generate import decoding_info
-    from jobs.models import load_model, load_tokenizer, pick_dtype
+    from jobs.lib.generate import decoding_info
+    from jobs.lib.models import load_model, load_tokenizer, pick_dtype
 
     source = ask.resolve_model(model)
     tokenizer = load_tokenizer(source.model)

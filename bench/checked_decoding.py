@@ -1,11 +1,11 @@
-"""Greedy vs checked decoding (jobs.checked) on one model: quality and speed, as `t2s eval` measures them.
+"""Greedy vs checked decoding (jobs.lib.checked) on one model: quality and speed, as `t2s eval` measures them.
 
 The default run (greedy + checked at 4 and 8 candidates, all rows; ~150 s on one H200 for the 1,090 validation rows
 with the SmolLM2-135M merged model, imports and loading included):
 
     python bench/checked_decoding.py --model RUN/merged --rows DATA/validation.jsonl --out $OUT
 
-Greedy answers are generated once (jobs.generate.generate_batched, timed after an untimed pass over the same rows);
+Greedy answers are generated once (jobs.lib.generate.generate_batched, timed after an untimed pass over the same rows);
 each checked run starts from them as eval does, so its time is the greedy time plus its checks and beam search (timed
 apart). Every mode is scored like eval (jobs.eval.score_answers: SQL-only, exact match, execution accuracy on 3
 generated databases, the share of predictions that fail to execute). A checked run that would start past --deadline
@@ -35,15 +35,15 @@ sys.path.insert(0, str(ROOT))
 STARTED = time.perf_counter()  # before the heavy imports: --deadline and total_s count them
 import torch  # noqa: E402
 
-from jobs import checked  # noqa: E402
-from jobs.chat import render_prompt  # noqa: E402
-from jobs.config import EvalConfig  # noqa: E402
-from jobs.errors import T2SError  # noqa: E402
+from jobs.lib import candidates, checked  # noqa: E402
+from jobs.lib.chat import render_prompt  # noqa: E402
+from jobs.lib.config import EvalConfig  # noqa: E402
+from jobs.lib.errors import T2SError  # noqa: E402
 from jobs.eval import score_answers, scoring_workers, summarize  # noqa: E402
-from jobs.generate import generate_batched  # noqa: E402
-from jobs.models import default_device  # noqa: E402
-from jobs.models import load_model, load_tokenizer, pick_dtype  # noqa: E402
-from jobs.sandbox import Sandbox  # noqa: E402
+from jobs.lib.generate import generate_batched  # noqa: E402
+from jobs.lib.models import default_device  # noqa: E402
+from jobs.lib.models import load_model, load_tokenizer, pick_dtype  # noqa: E402
+from jobs.lib.sandbox import Sandbox  # noqa: E402
 
 
 def candidate_counts(text: str) -> list[int]:
@@ -129,7 +129,7 @@ def main() -> None:
         # warm-up, untimed: the whole greedy pass once (kernels, allocator growth, a fast decoder's graph capture for
         # this batch shape), a small beam search, the sandbox workers' imports
         warm = generate_batched(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
-        checked.search_with_model(model, tokenizer, prompts[:2], warm[:2], 2, 8, 8)
+        candidates.search_with_model(model, tokenizer, prompts[:2], warm[:2], 2, 8, 8)
         list(sandbox.map(checked.check_candidate, [(contexts[0], rows[0]["answer"], "eos", 0)] * workers,
                          checked.verdict_after_kill))
         synchronize()
@@ -152,9 +152,9 @@ def main() -> None:
 
             def search(indices: list[int]) -> list[list]:
                 clock = time.perf_counter()
-                found = checked.search_with_model(model, tokenizer, [prompts[i] for i in indices],
-                                                  [greedy[i] for i in indices], count, args.batch_size,
-                                                  args.max_new_tokens)
+                found = candidates.search_with_model(model, tokenizer, [prompts[i] for i in indices],
+                                                     [greedy[i] for i in indices], count, args.batch_size,
+                                                     args.max_new_tokens)
                 synchronize()
                 search_s.append(time.perf_counter() - clock)
                 return found

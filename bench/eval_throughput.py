@@ -3,8 +3,8 @@
     python bench/eval_throughput.py --model runs/x/merged --rows validation.jsonl --out $OUT \
         [--batch-sizes 64,256,all] [--decoders dynamic,cudagraph] [--dynamic-batches 2] [--single 0] [--time-limit 150]
 
-Every batch size runs through jobs.generate.generate_batched (what `t2s eval` runs) once per decoder
-(jobs.generate.DECODERS): "dynamic" is transformers' generate (the old path), "cudagraph" the static cache with CUDA
+Every batch size runs through jobs.lib.generate.generate_batched (what `t2s eval` runs) once per decoder
+(jobs.lib.generate.DECODERS): "dynamic" is transformers' generate (the old path), "cudagraph" the static cache with CUDA
 graphs. The new decoders answer every row at every batch size, twice: cold (captures for new shapes included, timed
 apart as compile_s) and warm (every shape already captured). The old path costs ~35 ms a step whatever the batch
 (bench/RESULTS.md §4), so below "all" it answers only its first --dynamic-batches batches (the first rows of the file),
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs.chat import render_prompt  # noqa: E402
-from jobs.generate import decoding_info, generate_batched  # noqa: E402
-from jobs.models import load_model, load_tokenizer  # noqa: E402
+from jobs.lib.chat import render_prompt  # noqa: E402
+from jobs.lib.generate import decoding_info, generate_batched  # noqa: E402
+from jobs.lib.models import load_model, load_tokenizer  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True, help="a model folder (a run's merged/)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs.models import load_model, load_tokenizer  # noqa: E402
+from jobs.lib.models import load_model, load_tokenizer  # noqa: E402
 
 gguf, out = Path(sys.argv[1]), Path(sys.argv[2])
 if not (out / "config.json").is_file():

@@ -22,8 +22,8 @@ from torch.profiler import ProfilerActivity, profile, schedule
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from jobs import train  # noqa: E402
-from jobs.config import dump_config, load_config  # noqa: E402
-from jobs.rundir import open_run, write_atomic  # noqa: E402
+from jobs.lib.config import dump_config, load_config  # noqa: E402
+from jobs.lib.rundir import open_run, write_atomic  # noqa: E402
 
 SKIP, WARMUP, ACTIVE = 4, 1, 5
 

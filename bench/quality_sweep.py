@@ -35,7 +35,7 @@ from queue import Queue
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from jobs.rundir import PINNED_BY, RunDir, read_json  # noqa: E402
+from jobs.lib.rundir import PINNED_BY, RunDir, read_json  # noqa: E402
 
 CONFIG = ROOT / "configs" / "smollm2.yaml"
 # Issue 17's sweep, four variants a preset (one GPU's worth at --per-gpu 4); --variant name=sets adds or replaces one.

@@ -4,7 +4,7 @@
     python bench/sandbox_cost.py --rows ../shared/data/sql-create-context/validation.jsonl --out bench/results/cpu \
         --before /tmp/before [--repeats 3] [--workers 1,2]
 
-Scores every row with its gold query as the prediction (jobs.scoring.score_answer: SQL-only, exact match,
+Scores every row with its gold query as the prediction (jobs.lib.scoring.score_answer: SQL-only, exact match,
 execution on 3 generated databases, 1 s limit), as eval does, in the same invocation:
   before       --before's eval.score in a plain loop (in a child process, which imports that tree's jobs package)
   in_process   this tree's score_answer in a plain loop in this process: the same work as the workers do
@@ -31,9 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from jobs import eval as eval_job  # noqa: E402
-from jobs.config import EvalConfig  # noqa: E402
-from jobs.sandbox import KILL_GRACE_S, Sandbox  # noqa: E402
-from jobs.scoring import score_answer  # noqa: E402
+from jobs.lib.config import EvalConfig  # noqa: E402
+from jobs.lib.sandbox import KILL_GRACE_S, Sandbox  # noqa: E402
+from jobs.lib.scoring import score_answer  # noqa: E402
 
 PRINTF_BOMB = " UNION ALL ".join(["SELECT printf('%.*c', 2147483647, 'x')"] * 6)
 
@@ -62,7 +62,7 @@ BEFORE = """
 import json, sys, time
 from collections import Counter
 from jobs import eval
-from jobs.config import EvalConfig
+from jobs.lib.config import EvalConfig
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 started, cpu = time.perf_counter(), time.process_time()
 scored = [eval.score(row, row["answer"], EvalConfig(), seed=i) for i, row in enumerate(rows)]

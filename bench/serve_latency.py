@@ -15,7 +15,7 @@
    does (jobs.ask.load), answering --baseline questions one at a time with transformers' generate
    (T2S_DECODER=dynamic): answers/s. The server's answers to those questions are compared with the baseline's
    (identical in fp32; in bf16 a near-tie can flip).
-Questions are the rows of --rows (context, question), or synthetic ones (jobs.synthetic). One JSON object
+Questions are the rows of --rows (context, question), or synthetic ones (jobs.lib.synthetic). One JSON object
 ($OUT/serve_latency.json when --out is given) and a short table at the end.
 """
 
@@ -41,7 +41,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from jobs.synthetic import synthetic_rows  # noqa: E402
+from jobs.lib.synthetic import synthetic_rows  # noqa: E402
 
 
 def percentiles_ms(seconds: list[float]) -> dict:
@@ -151,7 +151,7 @@ def baseline(args, pairs: list[tuple[str, str]]) -> dict:
 
 
 def smoke_model(folder: Path) -> str:
-    from jobs.tiny import save_tiny_base
+    from jobs.lib.tiny import save_tiny_base
 
     rows = synthetic_rows(300)
     save_tiny_base(folder, [r["context"] + "\n" + r["question"] + "\n" + r["answer"] for r in rows])

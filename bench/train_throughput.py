@@ -33,9 +33,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jobs.config import load_config  # noqa: E402
-from jobs.rundir import RunDir  # noqa: E402
-from jobs.train import read_accelerate_config  # noqa: E402
+from jobs.lib.config import load_config  # noqa: E402
+from jobs.lib.rundir import RunDir  # noqa: E402
+from jobs.lib.accelerate_config import read_accelerate_config  # noqa: E402
 
 HOPPER_BF16_DENSE = 989e12  # FLOP/s, the datasheet's dense bf16 peak for H100 and H200 SXM (same chip)
 PARAMS = 1.1e9
@@ -88,7 +88,7 @@ def completion_loss(base: str, run: RunDir, n: int = 512) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jobs.models import default_device
+    from jobs.lib.models import default_device
 
     device = default_device()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(device)

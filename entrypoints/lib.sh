@@ -42,7 +42,7 @@ t2s_run_dir() {
   python3 - "$@" <<'PY'
 import re, sys
 try:
-    from jobs.config import load_config
+    from jobs.lib.config import load_config
     print(load_config(sys.argv[1], sys.argv[2:]).run_dir)
 except Exception:
     import yaml

@@ -2,7 +2,7 @@
 
 The shell around infra's modules: it loads the config and secrets, prints (job output on stdout, t2s-infra's
 own lines on stderr, every line through `redact`), and turns T2SError into one line and its exit code (2, or 1 for a
-job that failed on its pod) through jobs.errors.one_line_errors, as t2s does.
+job that failed on its pod) through jobs.lib.errors.one_line_errors, as t2s does.
 Ctrl-C while following detaches: the job keeps running and the message says how to come back or stop it.
 """
 
@@ -16,16 +16,17 @@ from typing import Optional
 
 import typer
 
-from jobs.config import load_config
-from jobs.errors import T2SError, one_line_errors, run_app, version_option
-from jobs.credentials import find_secret
-from jobs.rundir import JOBS, RunDir, read_json, write_atomic
+from jobs.lib.config import load_config
+from jobs.lib.errors import T2SError, one_line_errors, run_app, version_option
+from jobs.lib.credentials import find_secret
+from jobs.lib.rundir import JOBS, RunDir, read_json, write_atomic
 from infra import preflight, records, recovery, watchdog
 from infra import runpod_api as api
 from infra.hints import me
 from infra.launch import launch_pod
+from infra.hub_checks import hub_access, hub_whoami
 from infra.logs import (BACKFILL_LINES, NoLogs, Outcome, end_note, end_status, exit_line, fetch_run_logs, follow,
-                        hub_access, hub_whoami, pod_end_file, upload_run_logs)
+                        pod_end_file, upload_run_logs)
 from infra.records import Launch
 from infra.settings import load_infra_settings, redact, redactor, require_secret
 from infra.timing import current_timing
@@ -581,7 +582,7 @@ def self_terminate(
 
 
 def main() -> None:
-    from jobs.dotenv_settings import load_dotenv_settings
+    from jobs.lib.dotenv_settings import load_dotenv_settings
 
     load_dotenv_settings()  # .env's T2S_STATE_DIR, T2S_LOGS_REPO, ... (the environment wins)
     run_app(app)

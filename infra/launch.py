@@ -15,7 +15,7 @@ import secrets as random_tokens
 import time
 from collections.abc import Callable
 
-from jobs.errors import T2SError
+from jobs.lib.errors import T2SError
 from infra import records
 from infra import runpod_api as api
 from infra.hints import me

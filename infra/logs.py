@@ -1,5 +1,4 @@
-"""A job's logs: live from the pod while it runs, and from the Hub after the pod is gone (and the one other
-Hub call infra makes: `hub_whoami`, the launch's check of HF_TOKEN).
+"""A job's logs: live from the pod while it runs, and from the Hub after the pod is gone.
 
 Live: `follow` reads RunPod's log stream, reconnects after drops without showing a line twice
 (`LogCursor`), notices the job's exit line (printed by `t2s-infra self-terminate --exit-code N`), and runs
@@ -20,14 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from huggingface_hub import HfApi, snapshot_download
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
-from jobs.errors import T2SError
-from jobs.credentials import known_secrets, redacted_bytes
-from jobs.hub import http_status, network_error
-from jobs.rundir import RunDir
+from jobs.lib.errors import T2SError
+from jobs.lib.credentials import known_secrets, redacted_bytes
+from jobs.lib.rundir import RunDir
 from infra import records, watchdog
+from infra.hub_checks import hub_error
 from infra import runpod_api as api
 from infra.hints import me
 from infra.records import Launch
@@ -212,36 +211,6 @@ def _pod_has_ended(pod_id: str) -> bool:
     return pod is None or not pod.is_live
 
 
-def hub_whoami(token: str) -> dict:
-    """The Hub's `whoami-v2` answer for this token (HF_ENDPOINT, else huggingface.co); one line when it fails."""
-    hub = HfApi(token=token)
-    try:
-        return hub.whoami()
-    except Exception as exc:
-        if http_status(exc) == 401:
-            raise T2SError("the Hub does not accept HF_TOKEN (HTTP 401: unknown, revoked or mistyped): put a token "
-                           "with write access from https://huggingface.co/settings/tokens in .env") from None
-        raise _hub_error(exc, lambda status: f"the Hub answered HTTP {status} when asked who HF_TOKEN belongs to: "
-                         "try again", lambda error: f"cannot reach the Hugging Face Hub to check HF_TOKEN ({error}): "
-                         "check the network (or HF_ENDPOINT) and try again") from None
-
-
-def hub_access(token: str, repo_id: str, repo_type: str) -> str:
-    """Whether HF_TOKEN may read this Hub repo, as the pod will: "ok", "gated" (a gated repo whose access was not
-    granted to the token's user) or "missing" (no such repo, or private to others). One line when the Hub cannot say."""
-    try:
-        HfApi(token=token).auth_check(repo_id, repo_type=repo_type)
-    except GatedRepoError:  # (a RepositoryNotFoundError too: caught first)
-        return "gated"
-    except RepositoryNotFoundError:
-        return "missing"
-    except Exception as exc:
-        raise _hub_error(exc, lambda status: f"the Hub answered HTTP {status} when asked whether HF_TOKEN may read "
-                         f"{repo_type} {repo_id}: try again", lambda error: f"cannot reach the Hugging Face Hub to "
-                         f"check {repo_type} {repo_id} ({error}): check the network and try again") from None
-    return "ok"
-
-
 def upload_run_logs(run_dir: Path, repo_id: str, token: str, say: Say = lambda line: None) -> int:
     """Uploads the run's logs, metrics, report, markers and resolved config to <repo>/<run_id>/ (a private
     Hub dataset, created if missing), every secret in them redacted; returns how many files went up."""
@@ -257,7 +226,7 @@ def upload_run_logs(run_dir: Path, repo_id: str, token: str, say: Say = lambda l
             hub.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=staging, path_in_repo=run_id,
                               commit_message=f"logs of run {run_id}")
         except Exception as exc:
-            raise _hub_error(exc, lambda status: f"uploading the logs of run {run_id} to Hub dataset {repo_id} "
+            raise hub_error(exc, lambda status: f"uploading the logs of run {run_id} to Hub dataset {repo_id} "
                              f"failed (HTTP {status}): check that HF_TOKEN can write there",
                              lambda error: f"cannot reach the Hugging Face Hub to upload the logs of run {run_id} "
                              f"({error})") from None
@@ -305,7 +274,7 @@ def fetch_run_logs(run_id: str, repo_id: str, runs_dir: Path, token: str | None)
         raise T2SError(f"Hub dataset {repo_id} not found, or HF_TOKEN cannot read it: check infra.logs_repo "
                        "and HF_TOKEN") from None
     except Exception as exc:
-        raise _hub_error(exc, lambda status: f"fetching the logs of run {run_id} from Hub dataset {repo_id} failed "
+        raise hub_error(exc, lambda status: f"fetching the logs of run {run_id} from Hub dataset {repo_id} failed "
                          f"(HTTP {status}): try again", lambda error: "cannot reach the Hugging Face Hub to fetch the "
                          f"logs of run {run_id} ({error}): check the network and try again") from None
     return wanted
@@ -315,15 +284,3 @@ def _uploaded(relative: str) -> bool:
     # The same matching upload_folder applies; a hidden or .tmp file is a write in progress (rundir.write_atomic).
     return any(True for _ in filter_repo_objects([relative], allow_patterns=UPLOAD_PATTERNS,
                                                  ignore_patterns=["*.tmp", ".*", "*/.*"]))
-
-
-def _hub_error(exc: Exception, answered: Callable[[str], str], unreachable: Callable[[str], str]) -> T2SError:
-    """The one line for a failed Hub call: answered(status) when the Hub answered (huggingface_hub 1.x raises
-    HfHubHTTPError, 0.x a requests.HTTPError: both carry the response), unreachable(error type) when it could not be
-    reached. Anything else is a bug: it is raised again, with its traceback."""
-    status = http_status(exc)
-    if status is not None or isinstance(exc, HfHubHTTPError):
-        return T2SError(answered(str(status or "?")))
-    if network_error(exc) is None:
-        raise exc
-    return T2SError(unreachable(type(exc).__name__))

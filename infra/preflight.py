@@ -12,13 +12,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from rich.table import Table
 
-from jobs.config import Config, dump_config, names_local_path
-from jobs.errors import T2SError
-from jobs.push import check_repo_id
-from jobs.train import accelerate_config_path
+from jobs.lib import accelerate_config
+from jobs.lib.accelerate_config import Accelerate
+from jobs.lib.config import Config, dump_config, names_local_path
+from jobs.lib.errors import T2SError
+from jobs.lib.hub import check_repo_id
 from infra import tables
 from infra.settings import IMAGE_REFERENCE, InfraSettings, default_image, image_flavor
 
@@ -31,29 +31,14 @@ LOGS_REPO = "{user}/t2s-runs"
 WRITE_ROLES = ("write", "admin", "contributor")
 
 
-@dataclass(frozen=True)
-class Accelerate:
-    name: str  # as the config names it
-    processes: int  # in total
-    machines: int
-    deepspeed: bool
-
-
 def read_accelerate(cfg: Config) -> Accelerate:
     """The accelerate config the run trains with (a shipped one, or a file: the pod has only the shipped ones)."""
-    name = cfg.train.accelerate_config
-    path = accelerate_config_path(name)
-    if path.parent != accelerate_config_path("single").parent:
-        raise T2SError(f"train.accelerate_config {name} is a file on this machine, which the pod does not have: "
-                       "use one shipped in configs/accelerate/ (single, ddp, zero3) or add yours there and rebuild "
-                       "the image")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-        return Accelerate(name=name, processes=int(data.get("num_processes", 1)),
-                          machines=int(data.get("num_machines", 1)),
-                          deepspeed=data.get("distributed_type") == "DEEPSPEED")
-    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
-        raise T2SError(f"accelerate config {path} does not parse as an accelerate config: fix it") from None
+    accelerate = accelerate_config.read_accelerate(cfg.train.accelerate_config)
+    if not accelerate.shipped:
+        raise T2SError(f"train.accelerate_config {accelerate.name} is a file on this machine, which the pod does not "
+                       "have: use one shipped in configs/accelerate/ (single, ddp, zero3) or add yours there and "
+                       "rebuild the image")
+    return accelerate
 
 
 def gpu_count_for(settings: InfraSettings, accelerate: Accelerate) -> int:
@@ -265,7 +250,8 @@ def hub_sources(cfg: Config) -> list[Source]:
 
 
 def source_problem(source: Source, answer: str, user: str) -> str | None:
-    """The one line for a source HF_TOKEN cannot read (answer: "ok", "gated" or "missing", from logs.hub_access)."""
+    """The one line for a source HF_TOKEN cannot read (answer: "ok", "gated" or "missing", from
+    hub_checks.hub_access)."""
     kind = source.repo_type
     url = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{source.name}"
     if answer == "gated":

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from jobs.config import Config, dump_config
-from jobs.credentials import find_secret
-from jobs.errors import T2SError
+from jobs.lib.config import Config, dump_config
+from jobs.lib.credentials import find_secret
+from jobs.lib.errors import T2SError
 from infra import preflight, records
 from infra import runpod_api as api
 from infra.launch import launch_pod

@@ -29,7 +29,7 @@ import requests
 from httpx_sse import SSEError, connect_sse
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from jobs.errors import T2SError, first_line
+from jobs.lib.errors import T2SError, first_line
 from infra.timing import current_timing
 
 DEFAULT_BASE_URL = "https://api.runpod.io"

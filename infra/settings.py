@@ -2,7 +2,7 @@
 
 The jobs ignore `infra:`; this module validates it with the same rules as the rest of the config
 (unknown keys are errors, no silent coercion) and turns every problem into a one-line T2SError.
-Secrets come only from the environment or .env (jobs.credentials) and never appear in any output: `redact` is the
+Secrets come only from the environment or .env (jobs.lib.credentials) and never appear in any output: `redact` is the
 last line of defence for anything printed.
 """
 
@@ -14,10 +14,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.config import Config, describe_error, where_given
-from jobs.errors import T2SError
-from jobs.credentials import is_secret_name, redact, redactor, secret  # noqa: F401 (redact, redactor: infra's names)
-from jobs.hub import HUB_ID
+from jobs.lib.config import Config, describe_error, where_given
+from jobs.lib.errors import T2SError
+from jobs.lib.credentials import is_secret_name, redact, redactor, secret  # noqa: F401 (redact, redactor: infra's names)
+from jobs.lib.hub import HUB_ID
 from infra.caps import MAX_COST_USD, MAX_RUNTIME_MIN
 
 # Environment names infra sets on the pod itself; the config's infra.env must not shadow them.
@@ -64,7 +64,7 @@ MAX_RECOVERIES = 20  # each relaunch pays a new start; the caps still count ever
 
 
 class InfraSettings(BaseModel):
-    # allow_inf_nan=False: infinity (.inf, 1e400) and NaN are refused, as in the jobs' sections (jobs.config.Section).
+    # allow_inf_nan=False: infinity (.inf, 1e400) and NaN are refused, as in the jobs' sections (jobs.lib.config.Section).
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     # A public image built from images/Dockerfile (its ENTRYPOINT, entrypoints/run-job, runs $T2S_JOB); every

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from jobs.errors import T2SError
+from jobs.lib.errors import T2SError
 from infra import records
 from infra import runpod_api as api
 from infra.records import Launch

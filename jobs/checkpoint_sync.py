@@ -8,7 +8,7 @@ saved meanwhile waits for the next one; the end of training waits a bounded time
 
 A new pod of the same run (a spot preemption, a lost pod) whose volume has no checkpoint calls `restore` before
 training: the synced checkpoint comes back into checkpoints/ only if it is complete (trainer_state.json with its
-global_step) and was made with the run's settings (train's pinned settings, jobs/rundir.py); else training starts
+global_step) and was made with the run's settings (train's pinned settings, jobs/lib/rundir.py); else training starts
 over, and says why. With a network volume (infra.network_volume_id) the checkpoints outlive the pod already, and
 nothing is synced.
 """
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from jobs.config import Config
-from jobs.credentials import known_secrets, redacted_bytes, redactor
-from jobs.errors import T2SError
-from jobs.rundir import READS, RunDir, describe_differences, settings_differences
+from jobs.lib.config import Config
+from jobs.lib.credentials import known_secrets, redacted_bytes, redactor
+from jobs.lib.errors import T2SError
+from jobs.lib.rundir import READS, RunDir, describe_differences, settings_differences
 
 CHECKPOINT_GLOB = "checkpoint-*"
 SETTINGS_NAME = "settings.yaml"

@@ -6,7 +6,7 @@ Each job module has `check(cfg, run)` (what can be known wrong before the job ch
 `run(cfg, run) -> str` (its summary line). For a job, this shell loads and validates the config, opens the run
 directory, stops a config that differs from the run's settings in what the job reads, skips a finished job unless
 --force, then checks, starts and runs it, with its output teed into runs/<id>/logs/<job>.log. A T2SError is one line on
-stderr and exit code 2 (jobs.errors.one_line_errors): tracebacks are for bugs.
+stderr and exit code 2 (jobs.lib.errors.one_line_errors): tracebacks are for bugs.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Optional
 
 import typer
 
-from jobs.ask import ask_command
-from jobs.config import Config, load_config
-from jobs.errors import T2SError, one_line_errors, run_app, version_option
-from jobs.rundir import JOBS, RunDir, open_run
+from jobs.ask_command import ask_command
+from jobs.lib.config import Config, load_config
+from jobs.lib.errors import T2SError, one_line_errors, run_app, version_option
+from jobs.lib.rundir import JOBS, RunDir, open_run
 from jobs.serve import serve_command
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -208,7 +208,7 @@ app.add_typer(configs_app, name="configs")
 def configs_list():
     """Every shipped run config and accelerate config, with what it is for."""
     with one_line_errors("t2s configs list"):
-        from jobs.shipped import configs_dir, description, shipped_configs
+        from jobs.lib.shipped import configs_dir, description, shipped_configs
 
         found = shipped_configs()
         width = max(map(len, found), default=0)
@@ -225,14 +225,14 @@ def configs_copy(name: str = typer.Argument(..., help="A shipped config, e.g. de
                  force: bool = typer.Option(False, "--force", help="Overwrite DEST if it exists.")):
     """Copy a shipped config to DEST, to edit it and pass it as --config (or as train.accelerate_config)."""
     with one_line_errors("t2s configs copy"):
-        from jobs.shipped import copy_config
+        from jobs.lib.shipped import copy_config
 
         print(f"copied {name} to {copy_config(name, dest, force)}")
 
 
 def main() -> None:
-    from jobs.dotenv_settings import load_dotenv_settings
-    from jobs.quiet import quiet_library_output
+    from jobs.lib.dotenv_settings import load_dotenv_settings
+    from jobs.lib.quiet import quiet_library_output
 
     quiet_library_output(sys.stderr)
     load_dotenv_settings()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from jobs.errors import T2SError, printable
-from jobs.eval import METRICS, plot
-from jobs.rundir import RunDir, read_json, write_atomic
+from jobs.lib.errors import T2SError, printable
+from jobs.lib.report import METRICS, plot
+from jobs.lib.rundir import RunDir, read_json, write_atomic
 
 
 def _rate(value) -> bool:

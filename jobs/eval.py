@@ -2,14 +2,14 @@
 
 For each model (the base, with the seed's prompt variants; base + adapter; the merged model) it generates
 greedy answers for a split in length-sorted batches and scores every answer on
-  sql_only             one SQL query and nothing else (jobs.sqlcheck, a parser)
-  exact_match          after normalisation (jobs.sqlcheck.normalize_sql)
-  execution_accuracy   same rows as the gold query on several generated SQLite databases (jobs.scoring, run in
-                       jobs.sandbox's worker processes); examples whose gold query fails to run (gold_error) or
+  sql_only             one SQL query and nothing else (jobs.lib.sqlcheck, a parser)
+  exact_match          after normalisation (jobs.lib.sqlcheck.normalize_sql)
+  execution_accuracy   same rows as the gold query on several generated SQLite databases (jobs.lib.scoring, run in
+                       jobs.lib.sandbox's worker processes); examples whose gold query fails to run (gold_error) or
                        whose tables SQLite cannot hold (build_error) are counted apart with their reason, not as misses
   fails_to_execute     the share of predictions that do not run at all (not SQL, an SQLite error, refused, timed out)
 plus latency and throughput. With eval.decoding: checked, each fine-tuned model is also scored with checked decoding
-(jobs.checked), as its own row "<model>+checked" beside the greedy one, in every table and bucket; its queries/s
+(jobs.lib.checked), as its own row "<model>+checked" beside the greedy one, in every table and bucket; its queries/s
 count the greedy answers it starts from, the checks and the beam search. Writes eval/report.json, report.md,
 predictions.jsonl and metrics.png. Each model's answers are saved (eval.partial/generations/) as soon as they exist,
 so a rerun after a crash or kill only scores.
@@ -29,19 +29,19 @@ from pathlib import Path
 from sqlglot import exp
 from tqdm.auto import tqdm
 
-from jobs import checked, curves, scoring, sqlcheck, vote
-from jobs.chat import render_prompt
-from jobs.config import Config
-from jobs.errors import T2SError
-from jobs.generate import Generation, decoding_info, generate_batched, requested_decoder
-from jobs.models import default_device, load_run_model
-from jobs.rundir import RunDir, fresh_staging, read_json, write_atomic
-from jobs.sandbox import Sandbox
+from jobs import curves
+from jobs.lib import candidates, checked, scoring, sqlcheck, vote
+from jobs.lib.chat import render_prompt
+from jobs.lib.config import Config
+from jobs.lib.errors import T2SError
+from jobs.lib.generate import Generation, decoding_info, generate_batched
+from jobs.lib.models import default_device, load_run_model
+from jobs.lib.report import CHECKED, METRICS, compile_note, plot, render_markdown, subset
+from jobs.lib.rundir import RunDir, fresh_staging, read_json, write_atomic
+from jobs.lib.sandbox import Sandbox
 
-METRICS = ("sql_only", "exact_match", "execution_accuracy")
 NOT_SCORED = ("gold_error", "build_error")  # left out of execution accuracy: the example's fault, not the model's
 FAILS_TO_EXECUTE = ("not_sql", "pred_error", "pred_timeout", "pred_refused")  # the prediction does not run at all
-CHECKED = "+checked"  # the label suffix of a model's checked-decoding row
 GENERATIONS = "generations"  # the staging's folder of saved answers, kept when an interrupted eval reruns
 
 
@@ -91,149 +91,12 @@ def buckets(rows: list[dict], scored: list[dict]) -> dict[str, dict]:
     return {name: summarize(items) for name, items in sorted(grouped.items())}
 
 
-def render_markdown(report: dict) -> str:
-    labels = list(report["results"])
-    lines = [f"# t2s eval · run {report['run_id']} · "
-             f"{subset(report['n_examples'], {'rows': {report['split']: report.get('split_rows')}}, report['split'])}",
-             "",
-             f"Base model: `{report['models']['base']}` · fine-tuned: `{report['models'].get('finetuned')}` · "
-             f"dataset `{report['dataset']['source']}` (hash {report['dataset']['hash'][:12]})", "",
-             "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | gold fails to run "
-             "| tables cannot be built | queries/s | tokens/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for label in labels:
-        r = report["results"][label]
-        lines.append(f"| {label} | {decoding_mode(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
-                     f"{r['execution_accuracy']:.1%} | {_share(r.get('fails_to_execute'))} | {r['gold_error']} | "
-                     f"{r['build_error']} | {r['queries_per_s']:.1f} | {r['tokens_per_s']:.0f} |")
-    lines += render_decoding(report)
-    if report["build_errors"]:
-        lines += ["", "Examples whose tables SQLite cannot hold (left out of execution accuracy): "
-                  + "; ".join(f"{reason} ({count})" for reason, count in report["build_errors"].items()) + "."]
-    lines += render_greedy_vs_checked(report)
-    lines += ["", "## By bucket (execution accuracy · SQL-only)", "",
-              "| bucket | n | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
-    for name in report["buckets"][labels[0]]:
-        cells = [f"{report['buckets'][label][name]['execution_accuracy']:.0%} · "
-                 f"{report['buckets'][label][name]['sql_only']:.0%}" for label in labels]
-        lines.append(f"| {name} | {report['buckets'][labels[0]][name]['n']} | " + " | ".join(cells) + " |")
-    lines += ["", "Exact match compares sqlglot's re-printing of both queries (whitespace, keyword case, quote style "
-              "and a trailing semicolon do not count). Execution accuracy runs gold and prediction on "
-              f"{report['config']['databases_per_example']} generated SQLite databases per example, read-only, "
-              f"with a {report['config']['query_timeout_s']} s limit per query.", ""]
-    if "training_curves" in report:  # the pictures beside the report (none listed by a report from before them)
-        lines += ["![scores](metrics.png)", ""]
-        if report["training_curves"]:
-            lines += [f"![training: loss and learning rate per step]({report['training_curves']})", ""]
-    return "\n".join(lines + render_endings(report))
-
-
-def decoding_mode(result: dict) -> str:
-    """How a row's answers were decoded, in a few words (a report from before decodings were recorded: greedy)."""
-    if result.get("decoding") == "checked":
-        return f"checked, up to {result.get('candidates', '?')} candidates"
-    if result.get("decoding") == "vote":
-        return f"vote, greedy + {result.get('samples', '?')} samples"
-    return "greedy"
-
-
-def _share(value) -> str:
-    return f"{value:.1%}" if isinstance(value, (int, float)) else "not measured"
-
-
-def render_greedy_vs_checked(report: dict) -> list[str]:
-    """The report's greedy vs checked section: each model's two rows side by side, with what the checks did."""
-    results = report["results"]
-    pairs = [(label[:-len(CHECKED)], label) for label in results if label.endswith(CHECKED)
-             and label[:-len(CHECKED)] in results]
-    if not pairs:
-        return []
-    lines = ["", "## Greedy vs checked decoding", "",
-             "Checked decoding answers with the first candidate that finishes, parses, resolves against the schema and "
-             "runs on databases built from it: the greedy answer, else a beam search's, best-scored first; when none "
-             "passes, the best-scored one (unchecked). Its queries/s include the greedy answers, the checks and the "
-             "search.", "",
-             "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | queries/s "
-             "| passed the checks | needed the search |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for greedy, checked_label in pairs:
-        for label in (greedy, checked_label):
-            r = results[label]
-            checks = (f"{_share(r.get('passed_checks'))} | {_share(r.get('searched'))}" if label == checked_label
-                      else " | ")
-            lines.append(f"| {greedy} | {decoding_mode(r)} | {r['sql_only']:.1%} | {r['exact_match']:.1%} | "
-                         f"{r['execution_accuracy']:.1%} | {_share(r.get('fails_to_execute'))} | "
-                         f"{r['queries_per_s']:.1f} | {checks} |")
-    return lines
-
-
-def compile_note(result: dict) -> str:
-    """", 1.2 s of CUDA graph capture" when there was any; and why a faster decoder was given up, when it was."""
-    note = f", {result['compile_s']:.1f} s of CUDA graph capture" if result.get("compile_s") else ""
-    return note + (f"; fell back: {result['decoder_fallback']}" if result.get("decoder_fallback") else "")
-
-
-def render_decoding(report: dict) -> list[str]:
-    """Which decoder answered for each model, and its one-time compile cost (none for a report from before)."""
-    parts = [f"{label}: {r['decoder']}{compile_note(r)}" for label, r in report["results"].items() if "decoder" in r]
-    if not parts:
-        return []
-    captured = any(r.get("compile_s") for r in report["results"].values())  # none on a CPU: nothing to leave out
-    head = "Decoding (jobs.generate; queries/s leave out the one-time CUDA graph captures): " if captured else \
-        "Decoding (jobs.generate): "
-    return ["", head + "; ".join(parts) + "."]
-
-
 def answer_endings(generations) -> dict:
     """How answers ended: the model's own end-of-turn token, or cut at eval.max_new_tokens (a model that never stops
     repeats itself until then, which SQL-only alone does not explain)."""
     n = len(generations)
     eos = sum(bool(g.ended_at_eos) for g in generations)
     return {"ended_at_eos": eos / n if n else 0.0, "hit_token_limit": (n - eos) / n if n else 0.0}
-
-
-def subset(n: int, manifest: dict, split: str) -> str:
-    """What eval scored, named apart from prep's count of the split: "all 40 test examples", or "the first 12 of the
-    40 test examples (eval.max_examples)"."""
-    total = (manifest.get("rows") or {}).get(split)
-    if isinstance(total, int) and n < total:
-        return f"the first {n} of the {total} {split} examples (eval.max_examples)"
-    return f"all {n} {split} examples" if isinstance(total, int) else f"{split} split, {n} examples"
-
-
-def render_endings(report: dict) -> list[str]:
-    """The report's "How answers end" section; none for a report from before answers' endings were recorded."""
-    rows = [f"| {label} | {r['ended_at_eos']:.1%} | {r['hit_token_limit']:.1%} |"
-            for label, r in report["results"].items() if "ended_at_eos" in r]
-    if not rows:
-        return []
-    limit = report["config"].get("max_new_tokens")
-    return ["## How answers end", "", f"| model | end-of-turn token | cut at the token limit ({limit}) |",
-            "|---|---:|---:|", *rows, ""]
-
-
-def plot(results: dict[str, dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(results)
-    width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for i, label in enumerate(labels):
-        values = [results[label][m] * 100 for m in METRICS]
-        bars = ax.bar([x + i * width for x in range(len(METRICS))], values, width, label=label)
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(METRICS))],
-                  ["SQL-only", "exact match", "execution accuracy"])
-    ax.set_ylabel("% of examples")
-    ax.set_ylim(0, 105)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---------- I/O shell ----------
@@ -280,14 +143,14 @@ def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, varia
     key = {"model": cfg.model.model_dump(mode="json"), "which": which, "variant": variant, "split": cfg.eval.split,
            "questions_sha256": hashlib.sha256(questions.encode()).hexdigest(),
            "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size, "device": device_name(),
-           "decoder": requested_decoder(),  # in bf16 another decoder may flip a near-tie (README: fast decoding)
+           "decoder": cfg.eval.decoder,  # in bf16 another decoder may flip a near-tie (README: fast decoding)
            "finished": {job: read_json(run.marker(job)) for job in jobs}}  # a retrained model is another model
     return json.loads(json.dumps(key))  # as it reads back from the file
 
 
 def saved_generations(path: Path, key: dict) -> tuple[list[Generation], float, dict] | None:
     """The answers saved at `path` under `key`, the seconds they took and how they were decoded
-    (jobs.generate.decoding_info); None when there are none to reuse."""
+    (jobs.lib.generate.decoding_info); None when there are none to reuse."""
     try:
         saved = json.loads(path.read_text())
         if saved["key"] != key:
@@ -300,7 +163,7 @@ def saved_generations(path: Path, key: dict) -> tuple[list[Generation], float, d
 def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
                      variant: str) -> tuple[list[Generation], float, dict]:
     """The model's greedy answers to the split's questions, the seconds generation took (CUDA graph captures
-    included) and how they were decoded (jobs.generate.decoding_info: backend, compile_s, fallback)."""
+    included) and how they were decoded (jobs.lib.generate.decoding_info: backend, compile_s, fallback)."""
     import torch
 
     model, tokenizer = load_run_model(cfg, run, which)
@@ -308,7 +171,7 @@ def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
     prompts = [render_prompt(tokenizer, r["context"], r["question"], variant) for r in rows]
     started = time.perf_counter()
     generations = generate_batched(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                                   progress=True)
+                                   progress=True, decoder=cfg.eval.decoder)
     elapsed = time.perf_counter() - started
     decoding = decoding_info(model)
     del model
@@ -337,7 +200,7 @@ def answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: s
 def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, which: str, variant: str,
                         folder: Path, greedy: list[Generation], greedy_s: float,
                         sandbox: Sandbox) -> tuple[list[Generation], float, list[dict]]:
-    """Checked decoding's answers (jobs.checked), starting from the model's greedy ones: as Generations to score,
+    """Checked decoding's answers (jobs.lib.checked), starting from the model's greedy ones: as Generations to score,
     the seconds they took in all (greedy_s, the checks and the search; loading the model for the search left out, as
     greedy's load is), and what the checks said of each. Saved in `folder` as answers_for saves, reused the same way."""
     path = folder / f"{label.replace(':', '-')}{CHECKED}.json"
@@ -363,8 +226,8 @@ def checked_answers_for(cfg: Config, run: RunDir, rows: list[dict], label: str, 
             load_s = time.perf_counter() - clock
         model, tokenizer = loaded
         prompts = [render_prompt(tokenizer, rows[i]["context"], rows[i]["question"], variant) for i in indices]
-        return checked.search_with_model(model, tokenizer, prompts, [greedy[i] for i in indices],
-                                         cfg.eval.candidates, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        return candidates.search_with_model(model, tokenizer, prompts, [greedy[i] for i in indices],
+                                            cfg.eval.candidates, cfg.eval.batch_size, cfg.eval.max_new_tokens)
 
     started = time.perf_counter()
     choices = checked.choose_answers([row["context"] for row in rows], greedy, search, sandbox,
@@ -397,7 +260,7 @@ def check_summary(checks: list[dict]) -> dict:
 
 
 def score_answers(rows: list[dict], responses: list[str], eval_cfg, sandbox: Sandbox) -> list[dict]:
-    """Every answer's scores (jobs.scoring.score_answer), computed in the sandbox's workers."""
+    """Every answer's scores (jobs.lib.scoring.score_answer), computed in the sandbox's workers."""
     score = functools.partial(scoring.score_answer, databases=eval_cfg.databases_per_example,
                               rows_per_table=eval_cfg.rows_per_table, timeout_s=eval_cfg.query_timeout_s,
                               row_limit=eval_cfg.row_limit)
@@ -451,7 +314,7 @@ def run(cfg: Config, run: RunDir) -> str:
     manifest = json.loads(run.manifest.read_text())
     staging = fresh_staging(run.eval, keep=(GENERATIONS,))
     (staging / GENERATIONS).mkdir(exist_ok=True)
-    results, by_bucket, predictions = {}, {}, defaultdict(dict)
+    results, by_bucket, predictions, build_errors = {}, {}, defaultdict(dict), {}
     with Sandbox(workers=scoring_workers()) as sandbox:
         for label, which, variant in plan:
             print(f"evaluating {label} on {subset(len(rows), manifest, cfg.eval.split)}", flush=True)
@@ -462,7 +325,7 @@ def run(cfg: Config, run: RunDir) -> str:
                     cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox)
                 searched = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then beam search"}
                 decodings.append((label + CHECKED, checked_generations, checked_s, searched, checks))
-            if cfg.eval.decoding == "vote" and which != "base":  # jobs.vote: answers chosen by their results
+            if cfg.eval.decoding == "vote" and which != "base":  # jobs.lib.vote: answers chosen by their results
                 voted, voted_s, votes = vote.eval_vote_answers(
                     cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox,
                     generation_key(cfg, run, rows, which, variant))
@@ -478,6 +341,7 @@ def run(cfg: Config, run: RunDir) -> str:
                     s.update(check)
                 results[name] = {**summarize(scored), **speed, **mode}
                 by_bucket[name] = buckets(rows, scored)
+                build_errors = build_error_reasons(scored)  # the same for every model: they depend on the example only
                 for i, s in enumerate(scored):
                     predictions[i][name] = s
                 r = results[name]
@@ -497,7 +361,7 @@ def run(cfg: Config, run: RunDir) -> str:
         "device": device_name(),  # where every answer was generated and timed (generation_key)
         "results": results,
         "buckets": by_bucket,
-        "build_errors": build_error_reasons(scored),  # the same for every model: they depend on the example only
+        "build_errors": build_errors,
         "config": cfg.eval.model_dump(mode="json"),
         # train and validation loss, learning rate per step (jobs.curves), when train logged them
         "training_curves": curves.FILE_NAME if curves.plot_training_curves(

@@ -11,11 +11,11 @@ import json
 
 import torch
 
-from jobs.chat import render_prompt, stop_token_ids
-from jobs.config import Config
-from jobs.errors import T2SError
-from jobs.models import base_model_path, default_device, load_model, load_tokenizer
-from jobs.rundir import RunDir, fresh_staging
+from jobs.lib.chat import render_prompt, stop_token_ids
+from jobs.lib.config import Config
+from jobs.lib.errors import T2SError
+from jobs.lib.models import base_model_path, default_device, load_model, load_tokenizer
+from jobs.lib.rundir import RunDir, fresh_staging
 
 # ‖actual − reference‖ / ‖reference‖ on the logits, both computed in fp32. MERGE_TOLERANCE: the rounding of one extra
 # add per weight. ROUNDING_TOLERANCE: weights rounded to that dtype (8 bits of mantissa for bf16, 11 for fp16); the

@@ -12,13 +12,13 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from jobs import sqlcheck
-from jobs.chat import check_chat_template, tokenize_examples
-from jobs.config import Config, names_local_path
-from jobs.errors import T2SError, first_line
-from jobs.models import TINY, check_source, load_run_tokenizer, tokenizer_path
-from jobs.rundir import RunDir, fresh_staging, write_atomic
-from jobs.synthetic import synthetic_rows
+from jobs.lib import sqlcheck
+from jobs.lib.chat import check_chat_template, tokenize_examples
+from jobs.lib.config import Config, names_local_path
+from jobs.lib.errors import T2SError, first_line
+from jobs.lib.models import TINY, check_source, load_run_tokenizer, tokenizer_path
+from jobs.lib.rundir import RunDir, fresh_staging, write_atomic
+from jobs.lib.synthetic import synthetic_rows
 
 FIELDS = ("question", "context", "answer")
 SPLITS = ("train", "validation", "test")
@@ -192,56 +192,38 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def run(cfg: Config, run: RunDir) -> str:
-    from datasets import Dataset
+def keep_valid(batch: list[dict], rejects: list[dict], reasons: Counter) -> list[dict]:
+    """The rows of `batch` that pass validate_row, with FIELDS only; each other row goes to `rejects` with its reason."""
     from tqdm.auto import tqdm
 
-    rows, given = load_rows(cfg)
-    total = len(rows) + sum(len(v) for v in (given or {}).values())
-    if total == 0:
-        raise T2SError(f"dataset {cfg.data.source} is empty: it needs rows with question, context and answer")
-    print(f"loaded {total} rows from {cfg.data.source}")
+    kept = []
+    for row in tqdm(batch, desc="validating", leave=False, mininterval=2):
+        reason = validate_row(row)
+        if reason:
+            reasons[reason] += 1
+            rejects.append({"reason": reason, "row": row})
+        else:
+            kept.append({f: row[f] for f in FIELDS})
+    return kept
 
-    rejects: list[dict] = []
-    reasons: Counter = Counter()
 
-    def keep_valid(batch: list[dict]) -> list[dict]:
-        kept = []
-        for row in tqdm(batch, desc="validating", leave=False, mininterval=2):
-            reason = validate_row(row)
-            if reason:
-                reasons[reason] += 1
-                rejects.append({"reason": reason, "row": row})
-            else:
-                kept.append({f: row[f] for f in FIELDS})
-        return kept
+def stage_tiny_base(cfg: Config, run: RunDir, train_rows: list[dict]) -> Path:
+    """The tiny base model (jobs.lib.tiny), built afresh beside the old one and put in place with the data it was
+    built from: a kill while it is written leaves no half a model in base/ for the next prep to trust."""
+    from jobs.lib.tiny import save_tiny_base
 
-    rows = keep_valid(rows)
-    given = {split: keep_valid(batch) for split, batch in given.items()} if given else None
-    staging = fresh_staging(run.data)
-    _write_jsonl(staging / "rejects.jsonl", rejects)
-    if total and len(rejects) / total > cfg.data.max_reject_fraction:
-        worst = ", ".join(f"{r}={n}" for r, n in reasons.most_common(3))
-        raise T2SError(f"{len(rejects)} of {total} rows rejected ({worst}), over data.max_reject_fraction="
-                       f"{cfg.data.max_reject_fraction}: see {staging / 'rejects.jsonl'}")
+    base = fresh_staging(run.base)
+    texts = [r["context"] + "\n" + r["question"] + "\n" + r["answer"] for r in train_rows]
+    save_tiny_base(base, texts, seed=cfg.train.seed)
+    print(f"built the tiny base model (into {run.base})")
+    return base
 
-    splits, dropped = split_rows(rows, given, cfg.data)
 
-    staged = [(staging, run.data)]
-    base = None
-    if cfg.model.name_or_path == TINY:
-        # Built afresh beside the old one, and put in place with the data it was built from: a kill while it is
-        # written leaves no half a model in base/ for the next prep to trust.
-        from jobs.tiny import save_tiny_base
-
-        base = fresh_staging(run.base)
-        texts = [r["context"] + "\n" + r["question"] + "\n" + r["answer"] for r in splits["train"]]
-        save_tiny_base(base, texts, seed=cfg.train.seed)
-        staged.append((base, run.base))
-        print(f"built the tiny base model (into {run.base})")
-    tok_name = tokenizer_path(cfg, run)
-    tokenizer = load_run_tokenizer(cfg, run, folder=str(base) if base else None)
-    check_chat_template(tokenizer, tok_name)
+def write_splits(cfg: Config, tokenizer, splits: dict[str, list[dict]], staging: Path,
+                 dropped: Counter) -> dict[str, list[int]]:
+    """Each split's rows (jsonl) and tokenized examples into `staging`, less the rows the template cuts or that are
+    over data.max_length (counted in `dropped`); `splits` keeps the rows written. Returns the token lengths."""
+    from datasets import Dataset
 
     lengths: dict[str, list[int]] = {}
     for split in SPLITS:
@@ -260,6 +242,37 @@ def run(cfg: Config, run: RunDir) -> str:
         lengths[split] = [len(ids) for ids in columns["input_ids"]]
         _write_jsonl(staging / f"{split}.jsonl", kept_rows)
         Dataset.from_dict(columns).save_to_disk(str(staging / "tokenized" / split))
+    return lengths
+
+
+def run(cfg: Config, run: RunDir) -> str:
+    rows, given = load_rows(cfg)
+    total = len(rows) + sum(len(v) for v in (given or {}).values())
+    if total == 0:
+        raise T2SError(f"dataset {cfg.data.source} is empty: it needs rows with question, context and answer")
+    print(f"loaded {total} rows from {cfg.data.source}")
+
+    rejects: list[dict] = []
+    reasons: Counter = Counter()
+    rows = keep_valid(rows, rejects, reasons)
+    given = {split: keep_valid(batch, rejects, reasons) for split, batch in given.items()} if given else None
+    staging = fresh_staging(run.data)
+    _write_jsonl(staging / "rejects.jsonl", rejects)
+    if total and len(rejects) / total > cfg.data.max_reject_fraction:
+        worst = ", ".join(f"{r}={n}" for r, n in reasons.most_common(3))
+        raise T2SError(f"{len(rejects)} of {total} rows rejected ({worst}), over data.max_reject_fraction="
+                       f"{cfg.data.max_reject_fraction}: see {staging / 'rejects.jsonl'}")
+
+    splits, dropped = split_rows(rows, given, cfg.data)
+
+    staged = [(staging, run.data)]
+    base = stage_tiny_base(cfg, run, splits["train"]) if cfg.model.name_or_path == TINY else None
+    if base is not None:
+        staged.append((base, run.base))
+    tok_name = tokenizer_path(cfg, run)
+    tokenizer = load_run_tokenizer(cfg, run, folder=str(base) if base else None)
+    check_chat_template(tokenizer, tok_name)
+    lengths = write_splits(cfg, tokenizer, splits, staging, dropped)
     if not splits["train"]:
         raise T2SError("no training rows left after validation, dedupe and length limits: check data.source "
                        "and data.max_length")

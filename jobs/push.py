@@ -1,4 +1,4 @@
-"""push: the merged model (or the adapter), a model card (jobs.card), the eval report and the logs, to a
+"""push: the merged model (or the adapter), a model card (jobs.lib.card), the eval report and the logs, to a
 Hugging Face Hub model repo (private unless push.private=false).
 
     repo path                     ← run directory
@@ -22,23 +22,23 @@ Every file goes into one commit; huggingface_hub leaves out the files the repo a
 with the ones the Hub reports) and makes no commit when nothing changed, so a rerun with unchanged content uploads
 nothing. (`t2s push` after a finished push is skipped by the CLI, as every finished job is; `--force` pushes again.)
 Network failures and 408/429/5xx answers are retried push.retries times with exponential backoff (tenacity; base
-T2S_PUSH_BACKOFF_S, default 2 s); T2S_PUSH_TIMEOUT_S (default 300 s) bounds a stalled request.
+push.backoff_s, default 2 s); push.timeout_s (default 300 s) bounds a stalled request. T2S_PUSH_BACKOFF_S and
+T2S_PUSH_TIMEOUT_S still set them, over the config (jobs.lib.config.ENVIRONMENT_KEYS).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from jobs.card import read_chat_template, render_model_card, run_span_s, trained_prompt_suffix
-from jobs.config import Config, PushGates, secret
-from jobs.errors import T2SError
-from jobs.credentials import known_secrets, redact, redacted_bytes, redactor
-from jobs.hub import HUB_ID, causes, http_status, network_error, use_request_timeout
-from jobs.rundir import JOBS, RunDir, read_json, write_atomic
+from jobs.lib.card import read_chat_template, render_model_card, run_span_s, trained_prompt_suffix
+from jobs.lib.config import Config, PushGates, secret
+from jobs.lib.errors import T2SError
+from jobs.lib.credentials import known_secrets, redact, redacted_bytes, redactor
+from jobs.lib.hub import causes, check_repo_id, http_status, network_error, use_request_timeout
+from jobs.lib.rundir import JOBS, RunDir, read_json, write_atomic
 
 TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
 
@@ -272,21 +272,6 @@ def _shown(text: str) -> str:
     return " ".join(redact(text).split())[:200]
 
 
-def seconds_from_env(name: str, default: float) -> float:
-    """A number of seconds from the environment (T2S_PUSH_TIMEOUT_S, T2S_PUSH_BACKOFF_S), or one line."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (0 < value < float("inf")):
-        raise T2SError(f"{name}={raw[:40]!r} is not a number of seconds above 0: set e.g. {name}={default:g}, or "
-                       "unset it")
-    return value
-
-
 # ---------------------------------------------------------------- the job
 
 
@@ -373,18 +358,6 @@ def check_gates(cfg: Config, report: dict | None) -> None:
               flush=True)
 
 
-def check_repo_id(repo_id: str | None, dry_run: bool) -> str | None:
-    if repo_id is None:
-        if dry_run:
-            return None
-        raise T2SError("push.repo_id is not set: add `push: {repo_id: your-name/model-name}` to the config, "
-                       "or --set push.repo_id=your-name/model-name (--set push.dry_run=true shows what would go up)")
-    if not HUB_ID.match(repo_id) or len(repo_id.split("/")[1]) > 96:
-        raise T2SError(f"push.repo_id {repo_id!r} is not 'owner/name' of a model repo (letters, digits, '-', '_', "
-                       "'.'; no URL and no datasets/ or spaces/ prefix): fix push.repo_id")
-    return repo_id
-
-
 def check(cfg: Config, run: RunDir) -> None:
     """Everything a push needs, before anything is written or sent: a repo id, a token, the artifact, train's record
     (the card's training table), and a model that passes push.gates."""
@@ -397,8 +370,6 @@ def check(cfg: Config, run: RunDir) -> None:
                            "(HF_TOKEN=...), or use --set push.dry_run=true")
         if constants.HF_HUB_OFFLINE:
             raise T2SError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset it, or use push.dry_run=true")
-        seconds_from_env("T2S_PUSH_TIMEOUT_S", 300)
-        seconds_from_env("T2S_PUSH_BACKOFF_S", 2.0)
     artifact_folder(cfg, run)
     run.require("train", "push")
     check_gates(cfg, read_eval_report(run))
@@ -452,11 +423,11 @@ def run(cfg: Config, run: RunDir) -> str:
     from huggingface_hub import HfApi
 
     token = secret("HF_TOKEN")
-    use_request_timeout(seconds_from_env("T2S_PUSH_TIMEOUT_S", 300))
+    use_request_timeout(push.timeout_s)
     api = HfApi(token=token)  # endpoint: HF_ENDPOINT, else huggingface.co
     result = push_to_hub(api, repo_id, files, private=push.private,
                          message=f"t2s push: run {cfg.run_id} ({push.artifact})",
-                         attempts=push.retries + 1, backoff_s=seconds_from_env("T2S_PUSH_BACKOFF_S", 2.0))
+                         attempts=push.retries + 1, backoff_s=push.backoff_s)
     url = f"{api.endpoint}/{repo_id}"
     run.finish("push", cfg, repo_id=repo_id, url=url, commit=result.commit, artifact=push.artifact,
                evaluated=report is not None, files=len(files), new_commit=result.new_commit)

@@ -1,8 +1,8 @@
 """The rewards `t2s rl` trains with: small pure functions of what the sandbox found out about one completion.
 
-A completion is judged once (`judge`, in a jobs.sandbox worker: it is parsed and run there, never in the trainer's
+A completion is judged once (`judge`, in a jobs.lib.sandbox worker: it is parsed and run there, never in the trainer's
 process): whether it is SQL only (exactly one statement that parses, nothing else) and how it fared against the gold
-query on eval's generated databases (jobs.scoring.execution_match: same time, row and memory limits). Then
+query on eval's generated databases (jobs.lib.scoring.execution_match: same time, row and memory limits). Then
   execution   1 when it returns the gold query's rows on every database, else 0
   sql_only    1 when it is one SQL query and nothing else, else 0
   ended       1 when the model ended it itself (an end-of-turn token), not cut at the completion length, else 0
@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from jobs import sqlcheck
-from jobs.errors import T2SError
-from jobs.sandbox import QueryError, QueryTimeout, Sandbox, working_on
+from jobs.lib import sqlcheck
+from jobs.lib.errors import T2SError
+from jobs.lib.sandbox import QueryError, QueryTimeout, Sandbox, working_on
 
 REWARDS = ("execution", "sql_only", "ended")
 # outcomes where the sandbox had to stop the completion (pred_killed: its worker died, e.g. out of memory)
@@ -30,7 +30,7 @@ LIMIT_ERRORS = ("too big", "row limit", "exceeds", "out of memory")
 class Judgement:
     """What the sandbox found out about one completion."""
     sql_only: bool
-    execution: str  # one of jobs.scoring.OUTCOMES, or pred_killed
+    execution: str  # one of jobs.lib.scoring.OUTCOMES, or pred_killed
     detail: str = ""
 
     @property
@@ -64,7 +64,7 @@ def ended_itself(completion_ids: Sequence[int], stop_ids: Sequence[int]) -> bool
 def judge(context: str, gold_sql: str, completion: str, seed: int, databases: int, rows_per_table: int,
           timeout_s: float, row_limit: int) -> Judgement:
     """Runs in a Sandbox worker: SQL-only, then (for SQL) execution against the gold query."""
-    from jobs.scoring import execution_match
+    from jobs.lib.scoring import execution_match
 
     working_on("answer")  # parsing it: a completion that hangs the parser is the model's failure
     sql_only = sqlcheck.is_sql_only(completion)

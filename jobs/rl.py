@@ -1,7 +1,7 @@
 """rl: GRPO with execution rewards (trl's GRPOTrainer), from the trained model, between train and merge.
 
 For each prompt of the train split, rl.group_size completions are sampled and rewarded (jobs.rewards: the same rows as
-the gold query on eval's generated databases, SQL only, ended by itself; judged in jobs.sandbox workers so a hostile
+the gold query on eval's generated databases, SQL only, ended by itself; judged in jobs.lib.sandbox workers so a hostile
 completion earns 0 within its time limit); GRPO raises the likelihood of those above their group's mean. It starts
 from what train left in adapter/ (a LoRA / QLoRA adapter goes on training as that adapter; a full fine-tune as the
 whole model) and writes the same kind of folder to rl/, which merge, eval, ask and push then use (RunDir.trained_model).
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from jobs.config import Config
-from jobs.errors import T2SError
-from jobs.resume import own_checkpoint_loads
-from jobs.rundir import PINNED_BY, RunDir, fresh_staging, read_json, select, write_atomic
+from jobs.lib.config import Config
+from jobs.lib.errors import T2SError
+from jobs.lib.resume import own_checkpoint_loads
+from jobs.lib.rundir import PINNED_BY, RunDir, fresh_staging, read_json, select, write_atomic
 
 SETTINGS = "settings.yaml"  # in rl-checkpoints/: what the checkpoints are being made with
 SHOWN = (("reward", "reward"), ("rewards/execution/mean", "execution"), ("rewards/sql_only/mean", "sql_only"),
@@ -139,8 +139,8 @@ def load_policy(cfg: Config, run: RunDir, on_gpu: bool):
     loaded it); with rl.beta > 0 a frozen copy of it, named "ref", is the reference trl's KL is taken against."""
     import torch
 
-    from jobs.models import load_model, pick_attention
-    from jobs.train import load_base_for_training, precision_plan
+    from jobs.lib.models import load_model, pick_attention
+    from jobs.lib.training import load_base_for_training, precision_plan
 
     plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
     if (run.adapter / "adapter_config.json").is_file():
@@ -163,7 +163,7 @@ def prompt_dataset(cfg: Config, run: RunDir, tokenizer):
     need: the schema, the gold query and a seed for the generated databases."""
     from datasets import Dataset
 
-    from jobs.chat import render_prompt
+    from jobs.lib.chat import render_prompt
 
     rows = _read_rows(run, cfg.rl.max_prompts)
     return Dataset.from_list([{"prompt": render_prompt(tokenizer, r["context"], r["question"]),
@@ -173,7 +173,7 @@ def prompt_dataset(cfg: Config, run: RunDir, tokenizer):
 def build_grpo_config(cfg: Config, run: RunDir, on_gpu: bool):
     from trl import GRPOConfig
 
-    from jobs.train import _has, precision_plan
+    from jobs.lib.training import _has, precision_plan
 
     r = cfg.rl
     fields = GRPOConfig.__dataclass_fields__
@@ -269,12 +269,12 @@ def run(cfg: Config, run: RunDir) -> str:
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOTrainer
 
-    from jobs.chat import stop_token_ids
+    from jobs.lib.chat import stop_token_ids
     from jobs.eval import scoring_workers
-    from jobs.models import load_tokenizer
+    from jobs.lib.models import load_tokenizer
     from jobs.rewards import RewardSettings, Rewards
-    from jobs.sandbox import Sandbox
-    from jobs.train import adapter_problems, keep_trainable_in_fp32
+    from jobs.lib.sandbox import Sandbox
+    from jobs.lib.training import adapter_problems, keep_trainable_in_fp32
 
     on_gpu = torch.cuda.is_available()
     resume = prepare_checkpoints(cfg, run)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from jobs.errors import T2SError, printable
-from jobs.rundir import JOBS, RunDir, read_json
+from jobs.lib.errors import T2SError, printable
+from jobs.lib.rundir import JOBS, RunDir, read_json
 
 HEADLINE = ("sql_only", "exact_match", "execution_accuracy")
 

@@ -26,10 +26,10 @@ from typing import Optional
 
 import typer
 
-from jobs import checked
+from jobs.lib import checked
 from jobs.ask import CANDIDATES, checked_schema, resolve_model
-from jobs.credentials import redact, secret
-from jobs.errors import T2SError, one_line_errors, printable
+from jobs.lib.credentials import redact, secret
+from jobs.lib.errors import T2SError, one_line_errors, printable
 from jobs.serve_api import Limits, is_loopback
 
 API_KEY_VARIABLE = "T2S_SERVE_API_KEY"
@@ -72,7 +72,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def database_schema(db: Path) -> str:
-    from jobs.sandbox import schema_from_sqlite
+    from jobs.lib.sandbox import schema_from_sqlite
 
     return checked_schema(schema_from_sqlite(db), f"the tables of {db}")
 
@@ -82,7 +82,7 @@ def serve_command(
                                         "merge, base + adapter), a model folder or a Hub id."),
     db: Optional[Path] = typer.Option(None, "--db", help="A SQLite file, never written: its tables are the default "
                                       "schema, and /v1/sql with run: true runs the answer on it, read-only."),
-    decoding: str = typer.Option("greedy", "--decoding", help="greedy, or checked (jobs.checked: the first of up to "
+    decoding: str = typer.Option("greedy", "--decoding", help="greedy, or checked (jobs.lib.checked: the first of up to "
                                  "--candidates answers that checks out)."),
     candidates: int = typer.Option(CANDIDATES, "--candidates", help="Checked decoding: most candidates a question "
                                    "gets."),

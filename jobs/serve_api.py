@@ -19,9 +19,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from jobs import sqlcheck
+from jobs.lib import sqlcheck
 from jobs.ask import checked_schema, json_line
-from jobs.errors import T2SError
+from jobs.lib.errors import T2SError
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API
 MAX_STOP_CHARS = 64

@@ -2,7 +2,7 @@
 
     Engine     loads the model (jobs.ask.load) in a background thread, warms it up, then answers batches of
                questions in the batcher's thread: one generate_batched call per batch (per max_tokens in it), and
-               with checked decoding jobs.checked's checks; runs answers on the --db file in a pool of sandboxes
+               with checked decoding jobs.lib.checked's checks; runs answers on the --db file in a pool of sandboxes
     create_app the routes: /v1/chat/completions, /v1/models, /v1/sql, /health, /metrics; every error one JSON line
     serve      uvicorn on a socket bound beforehand; SIGTERM drains: in-flight requests finish, new ones get 503,
                then exit 0
@@ -26,10 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jobs import checked, sandbox, sqlcheck
+from jobs.lib import checked, sandbox, sqlcheck
 from jobs.ask import ModelSource, load
-from jobs.credentials import redact
-from jobs.errors import T2SError, first_line, printable
+from jobs.lib.credentials import redact
+from jobs.lib.errors import T2SError, first_line, printable
 from jobs.serve_api import (Answered, ApiError, ChatRequest, Limits, Question, SqlRequest, authorized, chat_chunks,
                             chat_completion, chat_question, dumps, error_body, parse_body, sql_question, sql_response,
                             sse)
@@ -105,7 +105,7 @@ class Engine:
         self.batcher = Batcher(self.answer_batch, max_batch=self.max_batch, wait_s=self.wait_s,
                                max_queue=self.max_queue, on_batch=self.metrics.batch_size.observe)
         self.ready = True
-        from jobs.generate import decoding_info
+        from jobs.lib.generate import decoding_info
 
         info = decoding_info(self.generator.model)
         log(f"ready: {self.model_name} on {self.generator.model.device} ({self.decoding} decoding, "
@@ -124,7 +124,7 @@ class Engine:
     def answer_batch(self, batch: list[Pending]) -> list[Answered | ApiError]:
         """An answer (or a 400 for a prompt too long) for each pending question: one generation call per max_tokens
         among them. Runs in the batcher's thread only: nothing else touches the model or its tokenizer."""
-        from jobs.chat import render_prompt
+        from jobs.lib.chat import render_prompt
 
         tokenizer = self.generator.tokenizer
         results: list[Any] = [None] * len(batch)

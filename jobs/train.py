@@ -12,7 +12,6 @@ the steps.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -21,54 +20,20 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import NamedTuple
 
-from jobs.config import Config, TrainConfig, load_config, read_yaml_mapping
-from jobs.errors import T2SError, one_line_errors
-from jobs.resume import own_checkpoint_loads
-from jobs.rundir import RunDir, fresh_staging, read_json, run_settings
-from jobs.quiet import one_line_per_log, quiet_library_output
-from jobs.shipped import accelerate_configs_dir
+from jobs.lib.accelerate_config import read_accelerate_config
+from jobs.lib.config import Config, TrainConfig, load_config
+from jobs.lib.errors import T2SError, one_line_errors
+from jobs.lib.resume import own_checkpoint_loads
+from jobs.lib.rundir import RunDir, fresh_staging, read_json, run_settings, staging_path
+from jobs.lib.training import (_has, adapter_problems, check_precision, check_stack, installed_stack, kahan_adamw,
+                               keep_trainable_in_fp32, load_base_for_training, precision_plan, trainable_dtypes)
+from jobs.lib.quiet import one_line_per_log, quiet_library_output
 
-ACCELERATE_CONFIGS = accelerate_configs_dir()  # configs/accelerate/, in a checkout or the installed package
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: checkpointed and stopped, rerun to resume
 
 
 # ---------- pure core ----------
-
-def accelerate_config_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in {".yaml", ".yml"} and path.is_file():
-        return path
-    shipped = ACCELERATE_CONFIGS / f"{name}.yaml"
-    if shipped.is_file():
-        return shipped
-    known = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
-    raise T2SError(f"train.accelerate_config '{name}' is neither a YAML file nor a shipped config ({known})")
-
-
-def check_accelerate_config(accelerate: dict, where: Path) -> None:
-    """The keys t2s reads from an accelerate config hold what accelerate expects (accelerate itself would fail only
-    after the launch, in every process)."""
-    for key in ("num_processes", "num_machines"):
-        value = accelerate.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise T2SError(f"accelerate config {where}: {key} must be a whole number >= 1 (got {value!r})")
-    deepspeed = accelerate.get("deepspeed_config", {})
-    if not isinstance(deepspeed, dict):
-        raise T2SError(f"accelerate config {where}: deepspeed_config must be a mapping (got {deepspeed!r})")
-    stage = deepspeed.get("zero_stage", 0)
-    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
-        raise T2SError(f"accelerate config {where}: deepspeed_config.zero_stage must be 0, 1, 2 or 3 (got {stage!r})")
-
-
-def read_accelerate_config(name: str) -> tuple[Path, dict]:
-    """(path, settings) of train.accelerate_config, checked; one line for a file that is not one."""
-    path = accelerate_config_path(name)
-    accelerate = read_yaml_mapping(path, "accelerate config", "e.g. train.accelerate_config: single")
-    check_accelerate_config(accelerate, path)
-    return path, accelerate
-
 
 def check_setup(train: TrainConfig, accelerate: dict, gpus_present: int, have_bitsandbytes: bool) -> None:
     """Everything that can be known wrong before a model is loaded, as one line each."""
@@ -99,131 +64,13 @@ def check_setup(train: TrainConfig, accelerate: dict, gpus_present: int, have_bi
         raise T2SError("QLoRA under ZeRO-3 needs zero3_init_flag: true in the accelerate config")
 
 
-class PrecisionPlan(NamedTuple):
-    """How a run keeps and computes its weights (train.precision resolved for this method and machine)."""
-    precision: str
-    weights: str  # dtype of the trainable weights (and of the optimizer states): what keeps the updates
-    base: str  # dtype the model is loaded in (the frozen base of LoRA / QLoRA; the weights themselves for full)
-    autocast_bf16: bool  # matmuls in bf16 autocast (the Trainer's bf16=True)
-    kahan: bool  # AdamW with Kahan summation (torch-optimi) instead of torch's AdamW
-
-    @property
-    def compute(self) -> str:
-        return "bfloat16 autocast" if self.autocast_bf16 else self.weights
-
-    @property
-    def optimizer(self) -> str:
-        return "AdamW with Kahan summation (torch-optimi)" if self.kahan else "AdamW (torch)"
-
-    def describe(self) -> str:
-        base = f" · frozen base {self.base}" if self.base != self.weights else ""
-        return (f"precision {self.precision}: trainable weights {self.weights}{base} · compute {self.compute} · "
-                f"{self.optimizer}")
-
-
-def precision_plan(train: TrainConfig, model_dtype: str, on_gpu: bool) -> PrecisionPlan:
-    """train.precision for this method and machine. LoRA / QLoRA adapters train in fp32 whatever the base's dtype.
-    On CPU nothing is autocast: bf16 means bf16 weights (as on a GPU, so what they keep is the same), and the frozen
-    base of LoRA / QLoRA is fp32 there (bf16 buys no speed on a CPU, and torch 2.1 cannot mix the two in attention)."""
-    p = train.precision
-    autocast = on_gpu and p != "fp32"
-    if train.method == "full":
-        weights = "float32" if p in ("fp32_master", "fp32") else "bfloat16"
-        return PrecisionPlan(p, weights, weights, autocast, kahan=p == "bf16_kahan")
-    base = "bfloat16" if autocast else "float32"  # QLoRA: the 4-bit compute and storage dtype
-    if train.method == "lora" and on_gpu and model_dtype != "auto":
-        base = model_dtype
-    return PrecisionPlan(p, "float32", base, autocast, kahan=False)
-
-
-def check_precision(train: TrainConfig, model_dtype: str, accelerate: dict, on_gpu: bool, gpu_bf16: bool,
-                    have_optimi: bool) -> None:
-    """What the machine or the installed packages cannot do for train.precision, as one line, before loading."""
-    p = train.precision
-    if p in ("bf16", "bf16_kahan") and train.method != "full":
-        raise T2SError(f"train.precision {p} keeps trainable weights in bf16, but LoRA / QLoRA adapters always train "
-                       "in fp32: use train.precision: fp32_master (or fp32)")
-    if on_gpu and not gpu_bf16 and (p != "fp32" or model_dtype == "bfloat16"):
-        what = f"train.precision {p}" if p != "fp32" else "model.dtype bfloat16"
-        raise T2SError(f"{what} computes in bf16, which this GPU lacks (bf16 needs compute capability >= 8.0): "
-                       "set train.precision: fp32 and model.dtype: auto")
-    deepspeed = accelerate.get("distributed_type") == "DEEPSPEED"
-    if deepspeed and p in ("bf16", "bf16_kahan"):
-        raise T2SError(f"train.precision {p} under DeepSpeed: DeepSpeed keeps fp32 master weights of its own and wraps "
-                       "the optimizer, so use train.precision: fp32_master")
-    if deepspeed and on_gpu and p == "fp32" and accelerate.get("mixed_precision") == "bf16":
-        raise T2SError("train.precision fp32, but the accelerate config says mixed_precision: bf16: set it to 'no' "
-                       "there, or use train.precision: fp32_master")
-    if p == "bf16_kahan" and not have_optimi:
-        raise T2SError("train.precision bf16_kahan needs torch-optimi (its AdamW with Kahan summation): "
-                       "pip install torch-optimi, or use train.precision: fp32_master")
-
-
-class Stack(NamedTuple):
-    """What the installed packages can do that the cu118 set's (torch 2.1, bitsandbytes 0.45) cannot."""
-    masks_packed_examples: bool  # keeps padding-free examples apart without flash-attn (torch >= 2.6)
-    trains_on_cpu_processes: bool  # accelerate's torch.cpu.set_device; gloo all-gathers for ZeRO-3 (torch >= 2.2)
-    quantizes_on_cpu: bool  # bitsandbytes' CPU backend for QLoRA without a GPU (bitsandbytes >= 0.46)
-
-
-def installed_stack() -> Stack:
-    # transformers masks packed examples by position_ids only on torch >= 2.6; trl 0.22 (the cu118 set's) also hands
-    # position_ids to flash-attn alone. (Checkpoints resume on every stack: jobs/resume.py.)
-    from transformers.utils import is_torch_greater_or_equal
-
-    bitsandbytes = importlib.util.find_spec("bitsandbytes")  # found, not imported: that takes seconds
-    return Stack(masks_packed_examples=is_torch_greater_or_equal("2.6"),
-                 trains_on_cpu_processes=is_torch_greater_or_equal("2.2"),
-                 quantizes_on_cpu=bitsandbytes is not None and any(
-                     (Path(folder) / "backends" / "cpu").is_dir() for folder in bitsandbytes.submodule_search_locations))
-
-
-def check_stack(train: TrainConfig, accelerate: dict, attention: str, gpus_present: int, stack: Stack) -> None:
-    """What the installed stack cannot do for this run, as one line each."""
-    if train.packing == "padding_free" and attention != "flash_attention_2" and not stack.masks_packed_examples:
-        raise T2SError(f"train.packing padding_free would let packed examples attend to each other with {attention} "
-                       "on torch < 2.6: set train.packing: none, or use flash-attn on a GPU")
-    processes = int(accelerate.get("num_processes", 1)) * int(accelerate.get("num_machines", 1))
-    if accelerate.get("use_cpu") and processes > 1 and not stack.trains_on_cpu_processes:
-        raise T2SError(f"the accelerate config trains on {processes} CPU processes, which needs torch >= 2.2: "
-                       "use train.accelerate_config: single, or run the processes on GPUs")
-    if train.method == "qlora" and gpus_present == 0 and not stack.quantizes_on_cpu:
-        raise T2SError("train.method qlora without a GPU needs bitsandbytes >= 0.46 (its CPU backend): "
-                       "use train.method: lora, or run on a GPU")
-
-
-def adapter_problems(folder: Path) -> list[str]:
-    """Why a saved LoRA adapter is unusable: missing, empty, partial (a layer without its A or B), or untrained."""
-    from safetensors import safe_open
-
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file() or not (folder / "adapter_config.json").is_file():
-        return [f"{folder} lacks adapter_model.safetensors or adapter_config.json"]
-    with safe_open(str(weights), "pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    problems = [f"{k} is empty" for k, t in tensors.items() if t.numel() == 0]
-    a_layers = {k.replace("lora_A", "") for k in tensors if "lora_A" in k}
-    b_layers = {k.replace("lora_B", "") for k in tensors if "lora_B" in k}
-    if not a_layers:
-        problems.append("no LoRA weights in the adapter")
-    if a_layers != b_layers:
-        problems.append(f"{len(a_layers ^ b_layers)} LoRA layers lack their A or B half")
-    if b_layers and all(float(t.abs().sum()) == 0 for k, t in tensors.items() if "lora_B" in k):
-        problems.append("every lora_B is zero: the adapter does not change the model")
-    return problems
-
-
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 # ---------- launcher (the `t2s train` process) ----------
 
 def check(cfg: Config, run: RunDir) -> None:
     """Everything that can be known wrong before training starts (and before any model loads), as one line each."""
     import torch
 
-    from jobs.models import base_model_path, check_source, gpu_has_bf16, pick_attention
+    from jobs.lib.models import base_model_path, check_source, gpu_has_bf16, pick_attention
 
     run.require("prep", "train")
     _, accelerate = read_accelerate_config(cfg.train.accelerate_config)
@@ -249,7 +96,7 @@ def restore_synced_checkpoint(cfg: Config, run: RunDir) -> None:
 def run(cfg: Config, run: RunDir) -> str:
     import torch
 
-    from jobs.models import pick_attention
+    from jobs.lib.models import pick_attention
 
     accel_path, accelerate = read_accelerate_config(cfg.train.accelerate_config)
     for folder, moved in run.set_aside_incomplete_checkpoints():
@@ -375,72 +222,6 @@ def build_sft_config(cfg: Config, run: RunDir, has_eval: bool, on_gpu: bool):
     )
 
 
-def keep_4bit_weights_unpacked(model) -> None:
-    """Stops bitsandbytes (0.50 here) repacking 4-bit weights for its CPU kernel on CPUs with AVX512-BF16: it does
-    so at the first no-grad forward (an eval step) and then cannot save a checkpoint when quant_storage is not
-    uint8, as ours is (an AssertionError in _convert_weight_packed_for_cpu_inverse). Training never uses it."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def load_base_for_training(cfg: Config, run: RunDir, on_gpu: bool):
-    import torch
-    from peft import LoraConfig
-
-    from jobs.models import base_model_path, load_model, pick_attention
-
-    t = cfg.train
-    plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
-    dtype = getattr(torch, plan.base)
-    attention = pick_attention(cfg.model.attn_implementation)
-    extra = {}
-    if t.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        # quant_storage = compute dtype, so ZeRO-3 can shard the 4-bit weights like any other bf16 tensor.
-        extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
-        )
-    print(f"attention: {attention} · method: {t.method} · {plan.describe()}", flush=True)
-    model = load_model(base_model_path(cfg, run), gguf_file=cfg.model.gguf_file, dtype=dtype,
-                       attn_implementation=attention, **extra)
-    model.config.use_cache = False
-    if t.method == "qlora" and not on_gpu:
-        keep_4bit_weights_unpacked(model)
-    peft_config = None
-    if t.method in ("lora", "qlora"):
-        peft_config = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                                 target_modules=t.lora.target_modules,
-                                 modules_to_save=t.lora.modules_to_save, task_type="CAUSAL_LM")
-    return model, peft_config
-
-
-def kahan_adamw(args):
-    """(optimizer class, kwargs) for the Trainer: torch-optimi's AdamW with Kahan summation, with the training
-    arguments' learning rate, betas and epsilon (optimi's defaults differ), so that it differs from the default AdamW
-    in that alone. (The Trainer gives each parameter group its own weight decay.)"""
-    from optimi import AdamW
-
-    return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
-                   "kahan_sum": True}
-
-
-def keep_trainable_in_fp32(model) -> None:
-    """Adapters train in fp32 whatever the base's dtype: peft upcasts LoRA A/B but not modules_to_save copies, and
-    trl casts QLoRA adapters to bf16. (Not under DeepSpeed: it keeps fp32 master weights itself and needs one dtype.)"""
-    import torch
-
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-
-
-def trainable_dtypes(model) -> set[str]:
-    return {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
-
-
 def make_callbacks(cfg: Config, run: RunDir):
     import torch
     from transformers import TrainerCallback
@@ -525,39 +306,24 @@ def load_tokenized(run: RunDir, split: str):
     return load_from_disk(str(run.tokenized / split))
 
 
-def worker(config_path: str) -> int:
-    import torch
-    from transformers import EarlyStoppingCallback
-    from trl import SFTTrainer
-
-    from jobs.models import load_run_tokenizer
-
-    cfg = load_config(config_path)
-    run = RunDir(Path(cfg.run_dir))
-    on_gpu = torch.cuda.is_available()
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs / "tensorboard"))
+def load_datasets(cfg: Config, run: RunDir):
+    """(train, validation or None) as prep tokenized them; with completion_only_loss off, the loss is on the prompt
+    too (the seed's way)."""
     train_data = load_tokenized(run, "train")
     eval_data = load_tokenized(run, "validation")
     if not cfg.train.completion_only_loss:  # the seed's way: loss on the prompt too
         train_data = train_data.map(lambda row: {"labels": row["input_ids"]})
         eval_data = eval_data.map(lambda row: {"labels": row["input_ids"]}) if eval_data is not None else None
-    has_eval = eval_data is not None and len(eval_data) > 0
-    if not has_eval:
+    if eval_data is None or len(eval_data) == 0:
         print("no validation rows (data.validation_fraction 0, or none left): training without evaluation", flush=True)
-    args = build_sft_config(cfg, run, has_eval, on_gpu)  # before the model: ZeRO-3 init hooks into loading
-    model, peft_config = load_base_for_training(cfg, run, on_gpu)
-    tokenizer = load_run_tokenizer(cfg, run)
-    callbacks = make_callbacks(cfg, run)
-    if has_eval and cfg.train.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
-    optimizer = kahan_adamw(args) if plan.kahan else None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-                         optimizer_cls_and_kwargs=optimizer)
-    one_line_per_log(trainer)
+        return train_data, None
+    return train_data, eval_data
+
+
+def check_trainable(trainer, plan, adapter: bool) -> bool:
+    """Trainable weights kept as the precision plan says (LoRA's in fp32); whether DeepSpeed holds them instead."""
     deepspeed = trainer.is_deepspeed_enabled
-    if peft_config is not None and not deepspeed:
+    if adapter and not deepspeed:
         keep_trainable_in_fp32(trainer.model)
     kept = trainable_dtypes(trainer.model)
     if not deepspeed and kept != {plan.weights}:  # a library changed what the plan promised: say so, do not train
@@ -565,13 +331,17 @@ def worker(config_path: str) -> int:
                        f"{plan.precision} requires: this is a bug in t2s's handling of this package set")
     if deepspeed:
         print("DeepSpeed keeps fp32 master weights of the trainable parameters", flush=True)
+    return deepspeed
+
+
+def train_from_last_checkpoint(trainer, run: RunDir, max_steps: int, deepspeed: bool):
+    """trainer.train(), resumed from the run's last checkpoint when there is one; the train result."""
     resume = run.last_checkpoint()
     if resume:
         print(f"resuming from {resume}", flush=True)
     elif trainer.is_world_process_zero():
         run.metrics.unlink(missing_ok=True)  # a fresh start: no lines from an earlier attempt
-    started = time.monotonic()
-    if resume and checkpoint_is_final(resume, args.max_steps) and not deepspeed:
+    if resume and checkpoint_is_final(resume, max_steps) and not deepspeed:
         # A checkpoint of the last step (a pod lost after it, e.g. during eval): resuming would train one step more
         # (transformers skips the step's batches, then steps once before it checks max_steps); its weights are the
         # trained model.
@@ -580,39 +350,37 @@ def worker(config_path: str) -> int:
         print(f"{resume.name} is the last step (train.max_steps): its weights are the trained model", flush=True)
         trainer._load_from_checkpoint(str(resume))
         trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
-        result = SimpleNamespace(metrics={})
-    else:
-        with own_checkpoint_loads(resume, run.checkpoints):  # torch < 2.6: transformers' load gate (jobs/resume.py)
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if callbacks[0].preempted:
-        print("SIGTERM: checkpoint saved, stopping; rerun to resume", flush=True)
-        return PREEMPTED_EXIT
+        return SimpleNamespace(metrics={})
+    with own_checkpoint_loads(resume, run.checkpoints):  # torch < 2.6: transformers' load gate (jobs/lib/resume.py)
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    staging = fresh_staging(run.adapter) if trainer.is_world_process_zero() else run.adapter.with_name("adapter.partial")
+
+def save_trained(cfg: Config, run: RunDir, trainer, tokenizer, plan, record: dict) -> int:
+    """The adapter (or full model) into run.adapter, with train.done: what it was trained with (`record`: the
+    counts of this training), written by rank 0 once every rank has handed over its shards. The exit code."""
+    import torch
+
+    zero = trainer.is_world_process_zero()
+    staging = fresh_staging(run.adapter) if zero else staging_path(run.adapter)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))  # gathers ZeRO-3 shards on every rank, writes on rank 0
-    if trainer.is_world_process_zero():
+    if zero:
         tokenizer.save_pretrained(str(staging))
-        if peft_config is not None:
+        if cfg.train.method in ("lora", "qlora"):  # trained through a peft config: an adapter
             problems = adapter_problems(staging)
             if problems:
                 print(f"error: the saved adapter is unusable: {'; '.join(problems)}", file=sys.stderr)
                 return 1
-        state = trainer.state
+        on_gpu = torch.cuda.is_available()
         run.finish(
             "train", cfg, [(staging, run.adapter)],
             settings=run_settings(cfg),  # what the card and the uploads say the model was trained with
             method=cfg.train.method,
             precision=plan.precision,
-            weights_dtype="float32 (DeepSpeed master weights)" if deepspeed else plan.weights,
+            weights_dtype="float32 (DeepSpeed master weights)" if trainer.is_deepspeed_enabled else plan.weights,
             compute_dtype=plan.compute,
             optimizer=plan.optimizer,
-            global_step=state.global_step,
-            examples_seen=int(len(train_data) * min(state.epoch or 0, cfg.train.epochs)),
-            tokens_seen=int(state.num_input_tokens_seen or 0),
-            train_runtime_s=result.metrics.get("train_runtime", time.monotonic() - started),
-            train_loss=result.metrics.get("train_loss"),
-            best_eval_loss=state.best_metric,
+            **record,
             num_gpus=torch.cuda.device_count() if on_gpu else 0,
             num_processes=trainer.accelerator.num_processes,
             gpu_name=torch.cuda.get_device_name(0) if on_gpu else None,
@@ -620,6 +388,46 @@ def worker(config_path: str) -> int:
         )
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def worker(config_path: str) -> int:
+    import torch
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    from jobs.lib.models import load_run_tokenizer
+
+    cfg = load_config(config_path)
+    run = RunDir(Path(cfg.run_dir))
+    on_gpu = torch.cuda.is_available()
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs / "tensorboard"))
+    train_data, eval_data = load_datasets(cfg, run)
+    args = build_sft_config(cfg, run, eval_data is not None, on_gpu)  # before the model: ZeRO-3 init hooks in
+    model, peft_config = load_base_for_training(cfg, run, on_gpu)
+    tokenizer = load_run_tokenizer(cfg, run)
+    callbacks = make_callbacks(cfg, run)
+    if eval_data is not None and cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
+    optimizer = kahan_adamw(args) if plan.kahan else None
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                         optimizer_cls_and_kwargs=optimizer)
+    one_line_per_log(trainer)
+    deepspeed = check_trainable(trainer, plan, adapter=peft_config is not None)
+    started = time.monotonic()
+    result = train_from_last_checkpoint(trainer, run, args.max_steps, deepspeed)
+    if callbacks[0].preempted:
+        print("SIGTERM: checkpoint saved, stopping; rerun to resume", flush=True)
+        return PREEMPTED_EXIT
+    state = trainer.state
+    record = {"global_step": state.global_step,
+              "examples_seen": int(len(train_data) * min(state.epoch or 0, cfg.train.epochs)),
+              "tokens_seen": int(state.num_input_tokens_seen or 0),
+              "train_runtime_s": result.metrics.get("train_runtime", time.monotonic() - started),
+              "train_loss": result.metrics.get("train_loss"),
+              "best_eval_loss": state.best_metric}
+    return save_trained(cfg, run, trainer, tokenizer, plan, record)
 
 
 if __name__ == "__main__":  # the worker, one per process, as `t2s train` launches it through accelerate

@@ -17,6 +17,9 @@ Tokens map to the namespaces they may write to (`roles` may make a token read-on
 token gets 401, writing elsewhere 403,
 a private repo of another namespace reads as 404 (as on the Hub). `fail(...)` makes chosen requests answer an
 error status, drop the connection (before or after doing the work), or stall. Started on 127.0.0.1 with an ephemeral port, one thread a request.
+
+LocalHub (at the end) is the same Hub one level up, for tests of infra.logs that monkeypatch huggingface_hub's
+HfApi and snapshot_download instead of pointing HF_ENDPOINT at FakeHub: a folder per dataset repo.
 """
 
 from __future__ import annotations
@@ -25,15 +28,19 @@ import base64
 import hashlib
 import json
 import re
+import shutil
 import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.utils import filter_repo_objects
 
 TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -455,3 +462,113 @@ def _handler_for(hub: FakeHub):
             self._serve("HEAD")
 
     return Handler
+
+
+# --- the Hub at the level of huggingface_hub's calls (monkeypatched in): infra.logs's uploads and reads ----------
+
+
+class LocalHub:
+    """A folder standing in for Hub datasets: the huggingface_hub calls infra makes (infra.logs, infra.hub_checks),
+    nothing more.
+
+        hub = LocalHub(tmp_path / "hub").install(monkeypatch)
+    """
+
+    def __init__(self, root: Path, user: str = "someone", role: str = "write"):
+        self.root = root
+        self.user, self.role = user, role  # whoami's answer for any token (role: write, read, fineGrained)
+        self.private: dict[str, bool] = {}  # repo id -> created private
+        self.tokens: list[str | None] = []  # every token a call was made with
+        self.offline = False  # every call fails as without network
+        self.rejects_token = False  # whoami answers 401
+        self.unreadable: dict[str, str] = {}  # model/dataset id -> "missing" or "gated" (auth_check); others readable
+
+    def install(self, monkeypatch) -> "LocalHub":
+        """Every huggingface_hub call of infra's answered by this hub, for the test's duration."""
+        from infra import hub_checks, logs
+
+        monkeypatch.setattr(logs, "HfApi", self.client)
+        monkeypatch.setattr(logs, "snapshot_download", self.snapshot_download)
+        monkeypatch.setattr(hub_checks, "HfApi", self.client)
+        return self
+
+    def client(self, token: str | None = None) -> "LocalHub._Client":
+        return LocalHub._Client(self, token)
+
+    def _enter(self, token: str | None) -> None:
+        if self.offline:
+            raise ConnectionError("the Hub cannot be reached")
+        self.tokens.append(token)
+
+    def _missing(self, repo_id: str) -> RepositoryNotFoundError:
+        return RepositoryNotFoundError(f"404: {repo_id}", response=_response(404, f"api/datasets/{repo_id}"))
+
+    def snapshot_download(self, repo_id, *, repo_type=None, allow_patterns=None, local_dir=None, token=None, **_):
+        self._enter(token)
+        assert repo_type == "dataset"
+        repo = self.root / repo_id
+        if repo_id not in self.private:
+            raise self._missing(repo_id)
+        names = [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(names, allow_patterns=allow_patterns):
+            target = Path(local_dir) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(repo / name, target)
+        return str(local_dir)
+
+    class _Client:
+        def __init__(self, hub: "LocalHub", token: str | None):
+            self.hub, self.token = hub, token
+
+        def create_repo(self, repo_id, *, repo_type=None, private=None, exist_ok=False, **_):
+            self.hub._enter(self.token)
+            assert repo_type == "dataset"
+            self.hub.private.setdefault(repo_id, bool(private))
+
+        def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, repo_type=None, allow_patterns=None,
+                          **_):
+            self.hub._enter(self.token)
+            assert repo_type == "dataset" and repo_id in self.hub.private
+            folder = Path(folder_path)
+            names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+            for name in filter_repo_objects(names, allow_patterns=allow_patterns):
+                target = self.hub.root / repo_id / (path_in_repo or "") / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / name, target)
+
+        def whoami(self):
+            self.hub._enter(self.token)
+            if self.hub.rejects_token:
+                raise HfHubHTTPError("401 Unauthorized", response=_response(401, "api/whoami-v2"))
+            return {"type": "user", "name": self.hub.user, "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "t", "role": self.hub.role}}}
+
+        def auth_check(self, repo_id, *, repo_type=None, **_):
+            self.hub._enter(self.token)
+            kind = self.hub.unreadable.get(repo_id)
+            if kind == "gated":
+                raise GatedRepoError(f"403: {repo_id} is gated", response=_response(403, f"api/models/{repo_id}"))
+            if kind == "missing":
+                raise self.hub._missing(repo_id)
+
+        def list_repo_files(self, repo_id, *, repo_type=None, **_):
+            self.hub._enter(self.token)
+            if repo_id not in self.hub.private:
+                raise self.hub._missing(repo_id)
+            repo = self.hub.root / repo_id
+            return sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+
+
+def _response(status: int, path: str):
+    try:
+        import httpx2 as http  # huggingface_hub 2.x's HTTP client
+    except ImportError:
+        try:
+            import httpx as http
+        except ImportError:  # huggingface_hub 0.x: requests
+            import requests
+
+            response = requests.Response()
+            response.status_code, response.url = status, f"https://huggingface.co/{path}"
+            return response
+    return http.Response(status, request=http.Request("GET", f"https://huggingface.co/{path}"))

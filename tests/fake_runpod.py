@@ -34,7 +34,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import threading
@@ -45,8 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-from huggingface_hub.utils import filter_repo_objects
+import graphql
 
 from infra.timing import Timing
 
@@ -629,200 +627,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-# --- the part of GraphQL the SDK sends: operations whose root fields take literal arguments -------------
-
-_TOKEN = re.compile(r'\s+|,|#[^\n]*|(?P<string>"(?:[^"\\\n]|\\.)*")|(?P<punct>[{}()\[\]:!$=])|'
-                    r"(?P<number>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|(?P<name>[_A-Za-z][_0-9A-Za-z]*)")
-
-
-def _tokens(text: str) -> list[tuple[str, object]]:
-    out, pos = [], 0
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if not match or match.end() == pos:
-            raise GraphQLSyntaxError(f"unexpected character {text[pos]!r} at {pos}")
-        pos = match.end()
-        if match.group("string") is not None:
-            out.append(("value", json.loads(match.group("string"))))  # GraphQL escapes are JSON's
-        elif match.group("punct") is not None:
-            out.append(("punct", match.group("punct")))
-        elif match.group("number") is not None:
-            out.append(("value", json.loads(match.group("number"))))
-        elif match.group("name") is not None:
-            out.append(("name", match.group("name")))
-    return out
+# --- the GraphQL the SDK sends, parsed by graphql-core: operations whose root fields take literal arguments ----
 
 
 def parse_root_fields(query: str) -> list[tuple[str, dict]]:
-    """[(root field name, its arguments)] of a `query`/`mutation` with literal arguments."""
-    tokens = _tokens(query)
-    pos = 0
-
-    def peek():
-        return tokens[pos] if pos < len(tokens) else ("eof", None)
-
-    def take(kind, value=None):
-        nonlocal pos
-        token = peek()
-        if token[0] != kind or (value is not None and token[1] != value):
-            raise GraphQLSyntaxError(f"expected {value or kind}, got {token[1]!r}")
-        pos += 1
-        return token[1]
-
-    def value():
-        kind, text = peek()
-        if kind == "value":
-            return take("value")
-        if kind == "name":
-            take("name")
-            return {"true": True, "false": False, "null": None}.get(text, text)  # else an enum value
-        if text == "[":
-            take("punct", "[")
-            items = []
-            while peek() != ("punct", "]"):
-                items.append(value())
-            take("punct", "]")
-            return items
-        take("punct", "{")
-        obj = {}
-        while peek() != ("punct", "}"):
-            key = take("name")
-            take("punct", ":")
-            obj[key] = value()
-        take("punct", "}")
-        return obj
-
-    def skip_selection():
-        take("punct", "{")
-        depth = 1
-        nonlocal pos
-        while depth:
-            kind, text = peek()
-            if kind == "eof":
-                raise GraphQLSyntaxError("unbalanced braces")
-            depth += {"{": 1, "}": -1}.get(text, 0) if kind == "punct" else 0
-            pos += 1
-
-    if peek()[0] == "name" and peek()[1] in ("query", "mutation"):
-        take("name")
-        if peek()[0] == "name":
-            take("name")
-    take("punct", "{")
-    fields = []
-    while peek() != ("punct", "}"):
-        name = take("name")
-        args = {}
-        if peek() == ("punct", "("):
-            take("punct", "(")
-            while peek() != ("punct", ")"):
-                key = take("name")
-                take("punct", ":")
-                args[key] = value()
-            take("punct", ")")
-        if peek() == ("punct", "{"):
-            skip_selection()
-        fields.append((name, args))
-    take("punct", "}")
-    return fields
-
-
-# --- the Hub side: where pods upload their run's logs -----------------------------------------------------
-
-
-class LocalHub:
-    """A folder standing in for Hub datasets: the huggingface_hub calls infra.logs makes, nothing more.
-
-        hub = LocalHub(tmp_path / "hub")
-        monkeypatch.setattr(infra.logs, "HfApi", hub.client)
-        monkeypatch.setattr(infra.logs, "snapshot_download", hub.snapshot_download)
-    """
-
-    def __init__(self, root: Path, user: str = "someone", role: str = "write"):
-        self.root = root
-        self.user, self.role = user, role  # whoami's answer for any token (role: write, read, fineGrained)
-        self.private: dict[str, bool] = {}  # repo id -> created private
-        self.tokens: list[str | None] = []  # every token a call was made with
-        self.offline = False  # every call fails as without network
-        self.rejects_token = False  # whoami answers 401
-        self.unreadable: dict[str, str] = {}  # model/dataset id -> "missing" or "gated" (auth_check); others readable
-
-    def client(self, token: str | None = None) -> "LocalHub._Client":
-        return LocalHub._Client(self, token)
-
-    def _enter(self, token: str | None) -> None:
-        if self.offline:
-            raise ConnectionError("the Hub cannot be reached")
-        self.tokens.append(token)
-
-    def _missing(self, repo_id: str) -> RepositoryNotFoundError:
-        return RepositoryNotFoundError(f"404: {repo_id}", response=_response(404, f"api/datasets/{repo_id}"))
-
-    def snapshot_download(self, repo_id, *, repo_type=None, allow_patterns=None, local_dir=None, token=None, **_):
-        self._enter(token)
-        assert repo_type == "dataset"
-        repo = self.root / repo_id
-        if repo_id not in self.private:
-            raise self._missing(repo_id)
-        names = [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
-        for name in filter_repo_objects(names, allow_patterns=allow_patterns):
-            target = Path(local_dir) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(repo / name, target)
-        return str(local_dir)
-
-    class _Client:
-        def __init__(self, hub: "LocalHub", token: str | None):
-            self.hub, self.token = hub, token
-
-        def create_repo(self, repo_id, *, repo_type=None, private=None, exist_ok=False, **_):
-            self.hub._enter(self.token)
-            assert repo_type == "dataset"
-            self.hub.private.setdefault(repo_id, bool(private))
-
-        def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, repo_type=None, allow_patterns=None,
-                          **_):
-            self.hub._enter(self.token)
-            assert repo_type == "dataset" and repo_id in self.hub.private
-            folder = Path(folder_path)
-            names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-            for name in filter_repo_objects(names, allow_patterns=allow_patterns):
-                target = self.hub.root / repo_id / (path_in_repo or "") / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(folder / name, target)
-
-        def whoami(self):
-            self.hub._enter(self.token)
-            if self.hub.rejects_token:
-                raise HfHubHTTPError("401 Unauthorized", response=_response(401, "api/whoami-v2"))
-            return {"type": "user", "name": self.hub.user, "orgs": [],
-                    "auth": {"type": "access_token", "accessToken": {"displayName": "t", "role": self.hub.role}}}
-
-        def auth_check(self, repo_id, *, repo_type=None, **_):
-            self.hub._enter(self.token)
-            kind = self.hub.unreadable.get(repo_id)
-            if kind == "gated":
-                raise GatedRepoError(f"403: {repo_id} is gated", response=_response(403, f"api/models/{repo_id}"))
-            if kind == "missing":
-                raise self.hub._missing(repo_id)
-
-        def list_repo_files(self, repo_id, *, repo_type=None, **_):
-            self.hub._enter(self.token)
-            if repo_id not in self.hub.private:
-                raise self.hub._missing(repo_id)
-            repo = self.hub.root / repo_id
-            return sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
-
-
-def _response(status: int, path: str):
+    """[(root field name, its arguments)] of the first `query`/`mutation` in `query` (arguments as Python values;
+    an enum value as its name). A variable in an argument has no value here: the SDK sends literals."""
     try:
-        import httpx2 as http  # huggingface_hub 2.x's HTTP client
-    except ImportError:
-        try:
-            import httpx as http
-        except ImportError:  # huggingface_hub 0.x: requests
-            import requests
-
-            response = requests.Response()
-            response.status_code, response.url = status, f"https://huggingface.co/{path}"
-            return response
-    return http.Response(status, request=http.Request("GET", f"https://huggingface.co/{path}"))
+        document = graphql.parse(query)
+    except graphql.GraphQLError as exc:
+        raise GraphQLSyntaxError(exc.message) from None
+    operation = next((d for d in document.definitions if isinstance(d, graphql.OperationDefinitionNode)), None)
+    if operation is None:
+        raise GraphQLSyntaxError("the document has no query or mutation")
+    fields = []
+    for selection in operation.selection_set.selections:
+        if not isinstance(selection, graphql.FieldNode):
+            raise GraphQLSyntaxError("only fields may stand at the root here")
+        arguments = selection.arguments or ()  # None for a field without any (graphql-core 3.3)
+        fields.append((selection.name.value, {arg.name.value: graphql.value_from_ast_untyped(arg.value)
+                                              for arg in arguments}))
+    return fields

@@ -1,9 +1,9 @@
-"""Tasks for tests of jobs.sandbox.Sandbox: importable by its workers (they run from the repository root)."""
+"""Tasks for tests of jobs.lib.sandbox.Sandbox: importable by its workers (they run from the repository root)."""
 
 import os
 import time
 
-from jobs import sandbox
+from jobs.lib import sandbox
 
 
 def square(x: int) -> int:

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from jobs import ask
+from jobs import ask, ask_command
 from jobs.cli import app
-from jobs.config import load_config
-from jobs.errors import T2SError
-from jobs.generate import Candidate, Generation
-from jobs.models import load_run_model
-from jobs.rundir import RunDir
+from jobs.lib.checked import Candidate
+from jobs.lib.config import load_config
+from jobs.lib.errors import T2SError
+from jobs.lib.generate import Generation
+from jobs.lib.models import load_run_model
+from jobs.lib.rundir import RunDir
 from tests.conftest import ROOT, SONGS_SCHEMA, t2s, tiny_config, write_config
 
 @pytest.fixture(scope="module")
@@ -302,8 +303,8 @@ def test_an_unmerged_run_answers_as_its_merged_model_does(merged_run, tmp_path):
 
 
 def test_format_table_without_column_names():
-    assert ask.format_table(ask.QueryRows(None, [(1, "a"), (22, None)])) == "1   a\n22  NULL\n(2 rows)"
-    assert ask.format_table(ask.QueryRows(["n"], [])) == "n\n-\n(0 rows)"
+    assert ask_command.format_table(ask.QueryRows(None, [(1, "a"), (22, None)])) == "1   a\n22  NULL\n(2 rows)"
+    assert ask_command.format_table(ask.QueryRows(["n"], [])) == "n\n-\n(0 rows)"
 
 
 def test_a_device_that_is_not_there_is_one_line(merged_run):

@@ -1,4 +1,4 @@
-"""Checked decoding (jobs.checked): the checks exactly, the choice among hand-made candidates, hostile candidates
+"""Checked decoding (jobs.lib.checked): the checks exactly, the choice among hand-made candidates, hostile candidates
 through the real sandbox, the repetition guard, the model's scores, and the tiny model end to end."""
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ import random
 import pytest
 import torch
 
-from jobs import checked
-from jobs.checked import Choice, Verdict, check_candidate, choose_answers, resolution_problem, verdict_after_kill
-from jobs.errors import T2SError
-from jobs.generate import (Candidate, Generation, RepetitionGuard, _answer_ids, answer_scores, generate_candidates,
-                           repeats_itself, sequence_scores)
-from jobs.sandbox import Sandbox
-from jobs.sqlcheck import parse_schema, single_query
+from jobs.lib import checked
+from jobs.lib.candidates import (RepetitionGuard, _answer_ids, answer_scores, generate_candidates, repeats_itself,
+                                  sequence_scores)
+from jobs.lib.checked import (Candidate, Choice, Verdict, check_candidate, choose_answers, resolution_problem,
+                              verdict_after_kill)
+from jobs.lib.errors import T2SError
+from jobs.lib.generate import Generation
+from jobs.lib.sandbox import Sandbox
+from jobs.lib.sqlcheck import parse_schema, single_query
 from tests.conftest import shared_path
 
 SONGS = "CREATE TABLE songs (title VARCHAR, artist VARCHAR, year INTEGER)"
@@ -72,7 +74,7 @@ def test_resolution_agrees_with_sqlite_on_every_validation_gold_query():
     queries SQLite rejects on the rows' own tables (the dataset's 7 broken ones)."""
     import sqlite3
 
-    from jobs.scoring import merge_duplicate_tables, table_statements
+    from jobs.lib.scoring import merge_duplicate_tables, table_statements
 
     rows = [json.loads(line) for line in shared_path("data", "sql-create-context", "validation.jsonl").open()]
     disagree = []
@@ -375,13 +377,13 @@ def test_generate_candidates_are_distinct_scored_and_best_first(tiny):
 
 
 def test_the_checks_load_no_torch_in_a_sandbox_worker():
-    """Workers import jobs.checked to run check_candidate under their memory cap: torch would not fit there."""
+    """Workers import jobs.lib.checked to run check_candidate under their memory cap: torch would not fit there."""
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    probe = "import sys, jobs.checked; print('torch' in sys.modules)"
+    probe = "import sys, jobs.lib.checked; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -393,7 +395,7 @@ def test_the_checks_load_no_torch_in_a_sandbox_worker():
      "config key 'eval.decoding' in --set eval.decoding: Input should be 'greedy', 'checked' or 'vote'"),
 ])
 def test_eval_settings_of_checked_decoding_are_one_line(override, expected):
-    from jobs.config import load_config
+    from jobs.lib.config import load_config
 
     assert (load_config(None).eval.decoding, load_config(None).eval.candidates) == ("checked", 4)
     with pytest.raises(T2SError, match=expected) as caught:

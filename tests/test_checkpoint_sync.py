@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from jobs import checkpoint_sync
-from jobs.config import Config, load_config
-from jobs.errors import T2SError
-from jobs.rundir import RunDir, run_settings
+from jobs.lib.config import Config, load_config
+from jobs.lib.errors import T2SError
+from jobs.lib.rundir import RunDir, run_settings
 from tests.conftest import t2s, tiny_config, write_config
 from tests.fake_hub import FakeHub
 

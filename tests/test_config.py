@@ -2,8 +2,8 @@
 
 import pytest
 
-from jobs.config import Config, load_config, secret
-from jobs.errors import T2SError
+from jobs.lib.config import Config, load_config, secret
+from jobs.lib.errors import T2SError
 from tests.conftest import t2s
 
 
@@ -76,3 +76,35 @@ def test_a_set_key_thousands_of_levels_deep_is_one_line(tmp_path):
     assert load_config(None, ["push.gates.min_rows=3"]).push.gates.min_rows == 3
     with pytest.raises(T2SError, match="config key 'push.gates.min_rows'"):
         load_config(None, ["push.gates.min_rows=0"])
+
+
+def test_an_environment_variable_that_sets_a_config_key_says_so_and_the_run_records_it(monkeypatch, capsys):
+    import yaml
+
+    from jobs.lib.config import dump_config
+
+    monkeypatch.setenv("T2S_DECODER", "Static")
+    monkeypatch.setenv("T2S_PUSH_TIMEOUT_S", "12.5")
+    monkeypatch.delenv("T2S_PUSH_BACKOFF_S", raising=False)
+    cfg = load_config(None, ["eval.decoder=dynamic", "push.timeout_s=60"])  # the environment wins, visibly
+    assert (cfg.eval.decoder, cfg.push.timeout_s, cfg.push.backoff_s) == ("static", 12.5, 2.0)
+    said = capsys.readouterr().err.splitlines()
+    assert said == ["note: T2S_DECODER=static from the environment sets eval.decoder",
+                    "note: T2S_PUSH_TIMEOUT_S=12.5 from the environment sets push.timeout_s"]
+    recorded = yaml.safe_load(dump_config(cfg))  # what logs/<job>.config.yaml holds
+    assert recorded["eval"]["decoder"] == "static" and recorded["push"]["timeout_s"] == 12.5
+    monkeypatch.setenv("T2S_DECODER", "turbo")
+    with pytest.raises(T2SError, match=r"^T2S_DECODER='turbo' is not a decoder: use one of auto, cudagraph"):
+        load_config(None)
+    monkeypatch.delenv("T2S_DECODER")
+    monkeypatch.setenv("T2S_PUSH_TIMEOUT_S", "-1")
+    with pytest.raises(T2SError, match=r"^T2S_PUSH_TIMEOUT_S='-1' is not a number of seconds above 0"):
+        load_config(None)
+    monkeypatch.delenv("T2S_PUSH_TIMEOUT_S")
+    capsys.readouterr()
+    assert load_config(None, ["eval.decoder=compiled"]).eval.decoder == "compiled"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(T2SError, match="eval.decoder"):
+        load_config(None, ["eval.decoder=turbo"])
+    with pytest.raises(T2SError, match="push.backoff_s"):
+        load_config(None, ["push.backoff_s=0"])

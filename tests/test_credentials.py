@@ -1,4 +1,4 @@
-"""jobs/credentials.py exactly: which values are secrets (and which ordinary config values are not), redaction,
+"""jobs/lib/credentials.py exactly: which values are secrets (and which ordinary config values are not), redaction,
 and what a machine knows as its secrets."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config import load_config
-from jobs.credentials import (find_secret, find_secret_in_config, is_secret_name, known_secrets, looks_random,
+from jobs.lib.config import load_config
+from jobs.lib.credentials import (find_secret, find_secret_in_config, is_secret_name, known_secrets, looks_random,
                               redacted_bytes, redactor)
-from jobs.errors import T2SError
+from jobs.lib.errors import T2SError
 
 ROOT = Path(__file__).resolve().parents[1]
 

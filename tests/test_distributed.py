@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.train import adapter_problems, installed_stack
+from jobs.lib.training import adapter_problems, installed_stack
 from tests.conftest import t2s
 
 pytestmark = pytest.mark.slow
@@ -79,9 +79,9 @@ def test_qlora_on_cpu_trains_4bit_and_merges_into_the_full_precision_base(copy_r
     # the base really was 4-bit on CPU (not a silent full-precision load)
     from bitsandbytes.nn import Linear4bit
 
-    from jobs.config import load_config
-    from jobs.rundir import RunDir
-    from jobs.train import load_base_for_training
+    from jobs.lib.config import load_config
+    from jobs.lib.rundir import RunDir
+    from jobs.lib.training import load_base_for_training
 
     model, _ = load_base_for_training(load_config(config), RunDir(run), on_gpu=False)
     assert model.is_loaded_in_4bit
@@ -91,7 +91,7 @@ def test_qlora_on_cpu_trains_4bit_and_merges_into_the_full_precision_base(copy_r
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
 def test_zero3_qlora_on_two_cpu_processes_resumes_to_the_same_step_count(copy_run, stop):
     """Two-process ZeRO-3 QLoRA stopped (SIGTERM) or killed between checkpoints, then rerun: DeepSpeed restores its
-    sharded optimizer and the Trainer the schedule (scheduler.pt, through jobs/resume.py on torch < 2.6)."""
+    sharded optimizer and the Trainer the schedule (scheduler.pt, through jobs/lib/resume.py on torch < 2.6)."""
     from tests.test_train import stop_then_resume
 
     _require("deepspeed")

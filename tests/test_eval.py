@@ -8,9 +8,10 @@ from typer.testing import CliRunner
 
 from jobs import eval as eval_job
 from jobs.cli import app
-from jobs.config import EvalConfig
-from jobs.generate import Generation
-from jobs.sandbox import Sandbox
+from jobs.lib.config import EvalConfig
+from jobs.lib.generate import Generation
+from jobs.lib.report import render_decoding, render_markdown
+from jobs.lib.sandbox import Sandbox
 from tests.conftest import t2s
 
 MATCH = {"sql_only": True, "exact_match": True, "execution": "match", "execution_detail": ""}
@@ -95,7 +96,7 @@ def test_render_markdown():
                           "merged+checked": {"tables=1": eval_job.summarize([MATCH])}},
               "build_errors": {"SQLite cannot create table t (incomplete input)": 1},
               "config": {"databases_per_example": 3, "query_timeout_s": 1.0}}
-    assert eval_job.render_markdown(report) == "\n".join([
+    assert render_markdown(report) == "\n".join([
         "# t2s eval · run r1 · test split, 3 examples", "",
         "Base model: `tiny` · fine-tuned: `runs/r1/merged` · dataset `synthetic` (hash 0123456789ab)", "",
         "| model | decoding | SQL-only | exact match | execution accuracy | fails to execute | gold fails to run "
@@ -124,8 +125,8 @@ def test_render_markdown():
         "databases per example, read-only, with a 1.0 s limit per query.", ""])
     older = {**report, "results": {"merged": {k: v for k, v in result.items() if k != "fails_to_execute"}},
              "buckets": {"merged": report["buckets"]["merged"]}}
-    assert "| merged | greedy | 100.0% | 66.7% | 50.0% | not measured | 0 | 1 |" in eval_job.render_markdown(older)
-    assert "## Greedy vs checked" not in eval_job.render_markdown(older)
+    assert "| merged | greedy | 100.0% | 66.7% | 50.0% | not measured | 0 | 1 |" in render_markdown(older)
+    assert "## Greedy vs checked" not in render_markdown(older)
 
 
 def test_throughput_leaves_out_graph_capture_and_the_report_names_the_decoder():
@@ -139,10 +140,10 @@ def test_throughput_leaves_out_graph_capture_and_the_report_names_the_decoder():
     assert fell_back["queries_per_s"] == 2.0 and fell_back["decoder_fallback"] == "capture failed"
     assert eval_job.decoding_speed(answers, 2.0, {})["decoder"] == "dynamic"  # answers saved by an older t2s
     report = {"results": {"base": fell_back, "merged": speed, "old": {"queries_per_s": 1.0}}}
-    assert eval_job.render_decoding(report) == [
-        "", "Decoding (jobs.generate; queries/s leave out the one-time CUDA graph captures): base: dynamic; fell "
+    assert render_decoding(report) == [
+        "", "Decoding (jobs.lib.generate; queries/s leave out the one-time CUDA graph captures): base: dynamic; fell "
         "back: capture failed; merged: cudagraph, 1.0 s of CUDA graph capture."]
-    assert eval_job.render_decoding({"results": {"old": {"queries_per_s": 1.0}}}) == []
+    assert render_decoding({"results": {"old": {"queries_per_s": 1.0}}}) == []
 
 
 def test_saved_generations_are_reused_only_under_the_same_key(tmp_path):
@@ -247,8 +248,8 @@ def test_checked_decoding_beside_greedy_and_a_crash_costs_neither_again(copy_run
     run, config = copy_run("checked", eval={"models": ["adapter"], "candidates": 3, "decoding": "checked"})
     result = t2s("train", "--config", str(config))
     assert result.returncode == 0, result.stderr[-2000:]
-    searched, real_search, real_summarize = [], eval_job.checked.search_with_model, eval_job.summarize
-    monkeypatch.setattr(eval_job.checked, "search_with_model",
+    searched, real_search, real_summarize = [], eval_job.candidates.search_with_model, eval_job.summarize
+    monkeypatch.setattr(eval_job.candidates, "search_with_model",
                         lambda *args, **kwargs: searched.append(real_search(*args, **kwargs)) or searched[-1])
     summaries = []
 
@@ -269,7 +270,7 @@ def test_checked_decoding_beside_greedy_and_a_crash_costs_neither_again(copy_run
     monkeypatch.setattr(eval_job, "summarize", real_summarize)
     for name in ("generate_batched", "load_run_model"):
         monkeypatch.setattr(eval_job, name, must_not_run)
-    monkeypatch.setattr(eval_job.checked, "search_with_model", must_not_run)
+    monkeypatch.setattr(eval_job.candidates, "search_with_model", must_not_run)
     result = CliRunner().invoke(app, ["eval", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "adapter+checked: reusing the 12 answers an interrupted eval saved in" in result.output
@@ -301,8 +302,8 @@ def test_saved_answers_name_the_gpu_model_so_another_gpu_type_generates_and_time
     first GPU's answers and published their throughput under the second GPU's name."""
     import torch
 
-    from jobs.config import load_config
-    from jobs.rundir import RunDir
+    from jobs.lib.config import load_config
+    from jobs.lib.rundir import RunDir
 
     cfg, run = load_config(None), RunDir(tmp_path)
     rows = [{"context": "CREATE TABLE t (a INTEGER)", "question": "How many?"}]

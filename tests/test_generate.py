@@ -1,4 +1,4 @@
-"""jobs.generate and jobs.static_decoding: the static-cache decoder gives transformers' greedy answers token for token.
+"""jobs.lib.generate and jobs.lib.static_decoding: the static-cache decoder gives transformers' greedy answers token for token.
 
 On a CPU the static decoder runs its steps eagerly (the CUDA graphs replay the very same step on a GPU), in fp32,
 with the built-in tiny Llama: batches with left padding, rows padded up to a bucket, rows ending at EOS mid-batch.
@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 
-from jobs import generate, static_decoding, tiny
-from jobs.chat import render_prompt
-from jobs.errors import T2SError
-from jobs.generate import generate_batched
-from jobs.synthetic import synthetic_rows
+from jobs.lib import generate, static_decoding, tiny
+from jobs.lib.chat import render_prompt
+from jobs.lib.errors import T2SError
+from jobs.lib.generate import generate_batched
+from jobs.lib.synthetic import synthetic_rows
 from tests.conftest import shared_path
 
 
@@ -98,7 +98,7 @@ def often_generated_token(model, tokenizer, prompts: list[str]) -> int:
     return max((t for t, rows in rows_with.items() if len(rows) < len(prompts)), key=lambda t: len(rows_with[t]))
 
 
-@pytest.mark.parametrize("batch_size", [1, 5, 8])
+@pytest.mark.parametrize("batch_size", [1, *(pytest.param(n, marks=pytest.mark.slow) for n in (5, 8))])  # 1: fast lane
 def test_static_decoder_answers_token_for_token_as_transformers_generate(tiny_model, batch_size):
     model, tokenizer, prompts = tiny_model
     original_eos = tokenizer.eos_token
@@ -121,7 +121,7 @@ def test_static_decoder_stops_at_the_end_of_turn_when_the_tokenizer_names_anothe
     end at it mid-batch; a decoder that stopped at eos alone would run every row to max_new_tokens."""
     import copy
 
-    from jobs.chat import stop_token_ids
+    from jobs.lib.chat import stop_token_ids
 
     model, tokenizer, prompts = tiny_model
     tokenizer = copy.deepcopy(tokenizer)

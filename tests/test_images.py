@@ -431,7 +431,7 @@ def test_the_cu118_statement_is_the_same_everywhere():
     m = re.search(r"^cu118 in one sentence: (.+)$", readme, re.M)
     assert m, "images/README.md states what cu118 can and cannot do in one line"
     statement = m.group(1)
-    for fact in ("no Liger kernels", "resum"):  # cu118 resumes from checkpoints like cu12 (jobs/resume.py)
+    for fact in ("no Liger kernels", "resum"):  # cu118 resumes from checkpoints like cu12 (jobs/lib/resume.py)
         assert fact in statement
     assert "no resume" not in statement
     env_example = (ROOT / ".env.example").read_text()

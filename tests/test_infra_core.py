@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from jobs.config import Config
-from jobs.errors import T2SError
+from jobs.lib.config import Config
+from jobs.lib.errors import T2SError
 from infra import records
 from infra.launch import capacity_plan, graphql_string_content, pod_env, pod_request
 from infra.logs import LogCursor, exit_code_of, exit_line, exit_reason_of

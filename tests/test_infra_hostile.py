@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from infra import records
 from infra import timing as timing_module
 from infra.cli import app
-from jobs.rundir import write_atomic
+from jobs.lib.rundir import write_atomic
 from tests.fake_hub import FakeHub
 from tests.fake_runpod import FAST_TIMING as FAST, JUNK_RECORD_LINES, FakeRunPod
 from tests.test_push import make_run

@@ -1,6 +1,6 @@
 """Logs after the run: the pod uploads runs/<id>/'s logs to a Hub dataset, `t2s-infra logs RUN` fetches them.
 
-The Hub is tests/fake_runpod.LocalHub, a folder that answers the huggingface_hub calls infra makes.
+The Hub is tests/fake_hub.LocalHub, a folder that answers the huggingface_hub calls infra makes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from infra import logs as infra_logs
 from infra import records
 from infra.cli import app
 from infra.records import Launch
-from tests.fake_runpod import LocalHub
+from tests.fake_hub import LocalHub
 
 HF_TOKEN = "hf_SECRETTOKEN0123456789"
 REPO = "someone/t2s-runs"
@@ -40,9 +40,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     monkeypatch.setenv("T2S_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.delenv("T2S_LOGS_REPO", raising=False)
-    local = LocalHub(tmp_path / "hub")
-    monkeypatch.setattr(infra_logs, "HfApi", local.client)
-    monkeypatch.setattr(infra_logs, "snapshot_download", local.snapshot_download)
+    local = LocalHub(tmp_path / "hub").install(monkeypatch)
     return local
 
 

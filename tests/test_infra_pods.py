@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 import yaml
 
-from tests.fake_runpod import FAST_TIMING as FAST, FakeRunPod, LocalHub
+from tests.fake_hub import LocalHub
+from tests.fake_runpod import FAST_TIMING as FAST, FakeRunPod
 from infra import launch as launching
-from infra import logs as infra_logs
 from infra import records
 from infra import timing as timing_module
 from infra.cli import app
@@ -58,9 +58,7 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.delenv("RUNPOD_POD_ID", raising=False)
     monkeypatch.delenv("T2S_LOGS_REPO", raising=False)
     monkeypatch.setattr(timing_module, "TIMING", FAST)
-    hub = LocalHub(tmp_path / "hub")  # never the real Hub
-    monkeypatch.setattr(infra_logs, "HfApi", hub.client)
-    monkeypatch.setattr(infra_logs, "snapshot_download", hub.snapshot_download)
+    hub = LocalHub(tmp_path / "hub").install(monkeypatch)  # never the real Hub
     yield server
     server.stop()
 

@@ -10,8 +10,8 @@ import huggingface_hub
 import pytest
 from typer.testing import CliRunner
 
-from jobs.config import Config, load_config
-from jobs.errors import T2SError
+from jobs.lib.config import Config, load_config
+from jobs.lib.errors import T2SError
 from infra import cli as infra_cli
 from infra import preflight
 from infra import runpod_api as api

@@ -1,5 +1,5 @@
 """Issue 31 (nothing paid for is lost) and issue 24 (checks before money is spent, hints that run), on the
-launcher: against the fake RunPod (tests/fake_runpod.py) and the fake Hub (tests/fake_hub.py, or LocalHub).
+launcher: against the fake RunPod (tests/fake_runpod.py) and the fake Hub (tests/fake_hub.py: FakeHub, or its LocalHub).
 Each test failed on the code before these fixes."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import pytest
 from typer.testing import CliRunner
 
 from infra import cli as infra_cli
-from infra import logs as infra_logs
 from infra import records
 from infra import timing as timing_module
 from infra import watchdog
 from infra.cli import app
-from tests.fake_runpod import FAST_TIMING, FakeRunPod, LocalHub
+from tests.fake_hub import LocalHub
+from tests.fake_runpod import FAST_TIMING, FakeRunPod
 from tests.test_infra_pods import API_KEY, CONFIG, HF_TOKEN
 from tests.test_entrypoints import box, stubbed  # noqa: F401 (fixtures)
 from tests.test_infra_preflight import HF_TOKEN as PREFLIGHT_TOKEN, launch, one_error, world  # noqa: F401 (fixture)
@@ -37,9 +37,7 @@ def pods(tmp_path, monkeypatch):
     monkeypatch.delenv("RUNPOD_POD_ID", raising=False)
     monkeypatch.delenv("T2S_LOGS_REPO", raising=False)
     monkeypatch.setattr(timing_module, "TIMING", FAST_TIMING)
-    hub = LocalHub(tmp_path / "hub")
-    monkeypatch.setattr(infra_logs, "HfApi", hub.client)
-    monkeypatch.setattr(infra_logs, "snapshot_download", hub.snapshot_download)
+    hub = LocalHub(tmp_path / "hub").install(monkeypatch)
     Path("run.yaml").write_text(CONFIG)
     yield server, hub
     for pod in server.live_pods():

@@ -240,7 +240,7 @@ def test_make_launch_train_trains_evaluates_pushes_and_the_pod_ends_itself(world
 def test_the_cards_two_gpu_zero3_qlora_config_runs_on_two_cpu_processes(world):
     """configs/l4x2-qlora.yaml, as shipped but for the tiny model and CPU processes (zero3-cpu has the same two
     processes as zero3, so the pod is still ordered with two GPUs)."""
-    from jobs.train import installed_stack
+    from jobs.lib.training import installed_stack
 
     stack = installed_stack()
     cpu_shape = ["train.accelerate_config=zero3-cpu", "infra.env.DS_ACCELERATOR=cpu"]

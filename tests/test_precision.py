@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from jobs.config import TrainConfig, load_config
-from jobs.errors import T2SError
-from jobs.train import check_precision, kahan_adamw, keep_trainable_in_fp32, precision_plan, trainable_dtypes
+from jobs.lib.config import TrainConfig, load_config
+from jobs.lib.errors import T2SError
+from jobs.lib.training import check_precision, kahan_adamw, keep_trainable_in_fp32, precision_plan, trainable_dtypes
 from tests.conftest import ROOT, t2s
 
 DEFAULT = load_config(ROOT / "configs" / "default.yaml").train  # the shipped default's method and learning rate
@@ -78,7 +78,7 @@ def test_what_can_run_passes():
 
 def test_bf16_kahan_without_torch_optimi_is_refused_by_t2s_train_before_loading(copy_run, monkeypatch):
     from jobs import train
-    from jobs.rundir import RunDir
+    from jobs.lib.rundir import RunDir
 
     run, config = copy_run("no-optimi", train={"method": "full", "precision": "bf16_kahan"})
     monkeypatch.setattr(train, "_has", lambda module: module != "optimi")
@@ -121,7 +121,7 @@ def _tiny_trainer(model, lora: bool):
     from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
 
-    from jobs.tiny import build_tokenizer
+    from jobs.lib.tiny import build_tokenizer
 
     tokenizer: PreTrainedTokenizerFast = build_tokenizer(["SELECT name FROM head WHERE age > 56"] * 4, vocab_size=300)
     data = Dataset.from_dict({"input_ids": [[1, 5, 6, 7, 2]] * 4})
@@ -134,7 +134,7 @@ def _tiny_trainer(model, lora: bool):
 def test_lora_adapters_and_modules_to_save_train_in_fp32_on_a_bf16_base(tmp_path, monkeypatch):
     """peft upcasts LoRA A/B to fp32 but leaves modules_to_save copies in the base's bf16 (both package sets):
     keep_trainable_in_fp32 makes every trainable weight fp32 and leaves the frozen base alone."""
-    from jobs.tiny import build_model
+    from jobs.lib.tiny import build_model
 
     monkeypatch.chdir(tmp_path)
     trainer = _tiny_trainer(build_model(vocab_size=300).to(torch.bfloat16), lora=True)
@@ -249,7 +249,7 @@ def test_merge_checks_fail_when_the_merge_or_the_rounding_is_wrong(copy_run, mon
     from peft.tuners.tuners_utils import BaseTuner
 
     from jobs import merge
-    from jobs.rundir import RunDir
+    from jobs.lib.rundir import RunDir
 
     run, config = copy_run("lora-merge")
     assert t2s("train", "--config", str(config)).returncode == 0

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from jobs.chat import IGNORE_INDEX, check_chat_template, render_chat, render_prompt, tokenize_example
-from jobs.errors import T2SError
+from jobs.lib.chat import IGNORE_INDEX, check_chat_template, render_chat, render_prompt, tokenize_example
+from jobs.lib.errors import T2SError
 from jobs.prep import assign_split, split_key, split_rows, validate_row
 from tests.conftest import shared_path, t2s, tiny_config, write_config
 
@@ -62,7 +62,7 @@ def test_given_validation_split_claims_its_questions_first():
 
 
 def test_tinyllama_rendering_is_byte_for_byte_and_labels_mask_the_prompt():
-    from jobs.models import load_tokenizer
+    from jobs.lib.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(shared_path("tokenizers", "tinyllama-1.1b-chat")))  # as prep, train and eval load it
     context, question, answer = "CREATE TABLE head (age INTEGER)", "How many heads are older than 56?", \
@@ -156,7 +156,7 @@ def test_model_path_that_does_not_exist(tmp_path):
 
 
 def test_tokenizer_without_chat_template_fails_prep(tmp_path):
-    from jobs.tiny import build_tokenizer
+    from jobs.lib.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(["select a from b"] * 10, vocab_size=300)
     tokenizer.chat_template = None

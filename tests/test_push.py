@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from tests.fake_hub import FakeHub
-from jobs.config import PushGates, load_config
-from jobs.card import render_model_card, trained_prompt_suffix
+from jobs.lib.config import PushGates, load_config
+from jobs.lib.card import render_model_card, trained_prompt_suffix
 from jobs.push import gate_failures
 
 # huggingface_hub's own LFS upload passes data= to httpx2, which warns about it
@@ -47,7 +47,7 @@ TINYLLAMA_TEMPLATE = (
     "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
 )
 # The same with no newline after the generation prompt: training puts "<|assistant|>\n" before the SQL, while
-# add_generation_prompt=True stops at "<|assistant|>" (the trap jobs/card.py's trained_prompt_suffix describes).
+# add_generation_prompt=True stops at "<|assistant|>" (the trap jobs/lib/card.py's trained_prompt_suffix describes).
 NO_NEWLINE_TEMPLATE = TINYLLAMA_TEMPLATE.replace("{{ '<|assistant|>' }}\n{% endif %}", "{{ '<|assistant|>' }}{% endif %}")
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -307,11 +307,11 @@ def test_trained_prompt_suffix():
 
 @pytest.mark.slow
 def test_card_prompt_recipe_gives_the_trained_prefix_of_the_real_tinyllama_tokenizer():
-    """The prefix check, rendered without transformers, agrees with jobs.chat.render_prompt on the real tokenizer."""
+    """The prefix check, rendered without transformers, agrees with jobs.lib.chat.render_prompt on the real tokenizer."""
     from transformers import AutoTokenizer
 
-    from jobs.chat import render_prompt
-    from jobs.card import read_chat_template
+    from jobs.lib.chat import render_prompt
+    from jobs.lib.card import read_chat_template
     from tests.conftest import shared_path
 
     folder = shared_path("tokenizers", "tinyllama-1.1b-chat")

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from jobs.config import load_config
-from jobs.errors import T2SError
-from jobs.rundir import RunDir
+from jobs.lib.config import load_config
+from jobs.lib.errors import T2SError
+from jobs.lib.rundir import RunDir
 from tests.conftest import t2s
 
 
@@ -26,7 +26,7 @@ def test_a_checkpoint_cut_off_while_it_was_saved_is_set_aside_and_training_goes_
     # A kill after the weights were saved but before trainer_state.json (the Trainer writes it last).
     (run / "train.done").unlink()
     (run / "checkpoints" / "checkpoint-6" / "trainer_state.json").unlink()
-    result = ok(t2s("train", "--config", str(config)))  # on every stack (torch < 2.6 too: jobs/resume.py)
+    result = ok(t2s("train", "--config", str(config)))  # on every stack (torch < 2.6 too: jobs/lib/resume.py)
     assert f"set aside checkpoint-6, cut off while it was saved (no complete trainer_state.json), as " \
            f"{run / 'incomplete' / 'checkpoint-6'}" in result.stdout
     assert f"resuming from {run / 'checkpoints' / 'checkpoint-4'}" in result.stdout

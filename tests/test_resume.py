@@ -1,12 +1,12 @@
-"""jobs/resume.py: a run resumes from its own checkpoint on torch < 2.6 too (the cu118 set), where transformers 4.x
+"""jobs/lib/resume.py: a run resumes from its own checkpoint on torch < 2.6 too (the cu118 set), where transformers 4.x
 refuses torch.load before optimizer.pt / scheduler.pt; the end-to-end resumes are in test_train.py and
 test_restart.py, the two-process ZeRO-3 one in test_distributed.py."""
 
 import pytest
 import torch
 
-from jobs.errors import T2SError
-from jobs.resume import gate_lifted_for, own_checkpoint_loads
+from jobs.lib.errors import T2SError
+from jobs.lib.resume import gate_lifted_for, own_checkpoint_loads
 
 
 def test_the_gate_is_lifted_only_for_the_runs_own_checkpoint_on_an_old_torch(tmp_path):

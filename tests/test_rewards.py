@@ -8,7 +8,7 @@ import pytest
 
 from jobs.rewards import (Judgement, RewardSettings, Rewards, ended_itself, ended_reward, execution_reward,
                           sql_only_reward)
-from jobs.sandbox import KILL_GRACE_S, Sandbox
+from jobs.lib.sandbox import KILL_GRACE_S, Sandbox
 
 CONTEXT = "CREATE TABLE singer (name VARCHAR, age INTEGER)"
 GOLD = "SELECT name FROM singer WHERE age > 30"

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from jobs.config import load_config
-from jobs.errors import T2SError
-from jobs.rundir import RunDir
+from jobs.lib.config import load_config
+from jobs.lib.errors import T2SError
+from jobs.lib.rundir import RunDir
 from tests.conftest import ROOT, t2s, tiny_config, write_config
 
 
@@ -109,7 +109,7 @@ def test_rl_raises_the_mean_reward_stops_on_sigterm_and_resumes(copy_run, tmp_pa
 
 
 def test_the_model_card_says_what_rl_did_only_when_it_ran(tmp_path):
-    from jobs.card import render_model_card
+    from jobs.lib.card import render_model_card
 
     cfg = load_config(None, [f"runs_dir={tmp_path}"])
     done = {"settings": {"rl": {"reward_weights": {"execution": 1.0, "sql_only": 0.2}, "prompts_per_step": 8,

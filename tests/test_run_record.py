@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config import load_config
-from jobs.errors import T2SError
+from jobs.lib.config import load_config
+from jobs.lib.errors import T2SError
 from tests.conftest import t2s
 
 # ---------- the record's pure core ----------
 
 
 def test_settings_differences_compare_what_is_pinned_among_the_keys_a_job_reads():
-    from jobs.rundir import READS, describe_differences, select, settings_differences
+    from jobs.lib.rundir import READS, describe_differences, select, settings_differences
 
     pinned = {"model": {"name_or_path": "tiny", "tokenizer": None}, "data": {"source": "synthetic", "seed": 1}}
     mine = load_config(None, ["model.name_or_path=tiny", "data.source=synthetic", "data.seed=2",
@@ -32,7 +32,7 @@ def test_settings_differences_compare_what_is_pinned_among_the_keys_a_job_reads(
 
 
 def test_a_damaged_settings_file_is_one_line(tmp_path):
-    from jobs.rundir import RunDir
+    from jobs.lib.rundir import RunDir
 
     run = RunDir(tmp_path)
     run.settings_file.write_text("model: [unclosed\n")
@@ -188,7 +188,7 @@ def test_an_interrupted_force_resumes_with_the_command_it_prints_and_loses_nothi
     import sys
     import time
 
-    from jobs.train import installed_stack
+    from jobs.lib.training import installed_stack
     from tests.conftest import ROOT
 
     run, config = copy_finished()

@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from jobs import ask, eval as eval_job, sandbox
+from jobs import ask, ask_command, eval as eval_job
+from jobs.lib import sandbox
 from tests import sandbox_tasks
 from jobs.cli import app
-from jobs.config import EvalConfig
-from jobs.errors import T2SError
-from jobs.generate import Generation
-from jobs.sandbox import (KILL_GRACE_S, WORKER_MEMORY_BYTES, QueryFailed, QueryRefused, QueryRows, QueryTimeout,
+from jobs.lib.config import EvalConfig
+from jobs.lib.errors import T2SError
+from jobs.lib.generate import Generation
+from jobs.lib.sandbox import (KILL_GRACE_S, WORKER_MEMORY_BYTES, QueryFailed, QueryRefused, QueryRows, QueryTimeout,
                           Sandbox, run_readonly, schema_from_sqlite)
-from jobs.scoring import execution_match
-from jobs.sqlcheck import parse_schema
+from jobs.lib.scoring import execution_match
+from jobs.lib.sqlcheck import parse_schema
 
 CONTEXT = "CREATE TABLE singer (name VARCHAR, age INTEGER, country VARCHAR, singer_id INTEGER)"
 GOLD = "SELECT name FROM singer WHERE age > 30"
@@ -226,7 +227,7 @@ def test_a_wal_database_is_read_without_writing_anything_beside_it(tmp_path, mon
     writer.execute("INSERT INTO orders VALUES ('ink', 9)")
     writer.commit()
     before = folder_state(tmp_path)
-    assert ask.default_context(None, None, db) == "CREATE TABLE orders (item VARCHAR, price INTEGER)"
+    assert ask_command.default_context(None, None, db) == "CREATE TABLE orders (item VARCHAR, price INTEGER)"
     assert ask.run_on_database(db, "SELECT sum(price) FROM orders", 1, 10).rows == [(12,)]
     link = tmp_path / "elsewhere" / "link.sqlite"  # through a link, as SQLite follows it
     link.parent.mkdir()
@@ -276,7 +277,7 @@ def test_a_wal_database_being_written_is_copied_once_a_state_and_its_old_copies_
     """Issue 31: every query on a live WAL database made a new copy and none was freed (1,100 queries on a 5 MB
     database: 10.8 GB). Now one copy a database (its latest state), freed when the next is made; a few databases at
     most; and a database switched to WAL between queries is read as it is now."""
-    from jobs.sandbox import MAX_DATABASE_COPIES, Sandbox
+    from jobs.lib.sandbox import MAX_DATABASE_COPIES, Sandbox
 
     db = tmp_path / "live.sqlite"
     writer = sqlite3.connect(db)
@@ -318,7 +319,7 @@ def test_a_wal_database_being_written_is_copied_once_a_state_and_its_old_copies_
 
 def test_a_query_that_fails_as_the_database_switches_to_wal_runs_again_on_it_as_it_is_now(tmp_path, monkeypatch):
     """Issue 31: a database switched to WAL between the sandbox's look at it and the query failed that query."""
-    from jobs.sandbox import Sandbox
+    from jobs.lib.sandbox import Sandbox
 
     db = tmp_path / "switching.sqlite"
     writer = sqlite3.connect(db)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.sandbox import QueryFailed, QueryTimeout
-from jobs.scoring import OUTCOMES, build_databases, execution_match, score_after_kill, score_answer
+from jobs.lib.sandbox import QueryFailed, QueryTimeout
+from jobs.lib.scoring import OUTCOMES, build_databases, execution_match, score_after_kill, score_answer
 
 CONTEXT = "CREATE TABLE singer (name VARCHAR, age INTEGER, country VARCHAR, singer_id INTEGER); " \
           "CREATE TABLE song (title VARCHAR, singer_id INTEGER, sales INTEGER)"

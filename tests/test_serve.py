@@ -198,7 +198,7 @@ def test_a_failing_batch_fails_its_requests_not_the_batcher():
 
 
 def test_a_load_failure_that_names_a_secret_reaches_neither_health_nor_the_log(monkeypatch, capsys):
-    from jobs.errors import T2SError
+    from jobs.lib.errors import T2SError
     from jobs.serve_app import ServerState, load_in_background
 
     token = "secret-value-for-the-load-failure-0123"
@@ -232,7 +232,7 @@ def fake_app(db: Path, replies: dict[str, str], request_timeout_s: float = 20, g
 
     class FakeEngine(Engine):
         def load(self):
-            from jobs import sandbox
+            from jobs.lib import sandbox
 
             for _ in range(self.sql_workers):
                 self._sandboxes.put(sandbox.Sandbox(workers=1))
@@ -323,8 +323,8 @@ def free_port() -> int:
 def model_dir(tmp_path_factory) -> Path:
     """The tiny model, untrained (its answers are not SQL, which serving does not mind): seconds to build."""
     folder = tmp_path_factory.mktemp("serve-model") / "tiny"
-    code = ("import sys; from pathlib import Path; from jobs.synthetic import synthetic_rows; "
-            "from jobs.tiny import save_tiny_base; rows = synthetic_rows(300); "
+    code = ("import sys; from pathlib import Path; from jobs.lib.synthetic import synthetic_rows; "
+            "from jobs.lib.tiny import save_tiny_base; rows = synthetic_rows(300); "
             "save_tiny_base(Path(sys.argv[1]), [r['context'] + '\\n' + r['question'] + '\\n' + r['answer'] "
             "for r in rows])")
     subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, check=True, capture_output=True,

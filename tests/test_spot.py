@@ -200,8 +200,8 @@ def test_the_spot_mutation_escapes_every_string():
 
 
 def test_the_card_says_how_many_pods_the_run_took():
-    from jobs.card import _cost_section
-    from jobs.config import Config
+    from jobs.lib.card import _cost_section
+    from jobs.lib.config import Config
 
     done = {"train_runtime_s": 600, "gpu_name": "L4", "num_gpus": 1}
     one = Config.model_validate({"push": {"cost_per_hour_usd": 0.22}})

@@ -1,6 +1,6 @@
 import pytest
 
-from jobs.sqlcheck import (Table, comparisons, exact_match, is_sql_only, normalize_sql, parse_schema, parse_statements,
+from jobs.lib.sqlcheck import (Table, comparisons, exact_match, is_sql_only, normalize_sql, parse_schema, parse_statements,
                            single_query)
 
 QUERY = 'SELECT name FROM singer WHERE country = "France"'

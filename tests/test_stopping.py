@@ -9,8 +9,9 @@ import socket
 import pytest
 import torch
 
-from jobs.eval import answer_endings, render_endings
-from jobs.generate import Generation, generate_batched
+from jobs.eval import answer_endings
+from jobs.lib.report import render_endings
+from jobs.lib.generate import Generation, generate_batched
 from tests.conftest import t2s
 
 
@@ -86,7 +87,7 @@ class _Written:
 def _chatml_tokenizer_with_the_wrong_eos():
     """TinyLlama's tokenizer with a template that ends turns in "</s>" written out, and eos_token set to another
     token, as transformers 5.17 reads SmolLM2's GGUF (eos <|im_start|>, turns end in <|im_end|>)."""
-    from jobs.models import load_tokenizer
+    from jobs.lib.models import load_tokenizer
     from tests.conftest import shared_path
 
     tokenizer = load_tokenizer(str(shared_path("tokenizers", "tinyllama-1.1b-chat")))
@@ -97,7 +98,7 @@ def _chatml_tokenizer_with_the_wrong_eos():
 
 
 def test_an_answer_ends_at_the_templates_end_of_turn_even_when_the_tokenizer_names_another_eos():
-    from jobs.chat import stop_token_ids
+    from jobs.lib.chat import stop_token_ids
 
     tokenizer = _chatml_tokenizer_with_the_wrong_eos()
     end_of_turn = tokenizer.convert_tokens_to_ids("</s>")
@@ -110,7 +111,7 @@ def test_an_answer_ends_at_the_templates_end_of_turn_even_when_the_tokenizer_nam
 
 
 def test_a_template_whose_turn_ends_in_plain_text_stops_at_eos_only():
-    from jobs.chat import stop_token_ids
+    from jobs.lib.chat import stop_token_ids
 
     tokenizer = _chatml_tokenizer_with_the_wrong_eos()
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.config import TrainConfig
-from jobs.errors import T2SError
-from jobs.train import Stack, adapter_problems, check_setup, check_stack, installed_stack
+from jobs.lib.config import TrainConfig
+from jobs.lib.errors import T2SError
+from jobs.lib.training import Stack, adapter_problems, check_stack, installed_stack
+from jobs.train import check_setup
 from tests.conftest import ROOT, t2s
 
 ZERO3 = {"distributed_type": "DEEPSPEED", "num_processes": 2,
@@ -36,7 +37,7 @@ def test_bad_setups_fail_before_loading(method, accelerate, gpus, bnb, expected)
 
 
 def test_forced_attention_that_cannot_run_fails_in_one_line(monkeypatch):
-    from jobs import models
+    from jobs.lib import models
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert models.pick_attention("auto") == "sdpa"
@@ -84,7 +85,7 @@ def test_packed_examples_do_not_attend_to_each_other():
     """trl's padding-free collator + SDPA: each packed example's logits equal its logits alone."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from jobs.tiny import build_model
+    from jobs.lib.tiny import build_model
 
     model = build_model(vocab_size=64, seed=1).eval()
     model.config.use_cache = False  # as in training: transformers builds the per-example mask only without a cache
@@ -175,7 +176,7 @@ def stop_then_resume(copy_run, name: str, train: dict, stop: str, env: dict | No
     the way out) or SIGKILL to every process (a pod that dies, between two checkpoints: the steps after the last one
     are redone) — then rerun; then the same config uninterrupted. Checks that the rerun resumed from the last
     complete checkpoint and ends at the uninterrupted run's step count and learning rate (the schedule came back:
-    transformers loads scheduler.pt with optimizer.pt, on torch < 2.6 only through jobs/resume.py)."""
+    transformers loads scheduler.pt with optimizer.pt, on torch < 2.6 only through jobs/lib/resume.py)."""
     run, config = copy_run(f"{name}-{stop}", train=train)
     env = {**os.environ, **(env or {})}
     process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--config", str(config)], cwd=ROOT,
@@ -216,6 +217,7 @@ def stop_then_resume(copy_run, name: str, train: dict, stop: str, env: dict | No
     return run
 
 
+@pytest.mark.slow  # two real trainings each (~2 min on 2 cores): the fast lane keeps train's checks and test_resume.py
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
 def test_a_stopped_or_killed_training_resumes_to_the_same_step_count(copy_run, stop):
     # On every stack, torch 2.1 (the cu118 set) too.

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs import shipped
-from jobs.config import load_config
-from jobs.errors import T2SError
-from jobs.hub import names_local_model
+from jobs.lib import shipped
+from jobs.lib.config import load_config
+from jobs.lib.errors import T2SError
+from jobs.lib.hub import names_local_model
 from jobs.runlist import headline, human_size, list_runs
 from tests.conftest import ROOT, t2s, tiny_config, write_config
 
@@ -88,7 +88,7 @@ def test_a_built_wheel_ships_the_configs_and_trains_with_single(tmp_path):
                             text=True, env=env, timeout=120)
     assert listed.returncode == 0, listed.stderr
     assert str(venv) in listed.stdout and "accelerate/single" in listed.stdout and str(ROOT) not in listed.stdout
-    probe = ("import jobs, jobs.train as t; p = t.accelerate_config_path('single'); "
+    probe = ("import jobs, jobs.lib.accelerate_config as t; p = t.accelerate_config_path('single'); "
              "print(jobs.__file__); print(p); print(t.read_accelerate_config('single')[1]['num_processes'])")
     resolved = subprocess.run([str(python), "-c", probe], cwd=outside, capture_output=True, text=True, env=env,
                               timeout=120)
@@ -236,7 +236,7 @@ def test_a_wrong_set_key_is_blamed_on_the_set(tmp_path):
 # --- 12. logs for people --------------------------------------------------------------------------------------------
 
 def test_quiet_library_output(monkeypatch):
-    from jobs import quiet
+    from jobs.lib import quiet
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
@@ -352,18 +352,18 @@ def test_training_curves_from_metrics_jsonl(tmp_path):
 
 
 def test_eval_report_and_card_show_the_training_curves(tmp_path):
-    from jobs import eval as eval_job
-    from jobs.card import render_model_card
+    from jobs.lib.card import render_model_card
+    from jobs.lib.report import render_markdown
     from tests.test_push import REPORT, TRAIN_DONE, make_run
 
     report = {**REPORT, "buckets": {"base": {}, "merged": {}}, "build_errors": {},
               "config": {"databases_per_example": 3, "query_timeout_s": 1.0}, "training_curves": "training_curves.png"}
     for r in report["results"].values():
         r.update(fails_to_execute=0.0, gold_error=3, build_error=0)
-    markdown = eval_job.render_markdown(report)
+    markdown = render_markdown(report)
     assert "![training: loss and learning rate per step](training_curves.png)" in markdown
     assert "![scores](metrics.png)" in markdown
-    assert "training_curves" not in eval_job.render_markdown({**report, "training_curves": None})
+    assert "training_curves" not in render_markdown({**report, "training_curves": None})
     config, _ = make_run(tmp_path)
     card = render_model_card(load_config(config), "alice/x", report=REPORT, train_done=TRAIN_DONE, prompt_suffix="",
                              training_curves=True)
@@ -375,7 +375,7 @@ def test_eval_report_and_card_show_the_training_curves(tmp_path):
 # --- 11. the model card -----------------------------------------------------------------------------------------------
 
 def test_card_rows_say_what_they_measured(tmp_path):
-    from jobs.card import render_model_card
+    from jobs.lib.card import render_model_card
     from tests.test_push import REPORT, TRAIN_DONE, make_run
 
     config, _ = make_run(tmp_path)
@@ -398,8 +398,8 @@ def test_card_rows_say_what_they_measured(tmp_path):
 
 
 def test_run_span_counts_from_the_first_job_start(tmp_path):
-    from jobs.card import run_span_s
-    from jobs.rundir import RunDir
+    from jobs.lib.card import run_span_s
+    from jobs.lib.rundir import RunDir
 
     run = RunDir(tmp_path / "r")
     assert run_span_s(run) is None
@@ -423,16 +423,16 @@ def test_dropped_rows_say_why():
 
 
 def test_eval_names_its_subset_apart_from_the_split():
-    from jobs.eval import render_decoding, subset
+    from jobs.lib.report import render_decoding, subset
 
     assert subset(12, {"rows": {"test": 40}}, "test") == "the first 12 of the 40 test examples (eval.max_examples)"
     assert subset(40, {"rows": {"test": 40}}, "test") == "all 40 test examples"
     cpu = {"results": {"base": {"decoder": "dynamic", "compile_s": 0.0}, "merged": {"decoder": "dynamic"}}}
-    assert render_decoding(cpu) == ["", "Decoding (jobs.generate): base: dynamic; merged: dynamic."]  # no CUDA graphs
+    assert render_decoding(cpu) == ["", "Decoding (jobs.lib.generate): base: dynamic; merged: dynamic."]  # no CUDA graphs
 
 
 def test_a_fresh_train_start_drops_old_tensorboard_events(copy_run):
-    from jobs.rundir import RunDir
+    from jobs.lib.rundir import RunDir
 
     run_path, config = copy_run("tb")
     run, cfg = RunDir(run_path), load_config(config)
@@ -467,19 +467,20 @@ def _section_variables(title_start: str) -> set[str]:
 
 
 def test_env_example_section_read_from_dotenv_is_what_the_commands_read():
-    from jobs.dotenv_settings import DOTENV_SETTINGS
+    from jobs.lib.dotenv_settings import DOTENV_SETTINGS
 
     assert _section_variables("# --- read from .env by t2s and t2s-infra") == set(DOTENV_SETTINGS)
     assert {"T2S_JOB", "T2S_CONFIG", "HF_HOME"} <= _section_variables("# --- inside the job container")
 
 
 def test_dotenv_settings_fill_in_what_the_environment_leaves_unset(tmp_path, monkeypatch):
-    from jobs.dotenv_settings import load_dotenv_settings
+    from jobs.lib.dotenv_settings import load_dotenv_settings
 
     env = tmp_path / ".env"
     env.write_text("T2S_DECODER=dynamic\nT2S_STATE_DIR=/from/dotenv\nT2S_JOB=train\nHF_TOKEN=hf_notputintheenvironment\n")
-    monkeypatch.delenv("T2S_DECODER", raising=False)
-    monkeypatch.delenv("T2S_JOB", raising=False)
+    for name in ("T2S_DECODER", "T2S_JOB", "T2S_STATE_DIR"):  # set, then unset: monkeypatch undoes what the test sets
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("T2S_STATE_DIR", "/from/environment")
     assert load_dotenv_settings(env) == {"T2S_DECODER": "dynamic"}

@@ -1,12 +1,12 @@
-"""jobs.vote: the largest group of equal results wins, ties by model score; a candidate that fails never wins."""
+"""jobs.lib.vote: the largest group of equal results wins, ties by model score; a candidate that fails never wins."""
 
 from __future__ import annotations
 
 import pytest
 
-from jobs.generate import Candidate
-from jobs.sandbox import Sandbox
-from jobs.vote import choose_by_votes, pick
+from jobs.lib.checked import Candidate
+from jobs.lib.sandbox import Sandbox
+from jobs.lib.vote import choose_by_votes, pick
 
 CONTEXT = "CREATE TABLE singer (name VARCHAR, age INTEGER)"
 

@@ -1,11 +1,11 @@
 """Vote decoding: answers chosen by what they return (eval.decoding: vote, `t2s ask --decoding vote`, the API).
 
 For each question: the greedy answer plus N sampled ones (the same N counts every sample, repeats included: a repeat is
-a vote). Each distinct candidate runs read-only in the sandbox (jobs.sandbox) on a few databases generated from the
-schema by jobs.scoring's generator, seeded with the literals of all the question's candidates (never a gold query's:
+a vote). Each distinct candidate runs read-only in the sandbox (jobs.lib.sandbox) on a few databases generated from the
+schema by jobs.lib.scoring's generator, seeded with the literals of all the question's candidates (never a gold query's:
 decoding must not see the answer eval scores against), the same databases for every candidate. Candidates are grouped
 by the rows they return (as multisets; in order when the candidate orders them); the largest group wins, a tie goes to
-the group with the best model score (mean log-probability per token, jobs.generate), and within the winning group the
+the group with the best model score (mean log-probability per token, jobs.lib.generate), and within the winning group the
 best-scored candidate is the answer. A candidate that fails to run (not one query, an error, refused, past a limit)
 never wins; when every candidate fails, the greedy answer is given, marked not voted.
 """
@@ -19,11 +19,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from jobs import sqlcheck
-from jobs.sandbox import QueryError, Sandbox, run_readonly, working_on
+from jobs.lib import sqlcheck
+from jobs.lib.checked import Candidate
+from jobs.lib.sandbox import QueryError, Sandbox, run_readonly, working_on
 
 if TYPE_CHECKING:  # not imported here: sandbox workers import this module, and must not load torch
-    from jobs.generate import Candidate, Generation
+    from jobs.lib.generate import Generation
 
 VOTE_DATABASES = 2
 VOTE_ROWS_PER_TABLE = 8
@@ -71,8 +72,8 @@ def pick(signatures: list[str | None], scores: list[float | None]) -> int | None
 @functools.lru_cache(maxsize=16)  # a question's candidates share their databases
 def _databases_plan(context: str, texts: tuple[str, ...]):
     """(tables, planted values) for a question: its schema, and the literals of every candidate that parses."""
-    from jobs.checked import _tables
-    from jobs.scoring import Planted, planted_values
+    from jobs.lib.checked import _tables
+    from jobs.lib.scoring import Planted, planted_values
 
     tables = _tables(context)
     if tables is None:
@@ -93,7 +94,7 @@ def result_signature(context: str, texts: tuple[str, ...], index: int, seed: int
                      row_limit: int = VOTE_ROW_LIMIT) -> str | None:
     """Runs in a Sandbox worker: a digest of the rows candidate `index` returns on the question's databases, or None
     when it is not one query or does not run on them."""
-    from jobs.scoring import BuildError, comparable, random_database
+    from jobs.lib.scoring import BuildError, comparable, random_database
 
     working_on("candidate")
     query = sqlcheck.single_query(texts[index].strip())
@@ -156,12 +157,12 @@ def choose_by_votes(contexts: list[str], candidates: list[list[Candidate]], sand
 
 def sample_candidates(model, tokenizer, prompts: list[str], n: int, batch_size: int, max_new_tokens: int,
                       temperature: float = TEMPERATURE, seed: int = 0) -> list[list[Candidate]]:
-    """`n` sampled answers to each prompt (repeats kept: each is a vote), scored like jobs.generate's candidates.
+    """`n` sampled answers to each prompt (repeats kept: each is a vote), scored like jobs.lib.generate's candidates.
     `batch_size` counts sequences: batch_size // n prompts are sampled together."""
     import torch
 
-    from jobs.chat import stop_token_ids
-    from jobs.generate import Candidate, _answer_ids, sequence_scores
+    from jobs.lib.chat import stop_token_ids
+    from jobs.lib.candidates import _answer_ids, sequence_scores
 
     tokenizer.padding_side = "left"
     stops = stop_token_ids(tokenizer)
@@ -198,8 +199,8 @@ def vote_with_model(model, tokenizer, prompts: list[str], contexts: list[str], g
     """Vote decoding end to end, given the greedy answers: sample, score the greedy answers, vote."""
     from dataclasses import replace
 
-    from jobs.checked import first_candidate
-    from jobs.generate import answer_scores
+    from jobs.lib.checked import first_candidate
+    from jobs.lib.candidates import answer_scores
 
     first = [first_candidate(g) for g in greedy]
     scores = answer_scores(model, tokenizer, prompts, first)
@@ -232,10 +233,10 @@ def eval_vote_answers(cfg, run, rows: list[dict], label: str, which: str, varian
 
     import torch
 
-    from jobs.chat import render_prompt
-    from jobs.generate import Generation
-    from jobs.models import default_device, load_run_model
-    from jobs.rundir import write_atomic
+    from jobs.lib.chat import render_prompt
+    from jobs.lib.generate import Generation
+    from jobs.lib.models import default_device, load_run_model
+    from jobs.lib.rundir import write_atomic
 
     path = folder / f"{label.replace(':', '-')}{VOTE}.json"
     key = json.loads(json.dumps({**generation_key, "decoding": "vote", "samples": cfg.eval.vote_samples,

@@ -1,7 +1,7 @@
 """The non-secret settings that t2s and t2s-infra read from `.env` as well as from the environment (.env.example's
 section "read from .env by t2s and t2s-infra"). The environment wins; .env fills in what it leaves unset, before a
 command runs, so that every reader (and every process a command starts: the training workers) sees the same value.
-Secrets are not among them: jobs.credentials reads those where they are needed and never puts them in the environment.
+Secrets are not among them: jobs.lib.credentials reads those where they are needed and never puts them in the environment.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dotenv import dotenv_values
 
 # name → where it is read (for .env.example's comments; tests/test_ux.py checks that the two agree)
 DOTENV_SETTINGS = {
-    "T2S_DECODER": "jobs.generate: eval, ask and the Python API",
-    "T2S_PUSH_BACKOFF_S": "jobs.push",
-    "T2S_PUSH_TIMEOUT_S": "jobs.push",
+    "T2S_DECODER": "eval.decoder (jobs.lib.config), and jobs.lib.generate: ask and the Python API",
+    "T2S_PUSH_BACKOFF_S": "push.backoff_s (jobs.lib.config)",
+    "T2S_PUSH_TIMEOUT_S": "push.timeout_s (jobs.lib.config)",
     "T2S_STATE_DIR": "infra.records: t2s-infra",
     "T2S_LOGS_REPO": "t2s-infra logs, upload-logs",
 }

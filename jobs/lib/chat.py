@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jobs.errors import T2SError
+from jobs.lib.errors import T2SError
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (the prompt)
 _ANSWER_SENTINEL = "\x00T2S_ANSWER\x00"

@@ -3,8 +3,8 @@
 A prediction is scored by running it and the gold query on a few small random databases built from the example's
 CREATE TABLE context. The rows are seeded with the gold query's literals and near misses of them, so its WHERE
 clauses select something and a wrong operator or literal shows; the prediction matches when it returns the same
-rows as the gold query on every database. Queries run through jobs.sandbox.run_readonly; eval calls score_answer
-in a jobs.sandbox.Sandbox worker, so their limits hold whatever the SQL does.
+rows as the gold query on every database. Queries run through jobs.lib.sandbox.run_readonly; eval calls score_answer
+in a jobs.lib.sandbox.Sandbox worker, so their limits hold whatever the SQL does.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import NamedTuple
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
-from jobs import sqlcheck
-from jobs.sandbox import QueryError, QueryFailed, QueryRefused, QueryTimeout, run_readonly, working_on
-from jobs.sqlcheck import DIALECT, Table
+from jobs.lib import sqlcheck
+from jobs.lib.sandbox import QueryError, QueryFailed, QueryRefused, QueryTimeout, run_readonly, working_on
+from jobs.lib.sqlcheck import DIALECT, Table
 
 # gold_error: the gold query does not run on the example's tables; build_error: SQLite cannot hold the tables or
 # the values the gold query looks for. Neither counts in execution accuracy.

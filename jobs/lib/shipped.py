@@ -14,9 +14,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from jobs.errors import T2SError
+from jobs.lib.errors import T2SError
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # jobs/, this module being jobs/lib/shipped.py
 
 
 def configs_dir() -> Path:

@@ -9,7 +9,7 @@ import sys
 import unicodedata
 from collections.abc import Iterator
 
-from jobs.credentials import redact
+from jobs.lib.credentials import redact
 
 
 class T2SError(Exception):

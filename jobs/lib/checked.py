@@ -4,13 +4,13 @@ Greedy decoding returns whatever comes first, even a query that cannot run. Chec
 order and answers with the first that passes every check, each of which proves an answer wrong when it fails:
   finished   the model ended it itself: not cut at the token limit, not stopped repeating itself;
   parses     one SQL statement (sqlglot);
-  runs       it runs read-only in the sandbox (jobs.sandbox: reading only, time, memory and row limits) on an empty
+  runs       it runs read-only in the sandbox (jobs.lib.sandbox: reading only, time, memory and row limits) on an empty
              database built from the schema: writes, ATTACH, PRAGMA and runaway queries are refused or killed here;
   resolves   it is a query whose every table and column resolves against the schema (sqlglot's qualify);
-  runs with rows   it runs on a database of random rows built from the schema by jobs.scoring's generator, seeded with
+  runs with rows   it runs on a database of random rows built from the schema by jobs.lib.scoring's generator, seeded with
              the candidate's own literals (never a gold query's: decoding must not see the answer eval scores against).
 The candidates: the greedy answer first (most pass, and then cost nothing more); for a question whose greedy answer
-fails, a beam search's answers (jobs.generate.generate_candidates), best model score first, up to `candidates` in
+fails, a beam search's answers (jobs.lib.candidates.generate_candidates), best model score first, up to `candidates` in
 all. When none passes, the best-scored candidate is the answer, marked unchecked. Checks run in sandbox workers in
 rounds: every open question's next candidate at once, so the checks of a batch run in parallel and a question stops
 at its first passing candidate.
@@ -27,18 +27,28 @@ from typing import TYPE_CHECKING, Callable
 from sqlglot import exp
 from sqlglot.errors import OptimizeError
 
-from jobs import sqlcheck
-from jobs.errors import T2SError
-from jobs.sandbox import QueryError, QueryFailed, QueryRefused, QueryTimeout, Sandbox, run_readonly, working_on
+from jobs.lib import sqlcheck
+from jobs.lib.errors import T2SError
+from jobs.lib.sandbox import QueryError, QueryFailed, QueryRefused, QueryTimeout, Sandbox, run_readonly, working_on
+from jobs.lib.scoring import (STATEMENTS, BuildError, merge_duplicate_tables, planted_values, random_database,
+                              table_statements)
 
 if TYPE_CHECKING:  # not imported here: sandbox workers import this module, and must not load torch
-    from jobs.generate import Candidate, Generation
+    from jobs.lib.generate import Generation
 
-DECODINGS = ("greedy", "checked", "vote")  # vote: jobs.vote
+DECODINGS = ("greedy", "checked", "vote")  # vote: jobs.lib.vote
 CHECKS = ("finished", "parses", "runs", "resolves", "runs_with_rows")
 CHECK_ROWS_PER_TABLE = 8  # rows a table of the filled database gets (as eval's scoring databases)
 CHECK_TIMEOUT_S = 1.0  # a query's time limit on the check databases (8 rows a table: a second is very long)
 CHECK_ROW_LIMIT = 10_000
+
+
+@dataclass
+class Candidate:
+    text: str
+    ended: str  # "eos": the model ended it; "limit": cut at max_new_tokens; "repeats": stopped by the RepetitionGuard
+    score: float | None = None  # mean log-probability per token under the model, the end-of-turn token included
+    new_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,15 +131,11 @@ def resolution_problem(query: exp.Expression, tables: list[sqlcheck.Table]) -> s
 
 @functools.lru_cache(maxsize=64)  # a question's candidates share their schema
 def _tables(context: str) -> tuple[sqlcheck.Table, ...] | None:
-    from jobs.scoring import merge_duplicate_tables
-
     tables = sqlcheck.parse_schema(context)
     return tuple(merge_duplicate_tables(tables)) if tables else None
 
 
 def _empty_database(tables: tuple[sqlcheck.Table, ...]) -> sqlite3.Connection:
-    from jobs.scoring import BuildError, table_statements
-
     conn = sqlite3.connect(":memory:")
     try:
         for create_sql, _ in table_statements(tables):
@@ -161,8 +167,6 @@ def check_candidate(context: str, text: str, ended: str, seed: int,
     """Every check of one candidate (its text, and how it ended: Candidate.ended), in CHECKS order, stopping at the
     first that fails. Runs in a sandbox worker (Sandbox.map(check_candidate, ...)): the candidate is parsed and run
     there, never in the job's process."""
-    from jobs.scoring import STATEMENTS, BuildError, planted_values, random_database
-
     if ended != "eos":
         return Verdict(False, "finished", "it repeats itself" if ended == "repeats" else "cut at the token limit")
     working_on("candidate")  # parsing it: a candidate that hangs the parser is the model's failure
@@ -214,8 +218,6 @@ def verdict_after_kill(task: tuple, error: QueryError) -> Verdict:
 
 def first_candidate(generation: Generation) -> Candidate:
     """The greedy answer as a candidate; ended_at_eos None (not recorded) counts as finished."""
-    from jobs.generate import Candidate
-
     ended = "limit" if generation.ended_at_eos is False else "eos"
     return Candidate(generation.text, ended, None, generation.new_tokens)
 
@@ -273,17 +275,3 @@ def choose_answers(contexts: list[str], greedy: list[Generation], search: Search
         if choice is None:
             choices[i] = Choice(best_scored([c for c, _ in tried[i]]), False, tried[i])
     return choices
-
-
-def search_with_model(model, tokenizer, prompts: list[str], greedy: list[Generation], candidates: int,
-                      batch_size: int, max_new_tokens: int) -> list[list[Candidate]]:
-    """choose_answers' search, with a model: for each prompt its greedy answer scored, then the answers of a beam
-    search of `candidates` beams (jobs.generate.generate_candidates), best-scored first."""
-    from dataclasses import replace
-
-    from jobs.generate import answer_scores, generate_candidates
-
-    first = [first_candidate(g) for g in greedy]
-    scores = answer_scores(model, tokenizer, prompts, first)
-    beams = generate_candidates(model, tokenizer, prompts, candidates, batch_size, max_new_tokens)
-    return [[replace(f, score=score), *others] for f, score, others in zip(first, scores, beams)]

@@ -10,11 +10,25 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from jobs.config import Config, names_local_path
+from jobs.lib.config import Config, names_local_path
+from jobs.lib.errors import T2SError
 
 # "owner/name" of a model or dataset repo (the Hub's own rule for both parts).
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 HUB_ID = re.compile(rf"^{_PART}/{_PART}$")
+
+
+def check_repo_id(repo_id: str | None, dry_run: bool) -> str | None:
+    """push.repo_id as the Hub takes it for a model repo (push, and t2s-infra before a pod starts), or one line."""
+    if repo_id is None:
+        if dry_run:
+            return None
+        raise T2SError("push.repo_id is not set: add `push: {repo_id: your-name/model-name}` to the config, "
+                       "or --set push.repo_id=your-name/model-name (--set push.dry_run=true shows what would go up)")
+    if not HUB_ID.match(repo_id) or len(repo_id.split("/")[1]) > 96:
+        raise T2SError(f"push.repo_id {repo_id!r} is not 'owner/name' of a model repo (letters, digits, '-', '_', "
+                       "'.'; no URL and no datasets/ or spaces/ prefix): fix push.repo_id")
+    return repo_id
 
 
 def is_hub_id(name: str) -> bool:

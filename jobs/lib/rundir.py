@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import yaml
 
-from jobs.config import Config, RLConfig, dump_config
-from jobs.errors import T2SError
+from jobs.lib.config import Config, RLConfig, dump_config
+from jobs.lib.errors import T2SError
 
 JOBS = ("prep", "train", "rl", "merge", "eval", "push")
 
@@ -394,9 +394,14 @@ def replace_dir(staging: Path, final: Path) -> None:
     os.replace(staging, final)
 
 
+def staging_path(final: Path) -> Path:
+    """Where `final` is written before it is put in place: `<final>.partial` beside it (fresh_staging empties it)."""
+    return final.with_name(final.name + ".partial")
+
+
 def fresh_staging(final: Path, keep: tuple[str, ...] = ()) -> Path:
     """An empty staging folder beside `final`, but for the entries named in `keep` that an interrupted job left."""
-    staging = final.with_name(final.name + ".partial")
+    staging = staging_path(final)
     if staging.is_dir() and keep:
         for entry in staging.iterdir():
             if entry.name not in keep:

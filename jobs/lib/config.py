@@ -3,20 +3,22 @@
 Defaults live here and only here. `load_config` merges defaults + file + `--set key=value` overrides,
 validates the result before any work starts, and turns every problem into a one-line T2SError.
 Secrets never live in the config: `secret()` reads them from the environment or `.env`, and a config that
-holds one (a known secret's value, or anything token-shaped: jobs/credentials.py) is refused without echoing it.
+holds one (a known secret's value, or anything token-shaped: jobs/lib/credentials.py) is refused without echoing it.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from jobs.errors import T2SError
-from jobs.credentials import SECRET_NAMES, find_secret_in_config, redact, secret  # noqa: F401 (secret: re-exported)
+from jobs.lib.errors import T2SError
+from jobs.lib.credentials import SECRET_NAMES, find_secret_in_config, redact, secret  # noqa: F401 (secret: re-exported)
 
 
 class Section(BaseModel):
@@ -148,6 +150,9 @@ class MergeConfig(Section):
     verify_prompts: int = Field(default=4, gt=0)
 
 
+DECODERS = ("auto", "cudagraph", "compiled", "static", "dynamic")  # eval.decoder, T2S_DECODER (jobs.lib.generate)
+
+
 class EvalConfig(Section):
     split: Literal["train", "validation", "test"] = "test"
     models: list[Literal["base", "adapter", "merged"]] = ["base", "merged"]
@@ -161,15 +166,17 @@ class EvalConfig(Section):
     rows_per_table: int = Field(default=8, gt=0)
     query_timeout_s: float = Field(default=1.0, gt=0)
     row_limit: int = Field(default=10_000, gt=0)
-    # greedy: greedy answers only. checked: each fine-tuned model is also evaluated with checked decoding (jobs.checked:
+    # greedy: greedy answers only. checked: each fine-tuned model is also evaluated with checked decoding (jobs.lib.checked:
     # the first of up to `candidates` answers that parses, resolves against the schema and runs), side by side with
     # its greedy answers. Base models answer greedily only: they chat, and every answer would go to the beam search.
     decoding: Literal["greedy", "checked", "vote"] = "checked"
     candidates: int = Field(default=4, ge=1)  # checked decoding: the greedy answer, then a beam search's
-    # vote: as checked, and each fine-tuned model also answers by vote decoding (jobs.vote): greedy plus vote_samples
+    # vote: as checked, and each fine-tuned model also answers by vote decoding (jobs.lib.vote): greedy plus vote_samples
     # sampled ones, run on generated databases; the largest group of equal results wins (row "<model>+vote")
     vote_samples: int = Field(default=8, ge=1)
     vote_temperature: float = Field(default=0.7, gt=0)
+    # How greedy answers are decoded (jobs.lib.generate): auto is cudagraph on a GPU, transformers' generate on a CPU.
+    decoder: Literal["auto", "cudagraph", "compiled", "static", "dynamic"] = "auto"
 
 
 class PushGates(Section):
@@ -189,6 +196,8 @@ class PushConfig(Section):
     dry_run: bool = False
     license: str = "apache-2.0"
     retries: int = Field(default=4, ge=0)
+    timeout_s: float = Field(default=300.0, gt=0)  # how long one stalled request to the Hub may wait
+    backoff_s: float = Field(default=2.0, gt=0)  # the first wait before a retry (doubled each time)
     # A model below the gates, or not evaluated, is not published unless enforce_gates is false.
     enforce_gates: bool = True
     gates: PushGates = PushGates()
@@ -245,11 +254,51 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for item in overrides:
         _apply_override(data, item)
     refuse_secrets(data, "in a --set")
+    for key, value in environment_overrides(os.environ).items():
+        section, leaf = key.split(".")
+        if isinstance(data.setdefault(section, {}), dict):  # else the file's own error is the one to say
+            data[section][leaf] = value
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         raise T2SError(describe_error(error, where_given(error["loc"], path, overrides), Config)) from None
+
+
+# Environment variables that still set a config key, over the file and every --set: the key, and how the value reads.
+ENVIRONMENT_KEYS = {"T2S_DECODER": "eval.decoder", "T2S_PUSH_TIMEOUT_S": "push.timeout_s",
+                    "T2S_PUSH_BACKOFF_S": "push.backoff_s"}
+
+
+def environment_overrides(environ) -> dict[str, Any]:
+    """{config key: value} that the environment sets (ENVIRONMENT_KEYS), each said on stderr: the job's config record
+    (logs/<job>.config.yaml) then holds the value it ran with. A value that cannot be one is one line."""
+    found: dict[str, Any] = {}
+    for name, key in ENVIRONMENT_KEYS.items():
+        raw = environ.get(name, "").strip()
+        if not raw:
+            continue
+        section, leaf = key.split(".")
+        if key == "eval.decoder":
+            value: Any = raw.lower()
+            if value not in DECODERS:
+                raise T2SError(f"{name}={value!r} is not a decoder: use one of {', '.join(DECODERS)}")
+        else:
+            value = _seconds(name, raw, PushConfig.model_fields[leaf].default)
+        print(f"note: {name}={value} from the environment sets {key}", file=sys.stderr, flush=True)
+        found[key] = value
+    return found
+
+
+def _seconds(name: str, raw: str, default: float) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise T2SError(f"{name}={raw[:40]!r} is not a number of seconds above 0: set e.g. {name}={default:g}, or "
+                       "unset it")
+    return value
 
 
 def where_given(loc: tuple, path: str | Path | None, overrides: list[str] | tuple = ()) -> str:

@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from jobs.errors import T2SError
+from jobs.lib.errors import T2SError
 
 # Functions a query may call: SQLite's core, aggregate, window, date and math functions. Left out on purpose:
 # load_extension, random/randomblob/zeroblob (nondeterminism, memory), sqlite_* and changes-style introspection.
@@ -233,7 +233,7 @@ def identifier(name: str) -> str:
     """A name as the training contexts write it: bare, quoted only where it must be."""
     from sqlglot import exp  # here, so that a worker's start-up does not import sqlglot
 
-    from jobs.sqlcheck import DIALECT
+    from jobs.lib.sqlcheck import DIALECT
 
     return exp.to_identifier(name).sql(dialect=DIALECT)
 
@@ -263,7 +263,7 @@ def _set_deadline(seconds: float, limit_s: float, role: str) -> None:
 
 
 def serve() -> None:
-    """A worker's loop (`python -c "...; jobs.sandbox.serve()" PIPE_FD DEADLINE_FILE MEMORY_BYTES BUDGET_S`,
+    """A worker's loop (`python -c "...; jobs.lib.sandbox.serve()" PIPE_FD DEADLINE_FILE MEMORY_BYTES BUDGET_S`,
     started by a Sandbox): cap the address space, then run each (function, args) received and send back what came
     of it, with the worker's peak resident memory."""
     global _deadline, _budget_s
@@ -419,8 +419,8 @@ class Sandbox:
         with open(deadline_file, "r+b") as file:
             deadline = mmap.mmap(file.fileno(), DEADLINE.size)
         # sys.path[0] is the working directory under -c: the worker imports this very jobs package instead
-        package_root = str(Path(__file__).resolve().parents[1])
-        boot = f"import sys; sys.path[0] = {package_root!r}; import jobs.sandbox as s; s.serve()"
+        package_root = str(Path(__file__).resolve().parents[2])
+        boot = f"import sys; sys.path[0] = {package_root!r}; import jobs.lib.sandbox as s; s.serve()"
         process = subprocess.Popen(
             [sys.executable, "-c", boot, str(theirs.fileno()), str(deadline_file), str(self.memory_bytes),
              str(self.task_budget_s)],

@@ -2,7 +2,7 @@
 
 Every number comes from the run (eval/report.json, train.done: what train really ran with, the config); what is
 missing says so. The scores go into the card's metadata too (model-index), which the Hub shows beside the model. The
-usage example shows the exact prompt the model was trained on (jobs.chat.render_prompt), rendered from the
+usage example shows the exact prompt the model was trained on (jobs.lib.chat.render_prompt), rendered from the
 artifact's chat template without loading a tokenizer.
 """
 
@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.config import Config
-from jobs.hub import is_hub_id
-from jobs.rundir import read_json
+from jobs.lib.config import Config
+from jobs.lib.hub import is_hub_id
+from jobs.lib.rundir import read_json
 
 CHECKED = "+checked"  # the label suffix of a checked-decoding row in eval's report (jobs.eval.CHECKED)
 
@@ -45,7 +45,7 @@ def read_chat_template(folder: Path) -> tuple[str | None, dict[str, str]]:
 
 def trained_prompt_suffix(chat_template: str, special_tokens: dict[str, str]) -> str | None:
     """What must follow the `add_generation_prompt=True` prompt to give the text that preceded the SQL in
-    training (jobs.chat.render_prompt): "" for TinyLlama's template as transformers renders it, "\\n" for one
+    training (jobs.lib.chat.render_prompt): "" for TinyLlama's template as transformers renders it, "\\n" for one
     whose generation prompt stops at "<|assistant|>"; None when the template cannot be rendered here or its
     generation prompt is no prefix of the training text. Rendered as transformers does (sandboxed jinja,
     trim_blocks, lstrip_blocks), so that pushing needs no tokenizer library."""
@@ -287,7 +287,7 @@ def _precision(cfg: Config, done: dict) -> str:
 def run_span_s(run) -> float | None:
     """Seconds from the start of the run's first job to now (push): each job writes logs/<job>.config.yaml as it
     starts. None when no job left one."""
-    from jobs.rundir import JOBS
+    from jobs.lib.rundir import JOBS
 
     starts = [path.stat().st_mtime for path in (run.job_config(job) for job in JOBS if job != "push") if path.is_file()]
     return max(0.0, time.time() - min(starts)) if starts else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from jobs.errors import T2SError
+from jobs.lib.errors import T2SError
 
 
 def gate_lifted_for(checkpoint: Path | None, own_checkpoints: Path, torch_is_new: bool) -> bool:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from jobs.config import Config, names_local_path
-from jobs.errors import T2SError, first_line
-from jobs.rundir import RunDir
+from jobs.lib.config import Config, names_local_path
+from jobs.lib.errors import T2SError, first_line
+from jobs.lib.rundir import RunDir
 
 TINY = "tiny"
 
