@@ -172,6 +172,34 @@ class EvalConfig(Section):
     vote_temperature: float = Field(default=0.7, gt=0)
 
 
+class ExportAgreement(Section):
+    """The least share of the check rows on which a file run through llama.cpp answers as the merged model."""
+    f16: float = Field(default=0.95, ge=0, le=1)
+    q8_0: float = Field(default=0.95, ge=0, le=1)
+    q4_k_m: float = Field(default=0.85, ge=0, le=1)
+
+
+class ExportConfig(Section):
+    """`t2s export`: GGUF files for llama.cpp / Ollama, checked against the merged model (jobs/export.py)."""
+    enabled: bool = False  # whether `t2s pipeline` runs export after merge (`t2s export` always runs it)
+    format: Literal["gguf"] = "gguf"
+    quant: list[Literal["f16", "q8_0", "q4_k_m"]] = Field(default=["f16", "q8_0", "q4_k_m"], min_length=1)
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)  # run_id if None
+    modelfile: bool = True  # an Ollama Modelfile beside the files
+    check_rows: int = Field(default=32, ge=1, le=100_000)  # the first validation rows the answers are compared on
+    max_new_tokens: int = Field(default=128, gt=0)
+    llama_cpp_check: bool = True  # run every file through llama.cpp (needs llama-cpp-python)
+    min_agreement: ExportAgreement = ExportAgreement()
+    threads: int | None = Field(default=None, gt=0)  # llama.cpp's CPU threads (None: every core)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_quant_or_several(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("quant"), str):
+            return {**data, "quant": [data["quant"]]}
+        return data
+
+
 class PushGates(Section):
     """What the evaluated model must reach before push publishes it (the artifact's row in eval/report.json)."""
     min_sql_only: float = Field(default=0.9, ge=0, le=1)
@@ -211,6 +239,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     rl: RLConfig = RLConfig()
     merge: MergeConfig = MergeConfig()
+    export: ExportConfig = ExportConfig()
     eval: EvalConfig = EvalConfig()
     push: PushConfig = PushConfig()
     # infra/ validates its own section (RunPod settings); the jobs ignore it.
