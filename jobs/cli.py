@@ -147,7 +147,8 @@ for _job in JOBS:
 
 @app.command()
 def pipeline(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, force: bool = ForceOption):
-    """Run prep → train → (rl, if rl.enabled) → merge → (export, if export.enabled) → eval → push; finished jobs are skipped unless --force."""
+    """Run prep → train → (rl, if rl.enabled) → merge → (export, if export.enabled) → eval → push; finished jobs are
+    skipped unless --force."""
     with one_line_errors("t2s pipeline"):
         cfg = load_config(config, set_)
         for job in JOBS:

@@ -207,8 +207,8 @@ def _worker_generate(request: dict) -> dict:
     import llama_cpp
 
     started = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=request["path"], n_ctx=int(request.get("n_ctx", 2048)), n_threads=request["threads"],
-                          n_threads_batch=request["threads"], verbose=False, seed=0)
+    llm = llama_cpp.Llama(model_path=request["path"], n_ctx=int(request.get("n_ctx", 2048)),
+                          n_threads=request["threads"], n_threads_batch=request["threads"], verbose=False, seed=0)
     load_s = time.perf_counter() - started
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     stops = set(request["stop_ids"])
