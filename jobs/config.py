@@ -150,7 +150,8 @@ class MergeConfig(Section):
 
 class EvalConfig(Section):
     split: Literal["train", "validation", "test"] = "test"
-    models: list[Literal["base", "adapter", "merged"]] = ["base", "merged"]
+    # gguf:<quant>: a file `t2s export` made, answering through llama.cpp (greedy only)
+    models: list[Literal["base", "adapter", "merged", "gguf:f16", "gguf:q8_0", "gguf:q4_k_m"]] = ["base", "merged"]
     max_examples: int | None = Field(default=None, gt=0)
     # Large batches: greedy decoding costs about the same per step at 64 rows as at 1,000 (bench/RESULTS.md).
     batch_size: int = Field(default=512, gt=0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,13 +52,12 @@ def quants_in_order(quants: list[str]) -> list[str]:
     return [q for q in QUANTS if q in quants]
 
 
-def modelfile_template(prompt: str, bos_token: str | None) -> str:
+def modelfile_template(prompt: str, bos_token: str | None, leading_space: bool = False) -> str:
     """The Go template of Ollama's TEMPLATE for a prompt rendered with the sentinels _SYSTEM and _USER: the same
     text with {{ .System }} and {{ .Prompt }} in their place. A BOS the chat template writes as text is left out:
     llama.cpp adds the BOS itself (tokenizer.ggml.add_bos_token), as t2s's tokenizer does, and two would be one
-    too many."""
-    if bos_token and prompt.startswith(bos_token):
-        prompt = prompt[len(bos_token):]
+    too many. `leading_space`: see conversion_input."""
+    prompt = llama_cpp_prompt(prompt, bos_token, leading_space)
     if "{{" in prompt or "}}" in prompt or '"""' in prompt:
         raise T2SError("the chat template writes '{{', '}}' or '\"\"\"' as text, which an Ollama Modelfile cannot "
                        "hold: export the GGUF files without a Modelfile (export.modelfile: false)")
@@ -97,13 +97,17 @@ def agreement(reference: list[dict], candidate: list[dict]) -> float:
 
 
 def describe_row(i: int, row: dict, merged: dict, other: dict, label: str) -> str:
-    def short(text: str) -> str:
-        text = text.replace("\n", "\\n")
+    differs_at = next((k for k, (a, b) in enumerate(zip(merged["text"], other["text"])) if a != b),
+                      min(len(merged["text"]), len(other["text"])))
+    start = max(0, differs_at - 30) if len(merged["text"]) > 80 or len(other["text"]) > 80 else 0
+
+    def short(text: str, cut: int = 0) -> str:
+        text = ("..." if cut else "") + text[cut:].replace("\n", "\\n")
         return json.dumps(text if len(text) <= 80 else text[:77] + "...")
 
     ending = lambda answer: "" if answer["ended"] else " (cut at max_new_tokens)"  # noqa: E731
-    return (f"row {i} ({short(row['question'])}): merged {short(merged['text'])}{ending(merged)}, "
-            f"{label} {short(other['text'])}{ending(other)}")
+    return (f"row {i} ({short(row['question'])}): merged {short(merged['text'], start)}{ending(merged)}, "
+            f"{label} {short(other['text'], start)}{ending(other)}")
 
 
 def supported_architectures(conversion_dir: Path) -> set[str]:
@@ -167,6 +171,80 @@ def converter_failure(stderr: str) -> str:
     return last[:300]
 
 
+def sentencepiece_model(cfg: Config, run: RunDir) -> Path | None:
+    """The run's tokenizer's tokenizer.model (SentencePiece), if it has one: the model folder's, or the Hub cache's
+    (never downloaded). transformers 5 saves a Llama tokenizer as tokenizer.json only, so merged/ lacks it."""
+    from jobs.models import tokenizer_path
+
+    name = tokenizer_path(cfg, run)
+    local = Path(name).expanduser() / "tokenizer.model"
+    if local.is_file():
+        return local
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(name, "tokenizer.model", local_files_only=True))
+    except Exception:  # not a Hub id, not cached, no such file: the converter uses tokenizer.json
+        return None
+
+
+def same_pieces(spm_file: Path, tokenizer) -> bool:
+    """Whether the SentencePiece model has the tokenizer's vocabulary, piece for piece (added tokens may follow)."""
+    from sentencepiece import SentencePieceProcessor
+
+    processor = SentencePieceProcessor(model_file=str(spm_file))
+    size = processor.get_piece_size()
+    return size <= len(tokenizer) and [processor.id_to_piece(i) for i in range(size)] == \
+        tokenizer.convert_ids_to_tokens(list(range(size)))
+
+
+def spaces_only_the_first_word(tokenizer) -> bool:
+    """A SentencePiece tokenizer that is not "legacy" (TinyLlama's: legacy false) puts "▁" before the prompt's first
+    word only; llama.cpp (add_space_prefix) puts one after every special token too ("</s>\n" → </s> ▁ \n)."""
+    eos = tokenizer.eos_token or ""
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(f"{eos}\nA", add_special_tokens=False)["input_ids"])
+    return len(pieces) > 1 and pieces[1] != "▁" and tokenizer.convert_ids_to_tokens(
+        tokenizer("A", add_special_tokens=False)["input_ids"])[0].startswith("▁")
+
+
+def conversion_input(cfg: Config, run: RunDir, staging: Path) -> tuple[Path, bool]:
+    """What the converter reads, and whether prompts for llama.cpp start with a space. merged/, plus the tokenizer's
+    tokenizer.model when merged/ lacks it: without it the converter builds a Llama vocabulary from tokenizer.json with
+    scores that are not SentencePiece's, and llama.cpp then splits words otherwise than the model was trained on
+    (TinyLlama's "INTEGER": ▁INT EG ER instead of ▁IN TE GER). For a non-legacy SentencePiece tokenizer the file gets
+    add_space_prefix false and the prompt (the Modelfile's TEMPLATE) a leading space instead: the same tokens as t2s's."""
+    from jobs.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(run.merged))
+    has_spm = (run.merged / "tokenizer.model").is_file()
+    spm_file = None if has_spm else sentencepiece_model(cfg, run)
+    if spm_file is not None and not same_pieces(spm_file, tokenizer):
+        spm_file = None
+    leading_space = (has_spm or spm_file is not None) and spaces_only_the_first_word(tokenizer)
+    if spm_file is None and not leading_space:
+        return run.merged, False
+    folder = staging / ".convert-input"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for entry in run.merged.iterdir():
+        (folder / entry.name).symlink_to(entry.resolve())
+    if spm_file is not None:
+        shutil.copyfile(spm_file, folder / "tokenizer.model")
+    if leading_space:
+        settings = json.loads((run.merged / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").unlink()
+        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "add_prefix_space": False}))
+    return folder, leading_space
+
+
+def llama_cpp_prompt(prompt: str, bos_token: str | None, leading_space: bool) -> str:
+    """jobs.chat's prompt as llama.cpp is given it (what the Modelfile's TEMPLATE renders): no BOS text (llama.cpp adds
+    the BOS), and a leading space where the export moved the tokenizer's first-word space into the prompt."""
+    if bos_token and prompt.startswith(bos_token):
+        prompt = prompt[len(bos_token):]
+    return (" " if leading_space else "") + prompt
+
+
 # ---------- the job ----------
 
 
@@ -191,52 +269,56 @@ def run(cfg: Config, run: RunDir) -> str:
     final = export_dir(run)
     name = cfg.export.name or cfg.run_id
     quants = quants_in_order(cfg.export.quant)
-    checked_marks = [f".{file_name(name, q)}.checked" for q in quants]
+    checked_marks = [f".{file_name(name, q)}.made" for q in quants]
     # an interrupted export keeps the files it had made and checked in export.partial/: a rerun goes on from there
     staging = fresh_staging(final, keep=tuple(file_name(name, q) for q in quants) + tuple(checked_marks))
+    source_folder, leading_space = conversion_input(cfg, run, staging)
     made = []
     for quant in quants:
         target = staging / file_name(name, quant)
-        if (staging / f".{target.name}.checked").is_file() and target.is_file():
-            print(f"  {target.name}: made by an interrupted export; kept", flush=True)
+        mark = staging / f".{target.name}.made"
+        if target.is_file() and mark.is_file() and mark.read_text() == run.marker("merge").read_text():
+            print(f"  {target.name}: made by an interrupted export; kept (checked again below)", flush=True)
             continue
         partial = target.with_name(target.name + ".tmp")
         if quant in CONVERTER_OUTTYPES:
             print(f"  converting to {quant} with llama.cpp's converter ...", flush=True)
-            convert(converter, run.merged, partial, CONVERTER_OUTTYPES[quant])
+            convert(converter, source_folder, partial, CONVERTER_OUTTYPES[quant])
         else:
             source = staging / file_name(name, "f16")
             if not source.is_file():
                 source = staging / f".{name}.f16.source.gguf"
                 if not source.is_file():
-                    convert(converter, run.merged, source.with_name(source.name + ".tmp"), "f16")
+                    convert(converter, source_folder, source.with_name(source.name + ".tmp"), "f16")
                     os.replace(source.with_name(source.name + ".tmp"), source)
             print(f"  quantizing to {quant} with llama.cpp's quantizer ...", flush=True)
             gguf_check.quantize(source, partial, quant)
         os.replace(partial, target)
+        mark.write_text(run.marker("merge").read_text())  # made from this merge (checked once all are made)
         made.append(quant)
     for leftover in staging.glob(".*.source.gguf"):
         leftover.unlink()
+    shutil.rmtree(staging / ".convert-input", ignore_errors=True)
 
-    checks = check_files(cfg, run, staging, name, quants)
+    checks = check_files(cfg, run, staging, name, quants, leading_space)
     for mark in checked_marks:
         (staging / mark).unlink(missing_ok=True)
     if cfg.export.modelfile:
-        (staging / "Modelfile").write_text(make_modelfile(run, name, quants))
+        (staging / "Modelfile").write_text(make_modelfile(run, name, quants, leading_space))
     sizes = {q: (staging / file_name(name, q)).stat().st_size for q in quants}
     run.finish("export", cfg, [(staging, final)], format=cfg.export.format, quants=quants, name=name,
                files={q: file_name(name, q) for q in quants}, sizes=sizes, checks=checks,
-               llama_cpp_python=LLAMA_CPP_PYTHON, converter=str(converter))
+               llama_cpp_python=LLAMA_CPP_PYTHON, converter=str(converter), leading_space=leading_space)
     listed = ", ".join(f"{file_name(name, q)} ({sizes[q] / 2**20:.1f} MiB)" for q in quants)
     return f"{listed} in {final}; " + "; ".join(f"{q}: {c['summary']}" for q, c in checks.items())
 
 
-def make_modelfile(run: RunDir, name: str, quants: list[str]) -> str:
+def make_modelfile(run: RunDir, name: str, quants: list[str], leading_space: bool) -> str:
     from jobs.chat import render_prompt, stop_token_ids
     from jobs.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(run.merged))
-    template = modelfile_template(render_prompt(tokenizer, _SYSTEM, _USER), tokenizer.bos_token)
+    template = modelfile_template(render_prompt(tokenizer, _SYSTEM, _USER), tokenizer.bos_token, leading_space)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
     smallest = max(quants, key=QUANTS.index)  # q4_k_m, else q8_0, else f16
     return modelfile_text(file_name(name, smallest), template, stops,
@@ -253,7 +335,8 @@ def check_rows(run: RunDir, n: int) -> list[dict]:
     raise T2SError(f"no prepared rows in {run.data} to check the export on: run `t2s prep` again")
 
 
-def check_files(cfg: Config, run: RunDir, folder: Path, name: str, quants: list[str]) -> dict[str, dict]:
+def check_files(cfg: Config, run: RunDir, folder: Path, name: str, quants: list[str],
+                leading_space: bool) -> dict[str, dict]:
     """Every check of the module docstring; one line (T2SError) for the first that fails. {quant: what it found}."""
     import torch
 
@@ -309,7 +392,8 @@ def check_files(cfg: Config, run: RunDir, folder: Path, name: str, quants: list[
         threshold = cfg.export.min_agreement.model_dump()
         for quant in quants:
             path = folder / file_name(name, quant)
-            found = gguf_check.llama_cpp_answers(path, prompts, stops, cfg.export.max_new_tokens,
+            found = gguf_check.llama_cpp_answers(path, [llama_cpp_prompt(p, tokenizer.bos_token, leading_space)
+                                                        for p in prompts], stops, cfg.export.max_new_tokens,
                                                  threads=cfg.export.threads)
             problem = prompt_problem(found, merged_ids, prompts)
             if problem:
@@ -328,7 +412,8 @@ def check_files(cfg: Config, run: RunDir, folder: Path, name: str, quants: list[
                                f"{describe_row(wrong, rows[wrong], merged[wrong], answers[wrong], quant)}")
             ended = sum(a["ended"] for a in answers)
             results[quant]["llama_cpp"] = {"agreement": share, "ended": ended, "rows": len(rows)}
-            results[quant]["summary"] = f"read back ok, llama.cpp agrees on {share:.0%} of {len(rows)} rows"
+            same = ", transformers identical" if "transformers" in results[quant] else ""
+            results[quant]["summary"] = f"read back ok{same}, llama.cpp agrees on {share:.0%} of {len(rows)} rows"
     for quant in quants:
         results[quant].setdefault("summary", "read back ok" + (", transformers identical" if quant == "f16" else ""))
     return results
@@ -346,3 +431,41 @@ def prompt_problem(found: dict, merged_ids: list[list[int]], prompts: list[str])
             return (f"llama.cpp tokenizes the prompt of row {i} differently from t2s (from token {at}: "
                     f"{theirs[at:at + 5]} vs {ours[at:at + 5]}): its tokenizer is not the merged model's")
     return None
+
+
+# ---------- `t2s eval` of an exported file (eval.models: [gguf:q4_k_m]) ----------
+
+GGUF_MODEL = "gguf:"
+
+
+def exported_file(run: RunDir, quant: str) -> Path:
+    """The exported file of `quant`, or one line saying how to make it."""
+    run.require("export", f"eval of {GGUF_MODEL}{quant}")
+    done = json.loads(run.marker("export").read_text())
+    if quant not in done.get("files", {}):
+        raise T2SError(f"eval.models has {GGUF_MODEL}{quant}, but the export in {export_dir(run)} made "
+                       f"{', '.join(done.get('quants', [])) or 'no file'}: add {quant} to export.quant and run "
+                       "`t2s export --force`")
+    return export_dir(run) / done["files"][quant]
+
+
+def gguf_generations(cfg: Config, run: RunDir, rows: list[dict], which: str) -> tuple[list, float, dict]:
+    """The exported file's greedy answers through llama.cpp (a worker process), as eval's Generations; the seconds
+    generating took (loading left out, as for the other models) and how they were decoded."""
+    from jobs import gguf_check
+    from jobs.chat import render_prompt, stop_token_ids
+    from jobs.generate import Generation
+    from jobs.models import load_tokenizer
+
+    path = exported_file(run, which.removeprefix(GGUF_MODEL))
+    leading_space = bool(json.loads(run.marker("export").read_text()).get("leading_space"))
+    gguf_check.read_gguf(path)  # a damaged file is one line before llama.cpp sees it
+    tokenizer = load_tokenizer(str(run.merged))
+    prompts = [llama_cpp_prompt(render_prompt(tokenizer, r["context"], r["question"]), tokenizer.bos_token,
+                                leading_space) for r in rows]
+    found = gguf_check.llama_cpp_answers(path, prompts, stop_token_ids(tokenizer), cfg.eval.max_new_tokens,
+                                         threads=cfg.export.threads)
+    generations = [Generation(text=a["text"], new_tokens=len(a["ids"]), latency_s=a["seconds"], ended_at_eos=a["ended"])
+                   for a in found["answers"]]
+    elapsed = sum(a["seconds"] for a in found["answers"])
+    return generations, elapsed, {"backend": "llama.cpp", "compile_s": 0.0, "graphs": 0, "fallback": None}

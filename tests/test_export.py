@@ -112,14 +112,20 @@ def merged_run(tmp_path_factory) -> tuple[Path, Path]:
     if not HAS_CONVERTER:
         pytest.skip(f"no llama.cpp converter in {export.converter_dir()}")
     base_dir = tmp_path_factory.mktemp("export")
-    tokenizer = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "tinyllama-1.1b-chat")))
+    source = shared_path("tokenizers", "tinyllama-1.1b-chat")
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
     base = base_dir / "base"
     tiny.build_model(len(tokenizer), seed=0).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    for file in source.iterdir():  # the tokenizer as published: tokenizer.model (SentencePiece) too
+        if file.name != "config.json":
+            shutil.copy(file, base / file.name)
+    # A 4-step model answers with loops ("WHERE WHERE ...") whose near-ties can fall either way in another runtime
+    # after a dozen tokens: the agreement is recorded and asserted to be high, not the shipped 95%.
     config = write_config(base_dir / "config.yaml", tiny_config(
         base_dir / "runs", model={"name_or_path": str(base)}, merge={"verify": False},
         train={"max_steps": 4}, export={"check_rows": 6, "max_new_tokens": 16, "quant": ["f16", "q8_0"],
-                                        "llama_cpp_check": HAS_LLAMA_CPP}))
+                                        "llama_cpp_check": HAS_LLAMA_CPP,
+                                        "min_agreement": {"f16": 0.6, "q8_0": 0.6}}))
     for job in ("prep", "train", "merge"):
         result = t2s(job, "--config", str(config))
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -169,7 +175,8 @@ def test_export_f16_and_q8_0_read_back_and_answer_as_the_merged_model(merged_run
     assert done["sizes"]["q8_0"] < 0.6 * done["sizes"]["f16"]
     if HAS_LLAMA_CPP:
         for quant in ("f16", "q8_0"):
-            assert done["checks"][quant]["llama_cpp"]["agreement"] >= 0.95
+            assert done["checks"][quant]["llama_cpp"]["agreement"] >= 0.6
+        assert done["leading_space"] is True  # TinyLlama's tokenizer is non-legacy SentencePiece
 
     # a rerun skips; --force redoes it
     again = t2s("export", "--config", str(config))
@@ -195,9 +202,9 @@ def test_the_modelfile_renders_the_prompt_t2s_gives_the_model(merged_run):
     tokenizer = load_tokenizer(str(run / "merged"))
     schema, question = "CREATE TABLE head (age INTEGER)", "How many heads are older than 56?"
     rendered = export.render_modelfile_template(template, schema, question)
-    assert rendered == render_prompt(tokenizer, schema, question)
     assert [json.loads(s) for s in stops] == tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))
-    assert not rendered.startswith(tokenizer.bos_token)  # llama.cpp adds the one BOS itself
+    # llama.cpp adds the one BOS itself; the leading space stands for the one the tokenizer puts before the first word
+    assert rendered == " " + render_prompt(tokenizer, schema, question)
 
 
 @needs_converter
