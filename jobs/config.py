@@ -214,6 +214,8 @@ class PushGates(Section):
 class PushConfig(Section):
     repo_id: str | None = None  # "user/name"; required unless dry_run
     artifact: Literal["merged", "adapter"] = "merged"
+    # Beside the model: gguf = `t2s export`'s GGUF files and Modelfile, under gguf/ (the card says how to run them)
+    artifacts: list[Literal["gguf"]] = []
     private: bool = True
     dry_run: bool = False
     license: str = "apache-2.0"

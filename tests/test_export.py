@@ -307,3 +307,29 @@ def test_a_tokenizer_trained_at_run_time_is_refused_with_why(copy_run):
                  "--set", "export.llama_cpp_check=false")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "BPE pre-tokenizer is not one llama.cpp knows" in result.stderr
+
+
+# ---------- eval and push of the exported files ----------
+
+@needs_converter
+@needs_llama_cpp
+def test_eval_scores_an_exported_file_and_push_uploads_the_files_with_how_to_run_them(merged_run):
+    run, config = merged_run
+    if not (run / "export.done").is_file():
+        assert t2s("export", "--config", str(config)).returncode == 0
+    result = t2s("eval", "--config", str(config), "--set", "eval.models=[merged,gguf:q8_0]", "--set",
+                 "eval.max_examples=4", "--set", "eval.decoding=greedy")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert set(report["results"]) == {"merged", "gguf:q8_0"} and report["results"]["gguf:q8_0"]["n"] == 4
+    assert report["results"]["gguf:q8_0"]["decoder"] == "llama.cpp"
+    missing = t2s("eval", "--config", str(config), "--set", "eval.models=[gguf:q4_k_m]")
+    assert missing.returncode == 2 and "add q4_k_m to export.quant" in missing.stderr
+
+    pushed = t2s("push", "--config", str(config), "--set", "push.artifacts=[gguf]", "--set",
+                 "push.enforce_gates=false")
+    assert pushed.returncode == 0, pushed.stdout[-2000:] + pushed.stderr[-2000:]
+    for name in ("gguf/t.f16.gguf", "gguf/t.q8_0.gguf", "gguf/Modelfile"):
+        assert name in pushed.stdout
+    card = (run / "push" / "README.md").read_text()
+    assert "ollama create t2s-test -f Modelfile" in card and "llama-cli -m t.q8_0.gguf" in card
