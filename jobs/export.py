@@ -103,7 +103,7 @@ def describe_row(i: int, row: dict, merged: dict, other: dict, label: str) -> st
 
     def short(text: str, cut: int = 0) -> str:
         text = ("..." if cut else "") + text[cut:].replace("\n", "\\n")
-        return json.dumps(text if len(text) <= 80 else text[:77] + "...")
+        return json.dumps(text if len(text) <= 80 else text[:77] + "...", ensure_ascii=False)
 
     ending = lambda answer: "" if answer["ended"] else " (cut at max_new_tokens)"  # noqa: E731
     return (f"row {i} ({short(row['question'])}): merged {short(merged['text'], start)}{ending(merged)}, "

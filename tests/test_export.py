@@ -145,6 +145,7 @@ def test_an_unknown_quant_is_one_line(copy_run):
     assert result.returncode == 2 and "config key 'export.quant.0' in --set export.quant" in result.stderr
 
 
+@pytest.mark.slow
 @needs_converter
 def test_an_architecture_the_converter_lacks_is_one_line(merged_run, tmp_path):
     run, config = merged_run
@@ -158,6 +159,7 @@ def test_an_architecture_the_converter_lacks_is_one_line(merged_run, tmp_path):
     assert "does not support the architecture NoSuchForCausalLM" in result.stderr
 
 
+@pytest.mark.slow
 @needs_converter
 def test_export_f16_and_q8_0_read_back_and_answer_as_the_merged_model(merged_run):
     run, config = merged_run
@@ -187,6 +189,7 @@ def test_export_f16_and_q8_0_read_back_and_answer_as_the_merged_model(merged_run
     assert (run / "export.done").stat().st_mtime_ns > before and "converting to q8_0" in forced.stdout
 
 
+@pytest.mark.slow
 @needs_converter
 def test_the_modelfile_renders_the_prompt_t2s_gives_the_model(merged_run):
     from jobs.chat import render_prompt, stop_token_ids
@@ -207,6 +210,7 @@ def test_the_modelfile_renders_the_prompt_t2s_gives_the_model(merged_run):
     assert rendered == " " + render_prompt(tokenizer, schema, question)
 
 
+@pytest.mark.slow
 @needs_converter
 @needs_llama_cpp
 def test_llama_cpp_tokenizes_the_modelfile_prompt_with_exactly_one_bos(merged_run):
@@ -226,6 +230,7 @@ def test_llama_cpp_tokenizes_the_modelfile_prompt_with_exactly_one_bos(merged_ru
     assert all(found["eog"].values())
 
 
+@pytest.mark.slow
 @needs_converter
 @needs_llama_cpp
 def test_q4_k_m_by_the_quantizer(merged_run, tmp_path):
@@ -246,6 +251,7 @@ def test_q4_k_m_by_the_quantizer(merged_run, tmp_path):
 
 # ---------- damaged files ----------
 
+@pytest.mark.slow
 @needs_converter
 def test_a_truncated_or_corrupted_gguf_is_refused_with_one_line(merged_run, tmp_path):
     run, config = merged_run
@@ -275,6 +281,7 @@ def test_a_worker_that_llama_cpp_aborts_is_one_line_and_t2s_goes_on(tmp_path, mo
                                  "llama.cpp supports; export it again (`t2s export --force`)")
 
 
+@pytest.mark.slow
 @needs_converter
 @needs_llama_cpp
 def test_a_file_llama_cpp_cannot_load_is_one_line(merged_run, tmp_path):
@@ -303,6 +310,7 @@ def test_a_file_llama_cpp_cannot_load_is_one_line(merged_run, tmp_path):
         gguf_check.llama_cpp_answers(broken, ["x"], [2], 4)
 
 
+@pytest.mark.slow
 def test_a_tokenizer_trained_at_run_time_is_refused_with_why(copy_run):
     """The demo's tiny tokenizer: a byte-level BPE of its own, whose pre-tokenizer llama.cpp cannot recognize."""
     if not HAS_CONVERTER:
@@ -318,6 +326,7 @@ def test_a_tokenizer_trained_at_run_time_is_refused_with_why(copy_run):
 
 # ---------- eval and push of the exported files ----------
 
+@pytest.mark.slow
 @needs_converter
 @needs_llama_cpp
 def test_eval_scores_an_exported_file_and_push_uploads_the_files_with_how_to_run_them(merged_run):
