@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rows", type=int, default=200, help="validation rows eval scores")
     parser.add_argument("--speed-rows", type=int, default=32, help="questions timed one at a time")
+    parser.add_argument("--check-rows", type=int, default=32, help="export.check_rows")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     import yaml
@@ -122,12 +124,13 @@ def main() -> None:
                   "packing": "none", "logging_steps": 10, "early_stopping_patience": None, "eval_every_steps": 10**6,
                   "save_every_steps": 10**6},
         "merge": {"verify": False},
-        "export": {"quant": ["f16", "q8_0", "q4_k_m"], "check_rows": min(rows, 32), "max_new_tokens": 96,
+        "export": {"quant": ["f16", "q8_0", "q4_k_m"], "check_rows": min(rows, args.check_rows),
+                   "max_new_tokens": args.max_new_tokens,
                    "threads": args.threads,
                    # the smoke's 4-step model answers noise: its agreement is reported, not required
                    **({"min_agreement": {"f16": 0.0, "q8_0": 0.0, "q4_k_m": 0.0}} if args.smoke else {})},
         "eval": {"split": "validation", "models": ["merged", "gguf:q8_0", "gguf:q4_k_m"], "max_examples": rows,
-                 "batch_size": 64, "max_new_tokens": 96, "decoding": "greedy"},
+                 "batch_size": 64, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"},
     }
     path = args.out / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -153,7 +156,7 @@ def main() -> None:
         "export_checks": {q: c.get("summary") for q, c in done["checks"].items()},
         "accuracy": {name: {k: r[k] for k in ("n", "sql_only", "exact_match", "execution_accuracy", "ended_at_eos",
                                               "queries_per_s")} for name, r in report["results"].items()},
-        "speed_one_at_a_time": speed(run, validation[:speed_rows], args.threads, 96),
+        "speed_one_at_a_time": speed(run, validation[:speed_rows], args.threads, args.max_new_tokens),
         "wall_s": round(time.perf_counter() - started),
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
