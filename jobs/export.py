@@ -54,9 +54,8 @@ def quants_in_order(quants: list[str]) -> list[str]:
 
 def modelfile_template(prompt: str, bos_token: str | None, leading_space: bool = False) -> str:
     """The Go template of Ollama's TEMPLATE for a prompt rendered with the sentinels _SYSTEM and _USER: the same
-    text with {{ .System }} and {{ .Prompt }} in their place. A BOS the chat template writes as text is left out:
-    llama.cpp adds the BOS itself (tokenizer.ggml.add_bos_token), as t2s's tokenizer does, and two would be one
-    too many. `leading_space`: see conversion_input."""
+    text with {{ .System }} and {{ .Prompt }} in their place (llama_cpp_prompt; `leading_space`: see
+    conversion_input). llama.cpp adds the BOS itself when t2s's tokenizer does (tokenizer.ggml.add_bos_token)."""
     prompt = llama_cpp_prompt(prompt, bos_token, leading_space)
     if "{{" in prompt or "}}" in prompt or '"""' in prompt:
         raise T2SError("the chat template writes '{{', '}}' or '\"\"\"' as text, which an Ollama Modelfile cannot "
@@ -238,10 +237,11 @@ def conversion_input(cfg: Config, run: RunDir, staging: Path) -> tuple[Path, boo
 
 
 def llama_cpp_prompt(prompt: str, bos_token: str | None, leading_space: bool) -> str:
-    """jobs.chat's prompt as llama.cpp is given it (what the Modelfile's TEMPLATE renders): no BOS text (llama.cpp adds
-    the BOS), and a leading space where the export moved the tokenizer's first-word space into the prompt."""
-    if bos_token and prompt.startswith(bos_token):
-        prompt = prompt[len(bos_token):]
+    """jobs.chat's prompt as llama.cpp is given it (what the Modelfile's TEMPLATE renders): the same text, with a leading
+    space where the export moved the tokenizer's first-word space into the prompt. llama.cpp adds a BOS exactly when
+    t2s's tokenizer does (the converter carries add_bos_token over), so the text keeps whatever the chat template
+    writes (SmolLM2's BOS, <|im_start|>, starts every turn); the checks compare the token ids and refuse a doubled
+    BOS. (`bos_token`: kept for callers; the text is never cut.)"""
     return (" " if leading_space else "") + prompt
 
 
@@ -421,9 +421,12 @@ def check_files(cfg: Config, run: RunDir, folder: Path, name: str, quants: list[
 
 def prompt_problem(found: dict, merged_ids: list[list[int]], prompts: list[str]) -> str | None:
     """Whether llama.cpp's tokens of each prompt are t2s's own (so: the same template text, one BOS)."""
+    bos = found["bos_id"]
     for i, (theirs, ours) in enumerate(zip(found["prompt_tokens"], merged_ids)):
+        if len(theirs) > 1 and theirs[0] == theirs[1] == bos:
+            return (f"the prompt of row {i} starts with two BOS tokens in llama.cpp: the chat template writes the BOS "
+                    "that llama.cpp adds again")
         if theirs != ours:
-            bos = found["bos_id"]
             if theirs.count(bos) != ours.count(bos):
                 return (f"the prompt of row {i} has {theirs.count(bos)} BOS token(s) in llama.cpp and "
                         f"{ours.count(bos)} in t2s: the BOS is doubled (or lost)")

@@ -44,10 +44,13 @@ def test_config_takes_one_quant_or_several_and_refuses_unknown_ones():
     assert export.quants_in_order(["q4_k_m", "f16", "q4_k_m"]) == ["f16", "q4_k_m"]
 
 
-def test_modelfile_template_is_the_prompt_with_ollamas_fields_and_no_bos():
-    prompt = f"<s><|system|>\n{export._SYSTEM}</s>\n<|user|>\n{export._USER}</s>\n<|assistant|>\n"
+def test_modelfile_template_is_the_prompt_with_ollamas_fields():
+    prompt = f"<|system|>\n{export._SYSTEM}</s>\n<|user|>\n{export._USER}</s>\n<|assistant|>\n"
     template = export.modelfile_template(prompt, "<s>")
     assert template == "<|system|>\n{{ .System }}</s>\n<|user|>\n{{ .Prompt }}</s>\n<|assistant|>\n"
+    assert export.modelfile_template(prompt, "<s>", leading_space=True) == " " + template
+    smollm = f"<|im_start|>system\n{export._SYSTEM}<|im_end|>\n<|im_start|>user\n{export._USER}<|im_end|>\n"
+    assert export.modelfile_template(smollm, "<|im_start|>").startswith("<|im_start|>system\n{{ .System }}")
     with pytest.raises(T2SError, match="cannot hold"):
         export.modelfile_template("{{ x }}" + prompt, "<s>")
     with pytest.raises(T2SError, match="once each"):
