@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--speed-rows", type=int, default=32, help="questions timed one at a time")
     parser.add_argument("--check-rows", type=int, default=32, help="export.check_rows")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--min-agreement", type=float, default=None,
+                        help="export.min_agreement for q8_0 and q4_k_m (default: the shipped 95%% / 85%%), to measure "
+                             "a model below them")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     import yaml
@@ -128,7 +131,9 @@ def main() -> None:
                    "max_new_tokens": args.max_new_tokens,
                    "threads": args.threads,
                    # the smoke's 4-step model answers noise: its agreement is reported, not required
-                   **({"min_agreement": {"f16": 0.0, "q8_0": 0.0, "q4_k_m": 0.0}} if args.smoke else {})},
+                   **({"min_agreement": {"f16": 0.0, "q8_0": 0.0, "q4_k_m": 0.0}} if args.smoke else
+                      {"min_agreement": {"q8_0": args.min_agreement, "q4_k_m": args.min_agreement}}
+                      if args.min_agreement is not None else {})},
         "eval": {"split": "validation", "models": ["merged", "gguf:q8_0", "gguf:q4_k_m"], "max_examples": rows,
                  "batch_size": 64, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"},
     }
