@@ -19,7 +19,7 @@ RUN ?=
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml images/requirements-cu12.txt
+$(VENV)/.installed: pyproject.toml images/requirements-cu12.txt $(wildcard images/llama-cpp.sh)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "install: error: $(PYTHON)\
 	 is $$($(PYTHON) --version 2>/dev/null || echo "not found"), but t2s needs Python 3.11+: install python3.11 with its venv module\
 	 (apt-get install python3.11-venv, or pyenv install 3.11) and rerun with PYTHON=python3.11 (or its path)" >&2; exit 2; }
@@ -36,17 +36,19 @@ $(VENV)/.installed: pyproject.toml images/requirements-cu12.txt
 	  $(BIN)/pip install -q '$(TORCH_SPEC)'; \
 	fi
 	$(BIN)/pip install -q -r images/requirements-cu12.txt -e '.[dev]'
+	images/llama-cpp.sh $(BIN)/python  # t2s export's pinned llama.cpp pair; the wheel is built once, then cached
 	touch $@
 
 # The same for the cu118 image's set: its Python 3.10 and torch 2.1.2 (PyPI's CUDA build, which runs on the CPU).
 install-cu118: $(VENV_CU118)/.installed
-$(VENV_CU118)/.installed: pyproject.toml images/requirements-cu118.txt
+$(VENV_CU118)/.installed: pyproject.toml images/requirements-cu118.txt $(wildcard images/llama-cpp.sh)
 	@test -n "$(PYTHON_CU118)" || { echo "install-cu118: error: no Python 3.10 found: install one (pyenv install 3.10) or set PYTHON_CU118" >&2; exit 2; }
 	$(PYTHON_CU118) -c 'import sys; assert sys.version_info[:2] == (3, 10), "the cu118 set runs on Python 3.10"'
 	$(PYTHON_CU118) -m venv $(VENV_CU118)
 	$(VENV_CU118)/bin/pip install -q --upgrade pip
 	$(VENV_CU118)/bin/pip install -q torch==2.1.2
 	$(VENV_CU118)/bin/pip install -q -r images/requirements-cu118.txt -e '.[dev]'
+	images/llama-cpp.sh $(VENV_CU118)/bin/python  # the same cached wheel (py3-none: any Python)
 	touch $@
 
 # The whole pipeline on the embedded default: synthetic data, a tiny model, CPU, no network.
@@ -147,6 +149,8 @@ IMAGE_SOURCES := pyproject.toml README.md jobs infra configs entrypoints images
 images:
 	@test -n "$(BASE_IMAGE)" || { echo "images: error: FLAVOR=$(FLAVOR) is not a flavor: use cu12 or cu118" >&2; exit 2; }
 	@command -v docker >/dev/null || { echo "images: error: no docker command: install Docker (docs.docker.com/engine/install)" >&2; exit 2; }
+	@# t2s export's llama-cpp-python, as built once by `make install` (images/llama-cpp.sh); without it: f16/q8_0 only
+	@rm -f images/wheels/*.whl; cp $(or $(T2S_WHEEL_CACHE),$(HOME)/.cache/t2s/wheels)/llama_cpp_python-*-py3-none-*.whl images/wheels/ 2>/dev/null || true
 	@for job in $(IMAGE_JOBS); do \
 	  echo "== t2s:$$job ($(FLAVOR), base $(BASE_IMAGE), DOCKER_BUILDKIT=$(DOCKER_BUILDKIT))"; \
 	  DOCKER_BUILDKIT=$(DOCKER_BUILDKIT) docker build -f images/Dockerfile $(strip $(IMAGE_BUILD_ARGS)) --target $$job \

@@ -40,7 +40,8 @@ def _options(_version: bool = version_option("t2s-infra")):
     """Run t2s jobs on RunPod GPU pods: launch, follow logs, fetch logs, stop pods."""
 
 
-LAUNCHABLE = (*(job for job in JOBS if job != "rl"), "pipeline")  # rl: no image entrypoint; pipeline runs it
+# rl, export: no image entrypoint of their own; pipeline runs them
+LAUNCHABLE = (*(job for job in JOBS if job not in ("rl", "export")), "pipeline")
 # Where `logs RUN` (make logs RUN=...) puts a run's logs and report by default, and where `down` keeps a pod's last log
 # lines: one place, so that `logs` finds what `down` kept.
 LOGS_RUNS_DIR = Path("runs")

@@ -49,6 +49,8 @@ def job_module(job: str) -> ModuleType:
         from jobs import eval as module
     elif job == "push":
         from jobs import push as module
+    elif job == "export":
+        from jobs import export as module
     else:
         raise ValueError(f"no job {job!r}")
     return module
@@ -136,6 +138,7 @@ JOB_HELP = {
     "rl": "GRPO with execution rewards (trl) from the trained model; resumes from its latest complete checkpoint.",
     "merge": "Merge the adapter into the fp32 base, check the logits, save in merge.dtype.",
     "eval": "Generate SQL for a split and score SQL-only rate, exact match and execution accuracy.",
+    "export": "GGUF files (f16, q8_0, q4_k_m) and an Ollama Modelfile from the merged model, checked against it.",
     "push": "Upload the model, card, report and logs to the Hugging Face Hub (or --set push.dry_run=true).",
 }
 for _job in JOBS:
@@ -144,12 +147,15 @@ for _job in JOBS:
 
 @app.command()
 def pipeline(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption, force: bool = ForceOption):
-    """Run prep → train → (rl, if rl.enabled) → merge → eval → push; finished jobs are skipped unless --force."""
+    """Run prep → train → (rl, if rl.enabled) → merge → (export, if export.enabled) → eval → push; finished jobs are
+    skipped unless --force."""
     with one_line_errors("t2s pipeline"):
         cfg = load_config(config, set_)
         for job in JOBS:
             if job == "rl" and not cfg.rl.enabled:
                 continue  # rl runs in the pipeline only when rl.enabled
+            if job == "export" and not cfg.export.enabled:
+                continue  # export too, when export.enabled
             run_job(job, cfg, force)  # prints its summary (or that it was finished before) once
         print(f"report: {RunDir(cfg.run_dir).report_md}")
 

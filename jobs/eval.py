@@ -121,6 +121,11 @@ def models_to_evaluate(cfg: Config, run: RunDir) -> list[tuple[str, str, str]]:
                 raise T2SError(f"eval.models has adapter, but {run.adapter} holds a full fine-tune (no LoRA adapter): "
                                "evaluate it as merged (`t2s merge`, then eval.models: [base, merged])")
             plan.append(("adapter", "adapter", "plain"))
+        elif which.startswith("gguf:"):  # an exported GGUF file, through llama.cpp (jobs.export)
+            from jobs.export import exported_file
+
+            exported_file(run, which.removeprefix("gguf:"))
+            plan.append((which, which, "plain"))
         else:
             run.require("merge", "eval of the merged model")
             plan.append(("merged", "merged", "plain"))
@@ -138,7 +143,8 @@ def device_name() -> str:
 
 def generation_key(cfg: Config, run: RunDir, rows: list[dict], which: str, variant: str) -> dict:
     """What decides a model's answers to the split: saved answers are reused only for the same key."""
-    jobs = {"base": ("prep",), "adapter": ("prep", "train", "rl"), "merged": ("prep", "train", "rl", "merge")}[which]
+    jobs = {"base": ("prep",), "adapter": ("prep", "train", "rl"), "merged": ("prep", "train", "rl", "merge")}.get(
+        which, ("prep", "train", "rl", "merge", "export"))  # gguf:<quant>
     questions = json.dumps([[row["context"], row["question"]] for row in rows], ensure_ascii=False)
     key = {"model": cfg.model.model_dump(mode="json"), "which": which, "variant": variant, "split": cfg.eval.split,
            "questions_sha256": hashlib.sha256(questions.encode()).hexdigest(),
@@ -166,6 +172,10 @@ def generate_answers(cfg: Config, run: RunDir, rows: list[dict], which: str,
     included) and how they were decoded (jobs.lib.generate.decoding_info: backend, compile_s, fallback)."""
     import torch
 
+    if which.startswith("gguf:"):
+        from jobs.export import gguf_generations
+
+        return gguf_generations(cfg, run, rows, which)
     model, tokenizer = load_run_model(cfg, run, which)
     model = model.to(default_device()).eval()
     prompts = [render_prompt(tokenizer, r["context"], r["question"], variant) for r in rows]
@@ -320,12 +330,13 @@ def run(cfg: Config, run: RunDir) -> str:
             print(f"evaluating {label} on {subset(len(rows), manifest, cfg.eval.split)}", flush=True)
             generations, elapsed, decoding = answers_for(cfg, run, rows, label, which, variant, staging / GENERATIONS)
             decodings = [(label, generations, elapsed, decoding, None)]
-            if cfg.eval.decoding in ("checked", "vote") and which != "base":  # vote: beside checked
+            greedy_only = which == "base" or which.startswith("gguf:")  # (the searches need transformers' model)
+            if cfg.eval.decoding in ("checked", "vote") and not greedy_only:  # vote: beside checked
                 checked_generations, checked_s, checks = checked_answers_for(
                     cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox)
                 searched = {**decoding, "backend": f"{decoding.get('backend', 'dynamic')}, then beam search"}
                 decodings.append((label + CHECKED, checked_generations, checked_s, searched, checks))
-            if cfg.eval.decoding == "vote" and which != "base":  # jobs.lib.vote: answers chosen by their results
+            if cfg.eval.decoding == "vote" and not greedy_only:  # jobs.lib.vote: answers chosen by their results
                 voted, voted_s, votes = vote.eval_vote_answers(
                     cfg, run, rows, label, which, variant, staging / GENERATIONS, generations, elapsed, sandbox,
                     generation_key(cfg, run, rows, which, variant))

@@ -372,6 +372,8 @@ def check(cfg: Config, run: RunDir) -> None:
             raise T2SError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset it, or use push.dry_run=true")
     artifact_folder(cfg, run)
     run.require("train", "push")
+    if "gguf" in cfg.push.artifacts:
+        run.require("export", "push of the GGUF files (push.artifacts: [gguf])")
     check_gates(cfg, read_eval_report(run))
 
 
@@ -404,13 +406,16 @@ def run(cfg: Config, run: RunDir) -> str:
     card = render_model_card(card_config(cfg, run), shown_id, report=report,
                              train_done=read_json(run.marker("train")), prompt_suffix=suffix,
                              run_span_s=run_span_s(run), training_curves=report is not None and (
-                                 run.eval / "training_curves.png").is_file(), rl_done=read_json(run.marker("rl")))
+                                 run.eval / "training_curves.png").is_file(), rl_done=read_json(run.marker("rl")),
+                             export_done=read_json(run.marker("export")) if "gguf" in push.artifacts else None)
     run.pushed.mkdir(exist_ok=True)
     card_path = run.pushed / "README.md"
     write_atomic(card_path, card)
 
-    files = without_secrets(files_to_upload(run, folder, card_path, evaluated=report is not None),
-                            run.pushed / "redacted")
+    files = files_to_upload(run, folder, card_path, evaluated=report is not None)
+    if "gguf" in push.artifacts:  # t2s export's files and Modelfile (jobs.export)
+        files += _folder_files(run.root / "export", "gguf/")
+    files = without_secrets(files, run.pushed / "redacted")
     total = human_size(sum(f.size for f in files))
     visibility = "private" if push.private else "public"
     print(f"{push.artifact} model from {folder}{'' if report else ' (not evaluated)'} → {shown_id} ({visibility}):",

@@ -73,7 +73,8 @@ def trained_prompt_suffix(chat_template: str, special_tokens: dict[str, str]) ->
 
 def render_model_card(cfg: Config, repo_id: str, *, report: dict | None, train_done: dict | None,
                       prompt_suffix: str | None, run_span_s: float | None = None,
-                      training_curves: bool = False, rl_done: dict | None = None) -> str:
+                      training_curves: bool = False, rl_done: dict | None = None,
+                      export_done: dict | None = None) -> str:
     """README.md for the Hub: metadata, what the model does, usage, eval, training, hardware, time and cost.
     Every number comes from the run (eval/report.json, train.done, the config); what is missing says so."""
     from huggingface_hub import ModelCardData
@@ -104,6 +105,7 @@ def render_model_card(cfg: Config, repo_id: str, *, report: dict | None, train_d
         f"Text-to-SQL: given the `CREATE TABLE` statements of a database and a question, the model answers with one "
         f"SQL query and nothing else. This repo holds {what}, trained by t2s on {dataset_md}.",
         _usage_section(repo_id, adapter, prompt_suffix, cfg.eval.max_new_tokens),
+        *([_gguf_section(repo_id, export_done, cfg.eval.max_new_tokens)] if export_done else []),
         _eval_section(report, cfg.push.artifact, base),
         _training_section(cfg, train_done, dataset_md, training_curves),
         *([_rl_section(rl_done)] if rl_done else []),
@@ -165,6 +167,28 @@ def _usage_section(repo_id: str, adapter: bool, suffix: str | None, max_new_toke
                 'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())')
     return ("## Usage\n\nThe system message is the schema (`CREATE TABLE ...`), the user message the question; "
             f"decoding is greedy.\n\n```python\n{load}\n\n{messages}\n{prompt}\n{generate}\n```\n\n{note}")
+
+
+def _gguf_section(repo_id: str, done: dict, max_new_tokens: int) -> str:
+    """How to run the GGUF files `t2s export` made (pushed under gguf/ with push.artifacts: [gguf])."""
+    files = done.get("files", {})
+    sizes = done.get("sizes", {})
+    listed = ", ".join(f"`{f}` ({sizes.get(q, 0) / 2**20:.0f} MiB)" for q, f in files.items())
+    checks = "; ".join(f"{q}: {c.get('summary', '')}" for q, c in (done.get("checks") or {}).items())
+    smallest = files.get("q4_k_m") or files.get("q8_0") or files.get("f16") or "MODEL.gguf"
+    name = repo_id.split("/")[-1].lower()
+    space = (" The prompt starts with a space: the tokenizer's own space before the first word, which llama.cpp "
+             "adds only this way.") if done.get("leading_space") else ""
+    return (f"## GGUF: llama.cpp, Ollama, LM Studio\n\n`gguf/` holds {listed}, made by `t2s export` with llama.cpp's "
+            f"converter and quantizer (llama-cpp-python {done.get('llama_cpp_python', '?')}) and checked against "
+            f"this model before upload ({checks}). `gguf/Modelfile` carries the chat template and the stop tokens."
+            f"\n\n```bash\nhuggingface-cli download {repo_id} --include 'gguf/*' --local-dir {name}\n"
+            f"cd {name}/gguf && ollama create {name} -f Modelfile\n"
+            f"ollama run {name}   # /set system CREATE TABLE ...; then ask the question\n"
+            f"# llama.cpp: prompt.txt is the Modelfile's TEMPLATE with the schema and the question filled in\n"
+            f"llama-cli -m {smallest} -no-cnv --temp 0 --top-k 1 -n {max_new_tokens} -f prompt.txt\n```\n\n"
+            f"The system message is the `CREATE TABLE` statements, the prompt the question; llama.cpp adds the BOS "
+            f"token itself.{space}")
 
 
 def _eval_section(report: dict | None, artifact: str, base: str) -> str:

@@ -155,7 +155,8 @@ DECODERS = ("auto", "cudagraph", "compiled", "static", "dynamic")  # eval.decode
 
 class EvalConfig(Section):
     split: Literal["train", "validation", "test"] = "test"
-    models: list[Literal["base", "adapter", "merged"]] = ["base", "merged"]
+    # gguf:<quant>: a file `t2s export` made, answering through llama.cpp (greedy only)
+    models: list[Literal["base", "adapter", "merged", "gguf:f16", "gguf:q8_0", "gguf:q4_k_m"]] = ["base", "merged"]
     max_examples: int | None = Field(default=None, gt=0)
     # Large batches: greedy decoding costs about the same per step at 64 rows as at 1,000 (bench/RESULTS.md).
     batch_size: int = Field(default=512, gt=0)
@@ -179,6 +180,34 @@ class EvalConfig(Section):
     decoder: Literal["auto", "cudagraph", "compiled", "static", "dynamic"] = "auto"
 
 
+class ExportAgreement(Section):
+    """The least share of the check rows on which a file run through llama.cpp answers as the merged model."""
+    f16: float = Field(default=0.95, ge=0, le=1)
+    q8_0: float = Field(default=0.95, ge=0, le=1)
+    q4_k_m: float = Field(default=0.85, ge=0, le=1)
+
+
+class ExportConfig(Section):
+    """`t2s export`: GGUF files for llama.cpp / Ollama, checked against the merged model (jobs/export.py)."""
+    enabled: bool = False  # whether `t2s pipeline` runs export after merge (`t2s export` always runs it)
+    format: Literal["gguf"] = "gguf"
+    quant: list[Literal["f16", "q8_0", "q4_k_m"]] = Field(default=["f16", "q8_0", "q4_k_m"], min_length=1)
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)  # run_id if None
+    modelfile: bool = True  # an Ollama Modelfile beside the files
+    check_rows: int = Field(default=32, ge=1, le=100_000)  # the first validation rows the answers are compared on
+    max_new_tokens: int = Field(default=128, gt=0)
+    llama_cpp_check: bool = True  # run every file through llama.cpp (needs llama-cpp-python)
+    min_agreement: ExportAgreement = ExportAgreement()
+    threads: int | None = Field(default=None, gt=0)  # llama.cpp's CPU threads (None: every core)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_quant_or_several(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("quant"), str):
+            return {**data, "quant": [data["quant"]]}
+        return data
+
+
 class PushGates(Section):
     """What the evaluated model must reach before push publishes it (the artifact's row in eval/report.json)."""
     min_sql_only: float = Field(default=0.9, ge=0, le=1)
@@ -192,6 +221,8 @@ class PushGates(Section):
 class PushConfig(Section):
     repo_id: str | None = None  # "user/name"; required unless dry_run
     artifact: Literal["merged", "adapter"] = "merged"
+    # Beside the model: gguf = `t2s export`'s GGUF files and Modelfile, under gguf/ (the card says how to run them)
+    artifacts: list[Literal["gguf"]] = []
     private: bool = True
     dry_run: bool = False
     license: str = "apache-2.0"
@@ -220,6 +251,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     rl: RLConfig = RLConfig()
     merge: MergeConfig = MergeConfig()
+    export: ExportConfig = ExportConfig()
     eval: EvalConfig = EvalConfig()
     push: PushConfig = PushConfig()
     # infra/ validates its own section (RunPod settings); the jobs ignore it.

@@ -14,6 +14,7 @@ from dotenv import dotenv_values
 # name → where it is read (for .env.example's comments; tests/test_ux.py checks that the two agree)
 DOTENV_SETTINGS = {
     "T2S_DECODER": "eval.decoder (jobs.lib.config), and jobs.lib.generate: ask and the Python API",
+    "T2S_LLAMA_CPP_DIR": "jobs.export: llama.cpp's converter",
     "T2S_PUSH_BACKOFF_S": "push.backoff_s (jobs.lib.config)",
     "T2S_PUSH_TIMEOUT_S": "push.timeout_s (jobs.lib.config)",
     "T2S_STATE_DIR": "infra.records: t2s-infra",

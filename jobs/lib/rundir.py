@@ -35,7 +35,7 @@ import yaml
 from jobs.lib.config import Config, RLConfig, dump_config
 from jobs.lib.errors import T2SError
 
-JOBS = ("prep", "train", "rl", "merge", "eval", "push")
+JOBS = ("prep", "train", "rl", "merge", "export", "eval", "push")
 
 # The run's settings, as sections or dotted keys. Each is pinned by the job whose output depends on it, when that job
 # finishes; READS: what each job takes from its config that must agree with the run.
@@ -46,7 +46,7 @@ PINNED_BY = {"prep": (*BASE_MODEL, "data"), "train": ("model", "train"),
 UNPINNED = ("train.checkpoint_sync", "train.checkpoint_repo")
 READS = {"prep": PINNED_BY["prep"], "train": (*PINNED_BY["prep"], *PINNED_BY["train"]),
          "rl": (*PINNED_BY["prep"], *PINNED_BY["train"], *PINNED_BY["rl"]),
-         "merge": BASE_MODEL, "eval": BASE_MODEL, "push": ()}
+         "merge": BASE_MODEL, "eval": BASE_MODEL, "push": (), "export": BASE_MODEL}
 
 
 # ---------- pure core ----------
