@@ -55,8 +55,7 @@ def speed(run: Path, rows: list[dict], threads: int, max_new_tokens: int) -> dic
     """One question at a time: transformers fp32 (the merged model) and llama.cpp (each exported file)."""
     import torch
 
-    from jobs import export
-    from jobs.lib import gguf_check
+    from jobs.lib import gguf_check, llama_cpp
     from jobs.lib.chat import render_prompt, stop_token_ids
     from jobs.lib.generate import generate_batched
     from jobs.lib.models import load_model, load_tokenizer
@@ -81,8 +80,8 @@ def speed(run: Path, rows: list[dict], threads: int, max_new_tokens: int) -> dic
             continue
         found = gguf_check.llama_cpp_answers(
             run / "export" / done["files"][quant],
-            [export.llama_cpp_prompt(p, tokenizer.bos_token, done.get("leading_space", False)) for p in prompts[:1]]
-            + [export.llama_cpp_prompt(p, tokenizer.bos_token, done.get("leading_space", False)) for p in prompts],
+            [llama_cpp.llama_cpp_prompt(p, tokenizer.bos_token, done.get("leading_space", False)) for p in prompts[:1]]
+            + [llama_cpp.llama_cpp_prompt(p, tokenizer.bos_token, done.get("leading_space", False)) for p in prompts],
             stop_token_ids(tokenizer), max_new_tokens, threads=threads)
         answers = found["answers"][1:]  # the first is a warm-up
         total = sum(a["seconds"] for a in answers)

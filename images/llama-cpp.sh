@@ -10,7 +10,7 @@
 # Usage: images/llama-cpp.sh PYTHON [converter|wheel|all]   (default all)
 #   T2S_LLAMA_CPP_BUILD=0: never build (install the cached wheel if there is one, else skip it with one line)
 set -euo pipefail
-LLAMA_CPP_PYTHON_VERSION=0.3.36  # keep equal to jobs/export.py's LLAMA_CPP_PYTHON
+LLAMA_CPP_PYTHON_VERSION=0.3.36  # keep equal to jobs/lib/llama_cpp.py's LLAMA_CPP_PYTHON
 python=${1:?usage: images/llama-cpp.sh PYTHON [converter|wheel|all]}
 what=${2:-all}
 cache=${T2S_WHEEL_CACHE:-$HOME/.cache/t2s/wheels}

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 
 from jobs import export
+from jobs.lib import llama_cpp
 from jobs.lib import gguf_check
 from jobs.lib.config import load_config
 from jobs.lib.errors import T2SError
 from tests.conftest import ROOT, shared_path, t2s, tiny_config, write_config
 
-HAS_CONVERTER = (export.converter_dir() / "convert_hf_to_gguf.py").is_file()
+HAS_CONVERTER = (llama_cpp.converter_dir() / "convert_hf_to_gguf.py").is_file()
 HAS_LLAMA_CPP = gguf_check.llama_cpp_available() is None
-needs_converter = pytest.mark.skipif(not HAS_CONVERTER, reason=f"no llama.cpp converter in {export.converter_dir()} "
+needs_converter = pytest.mark.skipif(not HAS_CONVERTER, reason=f"no llama.cpp converter in {llama_cpp.converter_dir()} "
                                      "(make install puts it there)")
 needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (make install "
                                      "builds it once into a cached wheel)")
@@ -32,7 +33,7 @@ needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python
 
 def test_the_pinned_version_is_the_install_scripts():
     script = (ROOT / "images" / "llama-cpp.sh").read_text()
-    assert re.search(r"^LLAMA_CPP_PYTHON_VERSION=(\S+)", script, re.M).group(1) == export.LLAMA_CPP_PYTHON
+    assert re.search(r"^LLAMA_CPP_PYTHON_VERSION=(\S+)", script, re.M).group(1) == llama_cpp.LLAMA_CPP_PYTHON
 
 
 def test_config_takes_one_quant_or_several_and_refuses_unknown_ones():
@@ -69,8 +70,8 @@ def test_agreement_and_the_first_disagreement():
 
 def test_converter_failures_become_one_line_that_says_why():
     bpe = "Traceback...\nNotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre()\n"
-    assert "hash of how it splits a test text" in export.converter_failure(bpe)
-    assert export.converter_failure("x\nNotImplementedError: Model Foo is not supported\n").endswith(
+    assert "hash of how it splits a test text" in llama_cpp.converter_failure(bpe)
+    assert llama_cpp.converter_failure("x\nNotImplementedError: Model Foo is not supported\n").endswith(
         "llama.cpp cannot convert this architecture")
 
 
@@ -99,7 +100,7 @@ def test_read_back_problems_name_what_differs():
 
 @needs_converter
 def test_the_converter_supports_llama():
-    known = export.supported_architectures(export.converter_dir() / "conversion")
+    known = llama_cpp.supported_architectures(llama_cpp.converter_dir() / "conversion")
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= known
     assert "GPT2LMHeadModel" in known and "NoSuchForCausalLM" not in known
 
@@ -114,7 +115,7 @@ def merged_run(tmp_path_factory) -> tuple[Path, Path]:
     from jobs.lib import tiny
 
     if not HAS_CONVERTER:
-        pytest.skip(f"no llama.cpp converter in {export.converter_dir()}")
+        pytest.skip(f"no llama.cpp converter in {llama_cpp.converter_dir()}")
     base_dir = tmp_path_factory.mktemp("export")
     source = shared_path("tokenizers", "tinyllama-1.1b-chat")
     tokenizer = AutoTokenizer.from_pretrained(str(source))
@@ -172,7 +173,7 @@ def test_export_f16_and_q8_0_read_back_and_answer_as_the_merged_model(merged_run
     folder = run / "export"
     assert sorted(p.name for p in folder.iterdir()) == ["Modelfile", "t.f16.gguf", "t.q8_0.gguf"]
     done = json.loads((run / "export.done").read_text())
-    assert done["quants"] == ["f16", "q8_0"] and done["llama_cpp_python"] == export.LLAMA_CPP_PYTHON
+    assert done["quants"] == ["f16", "q8_0"] and done["llama_cpp_python"] == llama_cpp.LLAMA_CPP_PYTHON
     assert done["checks"]["f16"]["transformers"] == "6/6 answers identical"
     summary = gguf_check.read_gguf(folder / "t.f16.gguf")
     assert (summary.architecture, summary.tensor_count, summary.block_count) == ("llama", 21, 2)
