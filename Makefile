@@ -145,12 +145,18 @@ IMAGE_BUILD_ARGS = --build-arg FLAVOR=$(FLAVOR) --build-arg BASE_IMAGE_CU12=$(BA
 GIT_SHA = $(shell git rev-parse --short HEAD 2>/dev/null)
 # What goes into the image (.dockerignore's allow-list): a pushed tag names a commit only when these are committed.
 IMAGE_SOURCES := pyproject.toml README.md jobs infra configs entrypoints images
+LLAMA_CPP_CACHE = $(or $(T2S_WHEEL_CACHE),$(HOME)/.cache/t2s/wheels)
 
 images:
 	@test -n "$(BASE_IMAGE)" || { echo "images: error: FLAVOR=$(FLAVOR) is not a flavor: use cu12 or cu118" >&2; exit 2; }
 	@command -v docker >/dev/null || { echo "images: error: no docker command: install Docker (docs.docker.com/engine/install)" >&2; exit 2; }
-	@# t2s export's llama-cpp-python, as built once by `make install` (images/llama-cpp.sh); without it: f16/q8_0 only
-	@rm -f images/wheels/*.whl; cp $(or $(T2S_WHEEL_CACHE),$(HOME)/.cache/t2s/wheels)/llama_cpp_python-*-py3-none-*.whl images/wheels/ 2>/dev/null || true
+	@# t2s export's llama.cpp pair as `make install` cached it (images/llama-cpp.sh): the sdist (the converter; the
+	@# build never downloads it) and the wheel built from it (without it the image makes f16/q8_0 only)
+	@ls $(LLAMA_CPP_CACHE)/sdist/llama_cpp_python-*.tar.gz >/dev/null 2>&1 || { echo "images: error: no llama-cpp-python\
+	 sdist in $(LLAMA_CPP_CACHE)/sdist: run \`make install\` first (it caches what t2s export needs for the images)" >&2; exit 2; }
+	@rm -rf images/wheels/*.whl images/wheels/sdist; mkdir -p images/wheels/sdist
+	@cp $(LLAMA_CPP_CACHE)/sdist/llama_cpp_python-*.tar.gz images/wheels/sdist/
+	@cp $(LLAMA_CPP_CACHE)/llama_cpp_python-*-py3-none-*.whl images/wheels/ 2>/dev/null || true
 	@for job in $(IMAGE_JOBS); do \
 	  echo "== t2s:$$job ($(FLAVOR), base $(BASE_IMAGE), DOCKER_BUILDKIT=$(DOCKER_BUILDKIT))"; \
 	  DOCKER_BUILDKIT=$(DOCKER_BUILDKIT) docker build -f images/Dockerfile $(strip $(IMAGE_BUILD_ARGS)) --target $$job \
