@@ -274,7 +274,7 @@ def run(cfg: Config, run: RunDir) -> str:
     from jobs.lib.models import load_tokenizer
     from jobs.rewards import RewardSettings, Rewards
     from jobs.lib.sandbox import Sandbox
-    from jobs.lib.training import adapter_problems, keep_trainable_in_fp32
+    from jobs.lib.training import adapter_problems, keep_trainable_in_fp32, precision_plan
 
     on_gpu = torch.cuda.is_available()
     resume = prepare_checkpoints(cfg, run)
@@ -284,6 +284,10 @@ def run(cfg: Config, run: RunDir) -> str:
     # A causal LM takes no token_type_ids; trl 0.22 passes whatever the tokenizer returns on to generate, which refuses them.
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
     dataset = prompt_dataset(cfg, run, tokenizer)
+    # TrainingArguments keeps an ACCELERATE_MIXED_PRECISION it finds when bf16 is off, so one left in the environment
+    # (by the shell, or an earlier Trainer in this process) would autocast a run the plan keeps in fp32
+    plan = precision_plan(cfg.train, cfg.model.dtype, on_gpu)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if plan.autocast_bf16 else "no"
     args = build_grpo_config(cfg, run, on_gpu)
     model, kind = load_policy(cfg, run, on_gpu)
     stops = stop_token_ids(tokenizer)

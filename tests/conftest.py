@@ -55,6 +55,15 @@ def t2s(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 60
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Libraries write os.environ (TrainingArguments sets ACCELERATE_MIXED_PRECISION): no test leaks it to the next."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def prepared_run(tmp_path_factory) -> Path:
     """A tiny run after prep (built once); copy it with `copy_run` before changing anything in it."""

@@ -4,6 +4,7 @@ the mean reward rises, SIGTERM checkpoints and stops, a rerun resumes."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -73,7 +74,10 @@ def test_rl_raises_the_mean_reward_stops_on_sigterm_and_resumes(copy_run, tmp_pa
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         return [r for r in map(json.loads, lines) if r.get("stage") == "rl"]
 
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "rl", "--config", str(config)], cwd=ROOT,
+    # An ACCELERATE_MIXED_PRECISION left in the environment (as an earlier Trainer in a pytest worker leaves it)
+    # must not autocast the CPU run: torch 2.1 then fails in attention
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "rl", "--config", str(config)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not any(r["step"] >= 3 for r in rl_records()) and proc.poll() is None and time.monotonic() < deadline:
