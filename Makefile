@@ -131,7 +131,7 @@ clean-runs:
 # else cu12 and ghcr.io/t2s.
 FLAVOR ?= $(or $(shell sed -n 's/^FLAVOR=//p' .env 2>/dev/null),cu12)
 REGISTRY ?= $(or $(shell sed -n 's/^REGISTRY=//p' .env 2>/dev/null),ghcr.io/t2s)
-IMAGE_JOBS := prep train merge eval push serve pipeline
+IMAGE_JOBS := prep train rl merge export eval push serve pipeline
 # The flavor's base (images/Dockerfile's default unless BASE_IMAGE=...), passed for BOTH flavor stages: the legacy
 # builder builds every stage up to the target and would otherwise pull the other flavor's base too.
 BASE_IMAGE ?= $(shell sed -n 's/^ARG BASE_IMAGE_$(shell echo $(FLAVOR) | tr a-z A-Z)=//p' images/Dockerfile)

@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the tiny model, a few steps and rows")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8, help="train.per_device_batch_size")
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared folder (its data)")
     parser.add_argument("--rows", type=int, default=200, help="validation rows eval scores")
     parser.add_argument("--speed-rows", type=int, default=32, help="questions timed one at a time")
     parser.add_argument("--check-rows", type=int, default=32, help="export.check_rows")
@@ -107,12 +109,13 @@ def main() -> None:
     parser.add_argument("--min-agreement", type=float, default=None,
                         help="export.min_agreement for q8_0 and q4_k_m (default: the shipped 95%% / 85%%), to measure "
                              "a model below them")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp's threads for the checks and eval")
+    parser.add_argument("--speed-threads", type=int, default=None, help="threads of the timings (default: --threads)")
     args = parser.parse_args()
     import yaml
 
     args.out.mkdir(parents=True, exist_ok=True)
-    data = str(ROOT.parent / "shared" / "data" / "sql-create-context")
+    data = str(args.shared / "data" / "sql-create-context")
     if args.smoke:
         model, steps, rows, speed_rows, max_rows = tiny_base(args.out / "tiny-base"), 4, 6, 3, 600
     else:
@@ -123,7 +126,7 @@ def main() -> None:
         "run_id": "export-bench", "runs_dir": str(args.out / "runs"),
         "model": {"name_or_path": str(model)},
         "data": {"source": data, "max_length": 384, **({"max_rows": max_rows} if max_rows else {})},
-        "train": {"method": "full", "max_steps": steps, "per_device_batch_size": 8, "learning_rate": 2e-4,
+        "train": {"method": "full", "max_steps": steps, "per_device_batch_size": args.batch_size, "learning_rate": 2e-4,
                   "packing": "none", "logging_steps": 10, "early_stopping_patience": None, "eval_every_steps": 10**6,
                   "save_every_steps": 10**6},
         "merge": {"verify": False},
@@ -161,7 +164,9 @@ def main() -> None:
         "export_checks": {q: c.get("summary") for q, c in done["checks"].items()},
         "accuracy": {name: {k: r[k] for k in ("n", "sql_only", "exact_match", "execution_accuracy", "ended_at_eos",
                                               "queries_per_s")} for name, r in report["results"].items()},
-        "speed_one_at_a_time": speed(run, validation[:speed_rows], args.threads, args.max_new_tokens),
+        "speed_threads": args.speed_threads or args.threads,
+        "speed_one_at_a_time": speed(run, validation[:speed_rows], args.speed_threads or args.threads,
+                                     args.max_new_tokens),
         "wall_s": round(time.perf_counter() - started),
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2))

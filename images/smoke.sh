@@ -25,7 +25,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${T2S_SMOKE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/t2s-image-smoke}"
 DEBIAN_BASE=local/debian:bookworm
 read -r -a FLAVORS <<<"${T2S_SMOKE_FLAVORS:-cu12 cu118}"
-JOBS=(prep train merge eval push pipeline serve)
+JOBS=(prep train rl merge export eval push pipeline serve)
 STEPS=200  # training steps: long enough (~15 s) for a SIGTERM to land mid-run
 # Disk the engine needs, measured (images/README.md): the cu12 base's build peaks at ~3 GB, cu118's (torch 2.1.2
 # with PyPI's CUDA libraries) at ~7 GB; a t2s build adds ~2 GB.
@@ -353,6 +353,47 @@ volume() {  # a fresh runs folder belonging to the owner
 
 # --- main -----------------------------------------------------------------------------------------------
 
+# export_smoke: docker run t2s:train, t2s:merge and t2s:export-$flavor (smoke_flavor's) on a tiny Llama with TinyLlama's
+# published tokenizer (from ../shared, mounted read-only; the demo's tokenizer is trained at run time, which llama.cpp's
+# converter refuses): f16, q8_0 and q4_k_m made, read back and run through llama.cpp inside the image, then a rerun
+# skips. A 8-step model answers noise with near-ties, so only f16 must agree with the merged model. (issue 27)
+export_smoke() {
+  local tokenizer="$REPO/../shared/tokenizers/tinyllama-1.1b-chat" base="$WORK/export-base" vol run quant
+  [ -d "$tokenizer" ] || die "the export stage needs TinyLlama's tokenizer in $tokenizer: put ../shared beside the checkout"
+  [ -x "$REPO/.venv/bin/python" ] || die "the export stage needs .venv: run make install"
+  PYTHONPATH="$REPO" "$REPO/.venv/bin/python" - "$tokenizer" "$base" <<'PY' >"$WORK/logs/export-base.log" 2>&1 \
+    || die "could not build the export stage's tiny model (log: $WORK/logs/export-base.log)"
+import shutil, sys
+from pathlib import Path
+from transformers import AutoTokenizer
+from jobs.lib import tiny
+source, base = Path(sys.argv[1]), Path(sys.argv[2])
+tiny.build_model(len(AutoTokenizer.from_pretrained(str(source))), seed=0).save_pretrained(base)
+for file in source.iterdir():  # the tokenizer as published, tokenizer.model (SentencePiece) too
+    if file.name != "config.json":
+        shutil.copy(file, base / file.name)
+PY
+  chmod -R a+rX "$base"
+  vol="$(volume "vol-export-$flavor")"
+  run="$vol/export"
+  local yaml
+  yaml="$(config export | sed 's|^model: .*|model: {name_or_path: /models/base}|; s|max_steps: [0-9]*|max_steps: 8|')
+merge: {verify: false}
+export: {quant: [f16, q8_0, q4_k_m], check_rows: 4, max_new_tokens: 16, min_agreement: {f16: 0.5, q8_0: 0.0, q4_k_m: 0.0}}"
+  local mounts=(--user "$OWNER" -v "$vol:/workspace/runs" -v "$base:/models/base:ro" -e T2S_CONFIG_YAML="$yaml")
+  job "export-train-$flavor" 0 "${mounts[@]}" "t2s:train-$flavor"
+  job "export-merge-$flavor" 0 "${mounts[@]}" "t2s:merge-$flavor"
+  job "export-$flavor" 0 "${mounts[@]}" "t2s:export-$flavor"
+  for quant in f16 q8_0 q4_k_m; do
+    expect test -s "$run/export/export.$quant.gguf" -- "t2s:export left no export.$quant.gguf (log: $WORK/logs/export-$flavor.log)"
+  done
+  expect test -f "$run/export/Modelfile" -a -f "$run/export.done" -- "t2s:export left no Modelfile or export.done"
+  expect in_log "export-$flavor" "f16: read back ok, transformers identical, llama.cpp agrees on" -- "t2s:export did not check f16 through transformers and llama.cpp (log: $WORK/logs/export-$flavor.log)"
+  expect in_log "export-$flavor" "q4_k_m: read back ok, llama.cpp agrees on" -- "t2s:export did not run q4_k_m through llama.cpp (log: $WORK/logs/export-$flavor.log)"
+  job "export-again-$flavor" 0 "${mounts[@]}" "t2s:export-$flavor"
+  expect in_log "export-again-$flavor" "export: already finished" -- "a second t2s:export did not skip the finished export"
+}
+
 # serve_smoke MERGED_DIR: docker run t2s:serve-$flavor (smoke_flavor's) on a merged model (host network, loopback, an API key), answered
 # through the official openai client from .venv, then stopped: SIGTERM drains and exits 0. (issue 26)
 serve_smoke() {
@@ -479,6 +520,12 @@ smoke_flavor() {
   expect test -f "$main_run/push/README.md" -- "push's dry run wrote no model card"
   stage_done "merge, eval, push"
 
+  if [ "$flavor" = cu12 ]; then  # llama.cpp's pair is baked into the cu12 image (images/Dockerfile)
+    stage "docker run t2s:train, t2s:merge, t2s:export on a tiny Llama with TinyLlama's tokenizer"
+    export_smoke
+    stage_done "export: f16, q8_0, q4_k_m checked in the image; a rerun skips"
+  fi
+
   stage "docker run t2s:serve on the merged model, answered through the openai client"
   serve_smoke "$main_run/merged"
   stage_done "serve"
@@ -514,7 +561,8 @@ smoke_flavor() {
     || die "docker save of the t2s images failed"
   hits="$(cat "$WORK/hits")"
   expect test "${hits:-0}" = 0 -- "a secret is in the saved images' layers or configs ($hits hits)"
-  out="$(grep -rlF --exclude=history-no-trunc.txt -- "$SECRET" "$vol_main" "$vol_pipe" "$WORK/logs" || true)"
+  local vol_export=(); [ -d "$WORK/vol-export-$flavor" ] && vol_export=("$WORK/vol-export-$flavor")
+  out="$(grep -rlF --exclude=history-no-trunc.txt -- "$SECRET" "$vol_main" "$vol_pipe" "${vol_export[@]}" "$WORK/logs" || true)"
   expect test -z "$out" -- "a secret is in these files: $out"
   stage_done "secrets"
 

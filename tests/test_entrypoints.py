@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINTS = ROOT / "entrypoints"
-JOBS = ("prep", "train", "merge", "eval", "push", "pipeline")
+JOBS = ("prep", "train", "rl", "merge", "export", "eval", "push", "pipeline")
 FAKE_HF_TOKEN = "hf_FAKEtokenDoNotLog0123456789abcdef"
 FAKE_RUNPOD_KEY = "rpa_FAKEkeyDoNotLog0123456789ABCDEF"
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
 DOCKERFILE = IMAGES / "Dockerfile"
 FLAVORS = ("cu118", "cu12")
-JOBS = ("prep", "train", "merge", "eval", "push", "serve", "pipeline")
+JOBS = ("prep", "train", "rl", "merge", "export", "eval", "push", "serve", "pipeline")
 
 # What each base image ships, from its own documentation: Python of the conda env, and whether torch
 # was built with the C++11 ABI (the conda builds up to 2.6 were not; PyPI's wheels are from 2.7 on).
@@ -305,7 +305,7 @@ def test_make_images_builds_every_job_with_the_legacy_builder_from_the_flavors_b
     assert f"--build-arg BASE_IMAGE_CU12={base} --build-arg BASE_IMAGE_CU118={base}" in loop
     assert f"--build-arg FLAVOR={flavor}" in loop and "FLASH_ATTN_WHEEL" not in loop  # the flavor's own wheel
     assert f"-t t2s:$job -t t2s:$job-{flavor}" in loop
-    assert "for job in prep train merge eval push serve pipeline" in " ".join(_make_dry_run("images", f"FLAVOR={flavor}"))
+    assert "for job in prep train rl merge export eval push serve pipeline" in " ".join(_make_dry_run("images", f"FLAVOR={flavor}"))
 
 
 def test_make_images_takes_a_local_base_and_no_flash_attn_for_a_machine_without_docker_hub():
