@@ -259,6 +259,28 @@ def test_quiet_library_output(monkeypatch):
     assert [r.getMessage() for r in records] == ["something else"]
 
 
+def test_generate_never_warns_that_max_length_is_set_too():
+    """TinyLlama's generation_config.json sets max_length (2048): transformers warned at every generate, so once per
+    eval batch and per served request, although t2s always passes max_new_tokens (which takes precedence)."""
+    import torch
+
+    from jobs.lib import quiet, tiny
+
+    quiet.quiet_library_output()
+    model = tiny.build_model(64, seed=0)
+    model.generation_config.max_length = 2048
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.generation.utils")
+    logger.addHandler(handler)
+    try:
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if "max_new_tokens" in r.getMessage()] == []
+
+
 @pytest.mark.slow
 def test_a_job_prints_its_summary_once_and_a_finished_job_says_so(copy_run):
     run, config = copy_run("once")

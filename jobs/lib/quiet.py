@@ -14,7 +14,10 @@ import warnings
 
 # bitsandbytes (0.49 on CPUs with AVX512-BF16) logs this on every import when the optional `kernels` package is missing;
 # t2s never runs 4-bit matmuls on a CPU, so the notice says nothing about a t2s run.
-_NOTICES = {"bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",)}
+# transformers warns at every generate that passes max_new_tokens to a model whose generation config has a max_length
+# (TinyLlama's says 2048; a GGUF file's context length too): t2s always passes max_new_tokens, which takes precedence.
+_NOTICES = {"bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+            "transformers.generation.utils": ("Both `max_new_tokens`",)}
 # Libraries warn about their own deprecations each step and each rank; once per process is enough to see them.
 _ONCE = (FutureWarning, UserWarning)
 
