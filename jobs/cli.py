@@ -24,6 +24,7 @@ from jobs.ask_command import ask_command
 from jobs.lib.config import Config, load_config
 from jobs.lib.errors import T2SError, one_line_errors, run_app, version_option
 from jobs.lib.rundir import JOBS, RunDir, open_run
+from jobs.lib.runlock import hold_run
 from jobs.serve import serve_command
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -93,21 +94,22 @@ def run_job(job: str, cfg: Config, force: bool) -> str:
     """Runs one job (skipping it when finished, unless forced); returns its summary line."""
     module = job_module(job)
     run = open_run(cfg)
-    run.check_settings(job, cfg, force)
-    if run.is_done(job) and not force:
-        skipped = f"{job}: already finished in {run.root} ({run.marker(job).name}); --force redoes it"
-        print(skipped, flush=True)
-        return skipped
-    with tee_output(run.job_log(job)):
-        started = time.monotonic()
-        print(f"== t2s {job} · run {cfg.run_id} · {run.root}", flush=True)
-        try:
-            module.check(cfg, run)
-            run.start(job, cfg, force)
-            summary = module.run(cfg, run)
-        except KeyboardInterrupt:
-            raise T2SError(f"interrupted; {what_a_rerun_does(job, run)}", exit_code=130) from None
-        print(f"== {job} done in {time.monotonic() - started:.1f}s: {summary}", flush=True)
+    with hold_run(run.root, job):
+        run.check_settings(job, cfg, force)
+        if run.is_done(job) and not force:
+            skipped = f"{job}: already finished in {run.root} ({run.marker(job).name}); --force redoes it"
+            print(skipped, flush=True)
+            return skipped
+        with tee_output(run.job_log(job)):
+            started = time.monotonic()
+            print(f"== t2s {job} · run {cfg.run_id} · {run.root}", flush=True)
+            try:
+                module.check(cfg, run)
+                run.start(job, cfg, force)
+                summary = module.run(cfg, run)
+            except KeyboardInterrupt:
+                raise T2SError(f"interrupted; {what_a_rerun_does(job, run)}", exit_code=130) from None
+            print(f"== {job} done in {time.monotonic() - started:.1f}s: {summary}", flush=True)
     return summary
 
 

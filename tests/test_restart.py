@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from jobs.lib.config import load_config
 from jobs.lib.errors import T2SError
 from jobs.lib.rundir import RunDir
-from tests.conftest import t2s
+from tests.conftest import ROOT, t2s
 
 
 def ok(result):
@@ -101,3 +103,34 @@ def test_no_validation_split_trains_without_evaluation(tmp_path):
     result = ok(t2s("train", "--config", str(config)))
     assert "training without evaluation" in result.stdout and "Traceback" not in result.stdout + result.stderr
     assert json.loads(run.marker("train").read_text())["global_step"] == 2
+
+
+def test_one_job_at_a_time_in_a_run_and_the_lock_is_released(tmp_path):
+    from jobs.lib.runlock import hold_run
+
+    with hold_run(tmp_path, "train"):
+        with pytest.raises(T2SError, match=r"^t2s train \(pid \d+\) is running in .*: one job at a time in a run"):
+            with hold_run(tmp_path, "export"):
+                pass
+    with hold_run(tmp_path, "export"):  # released when the job ended
+        pass
+
+
+@pytest.mark.slow
+def test_a_second_job_in_a_busy_run_is_one_line_and_a_killed_job_leaves_no_lock(copy_run):
+    run, config = copy_run()
+    holder = subprocess.Popen(  # a job that holds the run, as `t2s train` does, until it is killed
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from jobs.lib.runlock import hold_run\n"
+         "with hold_run(Path(sys.argv[1]), 'train'):\n    print('held', flush=True); time.sleep(120)", str(run)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        result = t2s("merge", "--config", str(config))
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"t2s merge: error: t2s train (pid {holder.pid}) is running in {run}: one job at a time in a run; wait "
+            "for it to end (or stop it), then run this again"]
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, and the kernel drops the lock with the process
+        holder.wait()
+    result = t2s("train", "--config", str(config))
+    assert result.returncode == 0 and "already finished" not in result.stdout, result.stderr[-2000:]
