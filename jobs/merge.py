@@ -102,7 +102,7 @@ def run(cfg: Config, run: RunDir) -> str:
     tokenizer.save_pretrained(str(staging))
     run.finish("merge", cfg, [(staging, run.merged)], dtype=cfg.merge.dtype, verified=is_lora and bool(prompts),
                rounding_error=rounding_error)
-    return f"merged model ({cfg.merge.dtype}) in {run.merged}; " + "; ".join(checks)
+    return "; ".join([f"merged model ({cfg.merge.dtype}) in {run.merged}", *checks])
 
 
 @torch.no_grad()
