@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.lib.runlock import LOCK_FILE
 from tests.conftest import t2s, tiny_config, write_config
 
 # ~600 bytes that expand to 9^6 strings when anything walks them (a "billion laughs"); the loop is a list in itself.
@@ -30,9 +31,10 @@ def one_error_line(result: subprocess.CompletedProcess, command: str) -> str:
 
 
 def finished_state(run: Path) -> dict[str, str]:
-    """What a finished run holds: every marker and every output file, by content."""
+    """What a finished run holds: every marker and every output file, by content (not the logs, nor the lock a job
+    holds while it runs)."""
     return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
-            if p.is_file() and not p.is_relative_to(run / "logs")}
+            if p.is_file() and not p.is_relative_to(run / "logs") and p.name != LOCK_FILE}
 
 
 def with_memory_cap(gigabytes: int):
