@@ -106,7 +106,7 @@ def test_no_validation_split_trains_without_evaluation(tmp_path):
 
 
 def test_one_job_at_a_time_in_a_run_and_the_lock_is_released(tmp_path):
-    from jobs.lib.runlock import hold_run
+    from jobs.lib.runlock import LOCK_FILE, hold_run
 
     with hold_run(tmp_path, "train"):
         with pytest.raises(T2SError, match=r"^t2s train \(pid \d+\) is running in .*: one job at a time in a run"):
@@ -114,6 +114,17 @@ def test_one_job_at_a_time_in_a_run_and_the_lock_is_released(tmp_path):
                 pass
     with hold_run(tmp_path, "export"):  # released when the job ended
         pass
+    with hold_run(tmp_path, "train"):  # whatever the lock file holds, the next job's error stays one short line
+        (tmp_path / LOCK_FILE).write_text("x\ny " * 50_000)
+        with pytest.raises(T2SError) as caught:
+            with hold_run(tmp_path, "export"):
+                pass
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+    (tmp_path / LOCK_FILE).unlink()
+    (tmp_path / LOCK_FILE).mkdir()
+    with pytest.raises(T2SError, match=r"^cannot open the run's lock file .*\.t2s\.lock \(Is a directory\): remove"):
+        with hold_run(tmp_path, "train"):
+            pass
 
 
 @pytest.mark.slow

@@ -20,12 +20,17 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system with
 def hold_run(root: Path, job: str):
     """Holds the run folder's lock while the block runs, or raises one line naming the job that holds it. Where the
     file system has no locks, the block runs unlocked (as before there was a lock)."""
-    with open(root / LOCK_FILE, "a+") as handle:
+    try:
+        handle = open(root / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise T2SError(f"cannot open the run's lock file {root / LOCK_FILE} ({exc.strerror or exc}): remove what is "
+                       "there, or make the run folder writable") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another t2s job"
+            holder = " ".join(handle.read(200).split()) or "another t2s job"  # one short line, whatever the file holds
             raise T2SError(f"{holder} is running in {root}: one job at a time in a run; wait for it to end (or stop "
                            f"it), then run this again") from None
         except OSError as exc:
