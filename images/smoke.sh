@@ -356,7 +356,7 @@ volume() {  # a fresh runs folder belonging to the owner
 # export_smoke: docker run t2s:train, t2s:merge and t2s:export-$flavor (smoke_flavor's) on a tiny Llama with TinyLlama's
 # published tokenizer (from ../shared, mounted read-only; the demo's tokenizer is trained at run time, which llama.cpp's
 # converter refuses): f16, q8_0 and q4_k_m made, read back and run through llama.cpp inside the image, then a rerun
-# skips. A 8-step model answers noise with near-ties, so only f16 must agree with the merged model. (issue 27)
+# skips. An 8-step model answers noise with near-ties, so only f16 must agree with the merged model. (issue 27)
 export_smoke() {
   local tokenizer="$REPO/../shared/tokenizers/tinyllama-1.1b-chat" base="$WORK/export-base" vol run quant
   [ -d "$tokenizer" ] || die "the export stage needs TinyLlama's tokenizer in $tokenizer: put ../shared beside the checkout"
