@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -35,19 +34,12 @@ def t2s(*args: str) -> None:
         raise SystemExit(f"t2s {args[0]} failed: {(done.stdout + done.stderr)[-3000:]}")
 
 
-def tiny_base(folder: Path) -> Path:
-    """The tests' model: a 2-layer Llama with TinyLlama's published tokenizer (../shared/tokenizers)."""
-    from transformers import AutoTokenizer
-
+def tiny_base(folder: Path, shared: Path) -> Path:
+    """The tests' model: a 2-layer Llama with TinyLlama's published tokenizer (shared/tokenizers)."""
     from jobs.lib import tiny
 
-    source = ROOT.parent / "shared" / "tokenizers" / "tinyllama-1.1b-chat"
     if not (folder / "model.safetensors").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-        tiny.build_model(len(tokenizer), seed=0).save_pretrained(folder)
-        for file in source.iterdir():
-            if file.name != "config.json":
-                shutil.copy(file, folder / file.name)
+        tiny.save_tiny_base_with_tokenizer(folder, shared / "tokenizers" / "tinyllama-1.1b-chat")
     return folder
 
 
@@ -117,7 +109,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = str(args.shared / "data" / "sql-create-context")
     if args.smoke:
-        model, steps, rows, speed_rows, max_rows = tiny_base(args.out / "tiny-base"), 4, 6, 3, 600
+        model, steps, rows, speed_rows, max_rows = tiny_base(args.out / "tiny-base", args.shared), 4, 6, 3, 600
     else:
         if args.model is None:
             parser.error("--model FOLDER (or --smoke)")

@@ -361,18 +361,9 @@ export_smoke() {
   local tokenizer="$REPO/../shared/tokenizers/tinyllama-1.1b-chat" base="$WORK/export-base" vol run quant
   [ -d "$tokenizer" ] || die "the export stage needs TinyLlama's tokenizer in $tokenizer: put ../shared beside the checkout"
   [ -x "$REPO/.venv/bin/python" ] || die "the export stage needs .venv: run make install"
-  PYTHONPATH="$REPO" "$REPO/.venv/bin/python" - "$tokenizer" "$base" <<'PY' >"$WORK/logs/export-base.log" 2>&1 \
-    || die "could not build the export stage's tiny model (log: $WORK/logs/export-base.log)"
-import shutil, sys
-from pathlib import Path
-from transformers import AutoTokenizer
-from jobs.lib import tiny
-source, base = Path(sys.argv[1]), Path(sys.argv[2])
-tiny.build_model(len(AutoTokenizer.from_pretrained(str(source))), seed=0).save_pretrained(base)
-for file in source.iterdir():  # the tokenizer as published, tokenizer.model (SentencePiece) too
-    if file.name != "config.json":
-        shutil.copy(file, base / file.name)
-PY
+  PYTHONPATH="$REPO" "$REPO/.venv/bin/python" -c 'import sys; from pathlib import Path; from jobs.lib import tiny
+tiny.save_tiny_base_with_tokenizer(Path(sys.argv[2]), Path(sys.argv[1]))' "$tokenizer" "$base" \
+    >"$WORK/logs/export-base.log" 2>&1 || die "could not build the export stage's tiny model (log: $WORK/logs/export-base.log)"
   chmod -R a+rX "$base"
   vol="$(volume "vol-export-$flavor")"
   run="$vol/export"

@@ -110,20 +110,13 @@ def test_the_converter_supports_llama():
 @pytest.fixture(scope="module")
 def merged_run(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny Llama with TinyLlama's real tokenizer, prepared, trained a few steps and merged (once per module)."""
-    from transformers import AutoTokenizer
-
     from jobs.lib import tiny
 
     if not HAS_CONVERTER:
         pytest.skip(f"no llama.cpp converter in {llama_cpp.converter_dir()}")
     base_dir = tmp_path_factory.mktemp("export")
-    source = shared_path("tokenizers", "tinyllama-1.1b-chat")
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
     base = base_dir / "base"
-    tiny.build_model(len(tokenizer), seed=0).save_pretrained(base)
-    for file in source.iterdir():  # the tokenizer as published: tokenizer.model (SentencePiece) too
-        if file.name != "config.json":
-            shutil.copy(file, base / file.name)
+    tiny.save_tiny_base_with_tokenizer(base, shared_path("tokenizers", "tinyllama-1.1b-chat"))
     # A 4-step model answers with loops ("WHERE WHERE ...") whose near-ties can fall either way in another runtime
     # after a dozen tokens: the agreement is recorded and asserted to be high, not the shipped 95%.
     config = write_config(base_dir / "config.yaml", tiny_config(

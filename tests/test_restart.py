@@ -127,6 +127,21 @@ def test_one_job_at_a_time_in_a_run_and_the_lock_is_released(tmp_path):
             pass
 
 
+def test_a_file_system_without_locks_runs_the_job_unlocked(tmp_path, monkeypatch):
+    import errno
+
+    from jobs.lib import runlock
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    with pytest.raises(T2SError, match="the job's own error") as caught:
+        with runlock.hold_run(tmp_path, "train"):
+            raise T2SError("the job's own error")
+    assert caught.value.__context__ is None  # the job's error, not one "during handling" of flock's
+
+
 @pytest.mark.slow
 def test_a_second_job_in_a_busy_run_is_one_line_and_a_killed_job_leaves_no_lock(copy_run):
     run, config = copy_run()

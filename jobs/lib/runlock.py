@@ -28,6 +28,7 @@ def hold_run(root: Path, job: str):
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             handle.seek(0)
             holder = " ".join(handle.read(200).split()) or "another t2s job"  # one short line, whatever the file holds
@@ -36,6 +37,8 @@ def hold_run(root: Path, job: str):
         except OSError as exc:
             if exc.errno not in _NO_LOCKS:
                 raise
+            locked = False  # (the job runs outside this handler: its errors are not chained to the OSError)
+        if not locked:
             yield
             return
         handle.truncate(0)  # ("a+" writes at the end, which is now the start)

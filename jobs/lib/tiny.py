@@ -6,6 +6,7 @@ template, so prompts look exactly like the real default model's.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -66,3 +67,14 @@ def save_tiny_base(folder: Path, texts: list[str], seed: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def save_tiny_base_with_tokenizer(folder: Path, tokenizer_dir: Path, seed: int = 0) -> None:
+    """The tiny model over a published tokenizer, its files copied as they are (tokenizer.model too): llama.cpp's
+    converter refuses a tokenizer trained at run time, so t2s export's tests, bench and image smoke use this one."""
+    from transformers import AutoTokenizer
+
+    build_model(len(AutoTokenizer.from_pretrained(str(tokenizer_dir))), seed).save_pretrained(folder)
+    for file in tokenizer_dir.iterdir():
+        if file.name != "config.json":
+            shutil.copy(file, folder / file.name)
