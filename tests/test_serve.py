@@ -455,7 +455,9 @@ def test_load_every_request_answered(server):
 
 
 def test_overload_is_refused_and_the_server_stays_up(server):
-    with ThreadPoolExecutor(64) as pool, server.client() as client:
+    # more clients than a batch (32) and the queue (32) hold together: with 64, all of them fit whenever the server
+    # takes full batches, and under load the test saw no 429 at all
+    with ThreadPoolExecutor(128) as pool, server.client() as client:
         codes = list(pool.map(lambda i: sql(server, client, QUESTIONS[i % 5]).status_code, range(200)))
     assert set(codes) <= {200, 429, 503} and 429 in codes and 200 in codes
     with server.client() as client:
